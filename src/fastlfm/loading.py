@@ -1,0 +1,202 @@
+"""Finding, reading and writing HF-format checkpoints (config.json + safetensors)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
+           "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "half": torch.float16,
+           "float": torch.float32}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be found or does not fit the model."""
+
+
+def resolve_model_dir(name_or_path: str | os.PathLike, revision: str | None = None,
+                      local_files_only: bool | None = None) -> Path:
+    """A local folder as is; otherwise a hub id fetched (or found in the cache) by huggingface_hub."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    name = str(name_or_path)
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise CheckpointError(f"model path {name!r} is not a folder with a config.json")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    if local_files_only is None:
+        local_files_only = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    try:
+        return Path(snapshot_download(name, revision=revision, allow_patterns=CHECKPOINT_FILES,
+                                      local_files_only=local_files_only))
+    except RepositoryNotFoundError:
+        raise CheckpointError(f"{name!r} is neither a local folder nor a model on the Hugging Face Hub") from None
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        how = "offline mode is on (HF_HUB_OFFLINE=1) and it is not in the local cache" if local_files_only \
+            else f"the hub could not be reached and it is not in the local cache ({type(e).__name__})"
+        raise CheckpointError(
+            f"cannot resolve model {name!r}: {how}. Download it where the hub is reachable, or pass the path "
+            f"of a local folder that holds config.json and *.safetensors"
+        ) from None
+
+
+def read_config_dict(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: no config.json (is this an HF-format LFM2 checkpoint folder?)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise CheckpointError(f"{index} names shard(s) that are missing: {', '.join(missing)}")
+        return [folder / s for s in shards]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder}: no *.safetensors weights found")
+    return files
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, config_dtype: str | None) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return _DTYPES.get(config_dtype or "float32", torch.float32) if dtype == "auto" else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of auto, bfloat16, float16, float32")
+    return _DTYPES[dtype]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was requested but no CUDA GPU is available")
+    return device
+
+
+def load_state_dict_into(model: torch.nn.Module, folder: Path, dtype: torch.dtype, device: torch.device,
+                         rename=None) -> None:
+    """Read safetensors (memory-mapped) into a model built on the meta device.
+
+    `rename(name, tensor) -> list[(name, tensor)]` maps checkpoint names to module names
+    (the mlx-lm `sanitize` step). Shapes and names are checked against the model first.
+    """
+    expected = {k: v for k, v in model.state_dict().items()}
+    tied = {name for name, p in model.named_parameters(remove_duplicate=False)} - {
+        name for name, p in model.named_parameters()}
+    loaded: dict[str, torch.Tensor] = {}
+    unexpected = []
+    for file in safetensors_files(folder):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                items = rename(name, f.get_tensor(name)) if rename else [(name, f.get_tensor(name))]
+                for key, tensor in items:
+                    if key not in expected:
+                        unexpected.append(f"{key} (in {file.name})")
+                        continue
+                    if tuple(tensor.shape) != tuple(expected[key].shape):
+                        raise CheckpointError(
+                            f"{file.name}: tensor {key!r} has shape {tuple(tensor.shape)}, but the config "
+                            f"implies {tuple(expected[key].shape)}"
+                        )
+                    loaded[key] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
+    if unexpected:
+        raise CheckpointError(f"{folder}: tensors the model does not have: {', '.join(unexpected[:10])}"
+                              + (f" (+{len(unexpected) - 10} more)" if len(unexpected) > 10 else ""))
+    missing = [k for k in expected if k not in loaded and k not in tied]
+    # A tied head is stored once; a checkpoint may hold either name.
+    if missing:
+        raise CheckpointError(f"{folder}: tensors missing from the checkpoint: {', '.join(missing[:10])}"
+                              + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else ""))
+    model.load_state_dict(loaded, strict=False, assign=True)
+
+
+def save_safetensors(model: torch.nn.Module, folder: Path, skip: set[str] = frozenset(),
+                     max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write model.safetensors (or shards + index), HF layout, tied weights stored once."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in skip}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / "model.safetensors"), metadata=meta)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / fname), metadata=meta)
+        weight_map.update(dict.fromkeys(shard, fname))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+class PretrainedMixin:
+    """`from_pretrained` / `save_pretrained` for fastlfm models (HF layout on disk).
+
+    A model class sets `config_class` and may define `sanitize(name, tensor)` to map
+    checkpoint names to its modules and `reset_buffers(device)` on submodules whose
+    non-persistent buffers must be rebuilt after loading on the meta device.
+    """
+
+    config_class: Any
+    generation_config: dict[str, Any] | None = None
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = "auto",
+                        device: str | torch.device | None = None, revision: str | None = None,
+                        local_files_only: bool | None = None):
+        folder = resolve_model_dir(name_or_path, revision, local_files_only)
+        raw = read_config_dict(folder)
+        try:
+            config = cls.config_class.from_dict(raw)
+        except ValueError as e:
+            raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
+        torch_dtype = resolve_dtype(dtype, raw.get("torch_dtype") or raw.get("dtype"))
+        device = resolve_device(device)
+        with torch.device("meta"):
+            model = cls(config)
+        load_state_dict_into(model, folder, torch_dtype, device, rename=getattr(cls, "sanitize", None))
+        for module in model.modules():
+            if hasattr(module, "reset_buffers"):
+                module.reset_buffers(device)
+        model.tie_weights()
+        gen_path = folder / "generation_config.json"
+        model.generation_config = json.loads(gen_path.read_text()) if gen_path.is_file() else None
+        model.name_or_path = str(name_or_path)
+        return model.eval()
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.config.save(folder)
+        tied = {n for n, _ in self.named_parameters(remove_duplicate=False)} - {n for n, _ in self.named_parameters()}
+        save_safetensors(self, folder, skip=tied)
+        if self.generation_config:
+            (folder / "generation_config.json").write_text(json.dumps(self.generation_config, indent=2))

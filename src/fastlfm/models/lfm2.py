@@ -1,0 +1,399 @@
+"""LFM2: a hybrid of gated short-convolution and GQA attention blocks (spec §3-§5).
+
+The layers compute projections, norms and RoPE themselves and hand the sequence-mixing
+step to a *forward context*: `BatchContext` below serves the transformers-style API
+(aligned rows, left padding, `Lfm2Cache`), `PackedContext` serves packed training, and the
+engine has its own context over a paged KV cache and conv-state slots. The forward pass
+itself exists once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..loading import PretrainedMixin
+from ..ops import apply_rope, causal_conv, packed_causal_conv, rms_norm, rope_cos_sin
+from .config import Lfm2Config
+
+
+# ----------------------------------------------------------------------------- contexts
+class ForwardContext(Protocol):
+    """How one forward mixes tokens: attention over the cache, conv over the conv state."""
+
+    position_ids: torch.Tensor  # (B, T)
+
+    def mask_padding(self, x: torch.Tensor) -> torch.Tensor: ...
+    def attention(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
+    def short_conv(self, layer_idx: int, v: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
+
+
+class Lfm2Cache:
+    """Hybrid cache for aligned batches: post-RoPE K/V per attention layer, the last K-1
+    conv inputs per conv layer. K/V live in buffers that grow by doubling, so decoding T
+    tokens costs O(T) copies, not O(T^2). Created empty; sized by the first forward."""
+
+    def __init__(self, config: Lfm2Config):
+        self.config = config
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.conv_states: dict[int, torch.Tensor] = {}
+        self.seq_len = 0
+
+    def get_seq_length(self) -> int:
+        return self.seq_len
+
+    def update_kv(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append k/v (B, H, T, d) at the current length; return the whole history."""
+        end = self.seq_len + k.shape[2]
+        buf_k = self.keys.get(layer_idx)
+        if buf_k is None or buf_k.shape[2] < end:
+            capacity = max(256, 2 * end)
+            new_k = k.new_empty(*k.shape[:2], capacity, k.shape[3])
+            new_v = v.new_empty(*v.shape[:2], capacity, v.shape[3])
+            if buf_k is not None:
+                new_k[:, :, : self.seq_len] = buf_k[:, :, : self.seq_len]
+                new_v[:, :, : self.seq_len] = self.values[layer_idx][:, :, : self.seq_len]
+            self.keys[layer_idx], self.values[layer_idx] = new_k, new_v
+            buf_k = new_k
+        buf_v = self.values[layer_idx]
+        buf_k[:, :, self.seq_len : end] = k
+        buf_v[:, :, self.seq_len : end] = v
+        return buf_k[:, :, :end], buf_v[:, :, :end]
+
+    def reorder(self, batch_idx: torch.Tensor) -> None:
+        """Keep/reorder rows (beam search, dropping finished rows)."""
+        for store in (self.keys, self.values, self.conv_states):
+            for i, t in store.items():
+                store[i] = t.index_select(0, batch_idx.to(t.device))
+
+    def reset(self) -> None:
+        self.keys.clear(), self.values.clear(), self.conv_states.clear()
+        self.seq_len = 0
+
+
+class BatchContext:
+    """Aligned rows (B, T) with an optional 2-D padding mask over past + new tokens."""
+
+    def __init__(self, position_ids, cache: Lfm2Cache | None, attention_mask: torch.Tensor | None, T: int):
+        self.position_ids = position_ids
+        self.cache = cache
+        past = cache.seq_len if cache is not None else 0
+        has_padding = attention_mask is not None and not bool(attention_mask.all())
+        # Conv layers see zeros at pad positions (spec §4.3); decode steps need no mask.
+        self.pad_keep = attention_mask[:, -T:, None].bool() if has_padding and T > 1 else None
+        self.is_causal = self.attn_mask = None
+        if has_padding or (past > 0 and T > 1):
+            S = past + T
+            q_pos = torch.arange(past, S, device=position_ids.device)
+            allowed = torch.arange(S, device=position_ids.device)[None, :] <= q_pos[:, None]
+            allowed = allowed[None, None]
+            if has_padding:
+                allowed = allowed & attention_mask[:, None, None, :S].bool()
+            # Fully masked rows (queries at pad positions) would give NaN; let them see all.
+            self.attn_mask = allowed | ~allowed.any(-1, keepdim=True)
+        else:
+            self.is_causal = T > 1
+
+    def mask_padding(self, x):
+        return x if self.pad_keep is None else x * self.pad_keep.to(x.dtype)
+
+    def attention(self, layer_idx, q, k, v):
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if self.cache is not None:
+            k, v = self.cache.update_kv(layer_idx, k, v)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=self.attn_mask, is_causal=bool(self.is_causal), enable_gqa=True
+        )
+        return out.transpose(1, 2)
+
+    def short_conv(self, layer_idx, v, weight, bias):
+        state = self.cache.conv_states.get(layer_idx) if self.cache is not None else None
+        out, new_state = causal_conv(v, weight, bias, state)
+        if self.cache is not None:
+            self.cache.conv_states[layer_idx] = new_state
+        return out
+
+
+class PackedContext:
+    """Several sequences packed into one row (1, N) with no cache: packed training and
+    padding-free scoring. Attention and conv both restart at every boundary."""
+
+    def __init__(self, seq_lens: list[int] | torch.Tensor, device: torch.device | str | None = None):
+        lens = torch.as_tensor(seq_lens, dtype=torch.long, device=device)
+        self.cu_seqlens = F.pad(lens.cumsum(0), (1, 0))
+        N = int(self.cu_seqlens[-1])
+        self.seq_of_token = torch.repeat_interleave(torch.arange(len(lens), device=device), lens)
+        self.pos_in_chunk = torch.arange(N, device=device) - self.cu_seqlens[self.seq_of_token]
+        self.position_ids = self.pos_in_chunk[None]
+        same = self.seq_of_token[:, None] == self.seq_of_token[None, :]
+        causal = torch.ones(N, N, dtype=torch.bool, device=device).tril()
+        self.attn_mask = (same & causal)[None, None]
+
+    def mask_padding(self, x):
+        return x
+
+    def attention(self, layer_idx, q, k, v):
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.attn_mask, enable_gqa=True)
+        return out.transpose(1, 2)
+
+    def short_conv(self, layer_idx, v, weight, bias):
+        out, _ = packed_causal_conv(v[0], weight, bias, self.cu_seqlens, self.pos_in_chunk, self.seq_of_token)
+        return out[None]
+
+
+# ----------------------------------------------------------------------------- layers
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.eps)
+
+
+class Lfm2Attention(nn.Module):
+    def __init__(self, config: Lfm2Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        D, d = config.hidden_size, config.head_dim
+        self.q_proj = nn.Linear(D, self.n_heads * d, bias=False)
+        self.k_proj = nn.Linear(D, self.n_kv * d, bias=False)
+        self.v_proj = nn.Linear(D, self.n_kv * d, bias=False)
+        self.out_proj = nn.Linear(self.n_heads * d, D, bias=False)
+        self.q_layernorm = RMSNorm(d, config.norm_eps)
+        self.k_layernorm = RMSNorm(d, config.norm_eps)
+
+    def forward(self, x, cos, sin, ctx: ForwardContext):
+        B, T, _ = x.shape
+        q = self.q_layernorm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim))
+        k = self.k_layernorm(self.k_proj(x).view(B, T, self.n_kv, self.head_dim))
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
+        out = ctx.attention(self.layer_idx, apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
+        return self.out_proj(out.reshape(B, T, -1))
+
+
+class Lfm2ShortConv(nn.Module):
+    """in_proj -> (B_gate * x) -> depthwise causal conv -> * C_gate -> out_proj."""
+
+    def __init__(self, config: Lfm2Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        D, K = config.hidden_size, config.conv_L_cache
+        self.in_proj = nn.Linear(D, 3 * D, bias=config.conv_bias)
+        self.conv = nn.Conv1d(D, D, K, groups=D, bias=config.conv_bias, padding=K - 1)
+        self.out_proj = nn.Linear(D, D, bias=config.conv_bias)
+
+    def forward(self, x, ctx: ForwardContext):
+        b_gate, c_gate, h = self.in_proj(ctx.mask_padding(x)).chunk(3, dim=-1)
+        y = ctx.short_conv(self.layer_idx, b_gate * h, self.conv.weight, self.conv.bias)
+        return self.out_proj(c_gate * y)
+
+
+class Lfm2MLP(nn.Module):
+    def __init__(self, hidden: int, ffn: int):
+        super().__init__()
+        self.w1 = nn.Linear(hidden, ffn, bias=False)  # gate
+        self.w3 = nn.Linear(hidden, ffn, bias=False)  # up
+        self.w2 = nn.Linear(ffn, hidden, bias=False)  # down
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Lfm2DecoderLayer(nn.Module):
+    def __init__(self, config: Lfm2Config, layer_idx: int, feed_forward: nn.Module | None = None):
+        super().__init__()
+        self.is_attention = config.is_attention_layer(layer_idx)
+        if self.is_attention:
+            self.self_attn = Lfm2Attention(config, layer_idx)
+        else:
+            self.conv = Lfm2ShortConv(config, layer_idx)
+        self.feed_forward = feed_forward or Lfm2MLP(config.hidden_size, config.ffn_dim)
+        self.operator_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.ffn_norm = RMSNorm(config.hidden_size, config.norm_eps)
+
+    def forward(self, h, cos, sin, ctx: ForwardContext):
+        u = self.operator_norm(h)
+        h = h + (self.self_attn(u, cos, sin, ctx) if self.is_attention else self.conv(u, ctx))
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+# ----------------------------------------------------------------------------- models
+@dataclass
+class BaseModelOutput:
+    last_hidden_state: torch.Tensor
+    past_key_values: Lfm2Cache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    past_key_values: Lfm2Cache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+class Lfm2Model(nn.Module):
+    def __init__(self, config: Lfm2Config, make_feed_forward=None):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.layers = nn.ModuleList(
+            Lfm2DecoderLayer(config, i, make_feed_forward(i) if make_feed_forward else None)
+            for i in range(config.num_hidden_layers)
+        )
+        self.embedding_norm = RMSNorm(config.hidden_size, config.norm_eps)  # the *final* norm
+        self.register_buffer("inv_freq", self.rope_inv_freq(), persistent=False)
+
+    def rope_inv_freq(self, device=None) -> torch.Tensor:
+        d = self.config.head_dim
+        exponent = torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d
+        return 1.0 / (self.config.rope_theta**exponent)
+
+    def reset_buffers(self, device) -> None:
+        self.inv_freq = self.rope_inv_freq(device)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: Lfm2Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        cache_position: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        context: ForwardContext | None = None,
+    ) -> BaseModelOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T = h.shape[:2]
+        if context is None:
+            if use_cache and past_key_values is None:
+                past_key_values = Lfm2Cache(self.config)
+            past = past_key_values.seq_len if past_key_values is not None else 0
+            if attention_mask is not None and attention_mask.shape[-1] != past + T:
+                raise ValueError(
+                    f"attention_mask covers {attention_mask.shape[-1]} tokens; expected past {past} + new {T}"
+                )
+            if position_ids is None:
+                if attention_mask is not None:
+                    # As in generate(): left-padded rows start at position 0 on their first token.
+                    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+                elif cache_position is not None:
+                    position_ids = cache_position[None].expand(B, -1)
+                else:
+                    position_ids = torch.arange(past, past + T, device=h.device)[None].expand(B, -1)
+            context = BatchContext(position_ids, past_key_values, attention_mask, T)
+        cos, sin = rope_cos_sin(context.position_ids, self.inv_freq.to(h.device), h.dtype)
+        all_hidden = [h] if output_hidden_states else None
+        for layer in self.layers:
+            h = layer(h, cos, sin, context)
+            if all_hidden is not None:
+                all_hidden.append(h)
+        if isinstance(context, BatchContext) and context.cache is not None:
+            context.cache.seq_len += T
+        h = self.embedding_norm(h)
+        if all_hidden is not None:
+            all_hidden[-1] = h  # transformers reports the normed final state last
+        return BaseModelOutput(h, past_key_values, tuple(all_hidden) if all_hidden else None)
+
+
+def select_logit_positions(h: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    """Hidden states to run the head on: all (0), the last n (int n), shared positions (1-D),
+    per-row positions (2-D int) or a boolean selection (2-D bool, flattened)."""
+    if isinstance(logits_to_keep, int):
+        return h if logits_to_keep == 0 else h[:, -logits_to_keep:]
+    if logits_to_keep.dtype == torch.bool:
+        return h[logits_to_keep]
+    if logits_to_keep.dim() == 1:
+        return h[:, logits_to_keep]
+    return h.gather(1, logits_to_keep[..., None].expand(-1, -1, h.shape[-1]))
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: int | None = None) -> torch.Tensor:
+    """Next-token cross-entropy: position t is scored against labels[t+1]; -100 is ignored."""
+    shifted = F.pad(labels, (0, 1), value=-100)[..., 1:]
+    loss = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        shifted.reshape(-1).to(logits.device),
+        ignore_index=-100,
+        reduction="sum" if num_items_in_batch is not None else "mean",
+    )
+    return loss / num_items_in_batch if num_items_in_batch is not None else loss
+
+
+class Lfm2ForCausalLM(PretrainedMixin, nn.Module):
+    config_class = Lfm2Config
+
+    def __init__(self, config: Lfm2Config, model: nn.Module | None = None):
+        super().__init__()
+        self.config = config
+        self.model = model if model is not None else Lfm2Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def make_cache(self) -> Lfm2Cache:
+        return Lfm2Cache(self.config)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: Lfm2Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        cache_position: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        logits_to_keep: int | torch.Tensor = 0,
+        num_items_in_batch: int | None = None,
+        context: ForwardContext | None = None,
+    ) -> CausalLMOutput:
+        out = self.model(
+            input_ids, attention_mask, position_ids, past_key_values, inputs_embeds,
+            use_cache, cache_position, output_hidden_states, context,
+        )
+        logits = self.lm_head(select_logit_positions(out.last_hidden_state, logits_to_keep))
+        loss = causal_lm_loss(logits, labels, num_items_in_batch) if labels is not None else None
+        return CausalLMOutput(logits, loss, out.past_key_values, out.hidden_states)
+
+    # -- initialisation (training from scratch; spec §3.9) -------------------------------
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Conv1d, nn.Embedding)):
+                w = torch.randn(module.weight.shape, generator=gen) * std
+                module.weight.copy_(w.to(module.weight.dtype))
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+        pad = self.config.pad_token_id
+        if pad is not None:
+            self.model.embed_tokens.weight[pad].zero_()

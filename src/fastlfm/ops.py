@@ -1,0 +1,96 @@
+"""Small numerical building blocks shared by the model, training and the engine.
+
+Each function is the reference (eager PyTorch) version; the engine may swap in a fused
+kernel with the same contract on CUDA.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama-style RMSNorm: statistics in fp32, result cast back, then `* weight` (no 1+w)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rope_cos_sin(
+    position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (..., head_dim) for integer positions; built in fp32, cast to `dtype`."""
+    angles = position_ids.float()[..., None] * inv_freq
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE. x: (B, T, H, d); cos/sin: (B, T, d)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, :, None] + rotated * sin[:, :, None]
+
+
+def causal_conv(
+    v: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Depthwise causal conv over time for a batch of aligned rows.
+
+    v: (B, T, D) conv input; weight: (D, 1, K), last tap = current token;
+    state: (B, D, K-1) the previous K-1 inputs (oldest first) or None for zeros.
+    Returns the conv output (B, T, D) and the new state (B, D, K-1).
+    """
+    D, K = weight.shape[0], weight.shape[-1]
+    x = v.transpose(1, 2)
+    x = F.pad(x, (K - 1, 0)) if state is None else torch.cat((state.to(x.dtype), x), dim=-1)
+    out = F.conv1d(x.to(weight.dtype), weight, bias, groups=D)
+    return out.transpose(1, 2).to(v.dtype), x[..., x.shape[-1] - (K - 1):]
+
+
+def packed_causal_conv(
+    v: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    cu_seqlens: torch.Tensor,
+    pos_in_chunk: torch.Tensor,
+    seq_of_token: torch.Tensor,
+    state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal conv over sequences packed back to back, with no leak across boundaries.
+
+    v: (N, D) packed conv inputs; cu_seqlens: (S+1,) chunk boundaries; pos_in_chunk and
+    seq_of_token: (N,) each token's offset in its chunk and its chunk index;
+    state: (S, D, K-1) each sequence's previous K-1 inputs, or None for zeros (a fresh start).
+    Returns (N, D) outputs and the (S, D, K-1) states after the chunk.
+    """
+    N, D = v.shape
+    K = weight.shape[-1]
+    w = weight.view(D, K).to(v.dtype)
+    out = v * w[:, K - 1]
+    for lag in range(1, K):  # tap K-1-lag looks `lag` tokens back
+        shifted = F.pad(v, (0, 0, lag, 0))[:N]
+        inside = (pos_in_chunk >= lag)[:, None]
+        if state is None:
+            prev = torch.where(inside, shifted, torch.zeros_like(shifted))
+        else:
+            slot = (K - 1 + pos_in_chunk - lag).clamp(min=0)
+            from_state = state[seq_of_token, :, slot].to(v.dtype)
+            prev = torch.where(inside, shifted, from_state)
+        out = out + prev * w[:, K - 1 - lag]
+    if bias is not None:
+        out = out + bias.to(v.dtype)
+
+    # New state: the last K-1 inputs of (old state ++ chunk) for every sequence.
+    S = cu_seqlens.numel() - 1
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1])[:, None]
+    offs = lens - (K - 1) + torch.arange(K - 1, device=v.device)  # (S, K-1), relative to chunk start
+    from_chunk = v[(cu_seqlens[:-1, None] + offs).clamp(min=0, max=max(N - 1, 0))]  # (S, K-1, D)
+    if state is None:
+        old = torch.zeros_like(from_chunk)
+    else:
+        idx = (K - 1 + offs).clamp(min=0, max=K - 2)
+        old = state.gather(2, idx[:, None, :].expand(S, D, K - 1)).transpose(1, 2).to(v.dtype)
+    new_state = torch.where((offs >= 0)[..., None], from_chunk, old).transpose(1, 2)
+    return out, new_state

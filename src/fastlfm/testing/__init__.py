@@ -1,0 +1,118 @@
+"""Development helpers: HF-format LFM2 checkpoints with random weights and real shapes.
+
+No hub download is needed to test or benchmark: `write_checkpoint` writes what a real
+checkpoint folder holds (config.json in the released key style, safetensors, tokenizer
+files with the real special-token ids, generation_config.json).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Released dense checkpoints (spec §2.1), in the key style of their config.json files.
+_DENSE = {
+    "LFM2-350M": dict(hidden=1024, layers=16, heads=16, ff=6656, attn=[2, 5, 8, 10, 12, 14]),
+    "LFM2-700M": dict(hidden=1536, layers=16, heads=24, ff=10240, attn=[2, 5, 8, 10, 12, 14]),
+    "LFM2-1.2B": dict(hidden=2048, layers=16, heads=32, ff=12288, attn=[2, 5, 8, 10, 12, 14]),
+    "LFM2-2.6B": dict(hidden=2048, layers=30, heads=32, ff=10752, attn=[2, 5, 9, 13, 17, 21, 24, 27],
+                      auto_adjust=False),
+}
+
+
+def real_config(name: str, **overrides: Any) -> dict[str, Any]:
+    """config.json of a released dense LFM2 model, with legacy and current keys as shipped."""
+    spec = _DENSE[name]
+    hidden, heads = spec["hidden"], spec["heads"]
+    cfg = {
+        "architectures": ["Lfm2ForCausalLM"],
+        "block_auto_adjust_ff_dim": spec.get("auto_adjust", True),
+        "block_dim": hidden,
+        "block_ff_dim": spec["ff"],
+        "block_ffn_dim_multiplier": 1.0,
+        "block_mlp_init_scale": 1.0,
+        "block_multiple_of": 256,
+        "block_norm_eps": 1e-05,
+        "block_out_init_scale": 1.0,
+        "block_use_swiglu": True,
+        "block_use_xavier_init": True,
+        "bos_token_id": 1,
+        "conv_L_cache": 3,
+        "conv_bias": False,
+        "conv_dim": hidden,
+        "conv_dim_out": hidden,
+        "conv_use_xavier_init": True,
+        "eos_token_id": 7,
+        "full_attn_idxs": spec["attn"],
+        "hidden_size": hidden,
+        "initializer_range": 0.02,
+        "intermediate_size": spec["ff"],
+        "max_position_embeddings": 128000,
+        "model_type": "lfm2",
+        "norm_eps": 1e-05,
+        "num_attention_heads": heads,
+        "num_heads": heads,
+        "num_hidden_layers": spec["layers"],
+        "num_key_value_heads": 8,
+        "pad_token_id": 0,
+        "rope_theta": 1000000.0,
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+        "use_pos_enc": True,
+        "vocab_size": 65536,
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+def tiny_config(name: str = "LFM2-350M", hidden: int = 64, heads: int = 4, kv_heads: int = 2,
+                vocab_size: int = 1024, **overrides: Any) -> dict[str, Any]:
+    """The layer pattern of a released model at a small width (same keys, same rules)."""
+    spec = _DENSE[name]
+    ff = spec["ff"] * hidden // spec["hidden"]
+    cfg = real_config(name, block_dim=hidden, hidden_size=hidden, conv_dim=hidden, conv_dim_out=hidden,
+                      num_attention_heads=heads, num_heads=heads, num_key_value_heads=kv_heads,
+                      block_ff_dim=ff, intermediate_size=ff, block_multiple_of=32, vocab_size=vocab_size,
+                      torch_dtype="float32")
+    cfg.update(overrides)
+    return cfg
+
+
+GENERATION_CONFIG = {"bos_token_id": 1, "eos_token_id": 7, "pad_token_id": 0}
+
+
+def write_checkpoint(folder: str | Path, config: dict[str, Any] | None = None, seed: int = 0,
+                     dtype: torch.dtype = torch.float32, tokenizer: bool = True,
+                     perturb: bool = True) -> Path:
+    """Write an HF-format LFM2 checkpoint with random weights.
+
+    `perturb` gives the norms non-unit weights and the pad row a non-zero embedding so
+    that tests notice a norm applied wrongly or padding that leaks.
+    """
+    from ..models import Lfm2Config, Lfm2ForCausalLM
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = dict(config or tiny_config())
+    model = Lfm2ForCausalLM(Lfm2Config.from_dict(config))
+    model.init_weights(seed)
+    if perturb:
+        gen = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen))
+            model.model.embed_tokens.weight[config.get("pad_token_id", 0) or 0].normal_(0, 0.02, generator=gen)
+    model.to(dtype)
+    model.generation_config = dict(GENERATION_CONFIG)
+    model.save_pretrained(folder)
+    # Keep the config.json exactly in the released style (legacy keys and all).
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    if tokenizer:
+        from .tokenizer_files import write_tokenizer_files
+
+        write_tokenizer_files(folder, vocab_size=config["vocab_size"])
+    return folder
