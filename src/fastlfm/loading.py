@@ -17,6 +17,11 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
            "float": torch.float32}
 
 
+# `fastlfm chat demo`: a tiny trained LFM2 shipped inside the package (see scripts/train_demo.py).
+DEMO_MODEL_NAME = "demo"
+DEMO_MODEL_DIR = Path(__file__).parent / "demo"
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be found or does not fit the model."""
 
@@ -24,6 +29,10 @@ class CheckpointError(ValueError):
 def resolve_model_dir(name_or_path: str | os.PathLike, revision: str | None = None,
                       local_files_only: bool | None = None) -> Path:
     """A local folder as is; otherwise a hub id fetched (or found in the cache) by huggingface_hub."""
+    if str(name_or_path) == DEMO_MODEL_NAME:
+        if not (DEMO_MODEL_DIR / "config.json").is_file():
+            raise CheckpointError(f"the bundled demo model is missing from this install ({DEMO_MODEL_DIR})")
+        return DEMO_MODEL_DIR
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
