@@ -191,7 +191,7 @@ class PretrainedMixin:
         device = resolve_device(device)
         with torch.device("meta"):
             model = cls(config)
-        load_state_dict_into(model, folder, torch_dtype, device, rename=getattr(cls, "sanitize", None))
+        load_state_dict_into(model, folder, torch_dtype, device, rename=getattr(model, "sanitize", None))
         for module in model.modules():
             if hasattr(module, "reset_buffers"):
                 module.reset_buffers(device)

@@ -9,8 +9,13 @@ import torch
 from ..loading import CheckpointError, read_config_dict, resolve_model_dir
 from .config import Lfm2Config
 from .lfm2 import Lfm2Cache, Lfm2ForCausalLM, Lfm2Model
+from .lfm2_vl import Lfm2VlConfig, Lfm2VlForConditionalGeneration
 
-MODEL_TYPES = {"lfm2": Lfm2ForCausalLM}
+MODEL_TYPES = {
+    "lfm2": Lfm2ForCausalLM,
+    "lfm2_vl": Lfm2VlForConditionalGeneration,
+    "lfm2-vl": Lfm2VlForConditionalGeneration,  # remote-code era checkpoints
+}
 
 
 def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = "auto",
@@ -27,4 +32,5 @@ def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None 
     return cls.from_pretrained(folder, dtype=dtype, device=device)
 
 
-__all__ = ["Lfm2Config", "Lfm2Model", "Lfm2ForCausalLM", "Lfm2Cache", "load_model", "MODEL_TYPES"]
+__all__ = ["Lfm2Config", "Lfm2Model", "Lfm2ForCausalLM", "Lfm2Cache", "Lfm2VlConfig",
+           "Lfm2VlForConditionalGeneration", "load_model", "MODEL_TYPES"]

@@ -116,3 +116,54 @@ def write_checkpoint(folder: str | Path, config: dict[str, Any] | None = None, s
 
         write_tokenizer_files(folder, vocab_size=config["vocab_size"])
     return folder
+
+
+def tiny_vl_config(text: dict[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
+    """An HF-native LFM2-VL config.json at a small width (LFM2-VL-450M layout)."""
+    cfg = {
+        "architectures": ["Lfm2VlForConditionalGeneration"],
+        "model_type": "lfm2_vl",
+        "image_token_id": 396,
+        "downsample_factor": 2,
+        "projector_hidden_act": "gelu",
+        "projector_hidden_size": 96,
+        "projector_bias": True,
+        "projector_use_layernorm": True,
+        "tie_word_embeddings": True,
+        "vision_config": {
+            "model_type": "siglip2_vision_model", "hidden_size": 48, "intermediate_size": 96,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_channels": 3, "patch_size": 16,
+            "num_patches": 256, "layer_norm_eps": 1e-6, "hidden_act": "gelu_pytorch_tanh",
+            "vision_use_head": False,
+        },
+        "text_config": text or tiny_config("LFM2-350M"),
+        "torch_dtype": "float32",
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+def write_vl_checkpoint(folder: str | Path, config: dict[str, Any] | None = None, seed: int = 0,
+                        tokenizer: bool = True) -> Path:
+    """Write an HF-format LFM2-VL checkpoint with random weights (and the LFM2 tokenizer)."""
+    from ..models import Lfm2VlConfig, Lfm2VlForConditionalGeneration
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = dict(config or tiny_vl_config())
+    model = Lfm2VlForConditionalGeneration(Lfm2VlConfig.from_dict(config))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+    model.generation_config = dict(GENERATION_CONFIG)
+    model.save_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    if tokenizer:
+        from .tokenizer_files import write_tokenizer_files
+
+        write_tokenizer_files(folder, vocab_size=config["text_config"]["vocab_size"])
+    return folder
