@@ -13,6 +13,7 @@ under a second for the default size.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -289,8 +290,13 @@ def _train_backend(vocab_size: int):
     return tok
 
 
-def _tokenizer_json(vocab_size: int) -> dict:
-    """Train, then make sure the vocabulary has exactly ``vocab_size`` entries."""
+@functools.lru_cache(maxsize=4)
+def _tokenizer_json_text(vocab_size: int) -> str:
+    """Train, then make sure the vocabulary has exactly ``vocab_size`` entries.
+
+    Cached: tests and benchmarks write many checkpoint folders in one process, and training
+    is deterministic, so the result is reused (a 65,536-token vocabulary takes a few seconds).
+    """
     data = json.loads(_train_backend(vocab_size).to_str())
     vocab: dict[str, int] = data["model"]["vocab"]
     # If the corpus ran out of pairs, fill up with unreachable (merge-less) vocab entries,
@@ -317,7 +323,7 @@ def _tokenizer_json(vocab_size: int) -> dict:
         }
         for i, content in enumerate(SPECIAL_TOKENS)
     ]
-    return data
+    return json.dumps(data, ensure_ascii=False, indent=2)
 
 
 def _added_tokens_decoder() -> dict[str, dict]:
@@ -340,14 +346,13 @@ def write_tokenizer_files(folder: str | os.PathLike, vocab_size: int = 1024) -> 
     Files: ``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json``,
     ``chat_template.jinja``.  Special tokens sit at the real LFM2 ids (see ``SPECIAL_TOKEN_IDS``).
     """
-    if vocab_size < MIN_VOCAB_SIZE:
+    if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
         raise ValueError(f"vocab_size must be >= {MIN_VOCAB_SIZE}, got {vocab_size}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
 
-    data = _tokenizer_json(vocab_size)
     with open(folder / "tokenizer.json", "w", encoding="utf-8") as f:
-        json.dump(data, f, ensure_ascii=False, indent=2)
+        f.write(_tokenizer_json_text(vocab_size))
 
     config = {
         "add_bos_token": True,

@@ -1,0 +1,768 @@
+"""Tokenizer layer: a thin wrapper over the ``tokenizers`` library plus chat templates.
+
+``Tokenizer.from_pretrained(folder)`` reads a local Hugging Face checkpoint folder
+(``tokenizer.json``, ``tokenizer_config.json``, optional ``chat_template.jinja``,
+``additional_chat_templates/*.jinja`` and ``special_tokens_map.json``) and behaves like
+``transformers.AutoTokenizer`` (5.x) for LFM2: same ids from ``encode``, same text from
+``decode``, and ``apply_chat_template`` renders the checkpoint's Jinja template in the same
+sandboxed environment (``trim_blocks``, ``lstrip_blocks``, ``loopcontrols``, a JSON
+``tojson`` filter, ``raise_exception``, ``strftime_now``).
+
+``IncrementalDetokenizer`` turns a stream of generated ids into text deltas without ever
+emitting half of a multi-byte UTF-8 character, decoding only a small window per step.
+
+``transformers`` is never imported here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Tokenizer", "IncrementalDetokenizer", "ChatTemplateError", "render_chat_template"]
+
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+CHAT_TEMPLATE_DIR = "additional_chat_templates"
+
+# Named special-token attributes, in the order transformers lists them.
+_STANDARD_SPECIAL_ATTRS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+# Names a message's reasoning may come under; templates read the first one.
+_REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+_REPLACEMENT_CHAR = "\ufffd"
+
+
+class ChatTemplateError(ValueError):
+    """Raised by a chat template's ``raise_exception(...)`` (also a ``ValueError``)."""
+
+
+# --------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------
+
+
+def _token_content(value: Any, where: str) -> str | None:
+    """A special token from a config may be a string or a serialised AddedToken dict."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Mapping) and isinstance(value.get("content"), str):
+        return value["content"]
+    raise ValueError(f"{where}: expected a string or an AddedToken dict with 'content', got {value!r}")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"Could not read {path}: {e}") from e
+
+
+def _template_data(value: Any) -> Any:
+    """Rebuild template inputs out of plain JSON-like types.
+
+    Chat templates run in a sandbox, but rich objects (arrays, images, tensors) passed in
+    messages still expose methods.  Everything the template sees is therefore converted to
+    plain str/int/float/bool/None/dict/list/tuple; anything else becomes the inert
+    placeholder ``"<TypeName>"`` (templates only test media keys for presence).
+    """
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, Mapping):
+        return {_template_data(k): _template_data(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_template_data(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_template_data(v) for v in value)
+    item = getattr(value, "item", None)
+    if callable(item) and type(value).__module__ == "numpy":  # numpy scalar
+        return _template_data(item())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _template_data(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    dump = getattr(value, "model_dump", None)
+    if callable(dump):  # pydantic model
+        return _template_data(dump())
+    return f"<{type(value).__name__}>"
+
+
+def _alias_reasoning(message: dict) -> dict:
+    """Expose a message's reasoning as both ``reasoning_content`` and ``thinking``."""
+    reasoning = None
+    for key in _REASONING_KEYS:
+        if message.get(key) is not None:
+            reasoning = message[key]
+            break
+    if reasoning is None:
+        return message
+    out = {"thinking": reasoning}
+    out.update(message)
+    out["reasoning_content"] = reasoning
+    return out
+
+
+def _normalise_messages(messages: Any) -> list[dict]:
+    """Validate the conversation shape and convert it to plain data (None-valued keys dropped)."""
+    if isinstance(messages, (str, bytes)) or isinstance(messages, Mapping) or not isinstance(messages, Sequence):
+        raise ValueError(
+            f"messages must be a list of message dicts like {{'role': 'user', 'content': '...'}}, "
+            f"got {type(messages).__name__}"
+        )
+    if len(messages) == 0:
+        raise ValueError("Cannot apply a chat template to an empty conversation: messages is empty")
+    out = []
+    for i, message in enumerate(messages):
+        if isinstance(message, (list, tuple)):
+            raise ValueError(
+                f"messages[{i}] is a list: batched conversations are not supported, pass one conversation at a time"
+            )
+        if not isinstance(message, Mapping):
+            if dataclasses.is_dataclass(message) or callable(getattr(message, "model_dump", None)):
+                message = _template_data(message)
+            else:
+                raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', got {type(message).__name__}")
+        message = {k: v for k, v in message.items() if v is not None}
+        role = message.get("role")
+        if not isinstance(role, str):
+            raise ValueError(f"messages[{i}] must have a string 'role' field, got {role!r}")
+        out.append(_alias_reasoning(_template_data(message)))
+    return out
+
+
+def _normalise_tools(tools: Any) -> list | None:
+    if tools is None:
+        return None
+    if isinstance(tools, (str, bytes)) or isinstance(tools, Mapping) or not isinstance(tools, Sequence):
+        raise ValueError(f"tools must be a list of JSON-schema dicts, got {type(tools).__name__}")
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, (Mapping, str)):
+            raise ValueError(
+                f"tools[{i}] must be a JSON-schema dict (or a pre-formatted string), got {type(tool).__name__}"
+            )
+    return _template_data(list(tools))
+
+
+# --------------------------------------------------------------------------------------
+# Jinja environment
+# --------------------------------------------------------------------------------------
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys: bool = False) -> str:
+    # Unlike Jinja's built-in filter this does not HTML-escape, and keeps non-ASCII text as is.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _raise_exception(message: str):
+    raise ChatTemplateError(message)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+class _TemplateDict:
+    """``dict`` as seen by templates: callable and ``fromkeys``, nothing else."""
+
+    def __call__(self, *args, **kwargs) -> dict:
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args, **kwargs) -> dict:
+        return dict.fromkeys(*args, **kwargs)
+
+
+@functools.lru_cache(maxsize=32)
+def _compile_template(source: str):
+    import jinja2
+    import jinja2.ext
+    import jinja2.nodes
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from jinja2.utils import Namespace
+
+    class GenerationBlock(jinja2.ext.Extension):
+        """Accepts ``{% generation %}...{% endgeneration %}`` and renders the body unchanged."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_passthrough"), [], [], body).set_lineno(lineno)
+
+        def _passthrough(self, caller):
+            return caller()
+
+    def check_name(name: Any) -> None:
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} may not start with an underscore")
+
+    class SafeNamespace(Namespace):
+        """``namespace()`` that refuses underscore-prefixed attribute names."""
+
+        def __init__(*args, **kwargs):  # same calling convention as jinja2.utils.Namespace
+            self, positional = args[0], args[1:]
+            attrs = dict(*positional, **kwargs)
+            for key in attrs:
+                check_name(key)
+            Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name, value):
+            check_name(name)
+            Namespace.__setitem__(self, name, value)
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True,
+        lstrip_blocks=True,
+        extensions=[GenerationBlock, jinja2.ext.loopcontrols],
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    env.globals["dict"] = _TemplateDict()
+    env.globals["namespace"] = SafeNamespace
+    return env.from_string(source)
+
+
+def render_chat_template(
+    template: str,
+    messages: Sequence[Mapping[str, Any]],
+    tools: Sequence[Mapping[str, Any] | str] | None = None,
+    documents: Sequence[Mapping[str, Any]] | None = None,
+    add_generation_prompt: bool = False,
+    continue_final_message: bool | str = False,
+    **template_vars: Any,
+) -> str:
+    """Render a Jinja chat template the way ``transformers`` does (single conversation).
+
+    ``template_vars`` (e.g. ``bos_token``) become template variables.  With
+    ``continue_final_message`` the text stops right after the final message's content
+    (``True`` = the ``content`` field, or the name of another field), so the model continues it.
+    """
+    if continue_final_message and add_generation_prompt:
+        raise ValueError("continue_final_message and add_generation_prompt cannot be used together")
+    chat = _normalise_messages(messages)
+    tools_data = _normalise_tools(tools)
+    if documents is not None:
+        if isinstance(documents, (str, bytes, Mapping)) or not isinstance(documents, Sequence) or not all(
+            isinstance(d, Mapping) for d in documents
+        ):
+            raise ValueError("documents must be a list of dicts (e.g. with 'title' and 'text' keys)")
+        documents = _template_data(list(documents))
+    template_vars = _template_data(template_vars)
+
+    final_text = None
+    if continue_final_message:
+        field = continue_final_message if isinstance(continue_final_message, str) else "content"
+        last = chat[-1]
+        final_text = last.get(field)
+        if final_text is None:
+            raise ValueError(f"continue_final_message is set but the final message has no {field!r} to continue")
+        fields = [field]
+        if field in _REASONING_KEYS:  # reasoning is present under several names: tag all copies
+            fields = [k for k in _REASONING_KEYS if last.get(k) == final_text]
+        if not any(f in template for f in fields):
+            raise ValueError(f"continue_final_message is set to {field!r} but the chat template never uses that field")
+        if isinstance(final_text, (list, tuple)):
+            for part in reversed(final_text):
+                if isinstance(part, dict) and "text" in part:
+                    final_text = part["text"]
+                    part["text"] = part["text"] + _CONTINUE_TAG
+                    break
+            else:
+                raise ValueError("continue_final_message is set but the final message has no text part to continue")
+        else:
+            for f in fields:
+                last[f] = last[f] + _CONTINUE_TAG
+
+    compiled = _compile_template(template)
+    rendered = compiled.render(
+        messages=chat,
+        tools=tools_data,
+        documents=documents,
+        add_generation_prompt=add_generation_prompt,
+        **template_vars,
+    )
+
+    if continue_final_message:
+        tag = _CONTINUE_TAG.strip()
+        if final_text.strip() not in rendered or tag not in rendered:
+            raise ValueError(
+                "continue_final_message is set but the final message does not appear in the rendered chat; "
+                "the template may alter or drop it"
+            )
+        loc = rendered.rindex(tag)
+        if rendered[loc : loc + len(_CONTINUE_TAG)] == _CONTINUE_TAG:
+            rendered = rendered[:loc]
+        else:  # trailing whitespace of the message was trimmed by the template
+            rendered = rendered[:loc].rstrip()
+    return rendered
+
+
+# --------------------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------------------
+
+
+class Tokenizer:
+    """A byte-level BPE tokenizer (``tokenizers`` backend) with the checkpoint's chat template.
+
+    Build it with :meth:`from_pretrained`.  Encoding and decoding give the same ids and text as
+    ``transformers.AutoTokenizer`` on the same files.
+    """
+
+    def __init__(
+        self,
+        backend: Any,
+        *,
+        special_tokens: Mapping[str, str | None] | None = None,
+        extra_special_tokens: Iterable[str] = (),
+        chat_template: str | dict[str, str] | None = None,
+        model_max_length: int | None = None,
+        name_or_path: str = "",
+        added_tokens: Iterable[Mapping[str, Any]] = (),
+    ) -> None:
+        """Wrap a ``tokenizers.Tokenizer``.
+
+        ``special_tokens`` maps names (``bos_token``, ``eos_token``, ``pad_token``, ... and
+        model-specific ones like ``image_token``) to token strings.  Tokens listed there, in
+        ``extra_special_tokens`` or in ``added_tokens`` (AddedToken dicts) that the backend
+        does not know are added to it, as transformers does.
+        """
+        from tokenizers import AddedToken
+
+        self._backend = backend
+        # Plain encode/decode never pads or truncates (transformers disables both by default).
+        self._backend.no_truncation()
+        self._backend.no_padding()
+        self.name_or_path = name_or_path
+        self.chat_template = chat_template
+        self.model_max_length = int(model_max_length) if model_max_length is not None else int(1e30)
+
+        named: dict[str, str] = {}
+        for key, value in (special_tokens or {}).items():
+            if value is not None:
+                named[key] = value
+        self._named_special: dict[str, str] = named
+        extras: list[str] = []
+        for tok in extra_special_tokens:
+            if tok not in extras:
+                extras.append(tok)
+        self._extra_special: list[str] = extras
+
+        vocab = self._backend.get_vocab(with_added_tokens=True)
+        for entry in added_tokens:
+            content = entry["content"]
+            if content in vocab:
+                continue
+            tok = AddedToken(
+                content,
+                single_word=bool(entry.get("single_word", False)),
+                lstrip=bool(entry.get("lstrip", False)),
+                rstrip=bool(entry.get("rstrip", False)),
+                normalized=bool(entry.get("normalized", not entry.get("special", False))),
+                special=bool(entry.get("special", False)),
+            )
+            self._backend.add_tokens([tok])
+            vocab[content] = self._backend.token_to_id(content)
+        missing = [t for t in [*named.values(), *extras] if t not in vocab]
+        if missing:
+            self._backend.add_special_tokens(
+                [AddedToken(t, special=True, normalized=False) for t in dict.fromkeys(missing)]
+            )
+
+        self.split_special_tokens = False
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> "Tokenizer":
+        """Load from a local folder holding ``tokenizer.json`` (+ ``tokenizer_config.json``,
+        ``chat_template.jinja``, ``special_tokens_map.json`` when present)."""
+        from tokenizers import Tokenizer as _Backend
+
+        folder = Path(path)
+        if not folder.is_dir():
+            raise ValueError(f"Tokenizer path {str(folder)!r} is not a local directory")
+        tokenizer_file = folder / TOKENIZER_FILE
+        if not tokenizer_file.is_file():
+            raise ValueError(
+                f"No {TOKENIZER_FILE} found in {str(folder)!r}: fastlfm needs the fast-tokenizer file "
+                f"({TOKENIZER_FILE}) of the checkpoint"
+            )
+        try:
+            backend = _Backend.from_file(str(tokenizer_file))
+        except Exception as e:  # the tokenizers library raises a bare Exception on bad JSON
+            raise ValueError(f"Could not load {tokenizer_file}: {e}") from e
+
+        config: dict = {}
+        config_file = folder / TOKENIZER_CONFIG_FILE
+        if config_file.is_file():
+            config = _read_json(config_file)
+            if not isinstance(config, dict):
+                raise ValueError(f"{config_file} must contain a JSON object")
+
+        # Chat templates: files take priority over the `chat_template` key of the config.
+        templates: dict[str, str] = {}
+        template_file = folder / CHAT_TEMPLATE_FILE
+        if template_file.is_file():
+            templates["default"] = template_file.read_text(encoding="utf-8")
+        template_dir = folder / CHAT_TEMPLATE_DIR
+        if template_dir.is_dir():
+            for extra in sorted(template_dir.glob("*.jinja")):
+                templates[extra.name[: -len(".jinja")]] = extra.read_text(encoding="utf-8")
+        chat_template: str | dict[str, str] | None
+        if templates:
+            chat_template = templates["default"] if list(templates) == ["default"] else templates
+        else:
+            chat_template = cls._parse_config_template(config.get("chat_template"), config_file)
+
+        # Named special tokens.
+        special: dict[str, str | None] = {}
+        for attr in _STANDARD_SPECIAL_ATTRS:
+            if attr in config:
+                special[attr] = _token_content(config[attr], f"{config_file}: {attr}")
+        extra_cfg = config.get("extra_special_tokens") or None
+        if extra_cfg is None:
+            extra_cfg = config.get("additional_special_tokens") or None
+        model_specific: dict[str, str] = {
+            k: v
+            for k, v in config.items()
+            if k not in _STANDARD_SPECIAL_ATTRS and k.endswith("_token") and isinstance(v, str)
+        }
+        if isinstance(extra_cfg, Mapping):
+            model_specific.update({k: _token_content(v, f"{config_file}: extra_special_tokens") for k, v in extra_cfg.items()})
+            extra_cfg = None
+        extras = [_token_content(t, f"{config_file}: extra_special_tokens") for t in (extra_cfg or [])]
+
+        # Legacy special_tokens_map.json: used (and overrides the config) only when the config
+        # has no `added_tokens_decoder`, matching transformers.
+        map_file = folder / SPECIAL_TOKENS_MAP_FILE
+        if "added_tokens_decoder" not in config and map_file.is_file():
+            smap = _read_json(map_file)
+            if not isinstance(smap, dict):
+                raise ValueError(f"{map_file} must contain a JSON object")
+            for key, value in smap.items():
+                if key in _STANDARD_SPECIAL_ATTRS:
+                    special[key] = _token_content(value, f"{map_file}: {key}")
+                elif key in ("extra_special_tokens", "additional_special_tokens") and isinstance(value, list):
+                    for tok in value:
+                        content = _token_content(tok, f"{map_file}: {key}")
+                        if content not in extras:
+                            extras.append(content)
+        special.update(model_specific)
+
+        added_tokens = []
+        decoder_cfg = config.get("added_tokens_decoder") or {}
+        if not isinstance(decoder_cfg, Mapping):
+            raise ValueError(f"{config_file}: added_tokens_decoder must be an object")
+        for idx in sorted(decoder_cfg, key=int):
+            entry = decoder_cfg[idx]
+            if not isinstance(entry, Mapping) or not isinstance(entry.get("content"), str):
+                raise ValueError(f"{config_file}: added_tokens_decoder[{idx}] must be an AddedToken dict")
+            added_tokens.append(entry)
+
+        tok = cls(
+            backend,
+            special_tokens=special,
+            extra_special_tokens=extras,
+            chat_template=chat_template,
+            model_max_length=config.get("model_max_length"),
+            name_or_path=str(folder),
+            added_tokens=added_tokens,
+        )
+        if config.get("split_special_tokens"):
+            tok.split_special_tokens = True
+            tok._backend.encode_special_tokens = True
+        return tok
+
+    @staticmethod
+    def _parse_config_template(value: Any, config_file: Path) -> str | dict[str, str] | None:
+        if value is None or isinstance(value, str):
+            return value
+        if isinstance(value, list):  # [{"name": ..., "template": ...}, ...]
+            out = {}
+            for item in value:
+                if not isinstance(item, Mapping) or "name" not in item or "template" not in item:
+                    raise ValueError(f"{config_file}: chat_template list entries need 'name' and 'template'")
+                out[item["name"]] = item["template"]
+            return out
+        if isinstance(value, Mapping):
+            return dict(value)
+        raise ValueError(f"{config_file}: chat_template must be a string or a list of named templates")
+
+    # ---------------------------------------------------------------- vocabulary
+    @property
+    def backend(self) -> Any:
+        """The underlying ``tokenizers.Tokenizer``."""
+        return self._backend
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, added tokens included (``len(AutoTokenizer)``)."""
+        return self._backend.get_vocab_size(with_added_tokens=True)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def get_vocab(self) -> dict[str, int]:
+        """Token string -> id, added tokens included."""
+        return self._backend.get_vocab(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        """Id of ``token`` or None when it is not in the vocabulary."""
+        return self._backend.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        """Token string of ``token_id`` (byte-level form) or None when out of range."""
+        return self._backend.id_to_token(int(token_id))
+
+    def convert_ids_to_tokens(self, ids: Iterable[int]) -> list[str | None]:
+        """Token strings of several ids."""
+        return [self.id_to_token(i) for i in ids]
+
+    # ---------------------------------------------------------------- special tokens
+    @property
+    def special_tokens_map(self) -> dict[str, str]:
+        """Named special tokens (bos_token, eos_token, pad_token, ... and model-specific names)."""
+        return dict(self._named_special)
+
+    def _named(self, name: str) -> str | None:
+        return self._named_special.get(name)
+
+    def _named_id(self, name: str) -> int | None:
+        tok = self._named_special.get(name)
+        return None if tok is None else self.token_to_id(tok)
+
+    @property
+    def bos_token(self) -> str | None:
+        return self._named("bos_token")
+
+    @property
+    def eos_token(self) -> str | None:
+        return self._named("eos_token")
+
+    @property
+    def pad_token(self) -> str | None:
+        return self._named("pad_token")
+
+    @property
+    def unk_token(self) -> str | None:
+        return self._named("unk_token")
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._named_id("bos_token")
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self._named_id("eos_token")
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self._named_id("pad_token")
+
+    @property
+    def unk_token_id(self) -> int | None:
+        return self._named_id("unk_token")
+
+    @property
+    def all_special_tokens(self) -> list[str]:
+        """Named special tokens then extra special tokens, without duplicates (as transformers)."""
+        return list(dict.fromkeys([*self._named_special.values(), *self._extra_special]))
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        """Ids of :attr:`all_special_tokens`."""
+        return [self.token_to_id(t) for t in self.all_special_tokens]
+
+    @property
+    def add_bos_token(self) -> bool:
+        """Whether ``encode(..., add_special_tokens=True)`` puts the BOS token first."""
+        bos = self.bos_token_id
+        return bos is not None and self._backend.encode("", add_special_tokens=True).ids[:1] == [bos]
+
+    # ---------------------------------------------------------------- encode / decode
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``; with ``add_special_tokens`` the tokenizer.json post-processor
+        adds its tokens (BOS for LFM2)."""
+        if not isinstance(text, str):
+            raise ValueError(f"encode expects a str, got {type(text).__name__}")
+        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
+        """``encode`` for several texts (parallel in the backend)."""
+        return [e.ids for e in self._backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+
+    def decode(self, ids: int | Iterable[int], skip_special_tokens: bool = False) -> str:
+        """Text of ``ids`` (an int, a list, or anything with ``tolist()`` such as a tensor)."""
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        if isinstance(ids, int):
+            ids = [ids]
+        elif not isinstance(ids, list):
+            ids = list(ids)
+        return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    # ---------------------------------------------------------------- chat template
+    def get_chat_template(self, chat_template: str | None = None, tools: Any = None) -> str:
+        """The template source to use: ``chat_template`` (a template or the name of one of the
+        checkpoint's templates), else the checkpoint's default (``tool_use`` when tools are given
+        and such a named template exists)."""
+        own = self.chat_template
+        if isinstance(own, dict):
+            if chat_template is not None and chat_template in own:
+                return own[chat_template]
+            if chat_template is not None:
+                return chat_template
+            if tools is not None and "tool_use" in own:
+                return own["tool_use"]
+            if "default" in own:
+                return own["default"]
+            raise ValueError(
+                f"{self.name_or_path or 'This tokenizer'} has several chat templates and none named 'default'; "
+                f"pass chat_template= one of {sorted(own)}"
+            )
+        if chat_template is not None:
+            return chat_template
+        if own is None:
+            where = self.name_or_path or "this tokenizer"
+            raise ValueError(
+                f"No chat template available for {where}: neither {CHAT_TEMPLATE_FILE} nor a 'chat_template' "
+                f"field in {TOKENIZER_CONFIG_FILE} was found; pass chat_template= explicitly"
+            )
+        return own
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        tools: Sequence[Mapping[str, Any] | str] | None = None,
+        add_generation_prompt: bool = False,
+        tokenize: bool = True,
+        chat_template: str | None = None,
+        *,
+        documents: Sequence[Mapping[str, Any]] | None = None,
+        continue_final_message: bool | str = False,
+        **extra_template_vars: Any,
+    ) -> list[int] | str:
+        """Render ``messages`` with the chat template; return ids (``tokenize=True``) or text.
+
+        The named special tokens (``bos_token`` ...) are template variables, overridden by
+        ``extra_template_vars``.  Tokenising the rendered text adds no special tokens (the
+        template already contains BOS).
+        """
+        template = self.get_chat_template(chat_template, tools)
+        template_vars = {**self.special_tokens_map, **extra_template_vars}
+        text = render_chat_template(
+            template,
+            messages,
+            tools=tools,
+            documents=documents,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            **template_vars,
+        )
+        if not tokenize:
+            return text
+        return self.encode(text, add_special_tokens=False)
+
+    def __repr__(self) -> str:
+        return (
+            f"Tokenizer(name_or_path={self.name_or_path!r}, vocab_size={self.vocab_size}, "
+            f"bos={self.bos_token!r}, eos={self.eos_token!r}, pad={self.pad_token!r})"
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Streaming detokenization
+# --------------------------------------------------------------------------------------
+
+
+class IncrementalDetokenizer:
+    """Turn a stream of token ids into text deltas.
+
+    Each :meth:`add` decodes only a window ``ids[prefix_offset:]``: the text of
+    ``ids[prefix_offset:read_offset]`` was already emitted, so the new text is whatever the
+    window decodes to beyond it.  When the window's text ends in U+FFFD (a multi-byte
+    character whose bytes have not all arrived yet) nothing is emitted and the window grows
+    until the character is complete.  Call :meth:`flush` at the end of the stream to emit any
+    held-back tail; the concatenation of all deltas then equals ``tokenizer.decode(all_ids)``.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.token_ids: list[int] = []
+        self._prefix_offset = 0  # start of the decode window
+        self._read_offset = 0  # ids before this have been emitted as text
+        self._chunks: list[str] = []
+        self._text_cache: str | None = ""
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def add(self, token_ids: int | Iterable[int]) -> str:
+        """Append ids; return the newly completed text (possibly ``""``)."""
+        if isinstance(token_ids, int):
+            self.token_ids.append(token_ids)
+        else:
+            if hasattr(token_ids, "tolist"):
+                token_ids = token_ids.tolist()
+            self.token_ids.extend(int(t) for t in token_ids)
+        if len(self.token_ids) == self._read_offset:
+            return ""
+        ids = self.token_ids
+        prefix_text = self._decode(ids[self._prefix_offset : self._read_offset])
+        end = len(ids)
+        new_text = self._decode(ids[self._prefix_offset : end])
+        # Incomplete character at the end: when several ids arrived at once, emit up to the
+        # last point where the text is complete (only the new ids are tried, so this is cheap).
+        while new_text.endswith(_REPLACEMENT_CHAR) and end - 1 > self._read_offset:
+            end -= 1
+            new_text = self._decode(ids[self._prefix_offset : end])
+        if len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT_CHAR):
+            return ""  # nothing new yet, or an incomplete character at the end
+        delta = new_text[len(prefix_text) :]
+        self._prefix_offset = self._read_offset
+        self._read_offset = end
+        self._emit(delta)
+        return delta
+
+    def flush(self) -> str:
+        """Emit whatever is held back (e.g. a truncated character, as U+FFFD) and return it."""
+        ids = self.token_ids
+        if len(ids) == self._read_offset:
+            return ""
+        prefix_text = self._decode(ids[self._prefix_offset : self._read_offset])
+        new_text = self._decode(ids[self._prefix_offset :])
+        delta = new_text[len(prefix_text) :]
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(ids)
+        if delta:
+            self._emit(delta)
+        return delta
+
+    def _emit(self, delta: str) -> None:
+        self._chunks.append(delta)
+        self._text_cache = None
+
+    @property
+    def text(self) -> str:
+        """All text emitted so far."""
+        if self._text_cache is None:
+            self._text_cache = "".join(self._chunks)
+            self._chunks = [self._text_cache]
+        return self._text_cache
