@@ -9,10 +9,12 @@ import torch
 from ..loading import CheckpointError, read_config_dict, resolve_model_dir
 from .config import Lfm2Config
 from .lfm2 import Lfm2Cache, Lfm2ForCausalLM, Lfm2Model
+from .lfm2_moe import Lfm2MoeConfig, Lfm2MoeForCausalLM
 from .lfm2_vl import Lfm2VlConfig, Lfm2VlForConditionalGeneration
 
 MODEL_TYPES = {
     "lfm2": Lfm2ForCausalLM,
+    "lfm2_moe": Lfm2MoeForCausalLM,
     "lfm2_vl": Lfm2VlForConditionalGeneration,
     "lfm2-vl": Lfm2VlForConditionalGeneration,  # remote-code era checkpoints
 }
@@ -32,5 +34,5 @@ def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None 
     return cls.from_pretrained(folder, dtype=dtype, device=device)
 
 
-__all__ = ["Lfm2Config", "Lfm2Model", "Lfm2ForCausalLM", "Lfm2Cache", "Lfm2VlConfig",
+__all__ = ["Lfm2Config", "Lfm2Model", "Lfm2ForCausalLM", "Lfm2Cache", "Lfm2VlConfig", "Lfm2MoeConfig", "Lfm2MoeForCausalLM",
            "Lfm2VlForConditionalGeneration", "load_model", "MODEL_TYPES"]

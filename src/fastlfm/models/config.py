@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar
 
 DEFAULT_ROPE_THETA = 1_000_000.0
 
@@ -50,6 +50,9 @@ class Lfm2Config:
     torch_dtype: str | None = None
     # Keys we do not interpret, kept so save_pretrained round-trips the file.
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    MODEL_TYPE: ClassVar[str] = "lfm2"
+    ARCHITECTURE: ClassVar[str] = "Lfm2ForCausalLM"
 
     def __post_init__(self) -> None:
         if self.head_dim is None:
@@ -105,9 +108,9 @@ class Lfm2Config:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "Lfm2Config":
         raw = dict(raw)
-        model_type = raw.get("model_type", "lfm2")
-        if model_type != "lfm2":
-            raise ConfigError(f"unsupported model_type {model_type!r}: this class reads 'lfm2' configs")
+        model_type = raw.setdefault("model_type", cls.MODEL_TYPE)
+        if model_type != cls.MODEL_TYPE:
+            raise ConfigError(f"unsupported model_type {model_type!r}: this class reads {cls.MODEL_TYPE!r} configs")
         for legacy, current in _LEGACY_WINS.items():
             if legacy in raw:
                 raw[current] = raw.pop(legacy)
@@ -121,6 +124,7 @@ class Lfm2Config:
         theta = rope.get("rope_theta", raw.pop("rope_theta", raw.get("theta", DEFAULT_ROPE_THETA)))
         raw["rope_theta"] = float(theta)
         if raw.get("layer_types") is None:
+            cls._check_layer_types_derivable(raw)
             n = raw.get("num_hidden_layers", cls.num_hidden_layers)
             attn = raw.get("full_attn_idxs")
             attn = set(range(n)) if attn is None else set(attn)
@@ -132,6 +136,10 @@ class Lfm2Config:
             return cls(**kwargs)
         except TypeError as e:  # pragma: no cover - dataclass signature errors
             raise ConfigError(str(e)) from None
+
+    @classmethod
+    def _check_layer_types_derivable(cls, raw: dict[str, Any]) -> None:
+        """Dense LFM2 derives layer_types from full_attn_idxs (or all-attention)."""
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "Lfm2Config":
@@ -155,7 +163,7 @@ class Lfm2Config:
             data.pop("torch_dtype")
         out.update(data)
         out["rope_parameters"] = {"rope_type": "default", "rope_theta": theta}
-        out["architectures"] = ["Lfm2ForCausalLM"]
+        out["architectures"] = [self.ARCHITECTURE]
         out["full_attn_idxs"] = self.attention_layer_ids
         return out
 

@@ -92,12 +92,13 @@ def write_checkpoint(folder: str | Path, config: dict[str, Any] | None = None, s
     `perturb` gives the norms non-unit weights and the pad row a non-zero embedding so
     that tests notice a norm applied wrongly or padding that leaks.
     """
-    from ..models import Lfm2Config, Lfm2ForCausalLM
+    from ..models import MODEL_TYPES
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = dict(config or tiny_config())
-    model = Lfm2ForCausalLM(Lfm2Config.from_dict(config))
+    cls = MODEL_TYPES[config.get("model_type", "lfm2")]
+    model = cls(cls.config_class.from_dict(config))
     model.init_weights(seed)
     if perturb:
         gen = torch.Generator().manual_seed(seed + 1)
@@ -106,6 +107,9 @@ def write_checkpoint(folder: str | Path, config: dict[str, Any] | None = None, s
                 if name.endswith("norm.weight"):
                     p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen))
             model.model.embed_tokens.weight[config.get("pad_token_id", 0) or 0].normal_(0, 0.02, generator=gen)
+            for name, b in model.named_buffers():
+                if name.endswith("expert_bias"):  # so that choosing experts by a biased score shows
+                    b.copy_(0.1 * torch.randn(b.shape, generator=gen))
     model.to(dtype)
     model.generation_config = dict(GENERATION_CONFIG)
     model.save_pretrained(folder)
@@ -116,6 +120,23 @@ def write_checkpoint(folder: str | Path, config: dict[str, Any] | None = None, s
 
         write_tokenizer_files(folder, vocab_size=config["vocab_size"])
     return folder
+
+
+def tiny_moe_config(**overrides: Any) -> dict[str, Any]:
+    """An LFM2-8B-A1B-pattern config.json (HF-native keys) at a small width."""
+    cfg = {
+        "architectures": ["Lfm2MoeForCausalLM"], "model_type": "lfm2_moe", "vocab_size": 1024,
+        "hidden_size": 64, "intermediate_size": 160, "moe_intermediate_size": 48, "num_hidden_layers": 8,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "num_dense_layers": 2, "num_experts": 8,
+        "num_experts_per_tok": 3, "use_expert_bias": True, "norm_topk_prob": True,
+        "routed_scaling_factor": 1.0, "conv_L_cache": 3, "conv_bias": False, "norm_eps": 1e-5,
+        "layer_types": ["conv", "conv", "full_attention", "conv", "conv", "full_attention", "conv", "full_attention"],
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}, "max_position_embeddings": 128000,
+        "bos_token_id": 1, "eos_token_id": 7, "pad_token_id": 0, "tie_word_embeddings": True,
+        "torch_dtype": "float32",
+    }
+    cfg.update(overrides)
+    return cfg
 
 
 def tiny_vl_config(text: dict[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
