@@ -75,7 +75,7 @@ def packed_causal_conv(
         if state is None:
             prev = torch.where(inside, shifted, torch.zeros_like(shifted))
         else:
-            slot = (K - 1 + pos_in_chunk - lag).clamp(min=0)
+            slot = (K - 1 + pos_in_chunk - lag).clamp(min=0, max=K - 2)  # in-chunk rows: masked below
             from_state = state[seq_of_token, :, slot].to(v.dtype)
             prev = torch.where(inside, shifted, from_state)
         out = out + prev * w[:, K - 1 - lag]

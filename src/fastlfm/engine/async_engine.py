@@ -1,0 +1,147 @@
+"""AsyncLLMEngine: the engine loop on a background thread, streams for asyncio consumers.
+
+The step loop runs in one daemon thread that owns the LLMEngine; the event loop only
+queues submissions/aborts and receives outputs through `call_soon_threadsafe`, so it
+stays responsive while the GPU works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+from typing import AsyncIterator
+
+from .llm_engine import EngineStats, LLMEngine, RequestOutput
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.max_model_len
+        self.generation_config = engine.generation_config
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._submissions: deque = deque()
+        self._aborts: deque[str] = deque()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stopping = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="fastlfm-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_pretrained(cls, model: str, *, device=None, dtype="auto", max_num_seqs: int = 256,
+                        max_model_len: int | None = None, **engine_kwargs) -> "AsyncLLMEngine":
+        return cls(LLMEngine.from_pretrained(model, device=device, dtype=dtype, max_num_seqs=max_num_seqs,
+                                             max_model_len=max_model_len, **engine_kwargs))
+
+    # -- public API ---------------------------------------------------------------------
+    async def generate(self, prompt_token_ids: list[int], params, request_id: str) -> AsyncIterator[RequestOutput]:
+        """Submit a request and stream its outputs; stopping the iteration aborts it."""
+        self._validate(prompt_token_ids, request_id)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        with self._wake:
+            if self._stopping:
+                raise RuntimeError("the engine is shut down")
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            self._streams[request_id] = (loop, queue)
+            self._submissions.append((list(prompt_token_ids), params, request_id))
+            self._wake.notify()
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self._request_abort(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        self._request_abort(request_id)
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()  # plain counters; a snapshot at most one step old
+
+    async def shutdown(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+
+    # -- internals ----------------------------------------------------------------------
+    def _validate(self, prompt: list[int], request_id: str) -> None:
+        if not prompt:
+            raise ValueError("prompt is empty: at least one token is needed")
+        if len(prompt) > self.max_model_len:
+            raise ValueError(f"prompt has {len(prompt)} tokens, more than max_model_len={self.max_model_len}")
+        vocab = self.engine.config.vocab_size
+        bad = [t for t in prompt if not 0 <= int(t) < vocab]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (size {vocab})")
+
+    def _request_abort(self, request_id: str) -> None:
+        with self._wake:
+            self._aborts.append(request_id)
+            self._wake.notify()
+
+    def _deliver(self, request_id: str, item) -> None:
+        stream = self._streams.get(request_id)
+        if stream is None:
+            return
+        if isinstance(item, BaseException) or item.finished:
+            self._streams.pop(request_id, None)
+        loop, queue = stream
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the consumer's loop is closed
+            pass
+
+    def _run(self) -> None:
+        engine = self.engine
+        while True:
+            with self._wake:
+                while not (self._stopping or self._submissions or self._aborts or engine.has_unfinished()):
+                    self._wake.wait()
+                if self._stopping:
+                    break
+                submissions, aborts = self._drain(self._submissions), self._drain(self._aborts)
+            # Engine state is touched only by this thread; the lock guards the queues alone,
+            # so the event loop never waits for a step.
+            for prompt, params, rid in submissions:
+                try:
+                    engine.add_request(prompt, params, rid)
+                except Exception as e:  # bad params: fail this request only
+                    self._deliver(rid, e)
+            for rid in aborts:
+                out = engine.abort(rid)
+                if out is not None:
+                    self._deliver(rid, out)
+                else:
+                    self._streams.pop(rid, None)
+            try:
+                outputs = engine.step() if engine.has_unfinished() else []
+            except Exception as e:  # a failed step fails every live request, keeps the loop
+                for rid in list(engine.requests):
+                    engine.abort(rid)
+                    self._deliver(rid, e)
+                continue
+            for out in outputs:
+                self._deliver(out.request_id, out)
+        for rid in list(engine.requests):
+            self._deliver(rid, engine.abort(rid))
+
+    @staticmethod
+    def _drain(q: deque) -> list:
+        items = list(q)
+        q.clear()
+        return items

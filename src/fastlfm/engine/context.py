@@ -1,0 +1,138 @@
+"""PagedContext: the engine's forward context over a paged KV cache and conv-state slots.
+
+One forward runs S sequences packed into a single row of N tokens (no padding): each
+sequence contributes a chunk of `lens[i]` tokens that continues from `past[i]` tokens
+already in the cache. Rows of one token (decodes) come first; on CUDA they use the
+Triton paged-decode kernel, everything else the eager PyTorch path. The layout of every
+tensor is fixed by the model runner; this class only mixes tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..ops import packed_causal_conv
+
+
+def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
+    """One query token per sequence over its paged history (eager reference).
+
+    q: (B, Hq, d); caches: (num_blocks, block_size, Hkv, d); block_tables: (B, max_blocks);
+    context_lens: (B,) tokens of history including the new one (already written).
+    """
+    B = q.shape[0]
+    k = k_cache[block_tables.long()].flatten(1, 2)  # (B, L, Hkv, d)
+    v = v_cache[block_tables.long()].flatten(1, 2)
+    visible = torch.arange(k.shape[1], device=q.device)[None] < context_lens[:, None]
+    out = F.scaled_dot_product_attention(
+        q[:, :, None], k.transpose(1, 2), v.transpose(1, 2), attn_mask=visible[:, None, None], enable_gqa=True
+    )
+    return out.view(B, q.shape[1], q.shape[2])
+
+
+class PagedContext:
+    """Forward context for one engine step.
+
+    Device tensors (all built without a host sync, so a decode step can be graph-captured):
+      past (S,), lens (S,): cached tokens before this chunk, tokens in this chunk
+      block_tables (S, W) int32, conv_slots (S,) int64
+    Host data: `num_decode` leading rows of one token each, and for the other rows their
+    token offsets, lengths and past lengths as Python ints (`host_chunks`).
+    """
+
+    def __init__(self, *, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], conv_states: torch.Tensor,
+                 attn_index: dict[int, int], conv_index: dict[int, int], past: torch.Tensor,
+                 lens: torch.Tensor, block_tables: torch.Tensor, conv_slots: torch.Tensor, num_tokens: int,
+                 num_decode: int, host_chunks: list[tuple[int, int, int]] = (), use_triton: bool = False):
+        self.kv_caches, self.conv_states = kv_caches, conv_states
+        self.attn_index, self.conv_index = attn_index, conv_index
+        self.block_tables, self.conv_slots = block_tables, conv_slots
+        self.num_decode, self.host_chunks, self.use_triton = num_decode, list(host_chunks), use_triton
+        self.decode_only = num_decode == num_tokens
+        self.block_size = kv_caches[0][0].shape[1] if kv_caches else 1
+        device = past.device
+        S = past.shape[0]
+        if self.decode_only:  # one token per row: the common, graph-captured case
+            self.seq_of_token = torch.arange(S, device=device)
+            positions = past
+        else:
+            self.cu_seqlens = F.pad(lens.cumsum(0), (1, 0))
+            self.seq_of_token = torch.repeat_interleave(torch.arange(S, device=device), lens, output_size=num_tokens)
+            self.pos_in_chunk = torch.arange(num_tokens, device=device) - self.cu_seqlens[self.seq_of_token]
+            positions = past[self.seq_of_token] + self.pos_in_chunk
+        self.position_ids = positions[None]
+        bs = self.block_size
+        block_of_token = block_tables[self.seq_of_token, positions // bs].long()
+        self.slot_mapping = block_of_token * bs + positions % bs
+        self.context_lens = (past + lens).to(torch.int32)
+        self.fresh = past == 0  # conv state starts from zeros
+
+    def mask_padding(self, x):
+        return x
+
+    # -- attention --------------------------------------------------------------------
+    def attention(self, layer_idx, q, k, v):
+        k_cache, v_cache = self.kv_caches[self.attn_index[layer_idx]]
+        q, k, v = q[0], k[0], v[0]
+        Hkv, d = k.shape[1:]
+        k_cache.view(-1, Hkv, d)[self.slot_mapping] = k
+        v_cache.view(-1, Hkv, d)[self.slot_mapping] = v
+        nd = self.num_decode
+        if self.decode_only:
+            return self._decode(q, k_cache, v_cache, self.block_tables, self.context_lens)[None]
+        out = torch.empty_like(q)
+        if nd:
+            out[:nd] = self._decode(q[:nd], k_cache, v_cache, self.block_tables[:nd], self.context_lens[:nd])
+        group = q.shape[1] // Hkv
+        for row, (start, n, past) in enumerate(self.host_chunks, start=nd):
+            qi = q[start:start + n].transpose(0, 1)
+            if past == 0:  # the chunk is the whole history: plain causal attention
+                ki, vi = k[start:start + n], v[start:start + n]
+            else:
+                nblocks = -(-(past + n) // self.block_size)
+                blocks = self.block_tables[row, :nblocks].long()
+                ki = k_cache[blocks].flatten(0, 1)[: past + n]
+                vi = v_cache[blocks].flatten(0, 1)[: past + n]
+            ki = ki.transpose(0, 1).repeat_interleave(group, dim=0)
+            vi = vi.transpose(0, 1).repeat_interleave(group, dim=0)
+            if past == 0:
+                oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True)
+            else:  # queries sit at the end of the key range (bottom-right causal)
+                qpos = torch.arange(past, past + n, device=q.device)
+                mask = torch.arange(past + n, device=q.device)[None] <= qpos[:, None]
+                oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask)
+            out[start:start + n] = oi.transpose(0, 1)
+        return out[None]
+
+    def _decode(self, q, k_cache, v_cache, block_tables, context_lens):
+        if self.use_triton:
+            from .kernels.paged_attention import paged_decode_attention
+            return paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens)
+        return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens)
+
+    # -- short conv ---------------------------------------------------------------------
+    def short_conv(self, layer_idx, v, weight, bias):
+        pool = self.conv_states[self.conv_index[layer_idx]]  # (slots + 1, K-1, D)
+        state = pool[self.conv_slots].masked_fill_(self.fresh[:, None, None], 0)  # (S, K-1, D)
+        x = v[0]
+        if self.decode_only:
+            if self.use_triton:
+                from .kernels.conv import conv_decode_step
+                return conv_decode_step(x, weight, bias, pool, self.conv_slots, self.fresh)[None]
+            # One new input per row: out = sum_k w_k * (state ++ x)_k, then shift the state.
+            K = weight.shape[-1]
+            w = weight.view(-1, K).to(x.dtype)
+            window = torch.cat((state.to(x.dtype), x[:, None]), dim=1)  # (S, K, D)
+            out = x * w[:, K - 1]
+            for lag in range(1, K):
+                out = out + window[:, K - 1 - lag] * w[:, K - 1 - lag]
+            if bias is not None:
+                out = out + bias.to(x.dtype)
+            pool[self.conv_slots] = window[:, 1:].to(pool.dtype)
+            return out[None]
+        out, new_state = packed_causal_conv(x, weight, bias, self.cu_seqlens, self.pos_in_chunk,
+                                            self.seq_of_token, state.transpose(1, 2))
+        pool[self.conv_slots] = new_state.transpose(1, 2).to(pool.dtype)
+        return out[None]

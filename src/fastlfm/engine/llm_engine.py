@@ -1,0 +1,297 @@
+"""LLMEngine: the synchronous core (add requests, step, collect outputs)."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field, replace
+from typing import Any, Sequence as Seq
+
+import torch
+
+from ..sampling import SamplingParams
+from .block_manager import BlockManager
+from .model_runner import ModelRunner
+from .scheduler import Scheduler
+from .sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int]
+    token_ids: list[int]             # all generated tokens so far
+    new_text: str
+    text: str
+    finished: bool
+    finish_reason: str | None        # "stop" (eos or stop string), "length", "abort"
+    num_prompt_tokens: int
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    conv_slots_used: int
+    conv_slots_total: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    num_preemptions: int = 0
+
+
+class LLMEngine:
+    """Continuous-batching engine over one model (CPU eager path or CUDA with graphs + Triton).
+
+    Sizing: `max_num_batched_tokens` is the per-step token budget (prefill chunk size);
+    `num_kv_blocks` defaults to what `gpu_memory_utilization` leaves on CUDA, or enough for
+    `max_num_seqs` full-length sequences on CPU; `block_size` tokens per KV block.
+    """
+
+    def __init__(self, model, tokenizer=None, *, max_num_seqs: int = 256, max_model_len: int | None = None,
+                 max_num_batched_tokens: int | None = None, block_size: int | None = None,
+                 num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.85,
+                 enforce_eager: bool = False):
+        self.model = model
+        self.config = model.config
+        self.tokenizer = tokenizer
+        self.generation_config = getattr(model, "generation_config", None)
+        self.device = model.device
+        on_cuda = self.device.type == "cuda"
+        self.max_model_len = int(max_model_len or min(self.config.max_position_embeddings, 32768 if on_cuda else 4096))
+        self.max_num_seqs = max_num_seqs
+        block_size = block_size or (64 if on_cuda else 16)
+        self.max_num_batched_tokens = max_num_batched_tokens or (16384 if on_cuda else 2048)
+        blocks_per_seq = -(-self.max_model_len // block_size)
+        if num_kv_blocks is None:
+            num_kv_blocks = self._blocks_from_memory(block_size, gpu_memory_utilization) if on_cuda \
+                else max_num_seqs * blocks_per_seq
+        if num_kv_blocks < blocks_per_seq:
+            raise ValueError(f"num_kv_blocks={num_kv_blocks} cannot hold one sequence of max_model_len="
+                             f"{self.max_model_len} ({blocks_per_seq} blocks of {block_size}); lower max_model_len")
+        self.block_manager = BlockManager(num_kv_blocks, block_size, max_num_seqs)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, self.max_num_batched_tokens)
+        self.runner = ModelRunner(model, block_size=block_size, num_blocks=num_kv_blocks, num_conv_slots=max_num_seqs,
+                                  max_model_len=self.max_model_len, max_num_seqs=max_num_seqs,
+                                  use_cuda_graphs=on_cuda and not enforce_eager, use_triton=on_cuda)
+        self.eos_token_ids = self._eos_ids()
+        self.requests: dict[str, Sequence] = {}
+        self._ids = itertools.count()
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+
+    @classmethod
+    def from_pretrained(cls, model: str, *, device=None, dtype="auto", **engine_kwargs) -> "LLMEngine":
+        from ..models import Lfm2ForCausalLM
+        from ..tokenizer import Tokenizer
+        from ..loading import resolve_model_dir
+
+        lm = Lfm2ForCausalLM.from_pretrained(model, dtype=dtype, device=device)
+        try:
+            tok = Tokenizer.from_pretrained(resolve_model_dir(model))
+        except (FileNotFoundError, OSError, ValueError):
+            tok = None  # weights-only folder (benchmarks): token ids in, token ids out
+        return cls(lm, tok, **engine_kwargs)
+
+    def _blocks_from_memory(self, block_size: int, utilization: float) -> int:
+        cfg = self.config
+        n_attn = sum(cfg.is_attention_layer(i) for i in range(cfg.num_hidden_layers))
+        per_block = 2 * n_attn * block_size * cfg.num_key_value_heads * cfg.head_dim * self.model.dtype.itemsize
+        free, total = torch.cuda.mem_get_info(self.device)
+        # Leave room for activations of a full token budget (MLP intermediates dominate) + logits.
+        activations = self.max_num_batched_tokens * (cfg.hidden_size * 12 + 2 * cfg.intermediate_size) * 2 \
+            + self.max_num_seqs * cfg.vocab_size * 4 * 2
+        budget = free - (1 - utilization) * total - activations
+        return max(int(budget // per_block), 1)
+
+    def _eos_ids(self) -> set[int]:
+        ids = (self.generation_config or {}).get("eos_token_id", self.config.eos_token_id)
+        ids = ids if isinstance(ids, list) else [ids]
+        return {int(i) for i in ids if i is not None}
+
+    # -- requests -----------------------------------------------------------------------
+    def add_request(self, prompt: list[int] | str, params=None, request_id: str | None = None) -> Sequence:
+        params = params if params is not None else SamplingParams.from_generation_config(self.generation_config)
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a fastlfm.sampling.SamplingParams, got {type(params).__name__}")
+        params = params.validate(self.config.vocab_size)
+        if params.seed is None:  # fix the request's random stream now: stable across steps and preemption
+            params = replace(params, seed=int(torch.randint(0, 2**62, ()).item()))
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this engine has no tokenizer; pass prompt token ids instead of text")
+            prompt = self.tokenizer.encode(prompt)
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise ValueError("prompt is empty: at least one token is needed")
+        if len(prompt) > self.max_model_len:
+            raise ValueError(f"prompt has {len(prompt)} tokens, more than max_model_len={self.max_model_len}")
+        bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (size {self.config.vocab_size})")
+        request_id = str(next(self._ids)) if request_id is None else request_id
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        seq = Sequence(request_id, prompt, params)
+        if self.tokenizer is not None:
+            from ..tokenizer import IncrementalDetokenizer
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer)
+        self.requests[request_id] = seq
+        self.scheduler.add(seq)
+        self.prompt_tokens_total += len(prompt)
+        return seq
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        seq = self.requests.pop(request_id, None)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq, "abort")
+        return self._output(seq, [], [])
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the step -----------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run one forward, sample, and return outputs of requests that progressed."""
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            return []
+        rows, logits = self.runner.execute(batch)
+        for seq, n in zip(batch.seqs, batch.num_tokens):
+            seq.num_computed_tokens += n
+        if not rows:
+            return []
+        seqs = [batch.seqs[i] for i in rows]
+        token_ids, logprobs = self._sample(logits, seqs)
+        outputs = []
+        for j, (seq, tok) in enumerate(zip(seqs, token_ids)):
+            seq.token_ids.append(tok)
+            self.generation_tokens_total += 1
+            new_lp = [logprobs[j]] if logprobs is not None and logprobs[j] is not None else []
+            seq.logprobs.extend(new_lp)
+            reason = self._check_stop(seq, tok)
+            new_text = seq.detokenizer.add(tok) if seq.detokenizer is not None else ""
+            if reason is None and new_text:
+                reason = self._check_stop_strings(seq)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+                self.requests.pop(seq.request_id, None)
+            outputs.append(self._output(seq, [tok], new_lp))
+        return outputs
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]):
+        """One token per row on device; the only host sync is reading the ids (and logprobs)."""
+        from ..sampling import SamplingTensors, sample
+
+        params = [s.params for s in seqs]
+        if all(_is_plain_greedy(p) for p in params):
+            return logits.argmax(-1).tolist(), None
+        needs_history = any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params)
+        tensors = SamplingTensors.from_requests(
+            params,
+            [s.token_ids[: s.num_prompt_tokens] for s in seqs] if needs_history else None,
+            [s.output_token_ids for s in seqs] if needs_history else None,
+            logits.shape[-1], logits.device, steps=[s.num_output_tokens for s in seqs])
+        out = sample(logits, tensors)
+        token_ids = out.token_ids.tolist()
+        if out.logprobs is None:
+            return token_ids, None
+        chosen = out.logprobs.tolist()
+        top_lp = out.top_logprobs.tolist() if out.top_logprobs is not None else [[] for _ in seqs]
+        top_id = out.top_token_ids.tolist() if out.top_token_ids is not None else [[] for _ in seqs]
+        logprobs = []
+        for i, p in enumerate(params):
+            if p.logprobs is None:
+                logprobs.append(None)
+                continue
+            n = p.logprobs
+            logprobs.append(TokenLogprob(token_ids[i], chosen[i], list(zip(top_id[i][:n], top_lp[i][:n]))))
+        return token_ids, logprobs
+
+    def _check_stop(self, seq: Sequence, tok: int) -> str | None:
+        p = seq.params
+        if not p.ignore_eos and (tok in self.eos_token_ids or tok in p.stop_token_ids):
+            return "stop"
+        if seq.num_output_tokens >= _max_new(p) or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _check_stop_strings(self, seq: Sequence) -> str | None:
+        stops = seq.params.stop_strings
+        if not stops:
+            return None
+        text = seq.detokenizer.text
+        # Only the tail can hold a new match: the longest stop string plus the newest text.
+        window = max(len(s) for s in stops) + 16
+        tail_start = max(0, len(text) - window - 64)
+        hits = [text.find(s, tail_start) for s in stops]
+        hits = [h for h in hits if h >= 0]
+        if not hits:
+            return None
+        seq.stop_text_end = min(hits)  # the reported text ends before the stop string
+        return "stop"
+
+    def _output(self, seq: Sequence, new_ids: list[int], new_lp: list) -> RequestOutput:
+        text = ""
+        if seq.detokenizer is not None:
+            if seq.is_finished:
+                seq.detokenizer.flush()
+            text = seq.detokenizer.text
+            end = getattr(seq, "stop_text_end", None)
+            if end is not None:
+                text = text[:end]
+        new_text = text[seq.num_streamed_chars:]
+        seq.num_streamed_chars = len(text)
+        want_lp = seq.params.logprobs is not None
+        return RequestOutput(
+            request_id=seq.request_id, new_token_ids=list(new_ids), token_ids=seq.output_token_ids,
+            new_text=new_text, text=text, finished=seq.is_finished, finish_reason=seq.finish_reason,
+            num_prompt_tokens=seq.num_prompt_tokens, logprobs=list(new_lp) if want_lp else None,
+        )
+
+    # -- offline API --------------------------------------------------------------------
+    def generate(self, prompts: Seq[list[int] | str], params=None) -> list[RequestOutput]:
+        """Run a list of prompts to completion; one final output per prompt, in order."""
+        if isinstance(params, (list, tuple)) and len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        seqs = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        finals: dict[str, RequestOutput] = {}
+        lps: dict[str, list] = {s.request_id: [] for s in seqs}
+        while self.has_unfinished():
+            for out in self.step():
+                if out.finished:
+                    finals[out.request_id] = out
+        for s in seqs:
+            out = finals[s.request_id]
+            out.new_token_ids, out.new_text = out.token_ids, out.text
+            if out.logprobs is not None:
+                out.logprobs = list(s.logprobs)
+        return [finals[s.request_id] for s in seqs]
+
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), bm.num_used_blocks,
+                           bm.num_blocks, bm.num_used_slots, bm.num_conv_slots, self.prompt_tokens_total,
+                           self.generation_tokens_total, self.scheduler.num_preemptions)
+
+    def check_no_leaks(self) -> None:
+        self.block_manager.check_no_leaks()
+
+
+def _max_new(p) -> int:
+    return 2**62 if p.max_new_tokens is None else int(p.max_new_tokens)
+
+
+def _is_plain_greedy(p) -> bool:
+    return (not p.sampling and p.logprobs is None and not p.logit_bias and p.repetition_penalty == 1.0
+            and not p.presence_penalty and not p.frequency_penalty)

@@ -1,0 +1,68 @@
+"""One request's state inside the engine: its tokens, cache resources and progress."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from typing import Any
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"    # queued (new, or preempted and waiting to recompute)
+    RUNNING = "running"    # holds KV blocks and a conv-state slot
+    FINISHED = "finished"  # resources returned
+
+
+_arrival_counter = itertools.count()
+
+
+class Sequence:
+    """Prompt + generated tokens of one request.
+
+    `num_computed_tokens` counts the tokens whose K/V and conv state are in the cache. A
+    step feeds `token_ids[num_computed_tokens : num_computed_tokens + n]`; when that reaches
+    the end of `token_ids` the step samples the next token. Prefill, chunked prefill, decode
+    and recompute after preemption are all this one rule.
+    """
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: Any):
+        self.request_id = request_id
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.params = params
+        self.status = SequenceStatus.WAITING
+        self.arrival = next(_arrival_counter)
+        self.num_computed_tokens = 0
+        self.block_table: list[int] = []
+        self.conv_slot: int | None = None
+        self.finish_reason: str | None = None
+        self.num_preemptions = 0
+        # Filled by the engine's output processing (text, logprobs, streaming offsets).
+        self.detokenizer = None
+        self.logprobs: list = []
+        self.num_streamed_tokens = 0
+        self.num_streamed_chars = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def __repr__(self) -> str:
+        return (f"Sequence({self.request_id!r}, {self.status.value}, tokens={self.num_tokens}, "
+                f"computed={self.num_computed_tokens}, blocks={len(self.block_table)}, slot={self.conv_slot})")

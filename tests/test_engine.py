@@ -1,0 +1,212 @@
+"""Engine tests (CPU): continuous batching, chunked prefill, preemption and aborts must give
+exactly the tokens of the reference model (Lfm2ForCausalLM + Lfm2Cache, parity-tested
+against transformers), and every KV block and conv slot must come back."""
+
+import asyncio
+
+import pytest
+import torch
+
+from fastlfm.engine import AsyncLLMEngine, LLMEngine, PagedContext
+from fastlfm.engine.model_runner import ModelRunner
+from fastlfm.models import Lfm2ForCausalLM
+from fastlfm.sampling import SamplingParams
+
+NEW = 8
+
+
+@pytest.fixture(scope="module")
+def model(tiny_ckpt):
+    return Lfm2ForCausalLM.from_pretrained(tiny_ckpt)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(10, 1000, (n,), generator=g).tolist() for n in (5, 19, 1, 37, 12)]
+
+
+@pytest.fixture(scope="module")
+def reference(model, prompts):
+    """Greedy continuation of each prompt, one sequence at a time, token by token."""
+    refs = []
+    with torch.no_grad():
+        for p in prompts:
+            cache, ids, out = model.make_cache(), torch.tensor([p]), []
+            for _ in range(NEW):
+                t = int(model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1].argmax())
+                out.append(t)
+                ids = torch.tensor([[t]])
+            refs.append(out)
+    return refs
+
+
+GREEDY = SamplingParams(max_new_tokens=NEW, temperature=0.0, ignore_eos=True)
+
+
+def run_staggered(engine, prompts, arrive_at, params=GREEDY):
+    """Add prompt i before step arrive_at[i]; run to completion; outputs by prompt index."""
+    finals, step, pending = {}, 0, sorted(range(len(prompts)), key=lambda i: arrive_at[i])
+    ids = {}
+    while pending or engine.has_unfinished():
+        while pending and arrive_at[pending[0]] <= step:
+            i = pending.pop(0)
+            ids[engine.add_request(prompts[i], params, f"r{i}").request_id] = i
+        for out in engine.step():
+            if out.finished:
+                finals[ids[out.request_id]] = out
+        step += 1
+    return [finals[i] for i in range(len(prompts))]
+
+
+def test_mixed_lengths_arriving_at_different_steps(model, prompts, reference):
+    engine = LLMEngine(model, max_num_seqs=8, max_model_len=64)
+    outs = run_staggered(engine, prompts, arrive_at=[0, 0, 2, 3, 7])
+    assert [o.token_ids for o in outs] == reference
+    assert all(o.finish_reason == "length" and o.num_prompt_tokens == len(p) for o, p in zip(outs, prompts))
+    engine.check_no_leaks()
+
+
+def test_chunked_prefill_tiny_budget(model, prompts, reference):
+    # 3 tokens a step: every prompt but the 1-token one is split, decodes share steps with chunks.
+    engine = LLMEngine(model, max_num_seqs=4, max_model_len=64, max_num_batched_tokens=3, block_size=4)
+    outs = run_staggered(engine, prompts, arrive_at=[0, 1, 1, 2, 4])
+    assert [o.token_ids for o in outs] == reference
+    engine.check_no_leaks()
+
+
+def test_preemption_with_tiny_cache(model, prompts, reference):
+    # 12 blocks of 4 tokens hold 48 tokens in all: the batch cannot fit, sequences get preempted
+    # and recomputed from prompt + outputs so far.
+    engine = LLMEngine(model, max_num_seqs=4, max_model_len=48, num_kv_blocks=12, block_size=4,
+                       max_num_batched_tokens=16)
+    outs = run_staggered(engine, prompts, arrive_at=[0, 0, 0, 0, 0])
+    assert engine.scheduler.num_preemptions > 0
+    assert [o.token_ids for o in outs] == reference
+    engine.check_no_leaks()
+
+
+def test_aborts_free_everything_and_leave_others_exact(model, prompts, reference):
+    engine = LLMEngine(model, max_num_seqs=8, max_model_len=64, max_num_batched_tokens=8, block_size=4)
+    for i, p in enumerate(prompts):
+        engine.add_request(p, GREEDY, f"r{i}")
+    finals = {}
+    for step in range(200):
+        if step == 2:
+            out = engine.abort("r3")  # mid-prefill (37 tokens, 8 a step)
+            assert out.finished and out.finish_reason == "abort"
+        if step == 6:
+            engine.abort("r0")  # mid-decode
+        for out in engine.step():
+            if out.finished:
+                finals[out.request_id] = out
+        if not engine.has_unfinished():
+            break
+    assert engine.abort("r0") is None  # aborting twice is a no-op, not a double free
+    assert set(finals) == {"r1", "r2", "r4"}
+    for i in (1, 2, 4):
+        assert finals[f"r{i}"].token_ids == reference[i]
+    engine.check_no_leaks()
+
+
+def test_stop_token_and_max_model_len(model, prompts, reference):
+    engine = LLMEngine(model, max_num_seqs=4, max_model_len=40)
+    stop_tok = reference[0][3]
+    first = reference[0].index(stop_tok)
+    outs = engine.generate([prompts[0], prompts[3]],
+                           [SamplingParams(max_new_tokens=NEW, temperature=0.0, stop_token_ids=[stop_tok]), GREEDY])
+    assert outs[0].finish_reason == "stop" and outs[0].token_ids == reference[0][: first + 1]
+    # 37-token prompt, max_model_len 40: three new tokens, then "length".
+    assert outs[1].finish_reason == "length" and outs[1].token_ids == reference[3][:3]
+    with pytest.raises(ValueError, match="max_model_len=40"):
+        engine.add_request(list(range(10, 51)), GREEDY)
+    with pytest.raises(ValueError, match="empty"):
+        engine.add_request([], GREEDY)
+    engine.check_no_leaks()
+
+
+def test_seeded_sampling_is_independent_of_batch(model, prompts):
+    params = SamplingParams(max_new_tokens=6, temperature=1.0, top_k=50, seed=1234, ignore_eos=True)
+    alone = LLMEngine(model, max_num_seqs=4, max_model_len=64).generate([prompts[1]], params)[0].token_ids
+    engine = LLMEngine(model, max_num_seqs=4, max_model_len=64, max_num_batched_tokens=5)
+    others = SamplingParams(max_new_tokens=6, temperature=0.7, seed=7, ignore_eos=True)
+    outs = engine.generate([prompts[0], prompts[1], prompts[4]], [others, params, GREEDY])
+    assert outs[1].token_ids == alone
+    engine.check_no_leaks()
+
+
+def test_paged_context_matches_full_forward(model):
+    """Conv continuation from slot state + paged attention over blocks, chunk by chunk, gives
+    the logits of one full-sequence forward (BatchContext, no cache)."""
+    cfg = model.config
+    runner = ModelRunner(model, block_size=4, num_blocks=16, num_conv_slots=3, max_model_len=32,
+                         max_num_seqs=3, use_cuda_graphs=False, use_triton=False)
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(10, 1000, (n,), generator=g) for n in (11, 7)]
+    tables = torch.tensor([[5, 2, 9, 0], [1, 3, 15, 16]], dtype=torch.int32)  # scattered blocks
+    slots = torch.tensor([2, 0])
+    chunks = [(4, 3), (5, 1), (2, 3)]  # per step: tokens of seq 0, tokens of seq 1 (1 = a decode row)
+    got, done = [[], []], [0, 0]
+    with torch.no_grad():
+        for n0, n1 in chunks:
+            order = [1, 0] if n1 == 1 else [0, 1]  # single-token rows go first
+            lens = {0: n0, 1: n1}
+            ids, host, offset = [], [], 0
+            for row, s in enumerate(order):
+                if row >= (1 if n1 == 1 else 0):
+                    host.append((offset, lens[s], done[s]))
+                ids += seqs[s][done[s]: done[s] + lens[s]].tolist()
+                offset += lens[s]
+            ctx = PagedContext(kv_caches=runner.kv_caches, conv_states=runner.conv_states,
+                               attn_index=runner.attn_index, conv_index=runner.conv_index,
+                               past=torch.tensor([done[s] for s in order]), lens=torch.tensor([lens[s] for s in order]),
+                               block_tables=tables[order], conv_slots=slots[order], num_tokens=len(ids),
+                               num_decode=1 if n1 == 1 else 0, host_chunks=host)
+            logits = model(input_ids=torch.tensor([ids]), context=ctx).logits[0]
+            offset = 0
+            for s in order:
+                got[s].append(logits[offset: offset + lens[s]])
+                offset += lens[s]
+                done[s] += lens[s]
+        for s in range(2):
+            full = model(input_ids=seqs[s][None]).logits[0]
+            torch.testing.assert_close(torch.cat(got[s]), full, rtol=1e-4, atol=1e-4)
+    assert cfg.conv_L_cache == 3
+
+
+def test_async_engine_streams_aborts_and_stats(model, prompts, reference):
+    async def main():
+        engine = AsyncLLMEngine(LLMEngine(model, max_num_seqs=4, max_model_len=64, max_num_batched_tokens=8))
+
+        async def collect(i):
+            chunks = [o async for o in engine.generate(prompts[i], GREEDY, f"a{i}")]
+            return chunks
+
+        async def stop_early():
+            got = []
+            async for o in engine.generate(prompts[3], GREEDY, "early"):
+                got.append(o)
+                if len(o.token_ids) == 2:
+                    break  # leaving the loop aborts the request
+            return got
+
+        full0, full2, early = await asyncio.gather(collect(0), collect(2), stop_early())
+        with pytest.raises(ValueError, match="max_model_len"):
+            async for _ in engine.generate(list(range(10, 80)), GREEDY, "toolong"):
+                pass
+        for _ in range(100):  # the abort is processed by the engine thread
+            if engine.stats().num_running == 0 and engine.stats().num_waiting == 0:
+                break
+            await asyncio.sleep(0.02)
+        stats = engine.stats()
+        await engine.shutdown()
+        return full0, full2, early, stats, engine
+
+    full0, full2, early, stats, engine = asyncio.run(main())
+    for chunks, ref in ((full0, reference[0]), (full2, reference[2])):
+        assert [t for c in chunks for t in c.new_token_ids] == ref
+        assert chunks[-1].finished and chunks[-1].token_ids == ref and not any(c.finished for c in chunks[:-1])
+    assert [o.token_ids for o in early] == [reference[3][:1], reference[3][:2]]
+    assert stats.kv_blocks_used == 0 and stats.conv_slots_used == 0 and stats.num_running == 0
+    assert stats.generation_tokens_total >= 2 * NEW + 2
+    engine.engine.check_no_leaks()
