@@ -415,6 +415,24 @@ class Lfm2VlProcessor:
             k += n
         return {"input_ids": input_ids, **out}
 
+    def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
+                            **template_kwargs: Any) -> dict[str, Any]:
+        """Render a conversation whose message contents may be lists of parts
+        (`{"type": "image", "image": PIL image | path | bytes}`, `{"type": "text", "text": ...}`)
+        and tokenise it with its images, in order. Returns one row of `input_ids` plus the
+        image tensors (absent for a text-only conversation)."""
+        images = []
+        for i, message in enumerate(messages):
+            content = message.get("content") if isinstance(message, dict) else None
+            for part in content if isinstance(content, list) else []:
+                if isinstance(part, dict) and part.get("type") == "image":
+                    if part.get("image") is None:
+                        raise ValueError(f"messages[{i}]: an image part needs an 'image' (PIL image, path or bytes)")
+                    images.append(part["image"])
+        text = self.tokenizer.apply_chat_template(
+            list(messages), add_generation_prompt=add_generation_prompt, tokenize=False, **template_kwargs)
+        return self(text, images or None)
+
     def _split_images(self, images: Any, counts: list[int]) -> list[list[Any]]:
         """Images per prompt, checked against the `<image>` counts."""
         if images is None:
