@@ -115,12 +115,12 @@ class PagedContext:
     # -- short conv ---------------------------------------------------------------------
     def short_conv(self, layer_idx, v, weight, bias):
         pool = self.conv_states[self.conv_index[layer_idx]]  # (slots + 1, K-1, D)
-        state = pool[self.conv_slots].masked_fill_(self.fresh[:, None, None], 0)  # (S, K-1, D)
         x = v[0]
+        if self.decode_only and self.use_triton and weight.shape[-1] == 3:
+            from .kernels.conv import conv_decode_step
+            return conv_decode_step(x, weight, bias, pool, self.conv_slots, self.fresh)[None]
+        state = pool[self.conv_slots].masked_fill_(self.fresh[:, None, None], 0)  # (S, K-1, D)
         if self.decode_only:
-            if self.use_triton:
-                from .kernels.conv import conv_decode_step
-                return conv_decode_step(x, weight, bias, pool, self.conv_slots, self.fresh)[None]
             # One new input per row: out = sum_k w_k * (state ++ x)_k, then shift the state.
             K = weight.shape[-1]
             w = weight.view(-1, K).to(x.dtype)

@@ -59,7 +59,7 @@ class LLMEngine:
     def __init__(self, model, tokenizer=None, *, max_num_seqs: int = 256, max_model_len: int | None = None,
                  max_num_batched_tokens: int | None = None, block_size: int | None = None,
                  num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.85,
-                 enforce_eager: bool = False):
+                 enforce_eager: bool = False, compile: bool = False):
         self.model = model
         self.config = model.config
         self.tokenizer = tokenizer
@@ -81,7 +81,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, self.max_num_batched_tokens)
         self.runner = ModelRunner(model, block_size=block_size, num_blocks=num_kv_blocks, num_conv_slots=max_num_seqs,
                                   max_model_len=self.max_model_len, max_num_seqs=max_num_seqs,
-                                  use_cuda_graphs=on_cuda and not enforce_eager, use_triton=on_cuda)
+                                  use_cuda_graphs=on_cuda and not enforce_eager, use_triton=on_cuda,
+                                  compile=compile and on_cuda)
         self.eos_token_ids = self._eos_ids()
         self.requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
@@ -201,7 +202,7 @@ class LLMEngine:
             [s.token_ids[: s.num_prompt_tokens] for s in seqs] if needs_history else None,
             [s.output_token_ids for s in seqs] if needs_history else None,
             logits.shape[-1], logits.device, steps=[s.num_output_tokens for s in seqs])
-        out = sample(logits, tensors)
+        out = sample(logits.float(), tensors)
         token_ids = out.token_ids.tolist()
         if out.logprobs is None:
             return token_ids, None

@@ -17,7 +17,7 @@ def graph_batch_sizes(max_bs: int) -> list[int]:
 class ModelRunner:
     def __init__(self, model, *, block_size: int, num_blocks: int, num_conv_slots: int,
                  max_model_len: int, max_num_seqs: int, use_cuda_graphs: bool, use_triton: bool,
-                 max_graph_batch_size: int = 256):
+                 max_graph_batch_size: int = 256, compile: bool = False):
         self.model = model
         cfg = model.config
         self.device, self.dtype = model.device, model.dtype
@@ -39,6 +39,9 @@ class ModelRunner:
         self.conv_states = torch.zeros((len(conv), num_conv_slots + 1, K - 1, cfg.hidden_size),
                                        dtype=self.dtype, device=self.device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        # torch.compile (inductor) fuses the eager elementwise chains of the decode step
+        # (RMSNorm, QK-norm + RoPE, gates, SiLU*mul); the CUDA graph then removes launch gaps.
+        self.decode_forward = torch.compile(self._decode_forward, dynamic=True) if compile else self._decode_forward
         if use_cuda_graphs:
             self.capture_graphs(min(max_num_seqs, max_graph_batch_size, num_conv_slots))
 
@@ -57,12 +60,12 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[list[int], torch.Tensor | None]:
-        """Run the batch; return the rows that produce a token and their logits (rows, V) fp32."""
+        """Run the batch; return the rows that produce a token and their logits (rows, V)."""
         seqs, counts = batch.seqs, batch.num_tokens
         sample_rows = [i for i, (s, n) in enumerate(zip(seqs, counts)) if s.num_computed_tokens + n == s.num_tokens]
         if self.graphs and batch.num_decode == len(seqs) and len(seqs) <= self.graph_sizes[-1]:
             logits = self._run_graph(seqs)
-            return sample_rows, logits[sample_rows].float()
+            return sample_rows, logits if len(sample_rows) == len(seqs) else logits[sample_rows]
         ids: list[int] = []
         past, host_chunks, last_index = [], [], []
         for i, (seq, n) in enumerate(zip(seqs, counts)):
@@ -79,7 +82,7 @@ class ModelRunner:
                             len(ids), batch.num_decode, host_chunks)
         keep = self._to_device([last_index[i] for i in sample_rows], torch.long)
         out = self.model(input_ids=self._to_device(ids, torch.long)[None], context=ctx, logits_to_keep=keep)
-        return sample_rows, out.logits[0].float()
+        return sample_rows, out.logits[0]
 
     # -- CUDA graphs for decode ---------------------------------------------------------
     def _padded_size(self, bs: int) -> int | None:
@@ -102,8 +105,8 @@ class ModelRunner:
         graphs = {}
         for bs in reversed(self.graph_sizes):
             def run():
-                ctx = self._context(self.g_past[:bs], self.g_lens[:bs], self.g_tables[:bs], self.g_slots[:bs], bs, bs)
-                return self.model(input_ids=self.g_ids[:bs][None], context=ctx).logits[0]
+                return self.decode_forward(self.g_ids[:bs], self.g_past[:bs], self.g_lens[:bs],
+                                           self.g_tables[:bs], self.g_slots[:bs])
             run()  # warm-up (Triton compilation, cuBLAS handles) outside the capture
             torch.cuda.synchronize()
             g = torch.cuda.CUDAGraph()
@@ -115,23 +118,24 @@ class ModelRunner:
         self.graphs = graphs
         # Rows written during capture went to the padding block/slot only; nothing to undo.
 
+    def _decode_forward(self, ids, past, lens, tables, slots):
+        ctx = self._context(past, lens, tables, slots, ids.shape[0], ids.shape[0])
+        return self.model(input_ids=ids[None], context=ctx).logits[0]
+
     def _run_graph(self, seqs) -> torch.Tensor:
         n = len(seqs)
         bs = self._padded_size(n)
-        width = self.max_blocks_per_seq
-        ids = [s.token_ids[s.num_computed_tokens] for s in seqs]
-        past = [s.num_computed_tokens for s in seqs]
-        tables = [s.block_table + [self.padding_block] * (width - len(s.block_table)) for s in seqs]
-        slots = [s.conv_slot for s in seqs]
+        # Only the block-table columns in use are refreshed: the kernel reads no further.
+        width = max(len(s.block_table) for s in seqs)
         pad = bs - n
-        if pad:
-            ids += [0] * pad
-            past += [0] * pad
-            tables += [[self.padding_block] * width] * pad
-            slots += [self.padding_slot] * pad
+        ids = [s.token_ids[s.num_computed_tokens] for s in seqs] + [0] * pad
+        past = [s.num_computed_tokens for s in seqs] + [0] * pad
+        tables = [s.block_table + [self.padding_block] * (width - len(s.block_table)) for s in seqs]
+        tables += [[self.padding_block] * width] * pad
+        slots = [s.conv_slot for s in seqs] + [self.padding_slot] * pad
         self.g_ids[:bs].copy_(self._to_device(ids, torch.long), non_blocking=True)
         self.g_past[:bs].copy_(self._to_device(past, torch.long), non_blocking=True)
-        self.g_tables[:bs].copy_(self._to_device(tables, torch.int32), non_blocking=True)
+        self.g_tables[:bs, :width].copy_(self._to_device(tables, torch.int32), non_blocking=True)
         self.g_slots[:bs].copy_(self._to_device(slots, torch.long), non_blocking=True)
         self.graphs[bs].replay()
         return self.g_logits[bs][:n]

@@ -1,0 +1,278 @@
+"""GPU benchmark of the engine vs transformers on random bf16 weights (LFM2-1.2B / 350M shapes).
+
+Run on a CUDA machine from the repo root:  PYTHONPATH=src python bench/gpu.py [--models ...]
+Prints one table (fastlfm and the transformers peer measured in the same run, each with its
+ratio to the hardware limit) and writes it to $OUT/gpu_table.md when $OUT is set.
+
+Limits: decode is bound by reading the weights once per step (weight bytes / measured copy
+bandwidth); prefill by bf16 matmul FLOPs (2 * params * tokens / measured matmul rate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fastlfm.engine import LLMEngine
+from fastlfm.models import Lfm2ForCausalLM
+from fastlfm.sampling import SamplingParams
+from fastlfm.testing import real_config, write_checkpoint
+
+DEV = "cuda"
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def sync_time():
+    torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second."""
+    x = torch.empty(1 << 30, dtype=torch.uint8, device=DEV)
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    s, e = torch.cuda.Event(True), torch.cuda.Event(True)
+    s.record()
+    for _ in range(20):
+        y.copy_(x)
+    e.record()
+    torch.cuda.synchronize()
+    return 2 * x.numel() * 20 / (s.elapsed_time(e) / 1e3)
+
+
+def matmul_rate() -> float:
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=DEV)
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device=DEV)
+    for _ in range(3):
+        a @ b
+    s, e = torch.cuda.Event(True), torch.cuda.Event(True)
+    s.record()
+    for _ in range(10):
+        a @ b
+    e.record()
+    torch.cuda.synchronize()
+    return 2 * 8192**3 * 10 / (s.elapsed_time(e) / 1e3)
+
+
+def prompts(n, length, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(100, 60000, (length,), generator=g).tolist() for _ in range(n)]
+
+
+def eager_greedy(model, prompt, n):
+    """Reference: the eager model with Lfm2Cache, token by token; returns tokens and top-2 gaps."""
+    cache, ids, toks, gaps = model.make_cache(), torch.tensor([prompt], device=DEV), [], []
+    for _ in range(n):
+        logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1].float()
+        top = logits.topk(2)
+        toks.append(int(top.indices[0]))
+        gaps.append(float(top.values[0] - top.values[1]))
+        ids = top.indices[:1][None]
+    return toks, gaps
+
+
+def check_correctness(engine, model, log_rows):
+    ps = [p[:n] for p, n in zip(prompts(8, 300, 1), (17, 64, 128, 5, 300, 33, 250, 90))]
+    n_new = 32
+    outs = engine.generate(ps, SamplingParams(max_new_tokens=n_new, temperature=0.0, ignore_eos=True))
+    exact, near_tie, bad = 0, [], []
+    for i, (p, o) in enumerate(zip(ps, outs)):
+        ref, gaps = eager_greedy(model, p, n_new)
+        if o.token_ids == ref:
+            exact += 1
+            continue
+        k = next(j for j, (a, b) in enumerate(zip(o.token_ids, ref)) if a != b)
+        # A near-tie in bf16: top-2 logits of the eager model within bf16 resolution of each other.
+        (near_tie if gaps[k] < 0.05 else bad).append((i, k, round(gaps[k], 4)))
+    log_rows.append(f"correctness: {exact}/{len(ps)} identical; diverged after near-tie "
+                    f"(seq, step, top-2 gap): {near_tie}; real mismatches: {bad}")
+    log(log_rows[-1])
+    return not bad
+
+
+def hf_peer(folder):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(DEV).eval()
+
+
+def hf_generate_tps(hf, batch, prompt_len, new):
+    ids = torch.tensor(prompts(batch, prompt_len, 5), device=DEV)
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    hf.generate(ids[:, :16], **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
+    t = sync_time()
+    out = hf.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+    dt = sync_time() - t
+    assert out.shape[1] == prompt_len + new
+    return batch * new / dt
+
+
+def hf_prefill_tps(hf, batch, length):
+    ids = torch.tensor(prompts(batch, length, 6), device=DEV)
+    with torch.no_grad():
+        hf(ids[:1, :128], logits_to_keep=1)
+        t = sync_time()
+        for i in range(0, batch, 8):
+            hf(ids[i:i + 8], logits_to_keep=1)
+        dt = sync_time() - t
+    return batch * length / dt
+
+
+def bench_model(name, bw, flops, args, rows, notes):
+    folder = Path(f"/tmp/ckpt-{name}")
+    if not (folder / "config.json").exists():
+        t = time.perf_counter()
+        write_checkpoint(folder, real_config(name), dtype=torch.bfloat16, tokenizer=False)
+        log(f"{name}: wrote checkpoint in {time.perf_counter() - t:.1f}s")
+    model = Lfm2ForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device=DEV)
+    params = {id(p): p for p in model.parameters()}
+    weight_bytes = sum(p.numel() * p.element_size() for p in params.values())
+    n_params = sum(p.numel() for p in params.values())
+    floor_tps = bw / weight_bytes
+    torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    try:
+        engine = LLMEngine(model, max_num_seqs=args.max_num_seqs, max_model_len=4096,
+                           max_num_batched_tokens=16384, gpu_memory_utilization=0.5, compile=args.compile)
+        mode = "graphs+compile" if args.compile else "graphs"
+    except Exception as e:  # keep the run useful if inductor fails on this machine
+        log(f"compile failed ({type(e).__name__}: {str(e)[:300]}); falling back to eager graphs")
+        torch._dynamo.reset()
+        engine = LLMEngine(model, max_num_seqs=args.max_num_seqs, max_model_len=4096,
+                           max_num_batched_tokens=16384, gpu_memory_utilization=0.5)
+        mode = "graphs"
+    log(f"{name}: engine ready in {time.perf_counter() - t:.1f}s ({mode}); "
+        f"{engine.block_manager.num_blocks} KV blocks of {engine.block_manager.block_size}")
+    ok = check_correctness(engine, model, notes)
+    greedy = dict(temperature=0.0, ignore_eos=True)
+
+    # batch-1 decode + TTFT
+    p = prompts(1, 128, 2)[0]
+    engine.generate([p], SamplingParams(max_new_tokens=16, **greedy))  # warm-up
+    engine.add_request(p, SamplingParams(max_new_tokens=512, **greedy), "b1")
+    t0 = sync_time()
+    t_first = None
+    while engine.has_unfinished():
+        for o in engine.step():
+            if t_first is None and o.new_token_ids:
+                t_first = time.perf_counter()
+    t_end = time.perf_counter()
+    ttft = t_first - t0
+    b1 = 511 / (t_end - t_first)
+    ttft_floor = weight_bytes / bw + 2 * n_params * 128 / flops
+    # what the decode step spends: one graph replay alone vs the whole engine step
+    runner = engine.runner
+    bs1 = runner.graphs[1]
+    s, e = torch.cuda.Event(True), torch.cuda.Event(True)
+    s.record()
+    for _ in range(100):
+        bs1.replay()
+    e.record()
+    torch.cuda.synchronize()
+    replay_ms = s.elapsed_time(e) / 100
+    notes.append(f"{name}: batch-1 step {1e3 / b1:.3f} ms wall, graph replay alone {replay_ms:.3f} ms, "
+                 f"weight-read floor {1e3 / floor_tps:.3f} ms")
+    log(notes[-1])
+
+    # throughput: 100 x (1024 + 1024)
+    reqs = prompts(100, 1024, 3)
+    engine.generate(reqs[:4], SamplingParams(max_new_tokens=8, **greedy))
+    torch.cuda.synchronize()
+    t = sync_time()
+    outs = engine.generate(reqs, SamplingParams(max_new_tokens=1024, **greedy))
+    dt = sync_time() - t
+    assert all(len(o.token_ids) == 1024 for o in outs)
+    thr = 100 * 1024 / dt
+    kv_per_tok = engine.runner.kv_caches[0][0][0, 0].numel() * 2 * 2 * len(engine.runner.kv_caches)
+    # limit: every decode step reads the weights + the KV of all 100 histories (mean 1536 tokens)
+    thr_floor_s = 1024 * (weight_bytes + 100 * 1536 * kv_per_tok) / bw + 2 * n_params * 102400 / flops
+    thr_limit = 102400 / thr_floor_s
+    engine.check_no_leaks()
+
+    # prefill: 32 x 2048
+    reqs = prompts(32, 2048, 4)
+    engine.generate(reqs[:2], SamplingParams(max_new_tokens=1, **greedy))
+    t = sync_time()
+    engine.generate(reqs, SamplingParams(max_new_tokens=1, **greedy))
+    dt = sync_time() - t
+    pre = 32 * 2048 / dt
+    pre_limit = flops / (2 * n_params)
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    kv_gb = sum(k.numel() * k.element_size() * 2 for k, _ in engine.runner.kv_caches) / 2**30
+    engine.check_no_leaks()
+    del engine
+    torch.cuda.empty_cache()
+
+    # transformers peer, same weights
+    hf_b1 = hf_thr = hf_pre = float("nan")
+    if not args.no_hf:
+        hf = hf_peer(folder)
+        hf_b1 = hf_generate_tps(hf, 1, 128, args.hf_b1_tokens)
+        hf_thr = hf_generate_tps(hf, 100, 1024, args.hf_thr_tokens)
+        hf_pre = hf_prefill_tps(hf, 32, 2048)
+        del hf
+        torch.cuda.empty_cache()
+
+    def row(metric, ours, peer, limit, unit, goal=""):
+        rows.append((name, metric, ours, peer, limit, unit, goal))
+
+    row("batch-1 decode (128 + 512)", b1, hf_b1, floor_tps, "tok/s", ">= 1000" if name == "LFM2-1.2B" else ">= 2000")
+    row("throughput 100 x (1024 + 1024)", thr, hf_thr, thr_limit, "out tok/s", ">= 30000" if name == "LFM2-1.2B" else "")
+    row("prefill 32 x 2048", pre, hf_pre, pre_limit, "tok/s", ">= 100000" if name == "LFM2-1.2B" else "")
+    row("TTFT batch 1 (prompt 128)", ttft * 1e3, float("nan"), ttft_floor * 1e3, "ms")
+    row("peak GPU memory (engine)", peak, float("nan"), torch.cuda.get_device_properties(0).total_memory / 2**30,
+        f"GiB (KV pool {kv_gb:.1f})")
+    del model
+    torch.cuda.empty_cache()
+    return ok
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", nargs="+", default=["LFM2-1.2B", "LFM2-350M"])
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--max-num-seqs", type=int, default=128)
+    ap.add_argument("--hf-b1-tokens", type=int, default=512)
+    ap.add_argument("--hf-thr-tokens", type=int, default=64)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    dev = torch.cuda.get_device_name(0)
+    bw, flops = copy_bandwidth(), matmul_rate()
+    log(f"{dev}: copy {bw / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s; torch {torch.__version__}")
+    rows, notes = [], []
+    all_ok = True
+    for name in args.models:
+        all_ok &= bench_model(name, bw, flops, args, rows, notes)
+    lines = [f"Device: {dev}; {time.strftime('%Y-%m-%d')}; copy bandwidth {bw / 1e12:.2f} TB/s, "
+             f"bf16 matmul {flops / 1e12:.0f} TFLOP/s; torch {torch.__version__}",
+             "", "| model | metric | fastlfm | transformers | limit | fastlfm / limit | fastlfm / transformers | unit | goal |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, metric, ours, peer, limit, unit, goal in rows:
+        fmt = (lambda v: f"{v:,.1f}") if ours < 100 else (lambda v: f"{v:,.0f}")
+        ratio = ours / limit if "TTFT" not in metric else limit / ours
+        vs = f"{ours / peer:.1f}x" if peer == peer else "-"
+        lines.append(f"| {name} | {metric} | {fmt(ours)} | {fmt(peer) if peer == peer else '-'} | {fmt(limit)} | "
+                     f"{ratio:.2f} | {vs} | {unit} | {goal} |")
+    lines += ["", f"transformers peer: generate() at batch 1 for {args.hf_b1_tokens} new tokens; at batch 100 for "
+              f"{args.hf_thr_tokens} new tokens (1024-token prompts); prefill forward in batches of 8 with logits_to_keep=1."]
+    lines += ["", *notes]
+    table = "\n".join(lines)
+    print("\n" + table)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "gpu_table.md").write_text(table + "\n")
+    sys.exit(0 if all_ok else 1)
+
+
+if __name__ == "__main__":
+    main()

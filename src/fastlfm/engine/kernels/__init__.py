@@ -1,0 +1,1 @@
+"""Triton kernels for the CUDA path (imported lazily: CPU runs never touch triton)."""
