@@ -147,7 +147,12 @@ def bench_model(name, bw, flops, args, rows, notes):
         mode = "graphs+compile" if args.compile else "graphs"
     except Exception as e:  # keep the run useful if inductor fails on this machine
         log(f"compile failed ({type(e).__name__}: {str(e)[:300]}); falling back to eager graphs")
+        import gc
+
         torch._dynamo.reset()
+        e = None
+        gc.collect()
+        torch.cuda.empty_cache()
         engine = LLMEngine(model, max_num_seqs=args.max_num_seqs, max_model_len=4096,
                            max_num_batched_tokens=16384, gpu_memory_utilization=0.5)
         mode = "graphs"

@@ -73,6 +73,9 @@ class PagedContext:
         return x
 
     # -- attention --------------------------------------------------------------------
+    # Cache writes and the Triton kernels stay outside torch.compile (opaque, in-place);
+    # inductor fuses what lies between them. Inside a CUDA graph the breaks cost nothing.
+    @torch.compiler.disable
     def attention(self, layer_idx, q, k, v):
         k_cache, v_cache = self.kv_caches[self.attn_index[layer_idx]]
         q, k, v = q[0], k[0], v[0]
@@ -113,6 +116,7 @@ class PagedContext:
         return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens)
 
     # -- short conv ---------------------------------------------------------------------
+    @torch.compiler.disable
     def short_conv(self, layer_idx, v, weight, bias):
         pool = self.conv_states[self.conv_index[layer_idx]]  # (slots + 1, K-1, D)
         x = v[0]

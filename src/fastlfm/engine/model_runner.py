@@ -41,7 +41,15 @@ class ModelRunner:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         # torch.compile (inductor) fuses the eager elementwise chains of the decode step
         # (RMSNorm, QK-norm + RoPE, gates, SiLU*mul); the CUDA graph then removes launch gaps.
-        self.decode_forward = torch.compile(self._decode_forward, dynamic=True) if compile else self._decode_forward
+        self.decode_forward = self._decode_forward
+        if compile:
+            from torch import _dynamo
+
+            # Each layer resumes after its (uncompiled) mixing call with its own layer_idx.
+            for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit"):
+                if hasattr(_dynamo.config, name):
+                    setattr(_dynamo.config, name, 1024)
+            self.decode_forward = torch.compile(self._decode_forward, dynamic=True)
         if use_cuda_graphs:
             self.capture_graphs(min(max_num_seqs, max_graph_batch_size, num_conv_slots))
 
