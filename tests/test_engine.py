@@ -210,3 +210,24 @@ def test_async_engine_streams_aborts_and_stats(model, prompts, reference):
     assert stats.kv_blocks_used == 0 and stats.conv_slots_used == 0 and stats.num_running == 0
     assert stats.generation_tokens_total >= 2 * NEW + 2
     engine.engine.check_no_leaks()
+
+
+def test_text_and_stop_strings_match_generate(tiny_ckpt):
+    """Detokenized text and stop strings agree with fastlfm.generation.generate (the
+    single-model path), including the token that completes the stop string."""
+    from fastlfm.generation import generate
+    from fastlfm.tokenizer import Tokenizer
+
+    engine = LLMEngine.from_pretrained(str(tiny_ckpt), max_num_seqs=4, max_model_len=128)
+    tok = Tokenizer.from_pretrained(tiny_ckpt)
+    prompts = [tok.encode(t) for t in ("hello there", "the quick brown fox", "a b c d e f")]
+    free = generate(engine.model, prompts, params=GREEDY, tokenizer=tok).results
+    stop = free[1].text[4:7]
+    assert len(stop) == 3
+    params = SamplingParams(max_new_tokens=NEW, temperature=0.0, ignore_eos=True, stop_strings=[stop])
+    ref = generate(engine.model, prompts, params=params, tokenizer=tok).results
+    outs = engine.generate(prompts, params)
+    assert outs[1].finish_reason == "stop" and ref[1].finish_reason == "stop"
+    for o, r in zip(outs, ref):
+        assert o.token_ids == r.token_ids and o.text == r.text
+    engine.check_no_leaks()
