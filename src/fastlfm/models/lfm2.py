@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..generation import GenerationMixin
 from ..loading import PretrainedMixin
 from ..ops import apply_rope, causal_conv, packed_causal_conv, rms_norm, rope_cos_sin
 from .config import Lfm2Config
@@ -333,7 +334,7 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batc
     return loss / num_items_in_batch if num_items_in_batch is not None else loss
 
 
-class Lfm2ForCausalLM(PretrainedMixin, nn.Module):
+class Lfm2ForCausalLM(GenerationMixin, PretrainedMixin, nn.Module):
     config_class = Lfm2Config
 
     def __init__(self, config: Lfm2Config, model: nn.Module | None = None):
