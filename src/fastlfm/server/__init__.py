@@ -1,0 +1,66 @@
+"""OpenAI-compatible HTTP server: ``fastlfm serve MODEL``.
+
+A drop-in for ``vllm serve`` / ``llama-server`` in front of LFM2: /v1/chat/completions
+(streaming, tools, logprobs), /v1/completions, /v1/models, /health and Prometheus /metrics.
+Build an app around an engine with :func:`fastlfm.server.app.create_app`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser(prog: str = "fastlfm serve") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Serve an LFM2 model behind the OpenAI API.")
+    p.add_argument("model", help="local checkpoint folder or Hugging Face hub id")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: localhost only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("FASTLFM_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $FASTLFM_API_KEY)")
+    p.add_argument("--served-model-name", nargs="+", default=None,
+                   help="name(s) clients pass as 'model' (default: the MODEL argument)")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="sequences decoded together")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length (prompt + completion)")
+    p.add_argument("--max-queue-len", type=int, default=None,
+                   help="requests allowed to wait beyond --max-num-seqs before answering 429 (default 1024)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", help="auto, bfloat16, float16, float32")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``fastlfm serve``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    for flag in ("port", "max_num_seqs", "max_model_len", "max_queue_len"):
+        value = getattr(args, flag)
+        if value is not None and (value < 1 and flag != "max_queue_len" or value < 0):
+            build_parser().error(f"--{flag.replace('_', '-')} must be positive, got {value}")
+
+    import uvicorn
+
+    from ..engine import AsyncLLMEngine
+    from .app import DEFAULT_MAX_QUEUE_LEN, create_app
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        engine = AsyncLLMEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
+                                                max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
+        app = create_app(
+            engine,
+            args.served_model_name or [args.model],
+            api_key=args.api_key,
+            max_queue_len=DEFAULT_MAX_QUEUE_LEN if args.max_queue_len is None else args.max_queue_len,
+            model_path=args.model,
+            shutdown_engine=True,
+        )
+    except (ValueError, OSError, RuntimeError) as e:  # CheckpointError is a ValueError
+        print(f"fastlfm serve: error: {e}", file=sys.stderr)
+        return 1
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0

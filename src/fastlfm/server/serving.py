@@ -1,0 +1,621 @@
+"""From OpenAI requests to engine requests and back.
+
+`OpenAIServing` validates a request against the model (name, context length, token ids),
+renders the prompt (chat template with tools), builds `SamplingParams` on top of the
+checkpoint's generation_config.json, runs one engine request per choice and turns the
+engine's outputs into OpenAI responses: a whole body, or server-sent-event chunks.
+
+Both paths feed every engine output through the same `_ChoiceState`, so streamed deltas
+always concatenate to the non-streamed text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..sampling import SamplingParams
+from ..tokenizer import IncrementalDetokenizer
+from .errors import APIError, bad_request, error_body
+from .metrics import ServerMetrics
+from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
+from .tool_calls import TOOL_CALL_END, TOOL_CALL_START, StreamingToolCallParser, ToolCall, format_tool_calls
+
+# SamplingParams field -> request field, to name the field in errors raised by validate().
+_PARAM_NAMES = {"max_new_tokens": "max_tokens", "stop_strings": "stop", "logprobs": "logprobs"}
+
+
+def sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+# ----------------------------------------------------------------------------- one choice
+
+
+@dataclass
+class Delta:
+    """What one engine output adds to a choice."""
+
+    content: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)  # engine TokenLogprob objects
+    finish_reason: str | None = None
+
+    def is_empty(self) -> bool:
+        return not (self.content or self.tool_calls or self.logprobs or self.finish_reason)
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """Length of the longest tail of `text` that could still grow into a stop string."""
+    best = 0
+    for stop in stops:
+        for n in range(min(len(text), len(stop) - 1), best, -1):
+            if text.endswith(stop[:n]):
+                best = n
+                break
+    return best
+
+
+class _ChoiceState:
+    """Turns the engine outputs of one choice into deltas.
+
+    Text comes from the engine (special tokens skipped, cut before a stop string), except
+    when tool calls are parsed: then the server decodes the ids itself keeping the two
+    tool-call markers (all other special tokens are still skipped) and cuts at stop strings
+    the same way.  In both cases the tail that may be the start of a stop string is held
+    back until it is known not to be one, so streamed text never has to be taken back.
+    """
+
+    def __init__(self, serving: "OpenAIServing", params: SamplingParams, parse_tools: bool):
+        self.serving = serving
+        self.stops = list(params.stop_strings)
+        self.stop_ids = set(params.stop_token_ids) | serving.eos_ids
+        self.emitted = 0  # characters of the text already handed out
+        self.tool_parser = StreamingToolCallParser() if parse_tools else None
+        self.detok = IncrementalDetokenizer(serving.tokenizer, skip_special_tokens=False) if parse_tools else None
+        self.num_tool_calls = 0
+        self.num_generated = 0
+        self.finish_reason: str | None = None
+        self.started = time.perf_counter()
+        self.last_token_time: float | None = None
+
+    def update(self, out) -> Delta:
+        metrics = self.serving.metrics
+        now = time.perf_counter()
+        n_new = len(out.new_token_ids)
+        if n_new:
+            if self.last_token_time is None:
+                metrics.time_to_first_token.observe(now - self.started)
+            else:
+                metrics.time_per_output_token.observe((now - self.last_token_time) / n_new)
+            self.last_token_time = now
+        self.num_generated = len(out.token_ids)
+
+        if self.detok is None:
+            text = out.text
+        else:
+            keep = self.serving.keep_in_tool_text
+            self.detok.add([t for t in out.new_token_ids if keep(t)])
+            if out.finished:
+                self.detok.flush()
+            text = self.detok.text
+            if out.finished and self.stops:
+                cut = [i for i in (text.find(s, max(0, self.emitted - 1)) for s in self.stops) if i >= 0]
+                if cut:
+                    text = text[: min(cut)]
+        end = len(text) if out.finished else len(text) - _held_back(text, self.stops)
+        piece = text[self.emitted : end] if end > self.emitted else ""
+        self.emitted = max(self.emitted, end)
+
+        delta = Delta(logprobs=list(out.logprobs or ()))
+        if out.finished and out.finish_reason == "stop" and delta.logprobs and out.token_ids \
+                and out.token_ids[-1] in self.stop_ids:
+            delta.logprobs.pop()  # the eos / stop token is not part of the text
+        if self.tool_parser is None:
+            delta.content = piece
+        else:
+            delta.content, delta.tool_calls = self.tool_parser.feed(piece)
+            if out.finished:
+                rest, more = self.tool_parser.finish()
+                delta.content += rest
+                delta.tool_calls += more
+            self.num_tool_calls += len(delta.tool_calls)
+        if out.finished:
+            reason = out.finish_reason
+            if self.num_tool_calls and reason in ("stop", "length"):
+                reason = "tool_calls"
+            self.finish_reason = delta.finish_reason = reason
+            metrics.e2e_latency.observe(now - self.started)
+            metrics.finished(out.finish_reason)
+        return delta
+
+
+# ----------------------------------------------------------------------------- prepared work
+
+
+@dataclass
+class _Job:
+    """One engine request: a choice of a chat or text completion."""
+
+    index: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    request_id: str
+    prompt_text: str = ""  # for echo
+
+
+@dataclass
+class _Prepared:
+    response_id: str
+    model: str
+    jobs: list[_Job]
+    parse_tools: bool
+    stream: bool
+    include_usage: bool
+    num_top_logprobs: int | None
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def prompt_tokens(self) -> int:
+        # n choices of one prompt count the prompt once, as OpenAI does.
+        seen: dict[int, int] = {}
+        for job in self.jobs:
+            seen[id(job.prompt_ids)] = len(job.prompt_ids)
+        return sum(seen.values())
+
+
+# ----------------------------------------------------------------------------- serving
+
+
+class OpenAIServing:
+    def __init__(self, engine, served_model_names: list[str], metrics: ServerMetrics, max_pending: int):
+        if engine.tokenizer is None:
+            raise ValueError("the server needs a checkpoint with tokenizer files (tokenizer.json)")
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.model_names = list(served_model_names)
+        self.metrics = metrics
+        self.max_pending = max_pending
+        self.pending = 0
+        self.max_model_len = int(engine.max_model_len)
+        self.generation_config = dict(engine.generation_config or {})
+        self.vocab_size = _model_vocab_size(engine)
+        eos = self.generation_config.get("eos_token_id", self.tokenizer.eos_token_id)
+        self.eos_ids = {int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None}
+        decoder = self.tokenizer.backend.get_added_tokens_decoder()
+        markers = {self.tokenizer.token_to_id(TOOL_CALL_START), self.tokenizer.token_to_id(TOOL_CALL_END)}
+        skipped = frozenset(i for i, tok in decoder.items() if tok.special and i not in markers)
+        self.keep_in_tool_text: Callable[[int], bool] = lambda t: t not in skipped
+        self.supports_tools = None not in markers
+        self.token_text = functools.lru_cache(maxsize=1 << 16)(
+            lambda i: self.tokenizer.decode([i], skip_special_tokens=False))
+
+    # ------------------------------------------------------------------ validation helpers
+    def check_model(self, name: str) -> str:
+        if name not in self.model_names:
+            raise APIError(404, f"The model `{name}` does not exist. Available: {', '.join(self.model_names)}",
+                           param="model", code="model_not_found")
+        return name
+
+    def _sampling_params(self, req, max_new_tokens: int, num_logprobs: int | None, seed_offset: int) -> SamplingParams:
+        overrides: dict[str, Any] = {"max_new_tokens": max_new_tokens}
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            value = getattr(req, name)
+            if value is not None:
+                overrides[name] = value
+        if req.top_k is not None:
+            overrides["top_k"] = max(req.top_k, 0)  # vLLM's -1 = off
+        if req.seed is not None:
+            overrides["seed"] = req.seed + seed_offset  # n choices from one seed differ, reproducibly
+        if req.stop_list:
+            overrides["stop_strings"] = req.stop_list
+        if req.ignore_eos:
+            overrides["ignore_eos"] = True
+        if num_logprobs is not None:
+            overrides["logprobs"] = num_logprobs
+        if req.logit_bias:
+            bias = {int(k): float(v) for k, v in req.logit_bias.items()}
+            bad = [k for k in bias if k >= self.vocab_size]
+            if bad:
+                raise bad_request(f"logit_bias token id {bad[0]} is outside the vocabulary (size {self.vocab_size})",
+                                  param="logit_bias")
+            overrides["logit_bias"] = bias
+        try:
+            params = SamplingParams.from_generation_config(self.generation_config, **overrides)
+            if req.stop_token_ids:
+                params = params.merged(stop_token_ids=[*params.stop_token_ids, *req.stop_token_ids])
+            return params.validate(self.vocab_size)
+        except ValueError as e:
+            m = re.search(r"parameter (\w+)=", str(e))
+            param = _PARAM_NAMES.get(m.group(1), m.group(1)) if m else None
+            raise bad_request(str(e), param=param) from None
+
+    def _max_new_tokens(self, requested: int | None, prompt_len: int, what: str) -> int:
+        room = self.max_model_len - prompt_len
+        if room < 1 or (requested is not None and requested > room):
+            asked = prompt_len + (requested if requested is not None else 1)
+            raise APIError(
+                400,
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{asked} tokens ({prompt_len} in the {what}, {asked - prompt_len} in the completion). "
+                f"Please reduce the length of the {what} or completion.",
+                param=what, code="context_length_exceeded")
+        return requested if requested is not None else room
+
+    def reserve(self, jobs: int) -> Callable[[], None]:
+        """Count `jobs` generations against the capacity (429 when full); returns an
+        idempotent release, called when the response is over whatever happened to it."""
+        if self.pending + jobs > self.max_pending:
+            self.metrics.error(429)
+            raise APIError(429, f"The server is at capacity ({self.max_pending} generations queued or running); "
+                           "retry later", code="queue_full", headers={"Retry-After": "1"})
+        self.pending += jobs
+        self.metrics.in_flight.set(self.pending)
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.pending -= jobs
+                self.metrics.in_flight.set(self.pending)
+
+        return release
+
+    # ------------------------------------------------------------------ chat
+    @staticmethod
+    def _chat_message(msg: ChatMessage, i: int, template_handles_calls: bool) -> dict[str, Any]:
+        content = msg.content
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                if part.type != "text" or part.text is None:
+                    raise bad_request(f"Content part type {part.type!r} is not supported by this text-only model; "
+                                      "send text parts", param=f"messages.{i}.content.{j}.type")
+                texts.append(part.text)
+            content = "\n".join(texts)
+        message: dict[str, Any] = {"role": "system" if msg.role == "developer" else msg.role}
+        if msg.tool_calls:
+            calls = [c.model_dump() for c in msg.tool_calls]
+            if template_handles_calls:
+                message["tool_calls"] = calls
+            else:  # the LFM2 template prints content only: put the calls in the model's own syntax
+                try:
+                    content = format_tool_calls(calls) + (content or "")
+                except ValueError as e:
+                    raise bad_request(str(e), param=f"messages.{i}.tool_calls") from None
+        message["content"] = content if content is not None else ""
+        for key in ("name", "tool_call_id", "reasoning_content"):
+            if getattr(msg, key) is not None:
+                message[key] = getattr(msg, key)
+        return message
+
+    def prepare_chat(self, req: ChatCompletionRequest) -> _Prepared:
+        model = self.check_model(req.model)
+        if req.stream_options is not None and not req.stream:
+            raise bad_request("stream_options is only allowed when stream is true", param="stream_options")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
+        if req.continue_final_message and req.add_generation_prompt:
+            raise bad_request("continue_final_message requires add_generation_prompt to be false",
+                              param="continue_final_message")
+        if req.response_format is not None and req.response_format.type != "text":
+            raise bad_request(f"response_format type {req.response_format.type!r} needs constrained decoding, which "
+                              "fastlfm does not implement; only 'text' is supported", param="response_format")
+        choice = req.tool_choice
+        if choice is not None and not isinstance(choice, str) or choice == "required":
+            raise bad_request("tool_choice 'required' and named functions need constrained decoding, which fastlfm "
+                              "does not implement; use 'auto' or 'none'", param="tool_choice")
+        tools = None
+        if req.tools:
+            # LFM2 was trained on bare function schemas between the tool-list tokens (model card).
+            tools = [t.function.model_dump(exclude_none=True) for t in req.tools]
+        parse_tools = bool(tools) and choice != "none" and self.supports_tools
+        try:
+            template = self.tokenizer.get_chat_template(None, tools)
+        except ValueError as e:
+            raise bad_request(str(e), param="messages") from None
+        handles_calls = "tool_calls" in template
+        messages = [self._chat_message(m, i, handles_calls) for i, m in enumerate(req.messages)]
+        try:
+            prompt_ids = self.tokenizer.apply_chat_template(
+                messages, tools=tools, add_generation_prompt=req.add_generation_prompt,
+                continue_final_message=req.continue_final_message, tokenize=True, chat_template=template)
+        except Exception as e:  # template errors are caused by the conversation's shape
+            raise bad_request(f"The chat template cannot render these messages: {e}", param="messages") from None
+        if not prompt_ids:
+            raise bad_request("The rendered prompt is empty", param="messages")
+        max_new = self._max_new_tokens(req.max_new_tokens, len(prompt_ids), "messages")
+        num_lp = (req.top_logprobs or 0) if req.logprobs else None
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        jobs = [_Job(i, prompt_ids, self._sampling_params(req, max_new, num_lp, i), f"{rid}-{i}")
+                for i in range(req.n)]
+        return _Prepared(rid, model, jobs, parse_tools, req.stream,
+                         bool(req.stream_options and req.stream_options.include_usage), num_lp)
+
+    # ------------------------------------------------------------------ completions
+    def prepare_completion(self, req: CompletionRequest) -> _Prepared:
+        model = self.check_model(req.model)
+        if req.stream_options is not None and not req.stream:
+            raise bad_request("stream_options is only allowed when stream is true", param="stream_options")
+        if req.suffix:
+            raise bad_request("suffix is not supported", param="suffix")
+        if req.best_of is not None and req.best_of != req.n:
+            raise bad_request("best_of different from n is not supported", param="best_of")
+        if req.echo and req.logprobs is not None:
+            raise bad_request("echo with logprobs would need prompt logprobs, which are not supported", param="echo")
+        prompt = req.prompt
+        if isinstance(prompt, str):
+            prompts: list = [prompt]
+        elif prompt and all(isinstance(p, int) for p in prompt):
+            prompts = [prompt]
+        else:
+            prompts = list(prompt)
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        jobs = []
+        for p_idx, p in enumerate(prompts):
+            if isinstance(p, str):
+                ids, text = self.tokenizer.encode(p, add_special_tokens=True), p
+            else:
+                bad = [t for t in p if t >= self.vocab_size]
+                if bad:
+                    raise bad_request(f"prompt token id {bad[0]} is outside the vocabulary (size {self.vocab_size})",
+                                      param="prompt")
+                ids, text = list(p), (self.tokenizer.decode(p, skip_special_tokens=True) if req.echo else "")
+            if not ids:
+                raise bad_request("The prompt is empty", param="prompt")
+            max_new = self._max_new_tokens(req.max_new_tokens, len(ids), "prompt")
+            for i in range(req.n):
+                params = self._sampling_params(req, max_new, req.logprobs, i)
+                jobs.append(_Job(p_idx * req.n + i, ids, params, f"{rid}-{p_idx * req.n + i}",
+                                 text if req.echo else ""))
+        return _Prepared(rid, model, jobs, False, req.stream,
+                         bool(req.stream_options and req.stream_options.include_usage), req.logprobs)
+
+    # ------------------------------------------------------------------ running
+    def _outputs(self, job: _Job) -> AsyncIterator:
+        """The engine outputs of one job; stopping early aborts it in the engine."""
+        return self.engine.generate(job.prompt_ids, job.params, job.request_id)
+
+    async def _merged(self, prep: _Prepared) -> AsyncIterator[tuple[_Job, Any]]:
+        """Outputs of all jobs as they come; cancelling the consumer aborts every job."""
+        if len(prep.jobs) == 1:
+            job = prep.jobs[0]
+            async with contextlib.aclosing(self._outputs(job)) as outputs:
+                async for out in outputs:
+                    yield job, out
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        async def pump(job: _Job) -> None:
+            try:
+                async with contextlib.aclosing(self._outputs(job)) as outputs:
+                    async for out in outputs:
+                        await queue.put((job, out))
+            except Exception as e:  # surfaced to the consumer, which ends the request
+                await queue.put((job, e))
+            finally:
+                await queue.put((job, done))
+
+        tasks = [asyncio.create_task(pump(job)) for job in prep.jobs]
+        remaining = len(tasks)
+        try:
+            while remaining:
+                job, item = await queue.get()
+                if item is done:
+                    remaining -= 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    yield job, item
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _states(self, prep: _Prepared) -> dict[int, _ChoiceState]:
+        return {job.index: _ChoiceState(self, job.params, prep.parse_tools) for job in prep.jobs}
+
+    # ------------------------------------------------------------------ logprobs
+    def _chat_logprobs(self, lps: list) -> list[dict]:
+        out = []
+        for lp in lps:
+            token = self.token_text(lp.token_id)
+            out.append({"token": token, "logprob": lp.logprob, "bytes": list(token.encode()),
+                        "top_logprobs": [{"token": (t := self.token_text(i)), "logprob": v, "bytes": list(t.encode())}
+                                         for i, v in lp.top]})
+        return out
+
+    def _completion_logprobs(self, lps: list, offset: int) -> dict:
+        tokens, values, tops, offsets = [], [], [], []
+        for lp in lps:
+            token = self.token_text(lp.token_id)
+            tokens.append(token)
+            values.append(lp.logprob)
+            tops.append({self.token_text(i): v for i, v in lp.top})
+            offsets.append(offset)
+            offset += len(token)
+        return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+    def _usage(self, prep: _Prepared, states: dict[int, _ChoiceState]) -> dict:
+        completion = sum(s.num_generated for s in states.values())
+        return {"prompt_tokens": prep.prompt_tokens, "completion_tokens": completion,
+                "total_tokens": prep.prompt_tokens + completion}
+
+    # ------------------------------------------------------------------ full responses
+    async def chat_response(self, prep: _Prepared) -> dict:
+        release = self.reserve(len(prep.jobs))
+        states = self._states(prep)
+        try:
+            return await self._chat_response(prep, states)
+        finally:
+            self._count_aborted(states)
+            release()
+
+    async def _chat_response(self, prep: _Prepared, states: dict[int, _ChoiceState]) -> dict:
+        content = {i: [] for i in states}
+        calls: dict[int, list[ToolCall]] = {i: [] for i in states}
+        lps: dict[int, list] = {i: [] for i in states}
+        async with contextlib.aclosing(self._merged(prep)) as outputs:
+            async for job, out in outputs:
+                d = states[job.index].update(out)
+                content[job.index].append(d.content)
+                calls[job.index] += d.tool_calls
+                lps[job.index] += d.logprobs
+        choices = []
+        for i, state in sorted(states.items()):
+            text = "".join(content[i])
+            message = {"role": "assistant", "content": text if text or not calls[i] else None,
+                       "tool_calls": [c.to_openai() for c in calls[i]] if calls[i] else None}
+            logprobs = {"content": self._chat_logprobs(lps[i])} if prep.num_top_logprobs is not None else None
+            choices.append({"index": i, "message": message, "logprobs": logprobs,
+                            "finish_reason": state.finish_reason})
+        self._count_usage(prep, states)
+        return {"id": prep.response_id, "object": "chat.completion", "created": prep.created, "model": prep.model,
+                "choices": choices, "usage": self._usage(prep, states), "system_fingerprint": None}
+
+    async def completion_response(self, prep: _Prepared) -> dict:
+        release = self.reserve(len(prep.jobs))
+        states = self._states(prep)
+        try:
+            return await self._completion_response(prep, states)
+        finally:
+            self._count_aborted(states)
+            release()
+
+    async def _completion_response(self, prep: _Prepared, states: dict[int, _ChoiceState]) -> dict:
+        jobs = {job.index: job for job in prep.jobs}
+        text = {i: [jobs[i].prompt_text] for i in states}
+        lps: dict[int, list] = {i: [] for i in states}
+        async with contextlib.aclosing(self._merged(prep)) as outputs:
+            async for job, out in outputs:
+                d = states[job.index].update(out)
+                text[job.index].append(d.content)
+                lps[job.index] += d.logprobs
+        choices = []
+        for i, state in sorted(states.items()):
+            logprobs = self._completion_logprobs(lps[i], len(jobs[i].prompt_text)) \
+                if prep.num_top_logprobs is not None else None
+            choices.append({"index": i, "text": "".join(text[i]), "logprobs": logprobs,
+                            "finish_reason": state.finish_reason})
+        self._count_usage(prep, states)
+        return {"id": prep.response_id, "object": "text_completion", "created": prep.created, "model": prep.model,
+                "choices": choices, "usage": self._usage(prep, states), "system_fingerprint": None}
+
+    def _count_aborted(self, states: dict[int, _ChoiceState]) -> None:
+        for state in states.values():
+            if state.finish_reason is None:  # the client went away (or the request failed)
+                state.finish_reason = "abort"
+                self.metrics.finished("abort")
+
+    def _count_usage(self, prep: _Prepared, states: dict[int, _ChoiceState]) -> None:
+        self.metrics.prompt_tokens.inc(prep.prompt_tokens)
+        self.metrics.completion_tokens.inc(sum(s.num_generated for s in states.values()))
+
+    # ------------------------------------------------------------------ streams
+    def start_stream(self, prep: _Prepared, chat: bool) -> tuple[AsyncIterator[str], Callable[[], None]]:
+        """Reserve capacity now (so a full queue is a 429, not a broken stream); returns the
+        SSE text stream and the release to call when the response ends."""
+        release = self.reserve(len(prep.jobs))
+        states = self._states(prep)
+        return (self._chat_stream(prep, states) if chat else self._completion_stream(prep, states)), release
+
+    async def _chat_stream(self, prep: _Prepared, states: dict[int, _ChoiceState]) -> AsyncIterator[str]:
+        base = {"id": prep.response_id, "object": "chat.completion.chunk", "created": prep.created,
+                "model": prep.model}
+        usage_field = {"usage": None} if prep.include_usage else {}
+        tool_index = {i: 0 for i in states}
+
+        def chunk(index: int, delta: dict, logprobs=None, finish_reason=None) -> str:
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+            return sse({**base, "choices": [choice], **usage_field})
+
+        try:
+            for i in sorted(states):
+                yield chunk(i, {"role": "assistant", "content": ""})
+            async with contextlib.aclosing(self._merged(prep)) as outputs:
+                async for job, out in outputs:
+                    d = states[job.index].update(out)
+                    if d.is_empty():
+                        continue
+                    delta: dict[str, Any] = {}
+                    if d.content:
+                        delta["content"] = d.content
+                    if d.tool_calls:
+                        first = tool_index[job.index]
+                        tool_index[job.index] += len(d.tool_calls)
+                        delta["tool_calls"] = [{"index": first + k, **c.to_openai()}
+                                               for k, c in enumerate(d.tool_calls)]
+                    logprobs = {"content": self._chat_logprobs(d.logprobs)} \
+                        if prep.num_top_logprobs is not None and d.logprobs else None
+                    yield chunk(job.index, delta, logprobs, d.finish_reason)
+            self._count_usage(prep, states)
+            if prep.include_usage:
+                yield sse({**base, "choices": [], "usage": self._usage(prep, states)})
+        except Exception as e:  # headers are sent: report in the stream, as OpenAI does
+            yield sse(_stream_error(e))
+        finally:
+            self._count_aborted(states)
+        yield SSE_DONE
+
+    async def _completion_stream(self, prep: _Prepared, states: dict[int, _ChoiceState]) -> AsyncIterator[str]:
+        base = {"id": prep.response_id, "object": "text_completion", "created": prep.created, "model": prep.model}
+        usage_field = {"usage": None} if prep.include_usage else {}
+        jobs = {job.index: job for job in prep.jobs}
+        offsets = {i: len(jobs[i].prompt_text) for i in states}
+
+        def chunk(index: int, text: str, logprobs=None, finish_reason=None) -> str:
+            choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+            return sse({**base, "choices": [choice], **usage_field})
+
+        try:
+            for i in sorted(states):
+                if jobs[i].prompt_text:
+                    yield chunk(i, jobs[i].prompt_text)
+            async with contextlib.aclosing(self._merged(prep)) as outputs:
+                async for job, out in outputs:
+                    d = states[job.index].update(out)
+                    if d.is_empty():
+                        continue
+                    logprobs = None
+                    if prep.num_top_logprobs is not None:
+                        logprobs = self._completion_logprobs(d.logprobs, offsets[job.index])
+                    offsets[job.index] += len(d.content)
+                    yield chunk(job.index, d.content, logprobs, d.finish_reason)
+            self._count_usage(prep, states)
+            if prep.include_usage:
+                yield sse({**base, "choices": [], "usage": self._usage(prep, states)})
+        except Exception as e:
+            yield sse(_stream_error(e))
+        finally:
+            self._count_aborted(states)
+        yield SSE_DONE
+
+
+def _stream_error(e: Exception) -> dict:
+    if isinstance(e, APIError):
+        return e.body()
+    if isinstance(e, ValueError):
+        return error_body(400, str(e))
+    return error_body(500, f"Internal error during generation: {type(e).__name__}: {e}")
+
+
+def _model_vocab_size(engine) -> int:
+    """Rows of the model's output layer (ids the model can take and emit)."""
+    inner = getattr(engine, "engine", None)
+    config = getattr(inner, "config", None) or getattr(getattr(inner, "model", None), "config", None)
+    if config is not None and getattr(config, "vocab_size", None):
+        return int(config.vocab_size)
+    return int(engine.tokenizer.vocab_size)
