@@ -77,11 +77,12 @@ def eager_greedy(model, prompt, n):
         logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1].float()
         top = logits.topk(2)
         toks.append(int(top.indices[0]))
-        gaps.append(float(top.values[0] - top.values[1]))
+        gaps.append(float(top.values[0] - top.values[1]))  # noqa: under no_grad below
         ids = top.indices[:1][None]
     return toks, gaps
 
 
+@torch.no_grad()
 def check_correctness(engine, model, log_rows):
     ps = [p[:n] for p, n in zip(prompts(8, 300, 1), (17, 64, 128, 5, 300, 33, 250, 90))]
     n_new = 32
@@ -143,7 +144,7 @@ def bench_model(name, bw, flops, args, rows, notes):
     t = time.perf_counter()
     try:
         engine = LLMEngine(model, max_num_seqs=args.max_num_seqs, max_model_len=4096,
-                           max_num_batched_tokens=16384, gpu_memory_utilization=0.5, compile=args.compile)
+                           max_num_batched_tokens=16384, gpu_memory_utilization=0.3, compile=args.compile)
         mode = "graphs+compile" if args.compile else "graphs"
     except Exception as e:  # keep the run useful if inductor fails on this machine
         log(f"compile failed ({type(e).__name__}: {str(e)[:300]}); falling back to eager graphs")
@@ -154,7 +155,7 @@ def bench_model(name, bw, flops, args, rows, notes):
         gc.collect()
         torch.cuda.empty_cache()
         engine = LLMEngine(model, max_num_seqs=args.max_num_seqs, max_model_len=4096,
-                           max_num_batched_tokens=16384, gpu_memory_utilization=0.5)
+                           max_num_batched_tokens=16384, gpu_memory_utilization=0.3)
         mode = "graphs"
     log(f"{name}: engine ready in {time.perf_counter() - t:.1f}s ({mode}); "
         f"{engine.block_manager.num_blocks} KV blocks of {engine.block_manager.block_size}")
@@ -185,6 +186,7 @@ def bench_model(name, bw, flops, args, rows, notes):
     e.record()
     torch.cuda.synchronize()
     replay_ms = s.elapsed_time(e) / 100
+    del runner, bs1
     notes.append(f"{name}: batch-1 step {1e3 / b1:.3f} ms wall, graph replay alone {replay_ms:.3f} ms, "
                  f"weight-read floor {1e3 / floor_tps:.3f} ms")
     log(notes[-1])
@@ -211,6 +213,21 @@ def bench_model(name, bw, flops, args, rows, notes):
     engine.generate(reqs, SamplingParams(max_new_tokens=1, **greedy))
     dt = sync_time() - t
     pre = 32 * 2048 / dt
+    if args.profile_prefill:  # what a 16k-token prefill step spends its GPU time on
+        try:
+            from torch.profiler import ProfilerActivity, profile
+    
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                engine.generate(reqs[:8], SamplingParams(max_new_tokens=1, **greedy))
+                torch.cuda.synchronize()
+            table = prof.key_averages().table(sort_by="device_time_total", row_limit=12, max_name_column_width=60)
+            Path(os.environ.get("OUT", "/tmp"), f"prefill_profile_{name}.txt").write_text(table)
+            top = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:6]
+            notes.append(f"{name}: prefill step (8 x 2048) GPU time by kernel (ms): " + "; ".join(
+                f"{e.key[:40]} {e.device_time_total / 1e3:.1f}" for e in top))
+            log(notes[-1])
+        except Exception as e:
+            log(f"prefill profile failed: {e!r}")
     pre_limit = flops / (2 * n_params)
     peak = torch.cuda.max_memory_allocated() / 2**30
     kv_gb = sum(k.numel() * k.element_size() * 2 for k, _ in engine.runner.kv_caches) / 2**30
@@ -247,6 +264,7 @@ def main():
     ap.add_argument("--models", nargs="+", default=["LFM2-1.2B", "LFM2-350M"])
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--profile-prefill", action="store_true")
     ap.add_argument("--max-num-seqs", type=int, default=128)
     ap.add_argument("--hf-b1-tokens", type=int, default=512)
     ap.add_argument("--hf-thr-tokens", type=int, default=64)
