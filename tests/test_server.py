@@ -259,6 +259,31 @@ def test_lfm2_sampling_extras_at_top_level_and_in_extra_body(base_url):
     assert_openai_error(bad, 400, param="top_k")
 
 
+def test_sampling_defaults_come_from_generation_config(checkpoint, tmp_path):
+    """A request without sampling fields samples with the checkpoint's generation_config.json."""
+    import shutil
+
+    folder = tmp_path / "sampling_ckpt"
+    shutil.copytree(checkpoint[0], folder)
+    gen = json.loads((folder / "generation_config.json").read_text())
+    gen.update(do_sample=True, temperature=0.8, top_k=20, min_p=0.05, repetition_penalty=1.1)
+    (folder / "generation_config.json").write_text(json.dumps(gen))
+    eng = AsyncLLMEngine.from_pretrained(str(folder), device="cpu", dtype=torch.float32, max_num_seqs=4,
+                                         max_model_len=MAX_MODEL_LEN)
+    try:
+        with running_server(create_app(eng, MODEL)) as url:
+            c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+            kwargs = dict(model=MODEL, messages=USER, max_tokens=16, seed=11)
+            default = c.chat.completions.create(**kwargs).choices[0].message.content
+            explicit = c.chat.completions.create(**kwargs, temperature=0.8, extra_body={
+                "top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1}).choices[0].message.content
+            greedy = c.chat.completions.create(**kwargs, temperature=0).choices[0].message.content
+        assert default == explicit
+        assert default != greedy
+    finally:
+        asyncio.run(eng.shutdown())
+
+
 # ----------------------------------------------------------------------------- logprobs
 
 
@@ -362,6 +387,18 @@ def test_malformed_tool_call_falls_back_to_content(client, hf_tokenizer):
         assert reason == "length"
 
 
+def test_stop_string_inside_a_tool_call(client):
+    """The stop string cuts the call: what is left is an unterminated block, i.e. content,
+    the same streamed (with the stop's prefixes held back) and not."""
+    kwargs = dict(model=MODEL, messages=USER, tools=[WEATHER_TOOL], temperature=0, max_tokens=40, stop=["Paris"],
+                  **FORCE_TOOL_CALL)
+    full = client.chat.completions.create(**kwargs).choices[0]
+    assert full.message.content == '<|tool_call_start|>[get_weather(location= "'
+    assert full.message.tool_calls is None and full.finish_reason == "stop"
+    content, calls, finish, _, _ = collect_chat_stream(client.chat.completions.create(**kwargs, stream=True))
+    assert (content[0], calls, finish[0]) == (full.message.content, {}, "stop")
+
+
 def test_tool_conversation_history_is_accepted(client):
     messages = USER + [
         {"role": "assistant", "content": None, "tool_calls": [
@@ -460,6 +497,9 @@ def test_queue_full_is_429_and_capacity_comes_back(engine):
                 time.sleep(0.02)
             r = http.post(url + "/v1/completions", json={**body, "stream": False, "max_tokens": 2})
             assert r.status_code == 200, r.text
+            # More generations than the server ever runs at once is the client's error, not a busy server.
+            assert_openai_error(http.post(url + "/v1/completions", json={**body, "stream": False, "n": 2}), 400,
+                                param="n")
 
 
 # ----------------------------------------------------------------------------- disconnects, metrics

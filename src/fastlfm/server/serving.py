@@ -111,7 +111,7 @@ class _ChoiceState:
                 self.detok.flush()
             text = self.detok.text
             if out.finished and self.stops:
-                cut = [i for i in (text.find(s, max(0, self.emitted - 1)) for s in self.stops) if i >= 0]
+                cut = [i for i in (text.find(s, self.emitted) for s in self.stops) if i >= 0]
                 if cut:
                     text = text[: min(cut)]
         end = len(text) if out.finished else len(text) - _held_back(text, self.stops)
@@ -149,6 +149,7 @@ class _Job:
     """One engine request: a choice of a chat or text completion."""
 
     index: int
+    prompt_index: int  # which prompt of the request (completions may have several)
     prompt_ids: list[int]
     params: SamplingParams
     request_id: str
@@ -169,10 +170,7 @@ class _Prepared:
     @property
     def prompt_tokens(self) -> int:
         # n choices of one prompt count the prompt once, as OpenAI does.
-        seen: dict[int, int] = {}
-        for job in self.jobs:
-            seen[id(job.prompt_ids)] = len(job.prompt_ids)
-        return sum(seen.values())
+        return sum({job.prompt_index: len(job.prompt_ids) for job in self.jobs}.values())
 
 
 # ----------------------------------------------------------------------------- serving
@@ -256,6 +254,9 @@ class OpenAIServing:
     def reserve(self, jobs: int) -> Callable[[], None]:
         """Count `jobs` generations against the capacity (429 when full); returns an
         idempotent release, called when the response is over whatever happened to it."""
+        if jobs > self.max_pending:  # would never fit: a client error, not a busy server
+            raise bad_request(f"The request needs {jobs} generations (prompts x n) but the server runs at most "
+                              f"{self.max_pending} at once", param="n")
         if self.pending + jobs > self.max_pending:
             self.metrics.error(429)
             raise APIError(429, f"The server is at capacity ({self.max_pending} generations queued or running); "
@@ -339,7 +340,7 @@ class OpenAIServing:
         max_new = self._max_new_tokens(req.max_new_tokens, len(prompt_ids), "messages")
         num_lp = (req.top_logprobs or 0) if req.logprobs else None
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        jobs = [_Job(i, prompt_ids, self._sampling_params(req, max_new, num_lp, i), f"{rid}-{i}")
+        jobs = [_Job(i, 0, prompt_ids, self._sampling_params(req, max_new, num_lp, i), f"{rid}-{i}")
                 for i in range(req.n)]
         return _Prepared(rid, model, jobs, parse_tools, req.stream,
                          bool(req.stream_options and req.stream_options.include_usage), num_lp)
@@ -378,8 +379,8 @@ class OpenAIServing:
             max_new = self._max_new_tokens(req.max_new_tokens, len(ids), "prompt")
             for i in range(req.n):
                 params = self._sampling_params(req, max_new, req.logprobs, i)
-                jobs.append(_Job(p_idx * req.n + i, ids, params, f"{rid}-{p_idx * req.n + i}",
-                                 text if req.echo else ""))
+                index = p_idx * req.n + i
+                jobs.append(_Job(index, p_idx, ids, params, f"{rid}-{index}", text if req.echo else ""))
         return _Prepared(rid, model, jobs, False, req.stream,
                          bool(req.stream_options and req.stream_options.include_usage), req.logprobs)
 
