@@ -1,4 +1,4 @@
-"""Load test of ``fastlfm serve`` in its own process, on 127.0.0.1 only.
+"""Load test of ``fastlfm serve`` in its own process (started through the CLI), on 127.0.0.1 only.
 
 240 concurrent streaming requests (chat and completions, random lengths, some with n=2 and
 usage), 10% of whose clients hang up mid-stream, interleaved with a stream of malformed
@@ -32,8 +32,8 @@ MAX_NUM_SEQS = 64  # fewer than the streams: requests also wait in the engine's 
 def server(tmp_path_factory):
     folder = write_checkpoint(tmp_path_factory.mktemp("load_ckpt"), tiny_config())
     port = free_port()
-    cmd = [sys.executable, "-c", "import sys; from fastlfm.server import main; sys.exit(main(sys.argv[1:]))",
-           str(folder), "--port", str(port), "--served-model-name", MODEL, "--max-num-seqs", str(MAX_NUM_SEQS),
+    # The console script's code path: `fastlfm serve MODEL ...`.
+    cmd = [sys.executable, "-m", "fastlfm.cli", "serve", str(folder), "--port", str(port), "--served-model-name", MODEL, "--max-num-seqs", str(MAX_NUM_SEQS),
            "--max-model-len", "512", "--device", "cpu", "--dtype", "float32", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"  # the default --host
