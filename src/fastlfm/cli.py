@@ -1,6 +1,6 @@
 """The `fastlfm` command line.
 
-    fastlfm generate MODEL "prompt" [sampling flags] [--stream]
+    fastlfm generate MODEL "prompt" [sampling flags] [--stream] [--image PATH ...]
     fastlfm chat MODEL [--system TEXT] [sampling flags]     (/reset, /exit; output streamed)
     fastlfm train ...                                        (see `fastlfm train --help`)
     fastlfm serve MODEL ...                                  (see `fastlfm serve --help`)
@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", help="the prompt ('-' reads it from stdin)")
     gen.add_argument("--stream", action="store_true", help="print text as it is generated")
     gen.add_argument("--raw", action="store_true", help="use the prompt as is (no chat template)")
+    gen.add_argument("--image", action="append", metavar="PATH",
+                     help="an image for an LFM2-VL model (repeat for several; placed before the prompt)")
     gen.add_argument("--system", default=None, help="system prompt (chat template only)")
     _add_sampling_flags(gen)
     chat = sub.add_parser("chat", help="interactive chat (type /reset or /exit)")
@@ -144,18 +146,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     llm = _load(args)
     params = llm.sampling_params(**_sampling_overrides(args))
+    images = getattr(args, "image", None) or []
+    if images and llm.processor is None:
+        raise UsageError(f"--image needs an LFM2-VL model; {args.model} is text-only")
+    if images and args.raw:
+        raise UsageError("--image needs the chat template; drop --raw")
     if args.raw or llm.tokenizer.chat_template is None:
-        ids = llm.tokenizer.encode(prompt)
+        prompt_or_messages = llm.tokenizer.encode(prompt)
     else:
-        messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
-            [{"role": "user", "content": prompt}]
-        ids = llm.encode_chat(messages)
+        content = [{"type": "image", "image": path} for path in images] + [{"type": "text", "text": prompt}] \
+            if images else prompt
+        prompt_or_messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+            [{"role": "user", "content": content}]
     if args.stream:
-        for delta in llm.stream(ids, params):
+        for delta in llm.stream(prompt_or_messages, params):
             _write(delta)
         _write("\n")
+    elif isinstance(prompt_or_messages[0], int):
+        _write(llm.generate([prompt_or_messages], params)[0].text + "\n")
     else:
-        _write(llm.generate([ids], params)[0].text + "\n")
+        _write(llm.chat(prompt_or_messages, params).text + "\n")
     return 0
 
 

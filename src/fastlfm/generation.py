@@ -326,8 +326,12 @@ class _Run:
 
     def __init__(self, model, input_ids, attention_mask, params, overrides: dict[str, Any], tokenizer,
                  stream_rows: set[int], skip_special_tokens: bool = True, past_key_values=None,
-                 history_ids: list[list[int]] | None = None, stream_skip_special: bool | None = None):
+                 history_ids: list[list[int]] | None = None, stream_skip_special: bool | None = None,
+                 model_inputs: dict[str, Any] | None = None):
         self.model = model
+        # Extra prefill inputs (LFM2-VL image tensors); decode steps need none.
+        self.model_inputs = {k: v.to(model.device) if torch.is_tensor(v) else v
+                             for k, v in (model_inputs or {}).items() if v is not None}
         cfg = model.config
         self.device = model.device
         pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
@@ -383,7 +387,7 @@ class _Run:
 
         T = self.ids.shape[1]
         logits = model(self.ids, attention_mask=None if mask is None else mask[:, :T], past_key_values=cache,
-                       use_cache=True, logits_to_keep=1).logits[:, -1]
+                       use_cache=True, logits_to_keep=1, **self.model_inputs).logits[:, -1]
         seq_len = past + T
 
         tokens = torch.full((B, max_new), self.pad_id, dtype=torch.long, device=device)
@@ -493,6 +497,14 @@ class _Run:
         self.results = results
 
 
+IMAGE_INPUTS = ("pixel_values", "pixel_attention_mask", "spatial_shapes")
+
+
+def _pop_image_inputs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """LFM2-VL processor outputs among generate()'s keywords (fed to the prefill only)."""
+    return {k: kwargs.pop(k) for k in IMAGE_INPUTS if k in kwargs}
+
+
 def generate(
     model: Any,
     input_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]],
@@ -516,6 +528,9 @@ def generate(
     presence_penalty, frequency_penalty, stop_strings, eos_token_id, seed, ignore_eos,
     logprobs, logit_bias.
 
+    LFM2-VL: pass the processor's `pixel_values`, `pixel_attention_mask` and `spatial_shapes`
+    with prompts whose `<image>` tokens they fill.
+
     `streamer` (single row): an object with on_prompt/on_text/on_end (TextStreamer,
     TextIteratorStreamer) receives stop-string-safe text deltas; an HF-style object with
     put/end receives token id tensors instead. `past_key_values`: an `Lfm2Cache` to
@@ -526,7 +541,8 @@ def generate(
     text_streamer = streamer is not None and hasattr(streamer, "on_text")
     run = _Run(model, input_ids, attention_mask, params, kwargs, tokenizer, {0} if text_streamer else set(),
                skip_special_tokens, past_key_values, history_ids,
-               getattr(streamer, "skip_special_tokens", None) if text_streamer else None)
+               getattr(streamer, "skip_special_tokens", None) if text_streamer else None,
+               _pop_image_inputs(kwargs))
     if streamer is not None and len(run.prompts) != 1:
         raise ValueError(f"streaming needs a single prompt, got a batch of {len(run.prompts)}")
     try:
@@ -558,8 +574,9 @@ def stream_deltas(model: Any, input_ids: Any, params: SamplingParams | None = No
                   history_ids: list[list[int]] | None = None, **kwargs: Any) -> Iterator[str | GenerationResult]:
     """Yield text deltas for one prompt as they are produced, then the GenerationResult."""
     tokenizer = tokenizer if tokenizer is not None else _find_tokenizer(model)
+    image_inputs = _pop_image_inputs(kwargs)
     run = _Run(model, input_ids, None, params, kwargs, tokenizer, {0}, skip_special_tokens, past_key_values,
-               history_ids)
+               history_ids, model_inputs=image_inputs)
     if len(run.prompts) != 1:
         raise ValueError(f"streaming needs a single prompt, got a batch of {len(run.prompts)}")
     for deltas in run:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .generation import GenerationResult, _Run, generate, resolve_params
+from .generation import IMAGE_INPUTS, GenerationResult, _Run, generate, resolve_params
 from .sampling import SamplingParams
 
 __all__ = ["LLM", "Conversation", "GenerationResult"]
@@ -60,6 +60,12 @@ class LLM:
             tokenizer = Tokenizer.from_pretrained(resolve_model_dir(tokenizer))
         self.tokenizer = tokenizer
         self.model.__dict__["_fastlfm_tokenizer"] = tokenizer  # generate() finds it there
+        self.processor = None  # LFM2-VL: images -> pixel tensors + expanded <image> runs
+        if getattr(self.model.config, "model_type", None) == "lfm2_vl":
+            from .models.lfm2_vl_processing import Lfm2VlProcessor
+
+            self.processor = (Lfm2VlProcessor.from_pretrained(folder, tokenizer) if folder is not None
+                              else Lfm2VlProcessor(tokenizer))
 
     # -- parameters ---------------------------------------------------------------------
     @property
@@ -84,6 +90,20 @@ class LLM:
         """Token ids of a conversation rendered with the chat template, ready for a reply."""
         return self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
                                                   tokenize=True, **template_kwargs)
+
+    def _prepare_chat(self, messages: Messages, tools: Sequence[Any] | None = None,
+                      **template_kwargs: Any) -> tuple[list[int], dict[str, Any]]:
+        """Prompt ids of a conversation and, when its messages hold image parts
+        ({"type": "image", "image": PIL image | path | bytes}), the image tensors."""
+        has_images = any(isinstance(m.get("content"), list) and any(
+            isinstance(p, Mapping) and p.get("type") == "image" for p in m["content"]) for m in messages)
+        if not has_images:
+            return self.encode_chat(messages, tools, **template_kwargs), {}
+        if self.processor is None:
+            raise ValueError(f"messages contain images but {type(self.model).__name__} is a text-only model; "
+                             "use an LFM2-VL checkpoint")
+        out = self.processor.apply_chat_template(messages, tools=tools, **template_kwargs)
+        return out["input_ids"][0], {k: out[k] for k in IMAGE_INPUTS}
 
     def _encode(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -125,19 +145,25 @@ class LLM:
 
     def chat(self, messages: Messages, params: SamplingParams | None = None, tools: Sequence[Any] | None = None,
              chat_template_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> GenerationResult:
-        """Reply to a conversation (a list of {"role", "content"} messages)."""
-        ids = self.encode_chat(messages, tools, **(chat_template_kwargs or {}))
+        """Reply to a conversation (a list of {"role", "content"} messages; with an LFM2-VL
+        model, contents may be lists of text and image parts)."""
+        ids, images = self._prepare_chat(messages, tools, **(chat_template_kwargs or {}))
+        if images:
+            return generate(self.model, [ids], params=self._params_for(1, params, kwargs),
+                            tokenizer=self.tokenizer, **images).results[0]
         return self._generate_ids([ids], self._params_for(1, params, kwargs))[0]
 
     def stream(self, prompt: str | Sequence[int] | Messages, params: SamplingParams | None = None,
                tools: Sequence[Any] | None = None, **kwargs: Any) -> Iterator[str]:
         """Text deltas of one completion (a prompt) or reply (a list of messages) as they are
         generated; the final GenerationResult is left in `self.last_result`."""
+        images: dict[str, Any] = {}
         if isinstance(prompt, Sequence) and prompt and isinstance(prompt[0], Mapping):
-            ids = self.encode_chat(prompt, tools)
+            ids, images = self._prepare_chat(prompt, tools)
         else:
             ids = self._encode(prompt)
-        run = _Run(self.model, [ids], None, self._params_for(1, params, kwargs), {}, self.tokenizer, {0})
+        run = _Run(self.model, [ids], None, self._params_for(1, params, kwargs), {}, self.tokenizer, {0},
+                   model_inputs=images)
         for deltas in run:
             for _, delta in deltas:
                 yield delta

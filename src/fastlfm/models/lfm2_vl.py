@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..generation import GenerationMixin
 from ..loading import PretrainedMixin
 from .config import ConfigError, Lfm2Config
 from .lfm2 import CausalLMOutput, Lfm2Cache, Lfm2Model, causal_lm_loss, select_logit_positions
@@ -117,9 +118,12 @@ class Lfm2VlConfig:
         with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
             json.dump(self.to_dict(), f, indent=2)
 
-    @property
-    def eos_token_ids(self) -> list[int]:
-        return self.text_config.eos_token_ids
+    def __getattr__(self, name: str) -> Any:
+        # Generation and the engine read text-model fields (vocab_size, layer types, heads,
+        # eos, ...); the VL model *is* that text model once image features are embedded.
+        if name.startswith("__") or name == "text_config":
+            raise AttributeError(name)
+        return getattr(self.text_config, name)
 
 
 # ----------------------------------------------------------------------------- vision tower
@@ -262,7 +266,7 @@ class Lfm2VlModel(nn.Module):
         return embeds.masked_scatter(slots[..., None], feats.to(embeds.dtype))
 
 
-class Lfm2VlForConditionalGeneration(PretrainedMixin, nn.Module):
+class Lfm2VlForConditionalGeneration(GenerationMixin, PretrainedMixin, nn.Module):
     config_class = Lfm2VlConfig
 
     def __init__(self, config: Lfm2VlConfig):
