@@ -17,7 +17,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -221,10 +221,3 @@ def plan_batches(lengths: Sequence[int], tokens_per_batch: int, seed: int) -> li
         batches.append(current)
     return batches
 
-
-def iterate_plan(lengths: Sequence[int], tokens_per_batch: int, seed: int) -> Iterator[list[int]]:
-    """Micro-batches of example indices, epoch after epoch (each epoch reshuffled with seed + epoch)."""
-    epoch = 0
-    while True:
-        yield from plan_batches(lengths, tokens_per_batch, seed + epoch)
-        epoch += 1
