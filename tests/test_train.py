@@ -261,3 +261,44 @@ def test_vocabulary_mismatch_is_refused(tmp_path, capsys):
     assert main(["--model", str(small), "--tokenizer", str(tmp_path / "tok"), "--data", str(data),
                  "--output", str(tmp_path / "o")]) == 2
     assert "1024 tokens but the model's vocab_size is 512" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- LoRA
+def test_lora_trains_adapters_only_and_saves_a_merged_checkpoint(ckpt, tokenizer, tmp_path):
+    from fastlfm.lora import apply_lora, merged_state_dict
+
+    # Merging is exact: a wrapped model with non-zero adapters computes what its merged weights do.
+    model = Lfm2ForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    apply_lora(model, rank=4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_b"):
+                p.normal_(0, 0.05)
+    assert {n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad} == {"lora_a", "lora_b"}
+    plain = Lfm2ForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    plain.load_state_dict(merged_state_dict(model))
+    ids = torch.randint(0, 1024, (2, 21), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (model(ids).logits - plain(ids).logits).abs().max() <= 1e-5
+
+    data = write_jsonl(tmp_path / "train.jsonl", chat_data(48))
+    out = tmp_path / "lora"
+    lora_args = ["--lora-rank", "8", "--lr", "1e-2", "--max-steps", "12", "--warmup-steps", "2", "--save-every", "6"]
+    assert main(train_args(ckpt, data, out, *lora_args)) == 0
+    examples, _ = load_examples(data, tokenizer)
+    # The frozen random embeddings and norms bound how sharp the fixture's logits can get, so
+    # LoRA lowers its loss less than full fine-tuning does; it must still clearly lower it.
+    assert dataset_loss_hf(out, examples) < 0.95 * dataset_loss_hf(ckpt, examples)
+    base = Lfm2ForCausalLM.from_pretrained(ckpt, dtype=torch.float32).state_dict()
+    tuned = Lfm2ForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
+    assert set(base) == set(tuned)
+    # Only the adapted projections moved; embeddings and norms are the base model's.
+    for key in base:
+        moved = not torch.equal(base[key], tuned[key])
+        assert moved == any(f".{t}.weight" in key for t in ("q_proj", "k_proj", "v_proj", "out_proj",
+                                                              "in_proj", "w1", "w2", "w3")), key
+    # Resuming a LoRA run from its adapters reproduces the uninterrupted run.
+    resumed = tmp_path / "lora-resumed"
+    assert main(train_args(ckpt, data, resumed, *lora_args, "--resume", str(out / "step-6"))) == 0
+    again = Lfm2ForCausalLM.from_pretrained(resumed, dtype=torch.float32).state_dict()
+    assert all(torch.allclose(tuned[k], again[k], atol=1e-6) for k in tuned)

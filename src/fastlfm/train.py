@@ -13,7 +13,8 @@ What it does, in order:
   normalised by the number of target tokens of the whole optimizer step, gradient clipping;
 - fp32 or bf16 (autocast over fp32 master weights);
 - writes `step-N/` checkpoints (HF format + `trainer_state.pt` for --resume) and the final
-  model in the output folder itself, loadable by fastlfm and by transformers.
+  model in the output folder itself, loadable by fastlfm and by transformers;
+- or, with --lora-rank R, trains low-rank adapters only and saves them merged (`fastlfm.lora`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from tqdm.auto import tqdm
 
 from .data import DataError, Example, load_examples, pack_examples, plan_batches
 from .loading import CheckpointError, resolve_device, resolve_model_dir
+from .lora import DEFAULT_TARGETS, LoRAError, apply_lora, load_adapters, lora_modules, merged_state_dict, save_adapters
 from .models import Lfm2Config, Lfm2ForCausalLM
 from .models.config import ConfigError
 from .models.lfm2 import PackedContext
@@ -43,7 +45,8 @@ from .tokenizer import Tokenizer
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"]
 TRAINER_STATE = "trainer_state.pt"
 # Arguments that decide which tokens go into which step: a resumed run must use the same.
-PLAN_ARGS = ("data", "seed", "batch_tokens", "grad_accum", "max_length", "max_steps", "epochs")
+PLAN_ARGS = ("data", "seed", "batch_tokens", "grad_accum", "max_length", "max_steps", "epochs",
+             "lora_rank", "lora_alpha", "lora_targets")
 _SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -84,23 +87,17 @@ def packed_loss(model: Lfm2ForCausalLM, examples: list[Example], num_items: int,
 
 def save_model(model: Lfm2ForCausalLM, folder: Path, dtype: torch.dtype, tokenizer_dir: Path) -> None:
     """HF-format checkpoint (config.json, model.safetensors, generation_config.json) plus the
-    tokenizer files, with weights cast to `dtype` without touching the fp32 master copy."""
+    tokenizer files, with weights cast to `dtype` (and LoRA adapters merged) without touching
+    the model being trained."""
     name = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]
     config = dataclasses.replace(model.config, torch_dtype=name)
-    if dtype == model.dtype:
-        out, saved_config = model, model.config
-        model.config = config
-    else:
-        with torch.device("meta"):
-            out = Lfm2ForCausalLM(config)
-        out.load_state_dict({k: v.detach().to(dtype) for k, v in model.state_dict().items()}, assign=True)
-        out.tie_weights()
-        out.generation_config = model.generation_config
-    try:
-        out.save_pretrained(folder)
-    finally:
-        if out is model:
-            model.config = saved_config
+    with torch.device("meta"):
+        out = Lfm2ForCausalLM(config)
+    state = merged_state_dict(model) if lora_modules(model) else model.state_dict()
+    out.load_state_dict({k: v.detach().to(dtype) for k, v in state.items()}, assign=True)
+    out.tie_weights()
+    out.generation_config = model.generation_config
+    out.save_pretrained(folder)
     for fname in TOKENIZER_FILES:
         if (tokenizer_dir / fname).is_file() and tokenizer_dir.resolve() != folder.resolve():
             shutil.copyfile(tokenizer_dir / fname, folder / fname)
@@ -143,7 +140,14 @@ def _load_model_and_tokenizer(args) -> tuple[Lfm2ForCausalLM, Tokenizer, Path, d
             if state["args"].get(key) != getattr(args, key):
                 raise TrainError(f"--resume {ckpt}: --{key.replace('_', '-')} was {state['args'].get(key)!r} in "
                                  f"that run but is {getattr(args, key)!r} now; a resumed run must see the same data plan")
-        model = Lfm2ForCausalLM.from_pretrained(ckpt, dtype=torch.float32, device=device)
+        if args.lora_rank:
+            # The checkpoint's weights have the adapters merged in; resume from the frozen base
+            # plus the saved adapters, which is exact.
+            if not args.model:
+                raise TrainError(f"--resume {ckpt}: a LoRA run resumes from its base model; pass the same --model")
+            model = Lfm2ForCausalLM.from_pretrained(resolve_model_dir(args.model), dtype=torch.float32, device=device)
+        else:
+            model = Lfm2ForCausalLM.from_pretrained(ckpt, dtype=torch.float32, device=device)
         tok_dir = Path(args.tokenizer) if args.tokenizer else ckpt
     elif args.init:
         init = Path(args.init)
@@ -162,6 +166,10 @@ def _load_model_and_tokenizer(args) -> tuple[Lfm2ForCausalLM, Tokenizer, Path, d
         folder = resolve_model_dir(args.model)
         model = Lfm2ForCausalLM.from_pretrained(folder, dtype=torch.float32, device=device)
         tok_dir = Path(args.tokenizer) if args.tokenizer else folder
+    if args.lora_rank:
+        apply_lora(model, args.lora_rank, args.lora_alpha, tuple(args.lora_targets.split(",")))
+        if state is not None:
+            load_adapters(model, ckpt)
     if not (tok_dir / "tokenizer.json").is_file():
         hint = " (pass --tokenizer DIR with --init)" if args.init else " (pass --tokenizer DIR)"
         raise TrainError(f"no tokenizer.json in {tok_dir}{hint}")
@@ -235,8 +243,10 @@ def train(args: argparse.Namespace) -> Path:
     run_args = {k: v for k, v in vars(args).items()}
     (output / "training_args.json").write_text(json.dumps(run_args, indent=2, default=str))
     n_params = sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_targets = sum(e.num_targets for e in examples)
-    print(f"fastlfm train: {n_params / 1e6:.2f}M parameters on {device} ({dtype}); {len(examples)} conversations "
+    lora = f", LoRA rank {args.lora_rank}: {n_trainable / 1e6:.2f}M trainable" if args.lora_rank else ""
+    print(f"fastlfm train: {n_params / 1e6:.2f}M parameters{lora} on {device} ({dtype}); {len(examples)} conversations "
           f"({n_targets} assistant tokens, {stats['truncated']} truncated, {stats['no_assistant']} without an "
           f"assistant turn skipped); {len(micro)} packed micro-batches -> {total_steps} steps "
           f"(warmup {warmup}), starting at step {start}", file=sys.stderr)
@@ -297,6 +307,8 @@ def save_checkpoint(model, optimizer, scheduler, step: int, args, folder: Path, 
     """A resumable checkpoint: the model (HF format, fp32 so that resuming is exact unless
     bf16 was asked for) and the optimizer / scheduler / RNG state with the step."""
     save_model(model, folder, torch.float32, tokenizer_dir)
+    if lora_modules(model):
+        save_adapters(model, folder)
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": _rng_state(), "args": {k: getattr(args, k) for k in PLAN_ARGS}}, folder / TRAINER_STATE)
 
@@ -331,6 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95), metavar=("B1", "B2"))
     o.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
     o.add_argument("--seed", type=int, default=0)
+    lo = p.add_argument_group("LoRA (instead of full fine-tuning; checkpoints are saved merged)")
+    lo.add_argument("--lora-rank", type=int, default=0, help="adapter rank (0: full fine-tuning)")
+    lo.add_argument("--lora-alpha", type=float, help="adapter scale numerator (default: 2 x rank)")
+    lo.add_argument("--lora-targets", default=",".join(DEFAULT_TARGETS),
+                    help="comma-separated linear layer names to adapt")
     r = p.add_argument_group("run")
     r.add_argument("--output", required=True, help="folder for step-N/ checkpoints and the final model")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
@@ -355,6 +372,8 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for name in ("batch_tokens", "grad_accum", "max_length", "epochs", "log_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.lora_rank < 0:
+        p.error(f"--lora-rank must be >= 0, got {args.lora_rank}")
     if args.max_steps is not None and args.max_steps < 1:
         p.error(f"--max-steps must be >= 1, got {args.max_steps}")
     if args.lr <= 0:
@@ -371,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     _check_args(parser, args)
     try:
         train(args)
-    except (TrainError, DataError, CheckpointError, ConfigError) as e:
+    except (TrainError, DataError, CheckpointError, ConfigError, LoRAError) as e:
         print(f"fastlfm train: error: {e}", file=sys.stderr)
         return 2
     return 0
