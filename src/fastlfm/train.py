@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .data import DataError, Example, load_examples, pack_examples, plan_batches
+from .data import DataError, Example, PackedBatch, load_examples, pack_examples, plan_batches
 from .loading import CheckpointError, resolve_device, resolve_model_dir
 from .lora import DEFAULT_TARGETS, LoRAError, apply_lora, load_adapters, lora_modules, merged_state_dict, save_adapters
 from .models import Lfm2Config, Lfm2ForCausalLM
@@ -75,14 +75,13 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas
     return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
 
-def packed_loss(model: Lfm2ForCausalLM, examples: list[Example], num_items: int, device: torch.device,
-                autocast) -> tuple[torch.Tensor, int]:
-    """Summed next-token loss of `examples` (packed in one row) divided by `num_items`."""
-    batch = pack_examples(examples)
+def packed_loss(model: Lfm2ForCausalLM, batch: PackedBatch, num_items: int, device: torch.device,
+                autocast) -> torch.Tensor:
+    """Summed next-token loss of a packed row divided by `num_items`."""
     with autocast:
         out = model(input_ids=batch.input_ids[None].to(device), labels=batch.labels[None].to(device),
                     context=PackedContext(batch.seq_lens, device=device), num_items_in_batch=num_items)
-    return out.loss, int(batch.input_ids.numel())
+    return out.loss
 
 
 def save_model(model: Lfm2ForCausalLM, folder: Path, dtype: torch.dtype, tokenizer_dir: Path) -> None:
@@ -203,10 +202,9 @@ def evaluate(model, examples: list[Example], args, device, autocast) -> float:
     model.eval()
     total, count = 0.0, 0
     for idx in plan_batches([len(e.input_ids) for e in examples], args.batch_tokens, seed=0):
-        batch = [examples[i] for i in idx]
-        n = pack_examples(batch).num_targets
-        loss, _ = packed_loss(model, batch, 1, device, autocast)
-        total, count = total + float(loss.detach()), count + n
+        batch = pack_examples([examples[i] for i in idx])
+        total += float(packed_loss(model, batch, 1, device, autocast))
+        count += batch.num_targets
     model.train(was_training)
     return total / max(count, 1)
 
@@ -240,8 +238,7 @@ def train(args: argparse.Namespace) -> Path:
         start = state["step"]
 
     output.mkdir(parents=True, exist_ok=True)
-    run_args = {k: v for k, v in vars(args).items()}
-    (output / "training_args.json").write_text(json.dumps(run_args, indent=2, default=str))
+    (output / "training_args.json").write_text(json.dumps(vars(args), indent=2, default=str))
     n_params = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_targets = sum(e.num_targets for e in examples)
@@ -256,16 +253,17 @@ def train(args: argparse.Namespace) -> Path:
     window_tokens, window_start = 0, time.perf_counter()
     try:
         for step in range(start, total_steps):
-            group = [[examples[i] for i in idx] for idx in micro[step * args.grad_accum:(step + 1) * args.grad_accum]]
+            group = [pack_examples([examples[i] for i in idx])
+                     for idx in micro[step * args.grad_accum:(step + 1) * args.grad_accum]]
             # Normalise by the target tokens of the whole optimizer step, so accumulation gives
             # the same gradient as one big batch.
-            num_items = sum(pack_examples(b).num_targets for b in group)
+            num_items = sum(b.num_targets for b in group)
             step_loss, step_tokens = 0.0, 0
             for batch in group:
-                loss, n_tok = packed_loss(model, batch, num_items, device, autocast)
+                loss = packed_loss(model, batch, num_items, device, autocast)
                 loss.backward()
                 step_loss += float(loss.detach())
-                step_tokens += n_tok
+                step_tokens += batch.input_ids.numel()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm) \
                 if args.max_grad_norm > 0 else None
             lr = scheduler.get_last_lr()[0]
@@ -290,22 +288,20 @@ def train(args: argparse.Namespace) -> Path:
                 log.flush()
                 window_tokens, window_start = 0, time.perf_counter()
             if args.save_every and done % args.save_every == 0 and done < total_steps:
-                save_checkpoint(model, optimizer, scheduler, done, args, output / f"step-{done}", save_dtype, tok_dir)
+                save_checkpoint(model, optimizer, scheduler, done, args, output / f"step-{done}", tok_dir)
     finally:
         bar.close()
         log.close()
     if args.save_every:
-        save_checkpoint(model, optimizer, scheduler, total_steps, args, output / f"step-{total_steps}",
-                        save_dtype, tok_dir)
+        save_checkpoint(model, optimizer, scheduler, total_steps, args, output / f"step-{total_steps}", tok_dir)
     save_model(model, output, save_dtype, tok_dir)
     print(f"fastlfm train: saved the model to {output}", file=sys.stderr)
     return output
 
 
-def save_checkpoint(model, optimizer, scheduler, step: int, args, folder: Path, dtype: torch.dtype,
-                    tokenizer_dir: Path) -> None:
-    """A resumable checkpoint: the model (HF format, fp32 so that resuming is exact unless
-    bf16 was asked for) and the optimizer / scheduler / RNG state with the step."""
+def save_checkpoint(model, optimizer, scheduler, step: int, args, folder: Path, tokenizer_dir: Path) -> None:
+    """A resumable checkpoint: the model (HF format, always fp32 so that resuming is exact;
+    LoRA adapters beside it) and the optimizer / scheduler / RNG state with the step."""
     save_model(model, folder, torch.float32, tokenizer_dir)
     if lora_modules(model):
         save_adapters(model, folder)
