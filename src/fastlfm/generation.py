@@ -370,95 +370,84 @@ class _Run:
         history = self.history or [[] for _ in range(B)]
         tensors = SamplingTensors.from_requests(
             params, [h + p for h, p in zip(history, self.prompts)], None, V, device)
-
-        # Per-row eos ids as a padded (B, E) table (-1 never matches a token).
-        eos_rows = [[] if p.ignore_eos else list(p.stop_token_ids) for p in params]
-        width = max(1, max(len(e) for e in eos_rows))
-        eos_table = torch.tensor([e + [-1] * (width - len(e)) for e in eos_rows], dtype=torch.long, device=device)
-        max_len = torch.tensor([p.max_new_tokens for p in params], device=device)
+        # Plain greedy (the common case) needs no sampler state at all.
+        plain_greedy = tensors.all_greedy and tensors.logit_bias is None and not tensors.any_repetition \
+            and not tensors.any_presence_frequency and tensors.num_logprobs is None
+        eos_ids = [frozenset() if p.ignore_eos else frozenset(p.stop_token_ids) for p in params]
 
         # Left padding: the mask grows by a column of ones per step; positions continue per row.
+        T = self.ids.shape[1]
         mask = self.mask
+        next_pos = None
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones(B, max_new)], dim=1)
-            next_pos = mask[:, : self.ids.shape[1]].sum(-1, keepdim=True) - 1
-        else:
-            next_pos = torch.full((B, 1), past + self.ids.shape[1] - 1, dtype=torch.long, device=device)
-
-        T = self.ids.shape[1]
+            next_pos = mask[:, :T].sum(-1, keepdim=True) - 1
         logits = model(self.ids, attention_mask=None if mask is None else mask[:, :T], past_key_values=cache,
                        use_cache=True, logits_to_keep=1, **self.model_inputs).logits[:, -1]
         seq_len = past + T
 
-        tokens = torch.full((B, max_new), self.pad_id, dtype=torch.long, device=device)
-        want_lp = tensors.num_logprobs is not None
-        lp_buf = torch.zeros(B, max_new, device=device) if want_lp else None
-        top_lp = top_id = None
-        if want_lp and tensors.num_logprobs > 0:
-            top_lp = torch.zeros(B, max_new, tensors.num_logprobs, device=device)
-            top_id = torch.zeros(B, max_new, tensors.num_logprobs, dtype=torch.long, device=device)
-
-        rows = list(range(B))  # original row index of each batch row
-        rows_dev = torch.arange(B, device=device)
-        done = torch.zeros(B, dtype=torch.bool, device=device)  # per batch row
-        lengths = [0] * B
+        out_ids: list[list[int]] = [[] for _ in range(B)]
+        logprobs: list[list[Any]] = [[] for _ in range(B)]  # per row: (logprob, top values, top ids) per step
         reasons: list[str | None] = [None] * B
+        rows = list(range(B))  # original row index of each batch row
+        lingering = 0  # finished rows still in the batch (fed pads until dropped)
         for step in range(max_new):
-            out = sample(logits, tensors)
-            tok = torch.where(done, self.pad_id, out.token_ids)
-            tokens[rows_dev, step] = tok
-            if want_lp:
-                lp_buf[rows_dev, step] = out.logprobs
-                if top_lp is not None:
-                    top_lp[rows_dev, step], top_id[rows_dev, step] = out.top_logprobs, out.top_token_ids
-            is_eos = (tok[:, None] == eos_table).any(-1) & ~done
-            at_limit = (step + 1 >= max_len) & ~done
-            # The one host read per step: which rows ended, and the ids when text is tracked.
-            if self.trackers:
-                host = torch.stack([tok, is_eos.long(), at_limit.long()]).tolist()
+            if plain_greedy:
+                tok, out = logits.argmax(-1), None
             else:
-                host = [None] + torch.stack([is_eos, at_limit]).long().tolist()
+                out = sample(logits, tensors)
+                tok = out.token_ids
+            if lingering:
+                done_mask = torch.tensor([reasons[r] is not None for r in rows], device=device)
+                tok = tok.masked_fill(done_mask, self.pad_id)
+            host = tok.tolist()  # the one host sync per step
+            if out is not None and out.logprobs is not None:
+                self._record_logprobs(out, rows, reasons, logprobs)
             deltas: list[tuple[int, str]] = []
             for b, r in enumerate(rows):
                 if reasons[r] is not None:
                     continue
-                lengths[r] = step + 1
-                if host[1][b]:
+                t = host[b]
+                out_ids[r].append(t)
+                if t in eos_ids[r]:
                     reasons[r] = "eos"
                 elif r in self.trackers:
                     tr = self.trackers[r]
-                    delta = tr.add(host[0][b])
+                    delta = tr.add(t)
                     if tr.stopped:
                         reasons[r] = "stop"
                     if delta and r in self.stream_rows:
                         deltas.append((r, delta))
-                if reasons[r] is None and host[2][b]:
+                if reasons[r] is None and len(out_ids[r]) >= params[r].max_new_tokens:
                     reasons[r] = "length"
+                if reasons[r] is not None:
+                    lingering += 1
             if deltas:
                 yield deltas
-            newly_done = torch.tensor([reasons[r] is not None for r in rows], device=device)
-            tensors.advance(tok, ~done)
-            done = newly_done
-            n_done = sum(reasons[r] is not None for r in rows)
-            if n_done == len(rows):
+            if not plain_greedy:
+                active = None if not lingering else torch.tensor([reasons[r] is None for r in rows], device=device)
+                tensors.advance(tok, active)
+            if lingering == len(rows):
                 break
-            if 4 * n_done >= len(rows):  # drop finished rows from the batch
+            if 4 * lingering >= len(rows):  # drop finished rows from the batch
                 keep = [b for b, r in enumerate(rows) if reasons[r] is None]
                 keep_dev = torch.tensor(keep, device=device)
                 cache.reorder(keep_dev)
                 tensors = tensors.select(keep_dev)
-                tok, next_pos, done = tok[keep_dev], next_pos[keep_dev], done[keep_dev]
-                eos_table, max_len = eos_table[keep_dev], max_len[keep_dev]
+                tok = tok[keep_dev]
                 rows = [rows[b] for b in keep]
-                rows_dev = rows_dev[keep_dev]
+                lingering = 0
                 if mask is not None:
-                    mask = mask[keep_dev]
+                    mask, next_pos = mask[keep_dev], next_pos[keep_dev]
                     if bool(mask[:, :seq_len].all()):
                         mask = None
-            next_pos = next_pos + 1
             seq_len += 1
-            logits = model(tok[:, None], attention_mask=None if mask is None else mask[:, :seq_len],
-                           position_ids=next_pos, past_key_values=cache, use_cache=True).logits[:, -1]
+            if mask is None:
+                logits = model(tok[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
+            else:
+                next_pos = next_pos + 1
+                logits = model(tok[:, None], attention_mask=mask[:, :seq_len], position_ids=next_pos,
+                               past_key_values=cache, use_cache=True).logits[:, -1]
 
         # Release held-back text of rows that did not stop on a stop string.
         final: list[tuple[int, str]] = []
@@ -468,15 +457,21 @@ class _Run:
                 final.append((r, tail))
         if final:
             yield final
-        self._collect(tokens, lengths, reasons, lp_buf, top_lp, top_id)
+        self._collect(out_ids, reasons, logprobs)
 
-    def _collect(self, tokens, lengths, reasons, lp_buf, top_lp, top_id) -> None:
-        token_rows = tokens.tolist()
-        lp_rows = lp_buf.tolist() if lp_buf is not None else None
-        top_rows = (top_lp.tolist(), top_id.tolist()) if top_lp is not None else None
+    @staticmethod
+    def _record_logprobs(out, rows, reasons, logprobs) -> None:
+        chosen = out.logprobs.tolist()
+        top_v = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+        top_i = out.top_token_ids.tolist() if out.top_token_ids is not None else None
+        for b, r in enumerate(rows):
+            if reasons[r] is None:
+                logprobs[r].append((chosen[b], top_v[b] if top_v else [], top_i[b] if top_i else []))
+
+    def _collect(self, out_ids, reasons, logprobs) -> None:
         results = []
         for r, p in enumerate(self.params):
-            ids = token_rows[r][: lengths[r]]
+            ids = out_ids[r]
             reason = reasons[r] or "length"
             if r in self.trackers:
                 text = self.trackers[r].text
@@ -486,13 +481,10 @@ class _Run:
             else:
                 text = None
             res = GenerationResult(text, ids, reason, len(self.prompts[r]))
-            if p.logprobs is not None and lp_rows is not None:
-                res.logprobs = lp_rows[r][: lengths[r]]
-                if p.logprobs > 0 and top_rows is not None:
-                    res.top_logprobs = [
-                        dict(zip(top_rows[1][r][s][: p.logprobs], top_rows[0][r][s][: p.logprobs]))
-                        for s in range(lengths[r])
-                    ]
+            if p.logprobs is not None:
+                res.logprobs = [lp for lp, _, _ in logprobs[r]]
+                if p.logprobs > 0:
+                    res.top_logprobs = [dict(zip(i[: p.logprobs], v[: p.logprobs])) for _, v, i in logprobs[r]]
             results.append(res)
         self.results = results
 
