@@ -100,13 +100,15 @@ class PagedContext:
                 vi = v_cache[blocks].flatten(0, 1)[: past + n]
             ki = ki.transpose(0, 1).repeat_interleave(group, dim=0)
             vi = vi.transpose(0, 1).repeat_interleave(group, dim=0)
+            # 4-D (1, H, T, d) inputs: with 3-D ones SDPA silently takes its fp32 math path.
+            qi, ki, vi = qi[None], ki[None], vi[None]
             if past == 0:
                 oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True)
             else:  # queries sit at the end of the key range (bottom-right causal)
                 qpos = torch.arange(past, past + n, device=q.device)
                 mask = torch.arange(past + n, device=q.device)[None] <= qpos[:, None]
                 oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask)
-            out[start:start + n] = oi.transpose(0, 1)
+            out[start:start + n] = oi[0].transpose(0, 1)
         return out[None]
 
     def _decode(self, q, k_cache, v_cache, block_tables, context_lens):
