@@ -186,6 +186,36 @@ def test_argument_errors_are_clear(ours, tok):
         ours.generate([[5], [6]], streamer=TextStreamer(tok), tokenizer=tok)
     with pytest.raises(ValueError, match="2 SamplingParams for a batch of 3"):
         ours.generate([[5], [6], [7]], params=[SamplingParams()] * 2)
+    with pytest.raises(ValueError, match="num_beams is not supported"):
+        ours.generate([[5, 6]], num_beams=4)
+
+
+def test_generation_config_keyword_replaces_the_checkpoint_defaults(ours):
+    prompt = prompts_of([5], seed=8)[0]
+    free = ours.generate([prompt], max_new_tokens=12).token_ids[0]
+    res = ours.generate([prompt], generation_config={"eos_token_id": free[3], "max_new_tokens": 12})[0]
+    assert res.token_ids == free[: free.index(free[3]) + 1] and res.finish_reason == "eos"
+
+
+def test_cpu_weight_layout_switch_keeps_weights_names_and_ties(tmp_path, ckpt):
+    model = Lfm2ForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params_before = list(model.parameters())
+    ids = torch.tensor([[1, 600, 700, 800]])
+    with torch.no_grad():
+        logits_standard = model(ids).logits
+    model.generate(ids, max_new_tokens=2)  # one row: input-major storage
+    assert not model.model.layers[0].feed_forward.w1.weight.is_contiguous()
+    assert model.lm_head.weight is model.model.embed_tokens.weight and list(model.parameters()) == params_before
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, logits_standard, rtol=0, atol=1e-5)
+    model.save_pretrained(tmp_path)  # saving writes the usual layout
+    reloaded = Lfm2ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    assert all(torch.equal(reloaded.state_dict()[k], before[k]) for k in before)
+    model.generate(torch.cat([ids, ids]), max_new_tokens=2)  # several rows: standard storage again
+    assert all(p.is_contiguous() for p in model.parameters())
 
 
 # ----------------------------------------------------------------------------- stop strings

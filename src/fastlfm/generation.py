@@ -44,8 +44,11 @@ __all__ = [
 
 # HF-style keyword names accepted by generate() besides SamplingParams' own field names.
 _HF_ALIASES = {"eos_token_id": "stop_token_ids", "stop": "stop_strings", "max_tokens": "max_new_tokens"}
-_HF_IGNORED = {"use_cache", "return_dict_in_generate", "output_scores", "num_beams", "pad_token_id",
-               "bos_token_id", "num_return_sequences", "generation_config"}
+# transformers keywords that change nothing here (we always cache, pad with the model's pad id
+# and return a GenerationOutput).
+_HF_NO_OPS = {"use_cache", "return_dict_in_generate", "pad_token_id", "bos_token_id"}
+# transformers keywords for features generate() does not have: refused rather than ignored.
+_HF_UNSUPPORTED = {"num_beams": 1, "num_return_sequences": 1, "output_scores": False, "output_logits": False}
 
 
 @dataclass
@@ -233,22 +236,31 @@ class TextIteratorStreamer(TextStreamer):
 # ----------------------------------------------------------------------------- parameters
 def resolve_params(
     params: SamplingParams | Sequence[SamplingParams] | None,
-    generation_config: dict[str, Any] | None,
+    defaults: dict[str, Any] | None,
     batch_size: int,
     vocab_size: int | None = None,
     **kwargs: Any,
 ) -> list[SamplingParams]:
-    """One validated SamplingParams per row from `params` and HF-style keyword overrides."""
-    unknown_hf = set(kwargs) & _HF_IGNORED
-    for k in unknown_hf:
+    """One validated SamplingParams per row from `params` and HF-style keyword overrides.
+
+    `defaults` is a generation_config.json dict; a `generation_config=` keyword (a dict or a
+    transformers GenerationConfig) replaces it.
+    """
+    for k in _HF_NO_OPS & set(kwargs):
         kwargs.pop(k)
+    for k, neutral in _HF_UNSUPPORTED.items():
+        if k in kwargs and kwargs.pop(k) not in (None, neutral):
+            raise ValueError(f"{k} is not supported by fastlfm's generate() (only {k}={neutral!r})")
+    if "generation_config" in kwargs:
+        gc = kwargs.pop("generation_config")
+        defaults = gc.to_dict() if hasattr(gc, "to_dict") else dict(gc or {})
     overrides = {_HF_ALIASES.get(k, k): v for k, v in kwargs.items()}
     for key in ("stop_strings", "stop_token_ids"):
         if key in overrides:
             v = overrides[key]
             overrides[key] = [] if v is None else [v] if isinstance(v, (int, str)) else list(v)
     if params is None:
-        rows = [SamplingParams.from_generation_config(generation_config, **overrides)] * batch_size
+        rows = [SamplingParams.from_generation_config(defaults, **overrides)] * batch_size
     else:
         rows = [params] * batch_size if isinstance(params, SamplingParams) else list(params)
         if len(rows) != batch_size:
@@ -319,6 +331,37 @@ def _find_tokenizer(model: Any) -> Any:
     return tok
 
 
+# ----------------------------------------------------------------------------- CPU weight layout
+def match_cpu_weight_layout(model: Any, batch_size: int) -> None:
+    """Store fp32 Linear weights on CPU in the layout MKL multiplies fastest for this batch.
+
+    Decoding one sequence is a matrix-vector product per Linear. MKL streams a weight kept
+    input-major ((in, out) contiguous: y = sum_k x_k W[:, k] as contiguous AXPYs) about
+    1.2x faster than the (out, in) layout nn.Linear uses, but for several rows (small GEMMs)
+    the standard layout is ~10% faster (bench/cpu.py; BENCHMARKS.md). So a batch of one
+    switches the storage to input-major and a larger batch switches it back.
+
+    Only the storage changes: every `.weight` keeps its (out, in) shape, values, name and
+    Parameter object (tied weights stay tied), `state_dict()`/saving are unaffected, and
+    F.linear on the transposed view computes the same product. A switch copies the weights
+    once; repeated calls with the same kind of batch cost nothing.
+    """
+    if model.device.type != "cpu":
+        return
+    target = "input-major" if batch_size == 1 else "standard"
+    if model.__dict__.get("_fastlfm_cpu_layout", "standard") == target:
+        return
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.weight.dtype == torch.float32:
+                w = module.weight
+                if target == "input-major" and w.is_contiguous():
+                    w.data = w.data.t().contiguous().t()
+                elif target == "standard" and not w.is_contiguous():
+                    w.data = w.data.contiguous()
+    model.__dict__["_fastlfm_cpu_layout"] = target
+
+
 # ----------------------------------------------------------------------------- the loop
 class _Run:
     """One generate() call as an iterator over steps; each step yields (row, text delta)
@@ -365,6 +408,7 @@ class _Run:
         B = self.ids.shape[0]
         V = model.config.vocab_size
         max_new = max(p.max_new_tokens for p in params)
+        match_cpu_weight_layout(model, B)
         cache = self.cache if self.cache is not None else model.make_cache()
         past = cache.seq_len
         history = self.history or [[] for _ in range(B)]
