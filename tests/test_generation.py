@@ -321,7 +321,7 @@ def test_transformers_style_streamer_gets_token_ids(ours, tok):
 
     s = Collect()
     res = ours.generate([[1, 600, 700]], max_new_tokens=6, streamer=s, tokenizer=tok)[0]
-    assert s.chunks[0] == [1, 600, 700] and sum(s.chunks[1:], []) == res.token_ids and s.ended
+    assert s.chunks[0] == [1, 600, 700] and s.chunks[1:] == [[t] for t in res.token_ids] and s.ended
 
 
 # ----------------------------------------------------------------------------- LLM and chat

@@ -399,6 +399,7 @@ class _Run:
                     else skip_special_tokens
                 self.trackers[i] = StopStringTracker(tokenizer, p.stop_strings, skip)
         self.stream_rows = stream_rows
+        self.on_token = None  # optional callback(token_id) for row 0 (transformers-style streamers)
         self.skip_special_tokens = skip_special_tokens
         self.results: list[GenerationResult] | None = None
 
@@ -453,6 +454,8 @@ class _Run:
                     continue
                 t = host[b]
                 out_ids[r].append(t)
+                if r == 0 and self.on_token is not None:
+                    self.on_token(t)
                 if t in eos_ids[r]:
                     reasons[r] = "eos"
                 elif r in self.trackers:
@@ -588,12 +591,11 @@ def generate(
                 for _, delta in deltas:
                     streamer.on_text(delta)
             streamer.on_end()
-        elif streamer is not None:  # transformers-style streamer: token ids
+        elif streamer is not None:  # transformers-style streamer: token ids, one step at a time
             streamer.put(torch.tensor(run.prompts[0])[None])
+            run.on_token = lambda t: streamer.put(torch.tensor([t]))
             for _ in run:
                 pass
-            if run.results[0].token_ids:
-                streamer.put(torch.tensor(run.results[0].token_ids))
             streamer.end()
         else:
             for _ in run:
@@ -603,22 +605,6 @@ def generate(
             streamer.on_error(e)
         raise
     return GenerationOutput(run.results)
-
-
-def stream_deltas(model: Any, input_ids: Any, params: SamplingParams | None = None, *, tokenizer: Any = None,
-                  skip_special_tokens: bool = True, past_key_values: Any = None,
-                  history_ids: list[list[int]] | None = None, **kwargs: Any) -> Iterator[str | GenerationResult]:
-    """Yield text deltas for one prompt as they are produced, then the GenerationResult."""
-    tokenizer = tokenizer if tokenizer is not None else _find_tokenizer(model)
-    image_inputs = _pop_image_inputs(kwargs)
-    run = _Run(model, input_ids, None, params, kwargs, tokenizer, {0}, skip_special_tokens, past_key_values,
-               history_ids, model_inputs=image_inputs)
-    if len(run.prompts) != 1:
-        raise ValueError(f"streaming needs a single prompt, got a batch of {len(run.prompts)}")
-    for deltas in run:
-        for _, delta in deltas:
-            yield delta
-    yield run.results[0]
 
 
 class GenerationMixin:
