@@ -114,6 +114,10 @@ def _load(args: argparse.Namespace):
     from .llm import LLM
     from .loading import resolve_model_dir
 
+    if args.quiet:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
     with tqdm(total=3, desc=f"Loading {args.model}", file=sys.stderr, disable=args.quiet,
               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n}/{total} [{elapsed}] {postfix}") as bar:
         bar.set_postfix_str(f"resolving {args.model}")
@@ -125,12 +129,7 @@ def _load(args: argparse.Namespace):
         model = load_model(folder, dtype=args.dtype, device=args.device)
         bar.update()
         bar.set_postfix_str("tokenizer")
-        try:
-            llm = LLM(model, tokenizer=folder)
-        except FileNotFoundError as e:
-            from .loading import CheckpointError
-
-            raise CheckpointError(f"{folder}: no tokenizer files ({e})") from None
+        llm = LLM(model)  # tokenizer (and LFM2-VL processor) from the same folder
         bar.update()
         bar.set_postfix_str("ready")
     return llm
