@@ -44,6 +44,14 @@ def reference(model, prompts):
 GREEDY = SamplingParams(max_new_tokens=NEW, temperature=0.0, ignore_eos=True)
 
 
+@pytest.fixture(params=[False, True], ids=["sync", "async"])
+def async_scheduling(request):
+    """Every engine test runs both ways: each step's ids read back before the next step is
+    scheduled (sync), and the next step launched first with the ids fed on the device (async,
+    the CUDA default)."""
+    return request.param
+
+
 def run_staggered(engine, prompts, arrive_at, params=GREEDY):
     """Add prompt i before step arrive_at[i]; run to completion; outputs by prompt index."""
     finals, step, pending = {}, 0, sorted(range(len(prompts)), key=lambda i: arrive_at[i])
@@ -59,26 +67,28 @@ def run_staggered(engine, prompts, arrive_at, params=GREEDY):
     return [finals[i] for i in range(len(prompts))]
 
 
-def test_mixed_lengths_arriving_at_different_steps(model, prompts, reference):
-    engine = LLMEngine(model, max_num_seqs=8, max_model_len=64)
+def test_mixed_lengths_arriving_at_different_steps(model, prompts, reference, async_scheduling):
+    engine = LLMEngine(model, async_scheduling=async_scheduling, max_num_seqs=8, max_model_len=64)
     outs = run_staggered(engine, prompts, arrive_at=[0, 0, 2, 3, 7])
     assert [o.token_ids for o in outs] == reference
     assert all(o.finish_reason == "length" and o.num_prompt_tokens == len(p) for o, p in zip(outs, prompts))
     engine.check_no_leaks()
 
 
-def test_chunked_prefill_tiny_budget(model, prompts, reference):
+def test_chunked_prefill_tiny_budget(model, prompts, reference, async_scheduling):
     # 3 tokens a step: every prompt but the 1-token one is split, decodes share steps with chunks.
-    engine = LLMEngine(model, max_num_seqs=4, max_model_len=64, max_num_batched_tokens=3, block_size=4)
+    engine = LLMEngine(model, async_scheduling=async_scheduling, max_num_seqs=4, max_model_len=64,
+                       max_num_batched_tokens=3, block_size=4)
     outs = run_staggered(engine, prompts, arrive_at=[0, 1, 1, 2, 4])
     assert [o.token_ids for o in outs] == reference
     engine.check_no_leaks()
 
 
-def test_preemption_with_tiny_cache(model, prompts, reference):
+def test_preemption_with_tiny_cache(model, prompts, reference, async_scheduling):
     # 12 blocks of 4 tokens hold 48 tokens in all: the batch cannot fit, sequences get preempted
     # and recomputed from prompt + outputs so far.
-    engine = LLMEngine(model, max_num_seqs=4, max_model_len=48, num_kv_blocks=12, block_size=4,
+    engine = LLMEngine(model, async_scheduling=async_scheduling, max_num_seqs=4, max_model_len=48, num_kv_blocks=12,
+                       block_size=4,
                        max_num_batched_tokens=16)
     outs = run_staggered(engine, prompts, arrive_at=[0, 0, 0, 0, 0])
     assert engine.scheduler.num_preemptions > 0
@@ -86,8 +96,9 @@ def test_preemption_with_tiny_cache(model, prompts, reference):
     engine.check_no_leaks()
 
 
-def test_aborts_free_everything_and_leave_others_exact(model, prompts, reference):
-    engine = LLMEngine(model, max_num_seqs=8, max_model_len=64, max_num_batched_tokens=8, block_size=4)
+def test_aborts_free_everything_and_leave_others_exact(model, prompts, reference, async_scheduling):
+    engine = LLMEngine(model, async_scheduling=async_scheduling, max_num_seqs=8, max_model_len=64,
+                       max_num_batched_tokens=8, block_size=4)
     for i, p in enumerate(prompts):
         engine.add_request(p, GREEDY, f"r{i}")
     finals = {}
@@ -109,8 +120,26 @@ def test_aborts_free_everything_and_leave_others_exact(model, prompts, reference
     engine.check_no_leaks()
 
 
-def test_stop_token_and_max_model_len(model, prompts, reference):
-    engine = LLMEngine(model, max_num_seqs=4, max_model_len=40)
+def test_async_scheduling_launches_before_reading(model, prompts, reference):
+    """Async: each step() launches the next forward before reading the previous step's ids,
+    which reach the next forward on the device; outputs lag one call behind."""
+    engine = LLMEngine(model, async_scheduling=True, max_num_seqs=4, max_model_len=64)
+    engine.add_request(prompts[1], GREEDY, "r")
+    assert engine.step() == [] and engine.in_flight is not None  # prefill launched, nothing read
+    seq = engine.requests["r"]
+    assert seq.token_ids[-1] == -1 and seq.in_flight_row == 0  # its first token is still on the device
+    got = []
+    while engine.has_unfinished():
+        outs = engine.step()
+        got += [t for o in outs for t in o.new_token_ids]
+        if len(got) < NEW:
+            assert engine.in_flight is not None  # the next step already runs while these are read
+    assert got == reference[1]
+    engine.check_no_leaks()
+
+
+def test_stop_token_and_max_model_len(model, prompts, reference, async_scheduling):
+    engine = LLMEngine(model, async_scheduling=async_scheduling, max_num_seqs=4, max_model_len=40)
     stop_tok = reference[0][3]
     first = reference[0].index(stop_tok)
     outs = engine.generate([prompts[0], prompts[3]],
@@ -125,10 +154,12 @@ def test_stop_token_and_max_model_len(model, prompts, reference):
     engine.check_no_leaks()
 
 
-def test_seeded_sampling_is_independent_of_batch(model, prompts):
+def test_seeded_sampling_is_independent_of_batch(model, prompts, async_scheduling):
     params = SamplingParams(max_new_tokens=6, temperature=1.0, top_k=50, seed=1234, ignore_eos=True)
-    alone = LLMEngine(model, max_num_seqs=4, max_model_len=64).generate([prompts[1]], params)[0].token_ids
-    engine = LLMEngine(model, max_num_seqs=4, max_model_len=64, max_num_batched_tokens=5)
+    alone = LLMEngine(model, async_scheduling=async_scheduling, max_num_seqs=4,
+                      max_model_len=64).generate([prompts[1]], params)[0].token_ids
+    engine = LLMEngine(model, async_scheduling=async_scheduling, max_num_seqs=4, max_model_len=64,
+                       max_num_batched_tokens=5)
     others = SamplingParams(max_new_tokens=6, temperature=0.7, seed=7, ignore_eos=True)
     outs = engine.generate([prompts[0], prompts[1], prompts[4]], [others, params, GREEDY])
     assert outs[1].token_ids == alone
@@ -174,9 +205,10 @@ def test_paged_context_matches_full_forward(model):
     assert cfg.conv_L_cache == 3
 
 
-def test_async_engine_streams_aborts_and_stats(model, prompts, reference):
+def test_async_engine_streams_aborts_and_stats(model, prompts, reference, async_scheduling):
     async def main():
-        engine = AsyncLLMEngine(LLMEngine(model, max_num_seqs=4, max_model_len=64, max_num_batched_tokens=8))
+        engine = AsyncLLMEngine(LLMEngine(model, async_scheduling=async_scheduling, max_num_seqs=4, max_model_len=64,
+                                          max_num_batched_tokens=8))
 
         async def collect(i):
             chunks = [o async for o in engine.generate(prompts[i], GREEDY, f"a{i}")]
@@ -212,13 +244,14 @@ def test_async_engine_streams_aborts_and_stats(model, prompts, reference):
     engine.engine.check_no_leaks()
 
 
-def test_text_and_stop_strings_match_generate(tiny_ckpt):
+def test_text_and_stop_strings_match_generate(tiny_ckpt, async_scheduling):
     """Detokenized text and stop strings agree with fastlfm.generation.generate (the
     single-model path), including the token that completes the stop string."""
     from fastlfm.generation import generate
     from fastlfm.tokenizer import Tokenizer
 
-    engine = LLMEngine.from_pretrained(str(tiny_ckpt), max_num_seqs=4, max_model_len=128)
+    engine = LLMEngine.from_pretrained(str(tiny_ckpt), max_num_seqs=4, max_model_len=128,
+                                       async_scheduling=async_scheduling)
     tok = Tokenizer.from_pretrained(tiny_ckpt)
     prompts = [tok.encode(t) for t in ("hello there", "the quick brown fox", "a b c d e f")]
     free = generate(engine.model, prompts, params=GREEDY, tokenizer=tok).results

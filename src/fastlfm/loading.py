@@ -138,11 +138,17 @@ def load_state_dict_into(model: torch.nn.Module, folder: Path, dtype: torch.dtyp
     model.load_state_dict(loaded, strict=False, assign=True)
 
 
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """A copy only for views into a larger buffer (fused projections): safetensors refuses
+    tensors that share memory."""
+    return t.clone() if t.untyped_storage().nbytes() > t.numel() * t.element_size() else t
+
+
 def save_safetensors(model: torch.nn.Module, folder: Path, skip: set[str] = frozenset(),
                      max_shard_bytes: int = 5 * 2**30) -> None:
     """Write model.safetensors (or shards + index), HF layout, tied weights stored once."""
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in skip}
+    tensors = {k: _own_storage(v.detach().contiguous().cpu()) for k, v in model.state_dict().items() if k not in skip}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, t in tensors.items():

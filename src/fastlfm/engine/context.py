@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..models.lfm2 import MixingContext
 from ..ops import packed_causal_conv
 
 
@@ -32,7 +33,7 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     return out.view(B, q.shape[1], q.shape[2])
 
 
-class PagedContext:
+class PagedContext(MixingContext):
     """Forward context for one engine step.
 
     Device tensors (all built without a host sync, so a decode step can be graph-captured):
@@ -69,9 +70,6 @@ class PagedContext:
         self.context_lens = (past + lens).to(torch.int32)
         self.fresh = past == 0  # conv state starts from zeros
 
-    def mask_padding(self, x):
-        return x
-
     # -- attention --------------------------------------------------------------------
     # Cache writes and the Triton kernels stay outside torch.compile (opaque, in-place);
     # inductor fuses what lies between them. Inside a CUDA graph the breaks cost nothing.
@@ -79,15 +77,15 @@ class PagedContext:
     def attention(self, layer_idx, q, k, v):
         k_cache, v_cache = self.kv_caches[self.attn_index[layer_idx]]
         q, k, v = q[0], k[0], v[0]
+        if self.decode_only:
+            return self._decode(q, k, v, k_cache, v_cache, self.num_decode)[None]
         Hkv, d = k.shape[1:]
         k_cache.view(-1, Hkv, d)[self.slot_mapping] = k
         v_cache.view(-1, Hkv, d)[self.slot_mapping] = v
         nd = self.num_decode
-        if self.decode_only:
-            return self._decode(q, k_cache, v_cache, self.block_tables, self.context_lens)[None]
         out = torch.empty_like(q)
         if nd:
-            out[:nd] = self._decode(q[:nd], k_cache, v_cache, self.block_tables[:nd], self.context_lens[:nd])
+            out[:nd] = self._decode(q[:nd], k[:nd], v[:nd], k_cache, v_cache, nd)
         group = q.shape[1] // Hkv
         for row, (start, n, past) in enumerate(self.host_chunks, start=nd):
             qi = q[start:start + n].transpose(0, 1)
@@ -111,20 +109,31 @@ class PagedContext:
             out[start:start + n] = oi[0].transpose(0, 1)
         return out[None]
 
-    def _decode(self, q, k_cache, v_cache, block_tables, context_lens):
+    def _decode(self, q, k, v, k_cache, v_cache, nd):
+        """Rows 0..nd-1, one new token each: write its K/V, attend over its whole history.
+        On CUDA one Triton kernel does both."""
+        tables, lens, slots = self.block_tables[:nd], self.context_lens[:nd], self.slot_mapping[:nd]
         if self.use_triton:
             from .kernels.paged_attention import paged_decode_attention
-            return paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens)
-        return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens)
+            return paged_decode_attention(q, k, v, k_cache, v_cache, tables, lens, slots)
+        Hkv, d = k.shape[1:]
+        k_cache.view(-1, Hkv, d)[slots] = k
+        v_cache.view(-1, Hkv, d)[slots] = v
+        return paged_decode_attention_ref(q, k_cache, v_cache, tables, lens)
 
     # -- short conv ---------------------------------------------------------------------
     @torch.compiler.disable
+    def gated_short_conv(self, layer_idx, bcx, weight, bias):
+        if self.decode_only and self.use_triton and weight.shape[-1] == 3:
+            # B*x -> 3-tap FIR over the slot's state -> *C, and the state shift, in one kernel.
+            from .kernels.conv import gated_conv_decode_step
+            pool = self.conv_states[self.conv_index[layer_idx]]
+            return gated_conv_decode_step(bcx[0], weight, bias, pool, self.conv_slots, self.fresh)[None]
+        return super().gated_short_conv(layer_idx, bcx, weight, bias)
+
     def short_conv(self, layer_idx, v, weight, bias):
         pool = self.conv_states[self.conv_index[layer_idx]]  # (slots + 1, K-1, D)
         x = v[0]
-        if self.decode_only and self.use_triton and weight.shape[-1] == 3:
-            from .kernels.conv import conv_decode_step
-            return conv_decode_step(x, weight, bias, pool, self.conv_slots, self.fresh)[None]
         state = pool[self.conv_slots].masked_fill_(self.fresh[:, None, None], 0)  # (S, K-1, D)
         if self.decode_only:
             # One new input per row: out = sum_k w_k * (state ++ x)_k, then shift the state.

@@ -12,7 +12,7 @@ from ..sampling import SamplingParams
 from .block_manager import BlockManager
 from .model_runner import ModelRunner
 from .scheduler import Scheduler
-from .sequence import Sequence, SequenceStatus
+from .sequence import IN_FLIGHT, Sequence, SequenceStatus
 
 
 @dataclass
@@ -36,6 +36,22 @@ class RequestOutput:
 
 
 @dataclass
+class StepInFlight:
+    """A launched step whose sampled ids are still on their way to the host."""
+
+    entries: list[tuple[Sequence, int]]    # (sequence, index of its new token in token_ids)
+    token_ids: torch.Tensor                # (rows,) on the device: input of the next step
+    host: list[torch.Tensor]               # ids [, logprobs, top ids, top logprobs] being copied
+    event: torch.cuda.Event | None         # recorded after the copies (CUDA)
+    want_logprobs: list[int | None]
+
+    def fetch(self) -> list[list]:
+        if self.event is not None:
+            self.event.synchronize()  # waits for this step's copies only, not for later steps
+        return [t.tolist() for t in self.host]
+
+
+@dataclass
 class EngineStats:
     num_running: int
     num_waiting: int
@@ -54,12 +70,20 @@ class LLMEngine:
     Sizing: `max_num_batched_tokens` is the per-step token budget (prefill chunk size);
     `num_kv_blocks` defaults to what `gpu_memory_utilization` leaves on CUDA, or enough for
     `max_num_seqs` full-length sequences on CPU; `block_size` tokens per KV block.
+
+    Asynchronous scheduling (`async_scheduling`, on by default on CUDA): a step is launched
+    before the previous step's sampled ids reach the host. They feed the new step on the
+    device, and the host reads and processes them while the GPU runs, so Python scheduling
+    and output handling overlap the forward. A sequence that stops on eos or a stop string
+    costs one discarded row in the following step. Requests with repetition/presence/
+    frequency penalties need their full history on the host, so while one is live the
+    engine runs synchronously.
     """
 
     def __init__(self, model, tokenizer=None, *, max_num_seqs: int = 256, max_model_len: int | None = None,
                  max_num_batched_tokens: int | None = None, block_size: int | None = None,
                  num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.85,
-                 enforce_eager: bool = False, compile: bool = False):
+                 enforce_eager: bool = False, compile: bool = False, async_scheduling: bool | None = None):
         self.model = model
         self.config = model.config
         self.tokenizer = tokenizer
@@ -84,6 +108,9 @@ class LLMEngine:
                                   use_cuda_graphs=on_cuda and not enforce_eager, use_triton=on_cuda,
                                   compile=compile and on_cuda)
         self.eos_token_ids = self._eos_ids()
+        self.async_scheduling = on_cuda if async_scheduling is None else bool(async_scheduling)
+        self.in_flight: StepInFlight | None = None
+        self.num_history_requests = 0  # live requests whose sampling needs their token history
         self.requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self.prompt_tokens_total = 0
@@ -146,83 +173,132 @@ class LLMEngine:
             from ..tokenizer import IncrementalDetokenizer
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer)
         self.requests[request_id] = seq
+        self.num_history_requests += _needs_history(params)
         self.scheduler.add(seq)
         self.prompt_tokens_total += len(prompt)
         return seq
 
     def abort(self, request_id: str) -> RequestOutput | None:
-        seq = self.requests.pop(request_id, None)
+        seq = self.requests.get(request_id)
         if seq is None:
             return None
-        self.scheduler.finish(seq, "abort")
+        self._finish(seq, "abort")
         return self._output(seq, [], [])
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self.in_flight is not None
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq, reason)
+        self.requests.pop(seq.request_id, None)
+        self.num_history_requests -= _needs_history(seq.params)
+        seq.in_flight_row = None
+        while seq.token_ids and seq.token_ids[-1] == IN_FLIGHT:  # a token it will never get
+            seq.token_ids.pop()
 
     # -- the step -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule, run one forward, sample, and return outputs of requests that progressed."""
+        """Schedule and launch one forward + sampling; return the outputs of requests that
+        progressed. With asynchronous scheduling those are the tokens of the previous step,
+        read while this one runs; `has_unfinished()` stays true until the last is read."""
+        outputs: list[RequestOutput] = []
+        if self.in_flight is not None and (not self.async_scheduling or self.num_history_requests):
+            outputs += self._process(self._take_in_flight())
         batch = self.scheduler.schedule()
-        if batch.is_empty:
-            return []
-        rows, logits = self.runner.execute(batch)
+        launched = self._launch(batch) if not batch.is_empty else None
+        if self.in_flight is not None:
+            outputs += self._process(self._take_in_flight())
+        self.in_flight = launched
+        if launched is not None and not self.async_scheduling:
+            outputs += self._process(self._take_in_flight())
+        return outputs
+
+    def _take_in_flight(self) -> StepInFlight:
+        step, self.in_flight = self.in_flight, None
+        return step
+
+    def _launch(self, batch) -> StepInFlight | None:
+        prev = self.in_flight.token_ids if self.in_flight is not None else None
+        rows, logits = self.runner.execute(batch, prev)
         for seq, n in zip(batch.seqs, batch.num_tokens):
             seq.num_computed_tokens += n
         if not rows:
-            return []
+            return None
         seqs = [batch.seqs[i] for i in rows]
-        token_ids, logprobs = self._sample(logits, seqs)
-        outputs = []
-        for j, (seq, tok) in enumerate(zip(seqs, token_ids)):
-            seq.token_ids.append(tok)
-            self.generation_tokens_total += 1
-            new_lp = [logprobs[j]] if logprobs is not None and logprobs[j] is not None else []
-            seq.logprobs.extend(new_lp)
-            reason = self._check_stop(seq, tok)
-            new_text = seq.detokenizer.add(tok) if seq.detokenizer is not None else ""
-            if reason is None and new_text:
-                reason = self._check_stop_strings(seq)
-            if reason is not None:
-                self.scheduler.finish(seq, reason)
-                self.requests.pop(seq.request_id, None)
-            outputs.append(self._output(seq, [tok], new_lp))
-        return outputs
+        token_ids, extra = self._sample(logits, seqs)
+        entries = []
+        for j, seq in enumerate(seqs):
+            entries.append((seq, len(seq.token_ids)))
+            seq.token_ids.append(IN_FLIGHT)
+            seq.in_flight_row = j
+            p = seq.params
+            seq.awaiting_finish = seq.num_output_tokens >= _max_new(p) or seq.num_tokens >= self.max_model_len
+        host = [token_ids] + extra
+        event = None
+        if token_ids.device.type == "cuda":
+            pinned = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in host]
+            for dst, src in zip(pinned, host):
+                dst.copy_(src, non_blocking=True)
+            host, event = pinned, torch.cuda.Event()
+            event.record()
+        return StepInFlight(entries, token_ids, host, event, [s.params.logprobs for s in seqs])
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]):
-        """One token per row on device; the only host sync is reading the ids (and logprobs)."""
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One token per row on device, no host sync: ids, plus [logprobs, top ids, top
+        logprobs] when a row asks for logprobs."""
         from ..sampling import SamplingTensors, sample
 
         params = [s.params for s in seqs]
         if all(_is_plain_greedy(p) for p in params):
-            return logits.argmax(-1).tolist(), None
-        needs_history = any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params)
+            return logits.argmax(-1), []
+        needs_history = any(_needs_history(p) for p in params)
         tensors = SamplingTensors.from_requests(
             params,
             [s.token_ids[: s.num_prompt_tokens] for s in seqs] if needs_history else None,
             [s.output_token_ids for s in seqs] if needs_history else None,
             logits.shape[-1], logits.device, steps=[s.num_output_tokens for s in seqs])
         out = sample(logits.float(), tensors)
-        token_ids = out.token_ids.tolist()
         if out.logprobs is None:
-            return token_ids, None
-        chosen = out.logprobs.tolist()
-        top_lp = out.top_logprobs.tolist() if out.top_logprobs is not None else [[] for _ in seqs]
-        top_id = out.top_token_ids.tolist() if out.top_token_ids is not None else [[] for _ in seqs]
-        logprobs = []
-        for i, p in enumerate(params):
-            if p.logprobs is None:
-                logprobs.append(None)
-                continue
-            n = p.logprobs
-            logprobs.append(TokenLogprob(token_ids[i], chosen[i], list(zip(top_id[i][:n], top_lp[i][:n]))))
-        return token_ids, logprobs
+            return out.token_ids, []
+        extra = [out.logprobs]
+        if out.top_token_ids is not None:
+            extra += [out.top_token_ids, out.top_logprobs]
+        return out.token_ids, extra
 
-    def _check_stop(self, seq: Sequence, tok: int) -> str | None:
+    def _process(self, step: StepInFlight) -> list[RequestOutput]:
+        """Read a step's sampled ids back, append them, check stops, build the outputs."""
+        host = step.fetch()
+        token_ids = host[0]
+        outputs = []
+        for j, (seq, index) in enumerate(step.entries):
+            if seq.is_finished:  # aborted, or stopped by its previous token: a discarded row
+                continue
+            tok = token_ids[j]
+            seq.token_ids[index] = tok
+            if seq.in_flight_row is not None and len(seq.token_ids) == index + 1:
+                seq.in_flight_row = None
+            new_lp = []
+            n = step.want_logprobs[j]
+            if n is not None and len(host) > 1:
+                top = list(zip(host[2][j][:n], host[3][j][:n])) if len(host) > 3 else []
+                new_lp = [TokenLogprob(tok, host[1][j], top)]
+            seq.logprobs.extend(new_lp)
+            self.generation_tokens_total += 1
+            reason = self._check_stop(seq, tok, index)
+            new_text = seq.detokenizer.add(tok) if seq.detokenizer is not None else ""
+            if reason is None and new_text:
+                reason = self._check_stop_strings(seq)
+            if reason is not None:
+                del seq.token_ids[index + 1:]
+                self._finish(seq, reason)
+            outputs.append(self._output(seq, [tok], new_lp, upto=index + 1))
+        return outputs
+
+    def _check_stop(self, seq: Sequence, tok: int, index: int) -> str | None:
         p = seq.params
         if not p.ignore_eos and (tok in self.eos_token_ids or tok in p.stop_token_ids):
             return "stop"
-        if seq.num_output_tokens >= _max_new(p) or seq.num_tokens >= self.max_model_len:
+        if index + 1 - seq.num_prompt_tokens >= _max_new(p) or index + 1 >= self.max_model_len:
             return "length"
         return None
 
@@ -241,7 +317,8 @@ class LLMEngine:
         seq.stop_text_end = min(hits)  # the reported text ends before the stop string
         return "stop"
 
-    def _output(self, seq: Sequence, new_ids: list[int], new_lp: list) -> RequestOutput:
+    def _output(self, seq: Sequence, new_ids: list[int], new_lp: list, upto: int | None = None) -> RequestOutput:
+        """`upto`: the tokens known on the host (later ones may still be in flight)."""
         text = ""
         if seq.detokenizer is not None:
             if seq.is_finished:
@@ -254,7 +331,8 @@ class LLMEngine:
         seq.num_streamed_chars = len(text)
         want_lp = seq.params.logprobs is not None
         return RequestOutput(
-            request_id=seq.request_id, new_token_ids=list(new_ids), token_ids=seq.output_token_ids,
+            request_id=seq.request_id, new_token_ids=list(new_ids),
+            token_ids=seq.token_ids[seq.num_prompt_tokens:upto],
             new_text=new_text, text=text, finished=seq.is_finished, finish_reason=seq.finish_reason,
             num_prompt_tokens=seq.num_prompt_tokens, logprobs=list(new_lp) if want_lp else None,
         )
@@ -293,6 +371,9 @@ def _max_new(p) -> int:
     return 2**62 if p.max_new_tokens is None else int(p.max_new_tokens)
 
 
+def _needs_history(p) -> bool:
+    return p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
+
+
 def _is_plain_greedy(p) -> bool:
-    return (not p.sampling and p.logprobs is None and not p.logit_bias and p.repetition_penalty == 1.0
-            and not p.presence_penalty and not p.frequency_penalty)
+    return not p.sampling and p.logprobs is None and not p.logit_bias and not _needs_history(p)

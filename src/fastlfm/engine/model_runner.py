@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from ..models.lfm2 import fuse_projections
 from .context import PagedContext
 from .scheduler import ScheduledBatch
+from .sequence import Sequence
 
 
 def graph_batch_sizes(max_bs: int) -> list[int]:
@@ -19,6 +21,7 @@ class ModelRunner:
                  max_model_len: int, max_num_seqs: int, use_cuda_graphs: bool, use_triton: bool,
                  max_graph_batch_size: int = 256, compile: bool = False):
         self.model = model
+        fuse_projections(model)  # q/k/v and w1/w3 as one GEMM each
         cfg = model.config
         self.device, self.dtype = model.device, model.dtype
         self.block_size, self.num_blocks = block_size, num_blocks
@@ -67,12 +70,17 @@ class ModelRunner:
         return t.to(self.device)
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> tuple[list[int], torch.Tensor | None]:
-        """Run the batch; return the rows that produce a token and their logits (rows, V)."""
+    def execute(self, batch: ScheduledBatch, in_flight: torch.Tensor | None = None
+                ) -> tuple[list[int], torch.Tensor | None]:
+        """Run the batch; return the rows that produce a token and their logits (rows, V).
+
+        `in_flight`: the sampled ids (device) of the step still in flight. A sequence whose
+        newest token is one of them (`seq.in_flight_row`) gets it copied on the device, so
+        this step can be launched before that step's ids reach the host."""
         seqs, counts = batch.seqs, batch.num_tokens
         sample_rows = [i for i, (s, n) in enumerate(zip(seqs, counts)) if s.num_computed_tokens + n == s.num_tokens]
         if self.graphs and batch.num_decode == len(seqs) and len(seqs) <= self.graph_sizes[-1]:
-            logits = self._run_graph(seqs)
+            logits = self._run_graph(seqs, [(i, seqs[i]) for i in sample_rows], in_flight)
             return sample_rows, logits if len(sample_rows) == len(seqs) else logits[sample_rows]
         ids: list[int] = []
         past, host_chunks, last_index = [], [], []
@@ -89,8 +97,21 @@ class ModelRunner:
                             self._to_device(tables, torch.int32), self._to_device([s.conv_slot for s in seqs], torch.long),
                             len(ids), batch.num_decode, host_chunks)
         keep = self._to_device([last_index[i] for i in sample_rows], torch.long)
-        out = self.model(input_ids=self._to_device(ids, torch.long)[None], context=ctx, logits_to_keep=keep)
+        input_ids = self._to_device(ids, torch.long)
+        # A token in flight is always its sequence's newest one: the last of a sampling row's chunk.
+        self._fill_in_flight(input_ids, [(last_index[i], seqs[i]) for i in sample_rows], in_flight)
+        out = self.model(input_ids=input_ids[None], context=ctx, logits_to_keep=keep)
         return sample_rows, out.logits[0]
+
+    def _fill_in_flight(self, input_ids: torch.Tensor, positions: list[tuple[int, Sequence]],
+                        in_flight: torch.Tensor | None) -> None:
+        """input_ids[pos] = in_flight[seq.in_flight_row] for the sequences whose token is in flight."""
+        pairs = [(pos, s.in_flight_row) for pos, s in positions if s.in_flight_row is not None]
+        if not pairs:
+            return
+        assert in_flight is not None, "a sequence waits for a token of a step that is not in flight"
+        dst, src = self._to_device(pairs, torch.long).unbind(1)
+        input_ids.index_copy_(0, dst, in_flight.index_select(0, src))
 
     # -- CUDA graphs for decode ---------------------------------------------------------
     def _padded_size(self, bs: int) -> int | None:
@@ -130,18 +151,19 @@ class ModelRunner:
         ctx = self._context(past, lens, tables, slots, ids.shape[0], ids.shape[0])
         return self.model(input_ids=ids[None], context=ctx).logits[0]
 
-    def _run_graph(self, seqs) -> torch.Tensor:
+    def _run_graph(self, seqs, newest: list[tuple[int, Sequence]], in_flight) -> torch.Tensor:
         n = len(seqs)
         bs = self._padded_size(n)
         # Only the block-table columns in use are refreshed: the kernel reads no further.
         width = max(len(s.block_table) for s in seqs)
         pad = bs - n
-        ids = [s.token_ids[s.num_computed_tokens] for s in seqs] + [0] * pad
+        ids = [max(s.token_ids[s.num_computed_tokens], 0) for s in seqs] + [0] * pad
         past = [s.num_computed_tokens for s in seqs] + [0] * pad
         tables = [s.block_table + [self.padding_block] * (width - len(s.block_table)) for s in seqs]
         tables += [[self.padding_block] * width] * pad
         slots = [s.conv_slot for s in seqs] + [self.padding_slot] * pad
         self.g_ids[:bs].copy_(self._to_device(ids, torch.long), non_blocking=True)
+        self._fill_in_flight(self.g_ids, newest, in_flight)
         self.g_past[:bs].copy_(self._to_device(past, torch.long), non_blocking=True)
         self.g_tables[:bs, :width].copy_(self._to_device(tables, torch.int32), non_blocking=True)
         self.g_slots[:bs].copy_(self._to_device(slots, torch.long), non_blocking=True)

@@ -52,8 +52,9 @@ class Scheduler:
         bm = self.block_manager
 
         # 1. Running sequences, oldest first; preempt the newest when blocks run out.
-        queue = list(self.running)
-        kept: list[Sequence] = []
+        #    Those whose last token is in flight only wait to be finished: no step, no preemption.
+        kept = [s for s in self.running if s.awaiting_finish]
+        queue = [s for s in self.running if not s.awaiting_finish]
         while queue and budget > 0:
             seq = queue.pop(0)
             n = min(seq.num_uncomputed_tokens, budget)

@@ -14,6 +14,7 @@ class SequenceStatus(enum.Enum):
 
 
 _arrival_counter = itertools.count()
+IN_FLIGHT = -1  # placeholder in token_ids for a sampled token not yet read back from the device
 
 
 class Sequence:
@@ -37,6 +38,12 @@ class Sequence:
         self.conv_slot: int | None = None
         self.finish_reason: str | None = None
         self.num_preemptions = 0
+        # Asynchronous scheduling: the newest token may still be on the device, as row
+        # `in_flight_row` of the step in flight (token_ids holds IN_FLIGHT there until the
+        # engine reads it); `awaiting_finish` = that token is its last (length limit), so the
+        # scheduler gives it no more steps.
+        self.in_flight_row: int | None = None
+        self.awaiting_finish = False
         # Filled by the engine's output processing (text, logprobs, streaming offsets).
         self.detokenizer = None
         self.logprobs: list = []

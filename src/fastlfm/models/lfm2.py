@@ -31,6 +31,21 @@ class ForwardContext(Protocol):
     def mask_padding(self, x: torch.Tensor) -> torch.Tensor: ...
     def attention(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
     def short_conv(self, layer_idx: int, v: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
+    def gated_short_conv(self, layer_idx: int, bcx: torch.Tensor, weight: torch.Tensor,
+                         bias: torch.Tensor | None) -> torch.Tensor: ...
+
+
+class MixingContext:
+    """Shared defaults: no padding to mask, and the conv block's gates around `short_conv`.
+    A backend with a fused gate + conv kernel overrides `gated_short_conv`."""
+
+    def mask_padding(self, x):
+        return x
+
+    def gated_short_conv(self, layer_idx, bcx, weight, bias):
+        """bcx: the in_proj output [B gate | C gate | x] (..., 3D); returns C * conv(B * x)."""
+        b_gate, c_gate, h = bcx.chunk(3, dim=-1)
+        return c_gate * self.short_conv(layer_idx, b_gate * h, weight, bias)
 
 
 class Lfm2Cache:
@@ -77,7 +92,7 @@ class Lfm2Cache:
         self.seq_len = 0
 
 
-class BatchContext:
+class BatchContext(MixingContext):
     """Aligned rows (B, T) with an optional 2-D padding mask over past + new tokens."""
 
     def __init__(self, position_ids, cache: Lfm2Cache | None, attention_mask: torch.Tensor | None, T: int):
@@ -120,7 +135,7 @@ class BatchContext:
         return out
 
 
-class PackedContext:
+class PackedContext(MixingContext):
     """Several sequences packed into one row (1, N) with no cache: packed training and
     padding-free scoring. Attention and conv both restart at every boundary."""
 
@@ -134,9 +149,6 @@ class PackedContext:
         same = self.seq_of_token[:, None] == self.seq_of_token[None, :]
         causal = torch.ones(N, N, dtype=torch.bool, device=device).tril()
         self.attn_mask = (same & causal)[None, None]
-
-    def mask_padding(self, x):
-        return x
 
     def attention(self, layer_idx, q, k, v):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
@@ -159,6 +171,21 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
+def fuse_linears(*linears: nn.Linear) -> torch.Tensor:
+    """One (sum of out, in) weight for Linears that share an input, so inference runs one
+    GEMM instead of several. The Linears' weights become views into it: memory and every
+    other use of the modules (state_dict, saving, generate()) are unchanged."""
+    if any(type(m) is not nn.Linear or m.bias is not None for m in linears):
+        raise TypeError("only plain bias-free nn.Linear layers can be fused (merge LoRA adapters first)")
+    fused = torch.cat([m.weight.detach() for m in linears])
+    start = 0
+    for m in linears:
+        n = m.weight.shape[0]
+        m.weight = nn.Parameter(fused[start:start + n], requires_grad=m.weight.requires_grad)
+        start += n
+    return fused
+
+
 class Lfm2Attention(nn.Module):
     def __init__(self, config: Lfm2Config, layer_idx: int):
         super().__init__()
@@ -171,12 +198,20 @@ class Lfm2Attention(nn.Module):
         self.out_proj = nn.Linear(self.n_heads * d, D, bias=False)
         self.q_layernorm = RMSNorm(d, config.norm_eps)
         self.k_layernorm = RMSNorm(d, config.norm_eps)
+        self.qkv_weight: torch.Tensor | None = None  # set by fuse_projections()
+
+    def project_qkv(self, x):
+        if self.qkv_weight is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        kv = self.n_kv * self.head_dim
+        return F.linear(x, self.qkv_weight).split([self.n_heads * self.head_dim, kv, kv], dim=-1)
 
     def forward(self, x, cos, sin, ctx: ForwardContext):
         B, T, _ = x.shape
-        q = self.q_layernorm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim))
-        k = self.k_layernorm(self.k_proj(x).view(B, T, self.n_kv, self.head_dim))
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
+        q, k, v = self.project_qkv(x)
+        q = self.q_layernorm(q.view(B, T, self.n_heads, self.head_dim))
+        k = self.k_layernorm(k.view(B, T, self.n_kv, self.head_dim))
+        v = v.view(B, T, self.n_kv, self.head_dim)
         out = ctx.attention(self.layer_idx, apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
         return self.out_proj(out.reshape(B, T, -1))
 
@@ -193,9 +228,8 @@ class Lfm2ShortConv(nn.Module):
         self.out_proj = nn.Linear(D, D, bias=config.conv_bias)
 
     def forward(self, x, ctx: ForwardContext):
-        b_gate, c_gate, h = self.in_proj(ctx.mask_padding(x)).chunk(3, dim=-1)
-        y = ctx.short_conv(self.layer_idx, b_gate * h, self.conv.weight, self.conv.bias)
-        return self.out_proj(c_gate * y)
+        bcx = self.in_proj(ctx.mask_padding(x))
+        return self.out_proj(ctx.gated_short_conv(self.layer_idx, bcx, self.conv.weight, self.conv.bias))
 
 
 class Lfm2MLP(nn.Module):
@@ -204,9 +238,25 @@ class Lfm2MLP(nn.Module):
         self.w1 = nn.Linear(hidden, ffn, bias=False)  # gate
         self.w3 = nn.Linear(hidden, ffn, bias=False)  # up
         self.w2 = nn.Linear(ffn, hidden, bias=False)  # down
+        self.w13_weight: torch.Tensor | None = None  # set by fuse_projections()
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if self.w13_weight is None:
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = F.linear(x, self.w13_weight).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+@torch.no_grad()
+def fuse_projections(model: nn.Module) -> None:
+    """Inference: q/k/v and w1/w3 of every LFM2 layer in `model` (dense, MoE experts, VL)
+    each run as one GEMM. The engine calls this; idempotent. Call it once the model is on its
+    device: a `.to()` afterwards would copy the views apart (still correct, twice the memory)."""
+    for module in model.modules():
+        if isinstance(module, Lfm2Attention) and module.qkv_weight is None:
+            module.qkv_weight = fuse_linears(module.q_proj, module.k_proj, module.v_proj)
+        elif isinstance(module, Lfm2MLP) and module.w13_weight is None:
+            module.w13_weight = fuse_linears(module.w1, module.w3)
 
 
 class Lfm2DecoderLayer(nn.Module):
