@@ -129,6 +129,26 @@ def hf_prefill_tps(hf, batch, length):
     return batch * length / dt
 
 
+def kernel_profile(fn, name, tag, reps=10) -> str:
+    """GPU time per call by kernel (torch.profiler sees the kernels inside graph replays)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    table = prof.key_averages().table(sort_by="device_time_total", row_limit=40, max_name_column_width=90)
+    Path(os.environ.get("OUT", "/tmp"), f"decode_profile_{name}_{tag}.txt").write_text(table)
+    launches = sum(e.count for e in events) / reps
+    total = sum(e.device_time_total for e in events) / reps
+    top = sorted(events, key=lambda e: -e.device_time_total)[:8]
+    return (f"{launches:.0f} kernels, {total / 1e3:.3f} ms summed; " + "; ".join(
+        f"{e.key[:38]} x{e.count // reps} {e.device_time_total / reps / 1e3:.3f}" for e in top))
+
+
 def bench_model(name, bw, flops, args, rows, notes):
     folder = Path(f"/tmp/ckpt-{name}")
     if not (folder / "config.json").exists():
@@ -186,6 +206,22 @@ def bench_model(name, bw, flops, args, rows, notes):
     e.record()
     torch.cuda.synchronize()
     replay_ms = s.elapsed_time(e) / 100
+    if args.profile_decode:  # the same decode with the host reading each step's ids before the next launch
+        engine.async_scheduling = False
+        engine.add_request(p, SamplingParams(max_new_tokens=257, **greedy), "b1-sync")
+        t_sync, n_sync = None, 0
+        while engine.has_unfinished():
+            for o in engine.step():
+                n_sync += len(o.new_token_ids)
+                if t_sync is None:
+                    t_sync, n_sync = time.perf_counter(), 0
+        sync_tps = n_sync / (time.perf_counter() - t_sync)
+        engine.async_scheduling = True
+        notes.append(f"{name}: batch-1 decode with synchronous scheduling {sync_tps:.0f} tok/s "
+                     f"(asynchronous: {b1:.0f})")
+        log(notes[-1])
+        notes.append(f"{name}: batch-1 graph replay, GPU time by kernel: " + kernel_profile(bs1.replay, name, "b1"))
+        log(notes[-1])
     del runner, bs1
     notes.append(f"{name}: batch-1 step {1e3 / b1:.3f} ms wall, graph replay alone {replay_ms:.3f} ms, "
                  f"weight-read floor {1e3 / floor_tps:.3f} ms")
@@ -200,6 +236,20 @@ def bench_model(name, bw, flops, args, rows, notes):
     dt = sync_time() - t
     assert all(len(o.token_ids) == 1024 for o in outs)
     thr = 100 * 1024 / dt
+    if args.profile_decode:  # the batch-100 decode step: GPU time of its graph vs the engine's wall time per step
+        runner = engine.runner
+        g100 = runner.graphs[runner._padded_size(100)]
+        s_ev, e_ev = torch.cuda.Event(True), torch.cuda.Event(True)
+        s_ev.record()
+        for _ in range(20):
+            g100.replay()
+        e_ev.record()
+        torch.cuda.synchronize()
+        notes.append(f"{name}: throughput run {dt:.2f} s for 1024 steps ({1e3 * dt / 1024:.2f} ms/step incl. prefill); "
+                     f"batch-{runner._padded_size(100)} graph replay {s_ev.elapsed_time(e_ev) / 20:.3f} ms; by kernel: "
+                     + kernel_profile(g100.replay, name, "b100"))
+        log(notes[-1])
+        del runner, g100
     kv_per_tok = engine.runner.kv_caches[0][0][0, 0].numel() * 2 * 2 * len(engine.runner.kv_caches)
     # limit: every decode step reads the weights + the KV of all 100 histories (mean 1536 tokens)
     thr_floor_s = 1024 * (weight_bytes + 100 * 1536 * kv_per_tok) / bw + 2 * n_params * 102400 / flops
@@ -265,6 +315,7 @@ def main():
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--profile-prefill", action="store_true")
+    ap.add_argument("--profile-decode", action="store_true", help="kernel breakdown of the batch-1 and batch-100 decode graphs")
     ap.add_argument("--max-num-seqs", type=int, default=128)
     ap.add_argument("--hf-b1-tokens", type=int, default=512)
     ap.add_argument("--hf-thr-tokens", type=int, default=64)

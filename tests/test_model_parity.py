@@ -178,3 +178,24 @@ def test_saved_checkpoint_loads_in_transformers(pair, tmp_path):
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     ids = torch.randint(0, 1024, (1, 9))
     assert (full_logits(ref, ids) - full_logits(ours, ids)).abs().max() <= 1e-5
+
+
+def test_fused_projections_match_transformers_and_save_unchanged(tmp_path):
+    """fuse_projections (the engine's one-GEMM q/k/v and w1/w3) keeps transformers' logits,
+    the parameter names and memory, and save_pretrained writes the same checkpoint."""
+    from fastlfm.models.lfm2 import fuse_projections
+
+    folder = write_checkpoint(tmp_path / "ckpt", VARIANTS["2.6b-pattern"], tokenizer=False)
+    ours, ref = load_pair(folder)
+    names, count = set(ours.state_dict()), sum(p.numel() for p in ours.parameters())
+    fuse_projections(ours)
+    attn = next(layer.self_attn for layer in ours.model.layers if layer.is_attention)
+    assert attn.qkv_weight is not None and attn.q_proj.weight.data_ptr() == attn.qkv_weight.data_ptr()
+    assert set(ours.state_dict()) == names and sum(p.numel() for p in ours.parameters()) == count
+    ids = torch.randint(0, 1024, (2, 19), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (ours(ids).logits - ref(ids).logits).abs().max() <= 1e-4
+    ours.save_pretrained(tmp_path / "resaved")
+    again = Lfm2ForCausalLM.from_pretrained(tmp_path / "resaved", dtype=torch.float32)
+    for (name, a), (_, b) in zip(sorted(again.state_dict().items()), sorted(ref.state_dict().items())):
+        assert torch.equal(a, b), name

@@ -81,7 +81,9 @@ class ModelRunner:
         sample_rows = [i for i, (s, n) in enumerate(zip(seqs, counts)) if s.num_computed_tokens + n == s.num_tokens]
         if self.graphs and batch.num_decode == len(seqs) and len(seqs) <= self.graph_sizes[-1]:
             logits = self._run_graph(seqs, [(i, seqs[i]) for i in sample_rows], in_flight)
-            return sample_rows, logits if len(sample_rows) == len(seqs) else logits[sample_rows]
+            if len(sample_rows) < len(seqs):  # a 1-token prompt chunk rode along as a decode row
+                logits = logits.index_select(0, self._to_device(sample_rows, torch.long))
+            return sample_rows, logits
         ids: list[int] = []
         past, host_chunks, last_index = [], [], []
         for i, (seq, n) in enumerate(zip(seqs, counts)):
@@ -157,15 +159,19 @@ class ModelRunner:
         # Only the block-table columns in use are refreshed: the kernel reads no further.
         width = max(len(s.block_table) for s in seqs)
         pad = bs - n
-        ids = [max(s.token_ids[s.num_computed_tokens], 0) for s in seqs] + [0] * pad
-        past = [s.num_computed_tokens for s in seqs] + [0] * pad
-        tables = [s.block_table + [self.padding_block] * (width - len(s.block_table)) for s in seqs]
-        tables += [[self.padding_block] * width] * pad
-        slots = [s.conv_slot for s in seqs] + [self.padding_slot] * pad
-        self.g_ids[:bs].copy_(self._to_device(ids, torch.long), non_blocking=True)
+        # One host-to-device copy per step: [ids | past | slots | block tables (bs x width)].
+        meta = [max(s.token_ids[s.num_computed_tokens], 0) for s in seqs] + [0] * pad
+        meta += [s.num_computed_tokens for s in seqs] + [0] * pad
+        meta += [s.conv_slot for s in seqs] + [self.padding_slot] * pad
+        for s in seqs:
+            meta += s.block_table
+            meta += [self.padding_block] * (width - len(s.block_table))
+        meta += [self.padding_block] * (width * pad)
+        staged = self._to_device(meta, torch.long)
+        self.g_ids[:bs].copy_(staged[:bs])
+        self.g_past[:bs].copy_(staged[bs:2 * bs])
+        self.g_slots[:bs].copy_(staged[2 * bs:3 * bs])
+        self.g_tables[:bs, :width].copy_(staged[3 * bs:].view(bs, width))
         self._fill_in_flight(self.g_ids, newest, in_flight)
-        self.g_past[:bs].copy_(self._to_device(past, torch.long), non_blocking=True)
-        self.g_tables[:bs, :width].copy_(self._to_device(tables, torch.int32), non_blocking=True)
-        self.g_slots[:bs].copy_(self._to_device(slots, torch.long), non_blocking=True)
         self.graphs[bs].replay()
         return self.g_logits[bs][:n]

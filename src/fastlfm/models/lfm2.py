@@ -252,10 +252,14 @@ def fuse_projections(model: nn.Module) -> None:
     """Inference: q/k/v and w1/w3 of every LFM2 layer in `model` (dense, MoE experts, VL)
     each run as one GEMM. The engine calls this; idempotent. Call it once the model is on its
     device: a `.to()` afterwards would copy the views apart (still correct, twice the memory)."""
+    def plain(*linears):  # LoRA-wrapped or biased projections keep their own GEMMs
+        return all(type(m) is nn.Linear and m.bias is None for m in linears)
+
     for module in model.modules():
-        if isinstance(module, Lfm2Attention) and module.qkv_weight is None:
+        if isinstance(module, Lfm2Attention) and module.qkv_weight is None \
+                and plain(module.q_proj, module.k_proj, module.v_proj):
             module.qkv_weight = fuse_linears(module.q_proj, module.k_proj, module.v_proj)
-        elif isinstance(module, Lfm2MLP) and module.w13_weight is None:
+        elif isinstance(module, Lfm2MLP) and module.w13_weight is None and plain(module.w1, module.w3):
             module.w13_weight = fuse_linears(module.w1, module.w3)
 
 
