@@ -138,6 +138,21 @@ def test_async_scheduling_launches_before_reading(model, prompts, reference):
     engine.check_no_leaks()
 
 
+def test_static_decode_buffers_match_reference(model, prompts, reference, async_scheduling):
+    """The CUDA-graph decode path (static input buffers, batch padded up the ladder, padding
+    block/slot rows, block-table columns refreshed only as far as used, in-flight ids copied
+    into the static ids) on CPU, with the graph replay done eagerly on the same buffers."""
+    engine = LLMEngine(model, async_scheduling=async_scheduling, max_num_seqs=8, max_model_len=64, block_size=4)
+    engine.runner.capture_graphs(8)  # ladder 1, 2, 4, 8
+    runner, batches = engine.runner, []
+    run_graph = runner._run_graph
+    runner._run_graph = lambda seqs, *a: (batches.append(len(seqs)), run_graph(seqs, *a))[1]
+    outs = run_staggered(engine, prompts, arrive_at=[0, 0, 2, 3, 7])
+    assert [o.token_ids for o in outs] == reference
+    assert {3, 5} & set(batches)  # batches that are padded up to a graph size (4, 8) ran
+    engine.check_no_leaks()
+
+
 def test_stop_token_and_max_model_len(model, prompts, reference, async_scheduling):
     engine = LLMEngine(model, async_scheduling=async_scheduling, max_num_seqs=4, max_model_len=40)
     stop_tok = reference[0][3]
