@@ -41,12 +41,22 @@ def causal_conv(
     v: (B, T, D) conv input; weight: (D, 1, K), last tap = current token;
     state: (B, D, K-1) the previous K-1 inputs (oldest first) or None for zeros.
     Returns the conv output (B, T, D) and the new state (B, D, K-1).
+
+    K multiply-adds over shifted views, accumulated in fp32 and rounded once (as a conv
+    kernel does). Not F.conv1d: without native bf16, PyTorch's CPU conv runs a depthwise
+    bf16 conv as one slow call per channel (most of a bf16 decode step on AVX2 machines).
     """
-    D, K = weight.shape[0], weight.shape[-1]
-    x = v.transpose(1, 2)
-    x = F.pad(x, (K - 1, 0)) if state is None else torch.cat((state.to(x.dtype), x), dim=-1)
-    out = F.conv1d(x.to(weight.dtype), weight, bias, groups=D)
-    return out.transpose(1, 2).to(v.dtype), x[..., x.shape[-1] - (K - 1):]
+    B, T, D = v.shape
+    K = weight.shape[-1]
+    past = v.new_zeros(B, K - 1, D) if state is None else state.transpose(1, 2).to(v.dtype)
+    x = torch.cat((past, v), dim=1)  # (B, K-1+T, D)
+    w = weight.view(D, K).float()
+    out = x[:, K - 1:].float() * w[:, K - 1]
+    for tap in range(K - 1):
+        out += x[:, tap:tap + T].float() * w[:, tap]
+    if bias is not None:
+        out += bias.float()
+    return out.to(v.dtype), x[:, T:].transpose(1, 2).contiguous()  # a copy: a view would keep x alive
 
 
 def packed_causal_conv(
