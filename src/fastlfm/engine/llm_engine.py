@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field, replace
+from collections.abc import Mapping
 from typing import Any, Sequence as Seq
 
 import torch
 
 from ..sampling import SamplingParams
+from . import multimodal
 from .block_manager import BlockManager
 from .model_runner import ModelRunner
 from .scheduler import Scheduler
@@ -54,15 +56,21 @@ class LLMEngine:
     Sizing: `max_num_batched_tokens` is the per-step token budget (prefill chunk size);
     `num_kv_blocks` defaults to what `gpu_memory_utilization` leaves on CUDA, or enough for
     `max_num_seqs` full-length sequences on CPU; `block_size` tokens per KV block.
+
+    LFM2-VL: requests may carry images (`add_request(..., image_inputs=...)`, see
+    engine/multimodal.py); `processor` (an `Lfm2VlProcessor`, loaded by `from_pretrained`)
+    is kept for callers that build such requests (the server); `max_vision_views` caps the
+    image views one vision-tower call encodes.
     """
 
     def __init__(self, model, tokenizer=None, *, max_num_seqs: int = 256, max_model_len: int | None = None,
                  max_num_batched_tokens: int | None = None, block_size: int | None = None,
                  num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.85,
-                 enforce_eager: bool = False, compile: bool = False):
+                 enforce_eager: bool = False, compile: bool = False, processor=None, max_vision_views: int = 32):
         self.model = model
         self.config = model.config
         self.tokenizer = tokenizer
+        self.processor = processor
         self.generation_config = getattr(model, "generation_config", None)
         self.device = model.device
         on_cuda = self.device.type == "cuda"
@@ -82,7 +90,7 @@ class LLMEngine:
         self.runner = ModelRunner(model, block_size=block_size, num_blocks=num_kv_blocks, num_conv_slots=max_num_seqs,
                                   max_model_len=self.max_model_len, max_num_seqs=max_num_seqs,
                                   use_cuda_graphs=on_cuda and not enforce_eager, use_triton=on_cuda,
-                                  compile=compile and on_cuda)
+                                  compile=compile and on_cuda, max_vision_views=max_vision_views)
         self.eos_token_ids = self._eos_ids()
         self.requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
@@ -91,15 +99,20 @@ class LLMEngine:
 
     @classmethod
     def from_pretrained(cls, model: str, *, device=None, dtype="auto", **engine_kwargs) -> "LLMEngine":
-        from ..models import Lfm2ForCausalLM
-        from ..tokenizer import Tokenizer
         from ..loading import resolve_model_dir
+        from ..models import load_model
+        from ..tokenizer import Tokenizer
 
-        lm = Lfm2ForCausalLM.from_pretrained(model, dtype=dtype, device=device)
+        lm = load_model(model, dtype=dtype, device=device)  # the class by model_type (LFM2, MoE, VL)
+        folder = resolve_model_dir(model)
         try:
-            tok = Tokenizer.from_pretrained(resolve_model_dir(model))
+            tok = Tokenizer.from_pretrained(folder)
         except (FileNotFoundError, OSError, ValueError):
             tok = None  # weights-only folder (benchmarks): token ids in, token ids out
+        if tok is not None and multimodal.image_token_id(lm.config) is not None:
+            from ..models.lfm2_vl_processing import Lfm2VlProcessor
+
+            engine_kwargs.setdefault("processor", Lfm2VlProcessor.from_pretrained(folder, tok))
         return cls(lm, tok, **engine_kwargs)
 
     def _blocks_from_memory(self, block_size: int, utilization: float) -> int:
@@ -119,7 +132,11 @@ class LLMEngine:
         return {int(i) for i in ids if i is not None}
 
     # -- requests -----------------------------------------------------------------------
-    def add_request(self, prompt: list[int] | str, params=None, request_id: str | None = None) -> Sequence:
+    def add_request(self, prompt: list[int] | str, params=None, request_id: str | None = None, *,
+                    image_inputs: Mapping[str, Any] | None = None) -> Sequence:
+        """Queue one request. LFM2-VL: `image_inputs` holds the processor's pixel_values,
+        pixel_attention_mask and spatial_shapes for the `<image>` runs of `prompt` (ids expanded
+        by the processor); extra keys of a processor output are ignored."""
         params = params if params is not None else SamplingParams.from_generation_config(self.generation_config)
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a fastlfm.sampling.SamplingParams, got {type(params).__name__}")
@@ -138,10 +155,12 @@ class LLMEngine:
         bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (size {self.config.vocab_size})")
+        images, image_positions = multimodal.check_image_inputs(self.config, prompt, image_inputs)
         request_id = str(next(self._ids)) if request_id is None else request_id
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         seq = Sequence(request_id, prompt, params)
+        seq.image_inputs, seq.image_positions = images, image_positions
         if self.tokenizer is not None:
             from ..tokenizer import IncrementalDetokenizer
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer)
@@ -155,6 +174,7 @@ class LLMEngine:
         if seq is None:
             return None
         self.scheduler.finish(seq, "abort")
+        multimodal.release(seq)
         return self._output(seq, [], [])
 
     def has_unfinished(self) -> bool:
@@ -170,9 +190,11 @@ class LLMEngine:
         for seq, n in zip(batch.seqs, batch.num_tokens):
             seq.num_computed_tokens += n
         if not rows:
+            self._after_images(batch.seqs)
             return []
         seqs = [batch.seqs[i] for i in rows]
         token_ids, logprobs = self._sample(logits, seqs)
+        self._after_images(batch.seqs)
         outputs = []
         for j, (seq, tok) in enumerate(zip(seqs, token_ids)):
             seq.token_ids.append(tok)
@@ -185,9 +207,17 @@ class LLMEngine:
                 reason = self._check_stop_strings(seq)
             if reason is not None:
                 self.scheduler.finish(seq, reason)
+                multimodal.release(seq)
                 self.requests.pop(seq.request_id, None)
             outputs.append(self._output(seq, [tok], new_lp))
         return outputs
+
+    @staticmethod
+    def _after_images(seqs: list[Sequence]) -> None:
+        # After sampling: the step's work is done, so moving features off the device costs no stall.
+        for seq in seqs:
+            if seq.image_embeds is not None:
+                multimodal.after_step(seq)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]):
         """One token per row on device; the only host sync is reading the ids (and logprobs)."""
@@ -260,12 +290,17 @@ class LLMEngine:
         )
 
     # -- offline API --------------------------------------------------------------------
-    def generate(self, prompts: Seq[list[int] | str], params=None) -> list[RequestOutput]:
-        """Run a list of prompts to completion; one final output per prompt, in order."""
+    def generate(self, prompts: Seq[list[int] | str], params=None,
+                 image_inputs: Seq[Mapping[str, Any] | None] | None = None) -> list[RequestOutput]:
+        """Run a list of prompts to completion; one final output per prompt, in order.
+        `image_inputs`: one processor output (or None for a text prompt) per prompt."""
         if isinstance(params, (list, tuple)) and len(params) != len(prompts):
             raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+        if image_inputs is not None and len(image_inputs) != len(prompts):
+            raise ValueError(f"got {len(image_inputs)} image inputs for {len(prompts)} prompts")
         plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
-        seqs = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        images = list(image_inputs) if image_inputs is not None else [None] * len(prompts)
+        seqs = [self.add_request(p, sp, image_inputs=im) for p, sp, im in zip(prompts, plist, images)]
         finals: dict[str, RequestOutput] = {}
         lps: dict[str, list] = {s.request_id: [] for s in seqs}
         while self.has_unfinished():

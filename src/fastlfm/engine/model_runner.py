@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .context import PagedContext
+from .multimodal import has_image_rows, prefill_embeds
 from .scheduler import ScheduledBatch
 
 
@@ -17,13 +18,14 @@ def graph_batch_sizes(max_bs: int) -> list[int]:
 class ModelRunner:
     def __init__(self, model, *, block_size: int, num_blocks: int, num_conv_slots: int,
                  max_model_len: int, max_num_seqs: int, use_cuda_graphs: bool, use_triton: bool,
-                 max_graph_batch_size: int = 256, compile: bool = False):
+                 max_graph_batch_size: int = 256, compile: bool = False, max_vision_views: int = 32):
         self.model = model
         cfg = model.config
         self.device, self.dtype = model.device, model.dtype
         self.block_size, self.num_blocks = block_size, num_blocks
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.use_triton = use_triton
+        self.max_vision_views = max_vision_views
         attn = [i for i in range(cfg.num_hidden_layers) if cfg.is_attention_layer(i)]
         conv = [i for i in range(cfg.num_hidden_layers) if not cfg.is_attention_layer(i)]
         self.attn_index = {layer: j for j, layer in enumerate(attn)}
@@ -71,7 +73,8 @@ class ModelRunner:
         """Run the batch; return the rows that produce a token and their logits (rows, V)."""
         seqs, counts = batch.seqs, batch.num_tokens
         sample_rows = [i for i, (s, n) in enumerate(zip(seqs, counts)) if s.num_computed_tokens + n == s.num_tokens]
-        if self.graphs and batch.num_decode == len(seqs) and len(seqs) <= self.graph_sizes[-1]:
+        if self.graphs and batch.num_decode == len(seqs) and len(seqs) <= self.graph_sizes[-1] \
+                and not has_image_rows(seqs, counts):
             logits = self._run_graph(seqs)
             return sample_rows, logits if len(sample_rows) == len(seqs) else logits[sample_rows]
         ids: list[int] = []
@@ -89,7 +92,12 @@ class ModelRunner:
                             self._to_device(tables, torch.int32), self._to_device([s.conv_slot for s in seqs], torch.long),
                             len(ids), batch.num_decode, host_chunks)
         keep = self._to_device([last_index[i] for i in sample_rows], torch.long)
-        out = self.model(input_ids=self._to_device(ids, torch.long)[None], context=ctx, logits_to_keep=keep)
+        input_ids = self._to_device(ids, torch.long)[None]
+        embeds = prefill_embeds(self.model, seqs, counts, input_ids, self.max_vision_views)
+        if embeds is not None:  # LFM2-VL: image features at this step's `<image>` positions
+            out = self.model(inputs_embeds=embeds, context=ctx, logits_to_keep=keep)
+        else:
+            out = self.model(input_ids=input_ids, context=ctx, logits_to_keep=keep)
         return sample_rows, out.logits[0]
 
     # -- CUDA graphs for decode ---------------------------------------------------------
