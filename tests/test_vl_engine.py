@@ -16,6 +16,7 @@ import transformers
 from PIL import Image
 
 from fastlfm.engine import AsyncLLMEngine, LLMEngine
+from fastlfm.llm import LLM
 from fastlfm.models import load_model
 from fastlfm.models.lfm2_vl_processing import Lfm2VlImageProcessor, Lfm2VlProcessor
 from fastlfm.sampling import SamplingParams
@@ -261,3 +262,20 @@ def test_async_engine_passes_images(model, requests, reference):
     for chunks, ref in zip(outs, reference):
         assert [t for c in chunks for t in c.new_token_ids] == ref and chunks[-1].finished
     engine.engine.check_no_leaks()
+
+
+def test_llm_chat_batch_runs_images_on_the_engine(folder, hf_model):
+    llm = LLM(folder, dtype="float32")
+    convs = [user(image(300, 200, 7), "What is in the picture?"), user("Say something."),
+             user(image(64, 64, 8), image(256, 256, 9), "Compare them")]
+    results = llm.chat(convs, max_new_tokens=NEW, ignore_eos=True)
+    assert llm._engine is not None and llm._engine.processor is llm.processor
+    for conv, res in zip(convs, results):
+        ids, images = llm._prepare_chat(conv)
+        expected = hf_model.generate(input_ids=torch.tensor([ids]), **images, max_new_tokens=NEW,
+                                     min_new_tokens=NEW, do_sample=False)[0, len(ids):].tolist()
+        assert res.token_ids == expected
+        assert res.text == llm.tokenizer.decode(expected, skip_special_tokens=True)
+    # one conversation still runs on the single-model path and agrees
+    assert llm.chat(convs[0], max_new_tokens=NEW, ignore_eos=True).token_ids == results[0].token_ids
+    llm.engine.check_no_leaks()
