@@ -272,3 +272,16 @@ def test_remote_images_when_enabled(engine, expected):
 
 def post_json(url: str, messages: list[dict]) -> httpx.Response:
     return httpx.post(url + "/v1/chat/completions", json={"model": MODEL, "messages": messages}, timeout=60)
+
+
+def test_serve_image_flags(capsys):
+    from fastlfm.server import build_parser, main
+
+    args = build_parser().parse_args(["m", "--allow-remote-images", "--max-image-bytes", "1000",
+                                      "--image-fetch-timeout", "2.5"])
+    assert (args.allow_remote_images, args.max_image_bytes, args.image_fetch_timeout) == (True, 1000, 2.5)
+    assert build_parser().parse_args(["m"]).allow_remote_images is False
+    for flag, value in (("--max-image-bytes", "0"), ("--image-fetch-timeout", "-1")):
+        with pytest.raises(SystemExit) as e:
+            main(["m", flag, value])
+        assert e.value.code == 2 and f"{flag} must be positive" in capsys.readouterr().err
