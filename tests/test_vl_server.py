@@ -150,9 +150,17 @@ class _ImageHost(http.server.BaseHTTPRequestHandler):
         pass
 
 
+class _QuietServer(http.server.ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        import sys
+
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # the fetcher hangs up on purpose (size, time)
+            super().handle_error(request, client_address)
+
+
 @contextlib.contextmanager
 def image_host():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ImageHost)
+    server = _QuietServer(("127.0.0.1", 0), _ImageHost)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
