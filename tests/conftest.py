@@ -13,3 +13,11 @@ def tiny_ckpt(tmp_path_factory):
     from fastlfm.testing import tiny_config, write_checkpoint
 
     return write_checkpoint(tmp_path_factory.mktemp("lfm2-350m-tiny"), tiny_config("LFM2-350M"))
+
+
+@pytest.fixture(params=[False, True], ids=["sync", "async"])
+def async_scheduling(request):
+    """Every engine test runs both ways: each step's ids read back before the next step is
+    scheduled (sync), and the next step launched first with the ids fed on the device (async,
+    the CUDA default)."""
+    return request.param

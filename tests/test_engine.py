@@ -44,14 +44,6 @@ def reference(model, prompts):
 GREEDY = SamplingParams(max_new_tokens=NEW, temperature=0.0, ignore_eos=True)
 
 
-@pytest.fixture(params=[False, True], ids=["sync", "async"])
-def async_scheduling(request):
-    """Every engine test runs both ways: each step's ids read back before the next step is
-    scheduled (sync), and the next step launched first with the ids fed on the device (async,
-    the CUDA default)."""
-    return request.param
-
-
 def run_staggered(engine, prompts, arrive_at, params=GREEDY):
     """Add prompt i before step arrive_at[i]; run to completion; outputs by prompt index."""
     finals, step, pending = {}, 0, sorted(range(len(prompts)), key=lambda i: arrive_at[i])

@@ -126,13 +126,16 @@ class LLM:
         rows = self._params_for(len(ids), params, kwargs)
         return self._generate_ids(ids, rows)
 
-    def _generate_ids(self, ids: list[list[int]], params: list[SamplingParams]) -> list[GenerationResult]:
-        # Batches run on the continuous-batching engine (packed, no padding); one prompt on the
-        # single-model path.
+    def _generate_ids(self, ids: list[list[int]], params: list[SamplingParams],
+                      images: list[dict[str, Any] | None] | None = None) -> list[GenerationResult]:
+        # Batches run on the continuous-batching engine (packed, no padding; image prompts
+        # with text prompts); one prompt on the single-model path. `images`: the processor's
+        # tensors per prompt (None for text).
         if len(ids) > 1:
-            outs = self.engine.generate(ids, params)
+            outs = self.engine.generate(ids, params, image_inputs=images)
             return [_engine_result(o, self.engine.eos_token_ids | set(p.stop_token_ids)) for o, p in zip(outs, params)]
-        return generate(self.model, ids, params=params, tokenizer=self.tokenizer).results
+        return generate(self.model, ids, params=params, tokenizer=self.tokenizer,
+                        **((images or [None])[0] or {})).results
 
     @property
     def engine(self):
@@ -140,18 +143,23 @@ class LLM:
         if getattr(self, "_engine", None) is None:
             from .engine import LLMEngine
 
-            self._engine = LLMEngine(self.model, self.tokenizer, max_num_seqs=64)
+            self._engine = LLMEngine(self.model, self.tokenizer, max_num_seqs=64, processor=self.processor)
         return self._engine
 
-    def chat(self, messages: Messages, params: SamplingParams | None = None, tools: Sequence[Any] | None = None,
-             chat_template_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> GenerationResult:
+    def chat(self, messages: Messages | Sequence[Messages], params: SamplingParams | Sequence[SamplingParams] | None = None,
+             tools: Sequence[Any] | None = None, chat_template_kwargs: dict[str, Any] | None = None,
+             **kwargs: Any) -> GenerationResult | list[GenerationResult]:
         """Reply to a conversation (a list of {"role", "content"} messages; with an LFM2-VL
-        model, contents may be lists of text and image parts)."""
-        ids, images = self._prepare_chat(messages, tools, **(chat_template_kwargs or {}))
-        if images:
-            return generate(self.model, [ids], params=self._params_for(1, params, kwargs),
-                            tokenizer=self.tokenizer, **images).results[0]
-        return self._generate_ids([ids], self._params_for(1, params, kwargs))[0]
+        model, contents may be lists of text and image parts). A list of conversations is a
+        batch, run on the engine: one result per conversation, in order."""
+        batch = isinstance(messages, Sequence) and bool(messages) and not isinstance(messages[0], Mapping)
+        convs = list(messages) if batch else [messages]
+        if batch and not all(isinstance(c, Sequence) and not isinstance(c, (str, Mapping)) for c in convs):
+            raise ValueError("chat() takes a conversation (a list of message dicts) or a list of conversations")
+        prepared = [self._prepare_chat(c, tools, **(chat_template_kwargs or {})) for c in convs]
+        results = self._generate_ids([ids for ids, _ in prepared], self._params_for(len(convs), params, kwargs),
+                                     [images or None for _, images in prepared])
+        return results if batch else results[0]
 
     def stream(self, prompt: str | Sequence[int] | Messages, params: SamplingParams | None = None,
                tools: Sequence[Any] | None = None, **kwargs: Any) -> Iterator[str]:

@@ -10,15 +10,18 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import deque
-from typing import AsyncIterator
+from collections.abc import Mapping
+from typing import Any, AsyncIterator
 
 from .llm_engine import EngineStats, LLMEngine, RequestOutput
+from .multimodal import check_image_inputs
 
 
 class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
         self.tokenizer = engine.tokenizer
+        self.processor = engine.processor  # LFM2-VL: images -> pixel tensors + expanded prompt
         self.max_model_len = engine.max_model_len
         self.generation_config = engine.generation_config
         self._lock = threading.Lock()
@@ -38,9 +41,12 @@ class AsyncLLMEngine:
                                              max_model_len=max_model_len, **engine_kwargs))
 
     # -- public API ---------------------------------------------------------------------
-    async def generate(self, prompt_token_ids: list[int], params, request_id: str) -> AsyncIterator[RequestOutput]:
-        """Submit a request and stream its outputs; stopping the iteration aborts it."""
+    async def generate(self, prompt_token_ids: list[int], params, request_id: str, *,
+                       image_inputs: Mapping[str, Any] | None = None) -> AsyncIterator[RequestOutput]:
+        """Submit a request and stream its outputs; stopping the iteration aborts it.
+        `image_inputs`: the LFM2-VL processor's tensors for the prompt's `<image>` runs."""
         self._validate(prompt_token_ids, request_id)
+        check_image_inputs(self.engine.config, [int(t) for t in prompt_token_ids], image_inputs)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         with self._wake:
@@ -49,7 +55,7 @@ class AsyncLLMEngine:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._streams[request_id] = (loop, queue)
-            self._submissions.append((list(prompt_token_ids), params, request_id))
+            self._submissions.append((list(prompt_token_ids), params, request_id, image_inputs))
             self._wake.notify()
         finished = False
         try:
@@ -117,9 +123,9 @@ class AsyncLLMEngine:
                 submissions, aborts = self._drain(self._submissions), self._drain(self._aborts)
             # Engine state is touched only by this thread; the lock guards the queues alone,
             # so the event loop never waits for a step.
-            for prompt, params, rid in submissions:
+            for prompt, params, rid, images in submissions:
                 try:
-                    engine.add_request(prompt, params, rid)
+                    engine.add_request(prompt, params, rid, image_inputs=images)
                 except Exception as e:  # bad params: fail this request only
                     self._deliver(rid, e)
             for rid in aborts:

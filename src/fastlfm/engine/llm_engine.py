@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field, replace
+from collections.abc import Mapping
 from typing import Any, Sequence as Seq
 
 import torch
 
 from ..sampling import SamplingParams
+from . import multimodal
 from .block_manager import BlockManager
 from .model_runner import ModelRunner
 from .scheduler import Scheduler
@@ -78,15 +80,22 @@ class LLMEngine:
     costs one discarded row in the following step. Requests with repetition/presence/
     frequency penalties need their full history on the host, so while one is live the
     engine runs synchronously.
+
+    LFM2-VL: requests may carry images (`add_request(..., image_inputs=...)`, see
+    engine/multimodal.py); `processor` (an `Lfm2VlProcessor`, loaded by `from_pretrained`)
+    is kept for callers that build such requests (the server); `max_vision_views` caps the
+    image views one vision-tower call encodes.
     """
 
     def __init__(self, model, tokenizer=None, *, max_num_seqs: int = 256, max_model_len: int | None = None,
                  max_num_batched_tokens: int | None = None, block_size: int | None = None,
                  num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.85,
-                 enforce_eager: bool = False, compile: bool = False, async_scheduling: bool | None = None):
+                 enforce_eager: bool = False, compile: bool = False, async_scheduling: bool | None = None,
+                 processor=None, max_vision_views: int = 32):
         self.model = model
         self.config = model.config
         self.tokenizer = tokenizer
+        self.processor = processor
         self.generation_config = getattr(model, "generation_config", None)
         self.device = model.device
         on_cuda = self.device.type == "cuda"
@@ -106,7 +115,7 @@ class LLMEngine:
         self.runner = ModelRunner(model, block_size=block_size, num_blocks=num_kv_blocks, num_conv_slots=max_num_seqs,
                                   max_model_len=self.max_model_len, max_num_seqs=max_num_seqs,
                                   use_cuda_graphs=on_cuda and not enforce_eager, use_triton=on_cuda,
-                                  compile=compile and on_cuda)
+                                  compile=compile and on_cuda, max_vision_views=max_vision_views)
         self.eos_token_ids = self._eos_ids()
         self.async_scheduling = on_cuda if async_scheduling is None else bool(async_scheduling)
         self.in_flight: StepInFlight | None = None
@@ -118,15 +127,20 @@ class LLMEngine:
 
     @classmethod
     def from_pretrained(cls, model: str, *, device=None, dtype="auto", **engine_kwargs) -> "LLMEngine":
-        from ..models import Lfm2ForCausalLM
-        from ..tokenizer import Tokenizer
         from ..loading import resolve_model_dir
+        from ..models import load_model
+        from ..tokenizer import Tokenizer
 
-        lm = Lfm2ForCausalLM.from_pretrained(model, dtype=dtype, device=device)
+        lm = load_model(model, dtype=dtype, device=device)  # the class by model_type (LFM2, MoE, VL)
+        folder = resolve_model_dir(model)
         try:
-            tok = Tokenizer.from_pretrained(resolve_model_dir(model))
+            tok = Tokenizer.from_pretrained(folder)
         except (FileNotFoundError, OSError, ValueError):
             tok = None  # weights-only folder (benchmarks): token ids in, token ids out
+        if tok is not None and multimodal.image_token_id(lm.config) is not None:
+            from ..models.lfm2_vl_processing import Lfm2VlProcessor
+
+            engine_kwargs.setdefault("processor", Lfm2VlProcessor.from_pretrained(folder, tok))
         return cls(lm, tok, **engine_kwargs)
 
     def _blocks_from_memory(self, block_size: int, utilization: float) -> int:
@@ -146,7 +160,11 @@ class LLMEngine:
         return {int(i) for i in ids if i is not None}
 
     # -- requests -----------------------------------------------------------------------
-    def add_request(self, prompt: list[int] | str, params=None, request_id: str | None = None) -> Sequence:
+    def add_request(self, prompt: list[int] | str, params=None, request_id: str | None = None, *,
+                    image_inputs: Mapping[str, Any] | None = None) -> Sequence:
+        """Queue one request. LFM2-VL: `image_inputs` holds the processor's pixel_values,
+        pixel_attention_mask and spatial_shapes for the `<image>` runs of `prompt` (ids expanded
+        by the processor); extra keys of a processor output are ignored."""
         params = params if params is not None else SamplingParams.from_generation_config(self.generation_config)
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a fastlfm.sampling.SamplingParams, got {type(params).__name__}")
@@ -165,10 +183,12 @@ class LLMEngine:
         bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (size {self.config.vocab_size})")
+        images, image_positions = multimodal.check_image_inputs(self.config, prompt, image_inputs)
         request_id = str(next(self._ids)) if request_id is None else request_id
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         seq = Sequence(request_id, prompt, params)
+        seq.image_inputs, seq.image_positions = images, image_positions
         if self.tokenizer is not None:
             from ..tokenizer import IncrementalDetokenizer
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer)
@@ -193,6 +213,7 @@ class LLMEngine:
         self.requests.pop(seq.request_id, None)
         self.num_history_requests -= _needs_history(seq.params)
         seq.in_flight_row = None
+        multimodal.release(seq)
         while seq.token_ids and seq.token_ids[-1] == IN_FLIGHT:  # a token it will never get
             seq.token_ids.pop()
 
@@ -223,9 +244,11 @@ class LLMEngine:
         for seq, n in zip(batch.seqs, batch.num_tokens):
             seq.num_computed_tokens += n
         if not rows:
+            self._after_images(batch.seqs)
             return None
         seqs = [batch.seqs[i] for i in rows]
         token_ids, extra = self._sample(logits, seqs)
+        self._after_images(batch.seqs)
         entries = []
         for j, seq in enumerate(seqs):
             entries.append((seq, len(seq.token_ids)))
@@ -242,6 +265,13 @@ class LLMEngine:
             host, event = pinned, torch.cuda.Event()
             event.record()
         return StepInFlight(entries, token_ids, host, event, [s.params.logprobs for s in seqs])
+
+    @staticmethod
+    def _after_images(seqs: list[Sequence]) -> None:
+        # Once per image request (its prompt done): features move to host memory for recompute.
+        for seq in seqs:
+            if seq.image_embeds is not None:
+                multimodal.after_step(seq)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """One token per row on device, no host sync: ids, plus [logprobs, top ids, top
@@ -338,12 +368,17 @@ class LLMEngine:
         )
 
     # -- offline API --------------------------------------------------------------------
-    def generate(self, prompts: Seq[list[int] | str], params=None) -> list[RequestOutput]:
-        """Run a list of prompts to completion; one final output per prompt, in order."""
+    def generate(self, prompts: Seq[list[int] | str], params=None,
+                 image_inputs: Seq[Mapping[str, Any] | None] | None = None) -> list[RequestOutput]:
+        """Run a list of prompts to completion; one final output per prompt, in order.
+        `image_inputs`: one processor output (or None for a text prompt) per prompt."""
         if isinstance(params, (list, tuple)) and len(params) != len(prompts):
             raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+        if image_inputs is not None and len(image_inputs) != len(prompts):
+            raise ValueError(f"got {len(image_inputs)} image inputs for {len(prompts)} prompts")
         plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
-        seqs = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        images = list(image_inputs) if image_inputs is not None else [None] * len(prompts)
+        seqs = [self.add_request(p, sp, image_inputs=im) for p, sp, im in zip(prompts, plist, images)]
         finals: dict[str, RequestOutput] = {}
         lps: dict[str, list] = {s.request_id: [] for s in seqs}
         while self.has_unfinished():

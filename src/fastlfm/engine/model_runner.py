@@ -6,6 +6,7 @@ import torch
 
 from ..models.lfm2 import fuse_projections
 from .context import PagedContext
+from .multimodal import has_image_rows, prefill_embeds
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
 
@@ -30,7 +31,7 @@ class EagerReplay:
 class ModelRunner:
     def __init__(self, model, *, block_size: int, num_blocks: int, num_conv_slots: int,
                  max_model_len: int, max_num_seqs: int, use_cuda_graphs: bool, use_triton: bool,
-                 max_graph_batch_size: int = 256, compile: bool = False):
+                 max_graph_batch_size: int = 256, compile: bool = False, max_vision_views: int = 32):
         self.model = model
         fuse_projections(model)  # q/k/v and w1/w3 as one GEMM each
         cfg = model.config
@@ -38,6 +39,7 @@ class ModelRunner:
         self.block_size, self.num_blocks = block_size, num_blocks
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.use_triton = use_triton
+        self.max_vision_views = max_vision_views
         attn = [i for i in range(cfg.num_hidden_layers) if cfg.is_attention_layer(i)]
         conv = [i for i in range(cfg.num_hidden_layers) if not cfg.is_attention_layer(i)]
         self.attn_index = {layer: j for j, layer in enumerate(attn)}
@@ -90,7 +92,8 @@ class ModelRunner:
         this step can be launched before that step's ids reach the host."""
         seqs, counts = batch.seqs, batch.num_tokens
         sample_rows = [i for i, (s, n) in enumerate(zip(seqs, counts)) if s.num_computed_tokens + n == s.num_tokens]
-        if self.graphs and batch.num_decode == len(seqs) and len(seqs) <= self.graph_sizes[-1]:
+        if self.graphs and batch.num_decode == len(seqs) and len(seqs) <= self.graph_sizes[-1] \
+                and not has_image_rows(seqs, counts):
             logits = self._run_graph(seqs, [(i, seqs[i]) for i in sample_rows], in_flight)
             if len(sample_rows) < len(seqs):  # a 1-token prompt chunk rode along as a decode row
                 logits = logits.index_select(0, self._to_device(sample_rows, torch.long))
@@ -113,7 +116,11 @@ class ModelRunner:
         input_ids = self._to_device(ids, torch.long)
         # A token in flight is always its sequence's newest one: the last of a sampling row's chunk.
         self._fill_in_flight(input_ids, [(last_index[i], seqs[i]) for i in sample_rows], in_flight)
-        out = self.model(input_ids=input_ids[None], context=ctx, logits_to_keep=keep)
+        embeds = prefill_embeds(self.model, seqs, counts, input_ids[None], self.max_vision_views)
+        if embeds is not None:  # LFM2-VL: image features at this step's `<image>` positions
+            out = self.model(inputs_embeds=embeds, context=ctx, logits_to_keep=keep)
+        else:
+            out = self.model(input_ids=input_ids[None], context=ctx, logits_to_keep=keep)
         return sample_rows, out.logits[0]
 
     def _fill_in_flight(self, input_ids: torch.Tensor, positions: list[tuple[int, Sequence]],

@@ -49,6 +49,11 @@ class Sequence:
         self.logprobs: list = []
         self.num_streamed_tokens = 0
         self.num_streamed_chars = 0
+        # LFM2-VL (engine/multimodal.py): pixel tensors until encoded, then the features of
+        # the prompt's `<image>` positions (sorted), one row each.
+        self.image_inputs = None
+        self.image_positions: list[int] = []
+        self.image_embeds = None
 
     @property
     def num_tokens(self) -> int:

@@ -293,6 +293,13 @@ class Lfm2VlForConditionalGeneration(GenerationMixin, PretrainedMixin, nn.Module
     def make_cache(self) -> Lfm2Cache:
         return Lfm2Cache(self.config.text_config)
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.language_model.embed_tokens
+
+    def get_image_features(self, pixel_values, pixel_attention_mask, spatial_shapes) -> list[torch.Tensor]:
+        """Vision tower + projector: one (tokens, D_text) tensor per view, in order."""
+        return self.model.get_image_features(pixel_values, pixel_attention_mask, spatial_shapes)
+
     @property
     def device(self) -> torch.device:
         return self.lm_head.weight.device

@@ -30,6 +30,13 @@ def build_parser(prog: str = "fastlfm serve") -> argparse.ArgumentParser:
                    help="requests allowed to wait beyond --max-num-seqs before answering 429 (default 1024)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--dtype", default="auto", help="auto, bfloat16, float16, float32")
+    p.add_argument("--allow-remote-images", action="store_true",
+                   help="fetch http(s) image_url parts (LFM2-VL); off by default, since the server then requests any "
+                        "address a client names from its own network. data: URLs are always accepted")
+    p.add_argument("--max-image-bytes", type=int, default=20 * 1024 * 1024,
+                   help="largest image accepted, data: URL or fetched (default 20 MiB)")
+    p.add_argument("--image-fetch-timeout", type=float, default=10.0,
+                   help="seconds allowed to download one remote image (default 10)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p
 
@@ -37,10 +44,12 @@ def build_parser(prog: str = "fastlfm serve") -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fastlfm serve``; returns the exit status."""
     args = build_parser().parse_args(argv)
-    for flag in ("port", "max_num_seqs", "max_model_len", "max_queue_len"):
+    for flag in ("port", "max_num_seqs", "max_model_len", "max_queue_len", "max_image_bytes"):
         value = getattr(args, flag)
         if value is not None and (value < 1 and flag != "max_queue_len" or value < 0):
             build_parser().error(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    if args.image_fetch_timeout <= 0:
+        build_parser().error(f"--image-fetch-timeout must be positive, got {args.image_fetch_timeout}")
 
     import uvicorn
 
@@ -58,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
             max_queue_len=DEFAULT_MAX_QUEUE_LEN if args.max_queue_len is None else args.max_queue_len,
             model_path=args.model,
             shutdown_engine=True,
+            allow_remote_images=args.allow_remote_images,
+            max_image_bytes=args.max_image_bytes,
+            image_fetch_timeout=args.image_fetch_timeout,
         )
     except (ValueError, OSError, RuntimeError) as e:  # CheckpointError is a ValueError
         print(f"fastlfm serve: error: {e}", file=sys.stderr)

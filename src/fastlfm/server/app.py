@@ -28,6 +28,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .errors import APIError, error_body, validation_error
+from .images import DEFAULT_FETCH_TIMEOUT, DEFAULT_MAX_IMAGE_BYTES, ImagePolicy
 from .metrics import ServerMetrics
 from .protocol import (
     ChatCompletionRequest,
@@ -57,6 +58,9 @@ def create_app(
     max_concurrent: int | None = None,
     model_path: str | None = None,
     shutdown_engine: bool = False,
+    allow_remote_images: bool = False,
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+    image_fetch_timeout: float = DEFAULT_FETCH_TIMEOUT,
 ) -> FastAPI:
     """An OpenAI-compatible app over an `AsyncLLMEngine`.
 
@@ -64,6 +68,8 @@ def create_app(
     /v1 routes need `Authorization: Bearer <api_key>`. Capacity: at most `max_concurrent`
     (default: the engine's max_num_seqs) generations run, and `max_queue_len` more wait;
     beyond that requests get 429. `shutdown_engine`: shut the engine down with the app.
+    Images (LFM2-VL): base64 data: URLs always; http(s) URLs only with `allow_remote_images`,
+    fetched within `image_fetch_timeout` seconds; either kind at most `max_image_bytes`.
     """
     names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
     if not names or not all(isinstance(n, str) and n for n in names):
@@ -74,7 +80,11 @@ def create_app(
         inner = getattr(engine, "engine", None)
         max_concurrent = int(getattr(inner, "max_num_seqs", None) or getattr(engine, "max_num_seqs", 256))
     metrics = ServerMetrics(engine.stats, names[0])
-    serving = OpenAIServing(engine, names, metrics, max_pending=max_concurrent + max_queue_len)
+    if max_image_bytes < 1 or image_fetch_timeout <= 0:
+        raise ValueError(f"max_image_bytes and image_fetch_timeout must be positive, got {max_image_bytes} and "
+                         f"{image_fetch_timeout}")
+    serving = OpenAIServing(engine, names, metrics, max_pending=max_concurrent + max_queue_len,
+                            image_policy=ImagePolicy(allow_remote_images, max_image_bytes, image_fetch_timeout))
     started = int(time.time())
 
     @contextlib.asynccontextmanager
@@ -140,7 +150,7 @@ def create_app(
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse,
               responses={**_ERRORS, 200: {"content": _STREAM_DOC}})
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        prep = serving.prepare_chat(body)
+        prep = await serving.prepare_chat_async(body)
         if body.stream:
             stream, release = serving.start_stream(prep, chat=True)
             return SSEResponse(stream, on_close=release)

@@ -83,12 +83,20 @@ class _SamplingFields(_Request):
 # ------------------------------------------------------------------------------ chat
 
 
+class ImageURL(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    url: NonEmptyStr = Field(description="a base64 data: URL (data:image/png;base64,...), or an http(s) URL "
+                                         "when the server runs with --allow-remote-images")
+    detail: Literal["auto", "low", "high"] | None = None
+
+
 class ContentPart(BaseModel):
-    """A part of a message's content; only ``text`` parts are supported by text models."""
+    """A part of a message's content: ``text`` parts, and ``image_url`` parts for LFM2-VL models."""
 
     model_config = ConfigDict(extra="allow", strict=True)
     type: str
     text: str | None = None
+    image_url: ImageURL | None = None
 
 
 class FunctionCallIn(BaseModel):

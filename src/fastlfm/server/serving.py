@@ -25,6 +25,7 @@ from typing import Any
 from ..sampling import SamplingParams
 from ..tokenizer import IncrementalDetokenizer
 from .errors import APIError, bad_request, error_body
+from .images import ImagePolicy, check_url, decode_data_url, fetch_image, is_remote, open_image
 from .metrics import ServerMetrics
 from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
 from .tool_calls import TOOL_CALL_END, TOOL_CALL_START, StreamingToolCallParser, ToolCall, format_tool_calls
@@ -154,6 +155,7 @@ class _Job:
     params: SamplingParams
     request_id: str
     prompt_text: str = ""  # for echo
+    image_inputs: dict[str, Any] | None = None  # LFM2-VL processor tensors of the prompt's images
 
 
 @dataclass
@@ -177,11 +179,16 @@ class _Prepared:
 
 
 class OpenAIServing:
-    def __init__(self, engine, served_model_names: list[str], metrics: ServerMetrics, max_pending: int):
+    def __init__(self, engine, served_model_names: list[str], metrics: ServerMetrics, max_pending: int,
+                 image_policy: ImagePolicy | None = None):
         if engine.tokenizer is None:
             raise ValueError("the server needs a checkpoint with tokenizer files (tokenizer.json)")
         self.engine = engine
         self.tokenizer = engine.tokenizer
+        # LFM2-VL: the processor turns image parts into pixel tensors and <image> runs.
+        self.processor = getattr(engine, "processor", None)
+        self.image_policy = image_policy or ImagePolicy()
+        self.model_config = getattr(getattr(engine, "engine", None), "config", None)
         self.model_names = list(served_model_names)
         self.metrics = metrics
         self.max_pending = max_pending
@@ -275,17 +282,67 @@ class OpenAIServing:
         return release
 
     # ------------------------------------------------------------------ chat
-    @staticmethod
-    def _chat_message(msg: ChatMessage, i: int, template_handles_calls: bool) -> dict[str, Any]:
+    def _image_parts(self, req: ChatCompletionRequest) -> list[tuple[int, int, str, str]]:
+        """(message, part, url, param) of every image part, checked against the model and the
+        image policy before anything is decoded or fetched."""
+        found = []
+        for i, msg in enumerate(req.messages):
+            for j, part in enumerate(msg.content if isinstance(msg.content, list) else []):
+                if part.type == "text":
+                    if part.text is None:
+                        raise bad_request("A text part needs a 'text' string", param=f"messages.{i}.content.{j}.text",
+                                          code="missing_required_parameter")
+                    continue
+                if part.type != "image_url":
+                    kinds = "text and image_url parts" if self.processor is not None else "text parts"
+                    raise bad_request(f"Content part type {part.type!r} is not supported; send {kinds}",
+                                      param=f"messages.{i}.content.{j}.type")
+                if self.processor is None:
+                    raise bad_request("Content part type 'image_url' is not supported: this model is text-only "
+                                      "(image inputs need an LFM2-VL model); send text parts",
+                                      param=f"messages.{i}.content.{j}.type")
+                if part.image_url is None:
+                    raise bad_request("An image_url part needs an 'image_url' object with a 'url'",
+                                      param=f"messages.{i}.content.{j}.image_url",
+                                      code="missing_required_parameter")
+                param = f"messages.{i}.content.{j}.image_url.url"
+                check_url(part.image_url.url, param, self.image_policy)
+                found.append((i, j, part.image_url.url, param))
+        return found
+
+    async def prepare_chat_async(self, req: ChatCompletionRequest) -> _Prepared:
+        """`prepare_chat`, fetching remote images first (when allowed) and decoding and
+        preprocessing images off the event loop."""
+        self.check_model(req.model)
+        parts = self._image_parts(req)
+        if not parts:
+            return self.prepare_chat(req)
+        fetched = {(i, j): await fetch_image(url, param, self.image_policy)
+                   for i, j, url, param in parts if is_remote(url)}
+        return await asyncio.to_thread(self.prepare_chat, req, fetched)
+
+    def _load_images(self, req: ChatCompletionRequest, fetched: dict[tuple[int, int], bytes] | None) -> dict:
+        images = {}
+        for i, j, url, param in self._image_parts(req):
+            if (i, j) in (fetched or {}):
+                raw = fetched[(i, j)]
+            elif is_remote(url):
+                raise RuntimeError("remote images are fetched by prepare_chat_async")
+            else:
+                raw = decode_data_url(url, param, self.image_policy.max_bytes)
+            images[(i, j)] = open_image(raw, param)
+        return images
+
+    def _chat_message(self, msg: ChatMessage, i: int, template_handles_calls: bool,
+                      images: dict[tuple[int, int], Any] | None = None) -> dict[str, Any]:
         content = msg.content
-        if isinstance(content, list):
-            texts = []
-            for j, part in enumerate(content):
-                if part.type != "text" or part.text is None:
-                    raise bad_request(f"Content part type {part.type!r} is not supported by this text-only model; "
-                                      "send text parts", param=f"messages.{i}.content.{j}.type")
-                texts.append(part.text)
-            content = "\n".join(texts)
+        if isinstance(content, list):  # parts were checked by _image_parts
+            parts = [{"type": "image", "image": images[(i, j)]} if part.type == "image_url"
+                     else {"type": "text", "text": part.text} for j, part in enumerate(content)]
+            if any(p["type"] == "image" for p in parts):
+                content = parts  # the template renders <image> for each image part, in order
+            else:
+                content = "\n".join(p["text"] for p in parts)
         message: dict[str, Any] = {"role": "system" if msg.role == "developer" else msg.role}
         if msg.tool_calls:
             calls = [c.model_dump() for c in msg.tool_calls]
@@ -302,7 +359,10 @@ class OpenAIServing:
                 message[key] = getattr(msg, key)
         return message
 
-    def prepare_chat(self, req: ChatCompletionRequest) -> _Prepared:
+    def prepare_chat(self, req: ChatCompletionRequest,
+                     fetched_images: dict[tuple[int, int], bytes] | None = None) -> _Prepared:
+        """Validate and render a chat request. Image parts need an LFM2-VL model; remote ones
+        arrive in `fetched_images` (see `prepare_chat_async`)."""
         model = self.check_model(req.model)
         if req.stream_options is not None and not req.stream:
             raise bad_request("stream_options is only allowed when stream is true", param="stream_options")
@@ -328,22 +388,41 @@ class OpenAIServing:
         except ValueError as e:
             raise bad_request(str(e), param="messages") from None
         handles_calls = "tool_calls" in template
-        messages = [self._chat_message(m, i, handles_calls) for i, m in enumerate(req.messages)]
+        images = self._load_images(req, fetched_images)
+        messages = [self._chat_message(m, i, handles_calls, images) for i, m in enumerate(req.messages)]
         try:
-            prompt_ids = self.tokenizer.apply_chat_template(
+            rendered = self.tokenizer.apply_chat_template(
                 messages, tools=tools, add_generation_prompt=req.add_generation_prompt,
-                continue_final_message=req.continue_final_message, tokenize=True, chat_template=template)
+                continue_final_message=req.continue_final_message, tokenize=not images, chat_template=template)
         except Exception as e:  # template errors are caused by the conversation's shape
             raise bad_request(f"The chat template cannot render these messages: {e}", param="messages") from None
+        image_inputs = None
+        if images:
+            prompt_ids, image_inputs = self._expand_images(rendered, [images[k] for k in sorted(images)])
+        else:
+            prompt_ids = rendered
         if not prompt_ids:
             raise bad_request("The rendered prompt is empty", param="messages")
         max_new = self._max_new_tokens(req.max_new_tokens, len(prompt_ids), "messages")
         num_lp = (req.top_logprobs or 0) if req.logprobs else None
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        jobs = [_Job(i, 0, prompt_ids, self._sampling_params(req, max_new, num_lp, i), f"{rid}-{i}")
-                for i in range(req.n)]
+        jobs = [_Job(i, 0, prompt_ids, self._sampling_params(req, max_new, num_lp, i), f"{rid}-{i}",
+                     image_inputs=image_inputs) for i in range(req.n)]
         return _Prepared(rid, model, jobs, parse_tools, req.stream,
                          bool(req.stream_options and req.stream_options.include_usage), num_lp)
+
+    def _expand_images(self, text: str, images: list[Any]) -> tuple[list[int], dict[str, Any]]:
+        """Prompt ids with each `<image>` expanded, and the image tensors, from the processor."""
+        from ..engine.multimodal import IMAGE_KEYS, check_image_inputs
+
+        try:
+            enc = self.processor(text, images)
+            prompt_ids, image_inputs = enc["input_ids"][0], {k: enc[k] for k in IMAGE_KEYS}
+            if self.model_config is not None:  # what the engine would refuse, refused as a 400 now
+                check_image_inputs(self.model_config, prompt_ids, image_inputs)
+        except ValueError as e:
+            raise bad_request(f"Cannot prepare the images of these messages: {e}", param="messages") from None
+        return prompt_ids, image_inputs
 
     # ------------------------------------------------------------------ completions
     def prepare_completion(self, req: CompletionRequest) -> _Prepared:
@@ -387,6 +466,8 @@ class OpenAIServing:
     # ------------------------------------------------------------------ running
     def _outputs(self, job: _Job) -> AsyncIterator:
         """The engine outputs of one job; stopping early aborts it in the engine."""
+        if job.image_inputs is not None:
+            return self.engine.generate(job.prompt_ids, job.params, job.request_id, image_inputs=job.image_inputs)
         return self.engine.generate(job.prompt_ids, job.params, job.request_id)
 
     async def _merged(self, prep: _Prepared) -> AsyncIterator[tuple[_Job, Any]]:

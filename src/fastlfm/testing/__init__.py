@@ -165,8 +165,9 @@ def tiny_vl_config(text: dict[str, Any] | None = None, **overrides: Any) -> dict
 
 
 def write_vl_checkpoint(folder: str | Path, config: dict[str, Any] | None = None, seed: int = 0,
-                        tokenizer: bool = True) -> Path:
-    """Write an HF-format LFM2-VL checkpoint with random weights (and the LFM2 tokenizer)."""
+                        tokenizer: bool = True, dtype: torch.dtype = torch.float32) -> Path:
+    """Write an HF-format LFM2-VL checkpoint with random weights (and the LFM2 tokenizer),
+    stored in `dtype`."""
     from ..models import Lfm2VlConfig, Lfm2VlForConditionalGeneration
 
     folder = Path(folder)
@@ -180,6 +181,7 @@ def write_vl_checkpoint(folder: str | Path, config: dict[str, Any] | None = None
                 p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen))
             else:
                 p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+    model.to(dtype)
     model.generation_config = dict(GENERATION_CONFIG)
     model.save_pretrained(folder)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
