@@ -129,6 +129,17 @@ def hf_prefill_tps(hf, batch, length):
     return batch * length / dt
 
 
+def graph_replay_ms(graph, reps: int) -> float:
+    """GPU time of one replay of a captured graph (events around `reps` replays)."""
+    start, end = torch.cuda.Event(True), torch.cuda.Event(True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
 def kernel_profile(fn, name, tag, reps=10) -> str:
     """GPU time per call by kernel (torch.profiler sees the kernels inside graph replays)."""
     from torch.profiler import ProfilerActivity, profile
@@ -199,13 +210,7 @@ def bench_model(name, bw, flops, args, rows, notes):
     # what the decode step spends: one graph replay alone vs the whole engine step
     runner = engine.runner
     bs1 = runner.graphs[1]
-    s, e = torch.cuda.Event(True), torch.cuda.Event(True)
-    s.record()
-    for _ in range(100):
-        bs1.replay()
-    e.record()
-    torch.cuda.synchronize()
-    replay_ms = s.elapsed_time(e) / 100
+    replay_ms = graph_replay_ms(bs1, 100)
     if args.profile_decode:  # the same decode with the host reading each step's ids before the next launch
         engine.async_scheduling = False
         engine.add_request(p, SamplingParams(max_new_tokens=257, **greedy), "b1-sync")
@@ -239,14 +244,8 @@ def bench_model(name, bw, flops, args, rows, notes):
     if args.profile_decode:  # the batch-100 decode step: GPU time of its graph vs the engine's wall time per step
         runner = engine.runner
         g100 = runner.graphs[runner._padded_size(100)]
-        s_ev, e_ev = torch.cuda.Event(True), torch.cuda.Event(True)
-        s_ev.record()
-        for _ in range(20):
-            g100.replay()
-        e_ev.record()
-        torch.cuda.synchronize()
         notes.append(f"{name}: throughput run {dt:.2f} s for 1024 steps ({1e3 * dt / 1024:.2f} ms/step incl. prefill); "
-                     f"batch-{runner._padded_size(100)} graph replay {s_ev.elapsed_time(e_ev) / 20:.3f} ms; by kernel: "
+                     f"batch-{runner._padded_size(100)} graph replay {graph_replay_ms(g100, 20):.3f} ms; by kernel: "
                      + kernel_profile(g100.replay, name, "b100"))
         log(notes[-1])
         del runner, g100
