@@ -2,7 +2,7 @@
 
 On a GPU:  PYTHONPATH=src python bench/check_kernels.py
 On a CPU:  TRITON_INTERPRET=1 PYTHONPATH=src python bench/check_kernels.py --device cpu
-(triton's interpreter; fp32 only there). Exits non-zero on a mismatch. Every output is
+(triton's interpreter; fp32 and fp16 there). Exits non-zero on a mismatch. Every output is
 poisoned (NaN) before the kernel runs, so an unwritten element fails the check.
 """
 
@@ -115,7 +115,9 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
-    dtypes = [torch.float32] if args.device == "cpu" else [torch.float32, torch.bfloat16]
+    # triton's interpreter computes garbage for bf16 (even x * y), so on CPU fp16 stands in
+    # for the half-precision rounding paths.
+    dtypes = [torch.float32, torch.float16] if args.device == "cpu" else [torch.float32, torch.bfloat16, torch.float16]
     ok = True
     for dtype in dtypes:
         tol = 1e-5 if dtype == torch.float32 else 1e-2
