@@ -80,9 +80,9 @@ class PagedContext(MixingContext):
         if self.decode_only:
             return self._decode(q, k, v, k_cache, v_cache, self.num_decode)[None]
         Hkv, d = k.shape[1:]
-        k_cache.view(-1, Hkv, d)[self.slot_mapping] = k
-        v_cache.view(-1, Hkv, d)[self.slot_mapping] = v
-        nd = self.num_decode
+        nd = self.num_decode  # the leading single-token rows: _decode writes their K/V
+        k_cache.view(-1, Hkv, d)[self.slot_mapping[nd:]] = k[nd:]
+        v_cache.view(-1, Hkv, d)[self.slot_mapping[nd:]] = v[nd:]
         out = torch.empty_like(q)
         if nd:
             out[:nd] = self._decode(q[:nd], k[:nd], v[:nd], k_cache, v_cache, nd)

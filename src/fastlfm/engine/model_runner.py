@@ -183,6 +183,7 @@ class ModelRunner:
         width = max(len(s.block_table) for s in seqs)
         pad = bs - n
         # One host-to-device copy per step: [ids | past | slots | block tables (bs x width)].
+        # An IN_FLIGHT id goes up as 0; _fill_in_flight puts the real one in on the device.
         meta = [max(s.token_ids[s.num_computed_tokens], 0) for s in seqs] + [0] * pad
         meta += [s.num_computed_tokens for s in seqs] + [0] * pad
         meta += [s.conv_slot for s in seqs] + [self.padding_slot] * pad
