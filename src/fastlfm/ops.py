@@ -10,6 +10,16 @@ import torch
 import torch.nn.functional as F
 
 
+def host_to_device(values, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A tensor of Python values on `device`, through pinned memory without a host sync on
+    CUDA: a copy from pageable memory would wait for the GPU work in flight (the engine
+    launches the next step before reading the last one)."""
+    t = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Llama-style RMSNorm: statistics in fp32, result cast back, then `* weight` (no 1+w)."""
     xf = x.float()

@@ -39,6 +39,8 @@ from typing import Any
 
 import torch
 
+from .ops import host_to_device
+
 __all__ = ["SamplingParams", "SamplingTensors", "SamplerOutput", "sample", "apply_penalties", "filter_logits"]
 
 
@@ -273,10 +275,10 @@ class SamplingTensors:
         lo_hi = [_split_seed(s) for s in seeds]
 
         def f32(vals):
-            return _host_to_device(vals, torch.float32, device)
+            return host_to_device(vals, torch.float32, device)
 
         def i64(vals):
-            return _host_to_device(vals, torch.int64, device)
+            return host_to_device(vals, torch.int64, device)
 
         any_repetition = any(p.repetition_penalty != 1.0 for p in params)
         any_pf = any(p.presence_penalty != 0 or p.frequency_penalty != 0 for p in params)
@@ -308,7 +310,7 @@ class SamplingTensors:
             repetition_penalty=f32([p.repetition_penalty for p in params]),
             presence_penalty=f32([p.presence_penalty for p in params]),
             frequency_penalty=f32([p.frequency_penalty for p in params]),
-            greedy=_host_to_device(greedy, torch.bool, device),
+            greedy=host_to_device(greedy, torch.bool, device),
             seed_lo=i64([lo for lo, _ in lo_hi]),
             seed_hi=i64([hi for _, hi in lo_hi]),
             step=i64(list(steps)),
@@ -346,18 +348,9 @@ class SamplingTensors:
         return SamplingTensors(**out)
 
 
-def _host_to_device(vals, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Through pinned memory without a sync: a plain copy from pageable memory would wait
-    for the GPU work in flight (the engine launches the next step before reading this one)."""
-    t = torch.tensor(vals, dtype=dtype)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
 def _pad_rows(rows: list[list[int]], pad: int, device) -> torch.Tensor:
     width = max(1, max((len(r) for r in rows), default=1))
-    return _host_to_device([r + [pad] * (width - len(r)) for r in rows], torch.int64, torch.device(device))
+    return host_to_device([r + [pad] * (width - len(r)) for r in rows], torch.int64, torch.device(device))
 
 
 # ----------------------------------------------------------------------------- the sampler

@@ -45,7 +45,6 @@ class StepInFlight:
     token_ids: torch.Tensor                # (rows,) on the device: input of the next step
     host: list[torch.Tensor]               # ids [, logprobs, top ids, top logprobs] being copied
     event: torch.cuda.Event | None         # recorded after the copies (CUDA)
-    want_logprobs: list[int | None]
 
     def fetch(self) -> list[list]:
         if self.event is not None:
@@ -243,19 +242,17 @@ class LLMEngine:
         rows, logits = self.runner.execute(batch, prev)
         for seq, n in zip(batch.seqs, batch.num_tokens):
             seq.num_computed_tokens += n
+        self._after_images(batch.seqs)
         if not rows:
-            self._after_images(batch.seqs)
             return None
         seqs = [batch.seqs[i] for i in rows]
         token_ids, extra = self._sample(logits, seqs)
-        self._after_images(batch.seqs)
         entries = []
         for j, seq in enumerate(seqs):
             entries.append((seq, len(seq.token_ids)))
             seq.token_ids.append(IN_FLIGHT)
             seq.in_flight_row = j
-            p = seq.params
-            seq.awaiting_finish = seq.num_output_tokens >= _max_new(p) or seq.num_tokens >= self.max_model_len
+            seq.awaiting_finish = self._at_length_limit(seq, seq.num_tokens)
         host = [token_ids] + extra
         event = None
         if token_ids.device.type == "cuda":
@@ -264,7 +261,7 @@ class LLMEngine:
                 dst.copy_(src, non_blocking=True)
             host, event = pinned, torch.cuda.Event()
             event.record()
-        return StepInFlight(entries, token_ids, host, event, [s.params.logprobs for s in seqs])
+        return StepInFlight(entries, token_ids, host, event)
 
     @staticmethod
     def _after_images(seqs: list[Sequence]) -> None:
@@ -308,7 +305,7 @@ class LLMEngine:
             if seq.in_flight_row is not None and len(seq.token_ids) == index + 1:
                 seq.in_flight_row = None
             new_lp = []
-            n = step.want_logprobs[j]
+            n = seq.params.logprobs
             if n is not None and len(host) > 1:
                 top = list(zip(host[2][j][:n], host[3][j][:n])) if len(host) > 3 else []
                 new_lp = [TokenLogprob(tok, host[1][j], top)]
@@ -319,8 +316,7 @@ class LLMEngine:
             if reason is None and new_text:
                 reason = self._check_stop_strings(seq)
             if reason is not None:
-                del seq.token_ids[index + 1:]
-                self._finish(seq, reason)
+                self._finish(seq, reason)  # drops the in-flight placeholders after `index`
             outputs.append(self._output(seq, [tok], new_lp, upto=index + 1))
         return outputs
 
@@ -328,9 +324,13 @@ class LLMEngine:
         p = seq.params
         if not p.ignore_eos and (tok in self.eos_token_ids or tok in p.stop_token_ids):
             return "stop"
-        if index + 1 - seq.num_prompt_tokens >= _max_new(p) or index + 1 >= self.max_model_len:
+        if self._at_length_limit(seq, index + 1):
             return "length"
         return None
+
+    def _at_length_limit(self, seq: Sequence, num_tokens: int) -> bool:
+        """Whether a sequence of `num_tokens` tokens (prompt included) may grow no further."""
+        return num_tokens - seq.num_prompt_tokens >= _max_new(seq.params) or num_tokens >= self.max_model_len
 
     def _check_stop_strings(self, seq: Sequence) -> str | None:
         stops = seq.params.stop_strings

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..models.lfm2 import fuse_projections
+from ..ops import host_to_device
 from .context import PagedContext
 from .multimodal import has_image_rows, prefill_embeds
 from .scheduler import ScheduledBatch
@@ -77,10 +78,7 @@ class ModelRunner:
                             host_chunks=host_chunks, use_triton=self.use_triton)
 
     def _to_device(self, data, dtype):
-        t = torch.tensor(data, dtype=dtype)
-        if self.device.type == "cuda":
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t.to(self.device)
+        return host_to_device(data, dtype, self.device)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, in_flight: torch.Tensor | None = None

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from ..ops import host_to_device
+
 IMAGE_KEYS = ("pixel_values", "pixel_attention_mask", "spatial_shapes")
 
 
@@ -160,7 +162,7 @@ def prefill_embeds(model, seqs: list, counts: list[int], ids: torch.Tensor, max_
     for seq, off, start, lo, hi in spans:
         dst.extend(off + p - start for p in seq.image_positions[lo:hi])
         src.append(seq.image_embeds[lo:hi].to(embeds.device, embeds.dtype, non_blocking=True))
-    index = torch.tensor(dst, dtype=torch.long).to(embeds.device, non_blocking=True)
+    index = host_to_device(dst, torch.long, embeds.device)
     embeds[0].index_copy_(0, index, torch.cat(src))
     return embeds
 
