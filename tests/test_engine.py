@@ -132,8 +132,9 @@ def test_async_scheduling_launches_before_reading(model, prompts, reference):
 
 def test_static_decode_buffers_match_reference(model, prompts, reference, async_scheduling):
     """The CUDA-graph decode path (static input buffers, batch padded up the ladder, padding
-    block/slot rows, block-table columns refreshed only as far as used, in-flight ids copied
-    into the static ids) on CPU, with the graph replay done eagerly on the same buffers."""
+    block/slot rows, block tables kept per slot on the device and uploaded incrementally,
+    in-flight ids copied into the static ids) on CPU, with the graph replay done eagerly on
+    the same buffers."""
     engine = LLMEngine(model, async_scheduling=async_scheduling, max_num_seqs=8, max_model_len=64, block_size=4)
     engine.runner.capture_graphs(8)  # ladder 1, 2, 4, 8
     runner, batches = engine.runner, []
@@ -142,6 +143,21 @@ def test_static_decode_buffers_match_reference(model, prompts, reference, async_
     outs = run_staggered(engine, prompts, arrive_at=[0, 0, 2, 3, 7])
     assert [o.token_ids for o in outs] == reference
     assert {3, 5} & set(batches)  # batches that are padded up to a graph size (4, 8) ran
+    engine.check_no_leaks()
+
+
+def test_graph_block_tables_follow_slot_reuse_and_preemption(model, prompts, reference, async_scheduling):
+    """Per-slot device block tables stay right when a slot passes to a new request and when
+    a preempted request comes back with new blocks (2 slots, 12 blocks of 4 tokens)."""
+    engine = LLMEngine(model, async_scheduling=async_scheduling, max_num_seqs=2, max_model_len=48,
+                       num_kv_blocks=12, block_size=4, max_num_batched_tokens=16)
+    engine.runner.capture_graphs(2)
+    graph_steps = []
+    run_graph = engine.runner._run_graph
+    engine.runner._run_graph = lambda seqs, *a: (graph_steps.append(len(seqs)), run_graph(seqs, *a))[1]
+    outs = run_staggered(engine, prompts, arrive_at=[0, 0, 0, 0, 0])
+    assert engine.scheduler.num_preemptions > 0 and graph_steps
+    assert [o.token_ids for o in outs] == reference
     engine.check_no_leaks()
 
 

@@ -6,15 +6,26 @@ kernel with the same contract on CUDA.
 
 from __future__ import annotations
 
+import array
+
 import torch
 import torch.nn.functional as F
+
+
+_ARRAY_CODES = {torch.long: "q", torch.int32: "i"}
 
 
 def host_to_device(values, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
     """A tensor of Python values on `device`, through pinned memory without a host sync on
     CUDA: a copy from pageable memory would wait for the GPU work in flight (the engine
     launches the next step before reading the last one)."""
-    t = torch.tensor(values, dtype=dtype)
+    if dtype in _ARRAY_CODES and isinstance(values, list) and (not values or isinstance(values[0], int)):
+        # A flat list of ints (the engine's per-step metadata): array + frombuffer is ~3x faster
+        # than torch.tensor(list), which inspects every element.
+        t = torch.frombuffer(array.array(_ARRAY_CODES[dtype], values), dtype=dtype) if values \
+            else torch.empty(0, dtype=dtype)
+    else:
+        t = torch.tensor(values, dtype=dtype)
     if torch.device(device).type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)

@@ -28,13 +28,24 @@ class TokenLogprob:
 class RequestOutput:
     request_id: str
     new_token_ids: list[int]
-    token_ids: list[int]             # all generated tokens so far
     new_text: str
     text: str
     finished: bool
     finish_reason: str | None        # "stop" (eos or stop string), "length", "abort"
     num_prompt_tokens: int
+    num_tokens: int                  # prompt + generated tokens known when this output was made
+    all_token_ids: list[int] = field(repr=False)  # the sequence's list, shared: final up to num_tokens
     logprobs: list[TokenLogprob] | None = None
+
+    @property
+    def token_ids(self) -> list[int]:
+        """All generated tokens so far. Sliced on access: a step makes one output per running
+        request, and copying every history every step would cost more than the step."""
+        return self.all_token_ids[self.num_prompt_tokens:self.num_tokens]
+
+    @property
+    def num_generated_tokens(self) -> int:
+        return self.num_tokens - self.num_prompt_tokens
 
 
 @dataclass
@@ -187,6 +198,8 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         seq = Sequence(request_id, prompt, params)
+        seq.max_num_tokens = min(len(prompt) + _max_new(params), self.max_model_len)
+        seq.plain_greedy = _is_plain_greedy(params)
         seq.image_inputs, seq.image_positions = images, image_positions
         if self.tokenizer is not None:
             from ..tokenizer import IncrementalDetokenizer
@@ -242,7 +255,8 @@ class LLMEngine:
         rows, logits = self.runner.execute(batch, prev)
         for seq, n in zip(batch.seqs, batch.num_tokens):
             seq.num_computed_tokens += n
-        self._after_images(batch.seqs)
+            if seq.image_embeds is not None:  # prompt done: its image features move to host memory
+                multimodal.after_step(seq)
         if not rows:
             return None
         seqs = [batch.seqs[i] for i in rows]
@@ -252,7 +266,7 @@ class LLMEngine:
             entries.append((seq, len(seq.token_ids)))
             seq.token_ids.append(IN_FLIGHT)
             seq.in_flight_row = j
-            seq.awaiting_finish = self._at_length_limit(seq, seq.num_tokens)
+            seq.awaiting_finish = len(seq.token_ids) >= seq.max_num_tokens
         host = [token_ids] + extra
         event = None
         if token_ids.device.type == "cuda":
@@ -263,21 +277,14 @@ class LLMEngine:
             event.record()
         return StepInFlight(entries, token_ids, host, event)
 
-    @staticmethod
-    def _after_images(seqs: list[Sequence]) -> None:
-        # Once per image request (its prompt done): features move to host memory for recompute.
-        for seq in seqs:
-            if seq.image_embeds is not None:
-                multimodal.after_step(seq)
-
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """One token per row on device, no host sync: ids, plus [logprobs, top ids, top
         logprobs] when a row asks for logprobs."""
         from ..sampling import SamplingTensors, sample
 
-        params = [s.params for s in seqs]
-        if all(_is_plain_greedy(p) for p in params):
+        if all(s.plain_greedy for s in seqs):
             return logits.argmax(-1), []
+        params = [s.params for s in seqs]
         needs_history = any(_needs_history(p) for p in params)
         tensors = SamplingTensors.from_requests(
             params,
@@ -309,8 +316,7 @@ class LLMEngine:
             if n is not None and len(host) > 1:
                 top = list(zip(host[2][j][:n], host[3][j][:n])) if len(host) > 3 else []
                 new_lp = [TokenLogprob(tok, host[1][j], top)]
-            seq.logprobs.extend(new_lp)
-            self.generation_tokens_total += 1
+                seq.logprobs.extend(new_lp)
             reason = self._check_stop(seq, tok, index)
             new_text = seq.detokenizer.add(tok) if seq.detokenizer is not None else ""
             if reason is None and new_text:
@@ -318,19 +324,16 @@ class LLMEngine:
             if reason is not None:
                 self._finish(seq, reason)  # drops the in-flight placeholders after `index`
             outputs.append(self._output(seq, [tok], new_lp, upto=index + 1))
+        self.generation_tokens_total += len(outputs)  # one token each
         return outputs
 
     def _check_stop(self, seq: Sequence, tok: int, index: int) -> str | None:
         p = seq.params
         if not p.ignore_eos and (tok in self.eos_token_ids or tok in p.stop_token_ids):
             return "stop"
-        if self._at_length_limit(seq, index + 1):
+        if index + 1 >= seq.max_num_tokens:
             return "length"
         return None
-
-    def _at_length_limit(self, seq: Sequence, num_tokens: int) -> bool:
-        """Whether a sequence of `num_tokens` tokens (prompt included) may grow no further."""
-        return num_tokens - seq.num_prompt_tokens >= _max_new(seq.params) or num_tokens >= self.max_model_len
 
     def _check_stop_strings(self, seq: Sequence) -> str | None:
         stops = seq.params.stop_strings
@@ -361,10 +364,10 @@ class LLMEngine:
         seq.num_streamed_chars = len(text)
         want_lp = seq.params.logprobs is not None
         return RequestOutput(
-            request_id=seq.request_id, new_token_ids=list(new_ids),
-            token_ids=seq.token_ids[seq.num_prompt_tokens:upto],
-            new_text=new_text, text=text, finished=seq.is_finished, finish_reason=seq.finish_reason,
-            num_prompt_tokens=seq.num_prompt_tokens, logprobs=list(new_lp) if want_lp else None,
+            request_id=seq.request_id, new_token_ids=list(new_ids), new_text=new_text, text=text,
+            finished=seq.is_finished, finish_reason=seq.finish_reason, num_prompt_tokens=seq.num_prompt_tokens,
+            num_tokens=len(seq.token_ids) if upto is None else upto, all_token_ids=seq.token_ids,
+            logprobs=list(new_lp) if want_lp else None,
         )
 
     # -- offline API --------------------------------------------------------------------

@@ -145,15 +145,22 @@ class ModelRunner:
         self.g_ids = torch.zeros(max_bs, dtype=torch.long, device=dev)
         self.g_past = torch.zeros(max_bs, dtype=torch.long, device=dev)
         self.g_lens = torch.ones(max_bs, dtype=torch.long, device=dev)
-        self.g_tables = torch.full((max_bs, self.max_blocks_per_seq), self.padding_block, dtype=torch.int32, device=dev)
         self.g_slots = torch.full((max_bs,), self.padding_slot, dtype=torch.long, device=dev)
+        # Block tables live on the device, one row per conv slot (a sequence holds one slot
+        # while it holds blocks); a step uploads only the blocks added since the last one
+        # (`_table_uploaded`: per slot, the block list last seen there and how much of it is
+        # up). The graph gathers its rows by slot; the padding slot's row is all padding.
+        self.slot_tables = torch.full((self.padding_slot + 1, self.max_blocks_per_seq), self.padding_block,
+                                      dtype=torch.int32, device=dev)
+        self._table_uploaded: list[tuple[list[int], int] | None] = [None] * self.padding_slot
         self.g_logits: dict[int, torch.Tensor] = {}
         pool = None
         graphs = {}
         for bs in reversed(self.graph_sizes):
             def run(bs=bs):
-                return self.decode_forward(self.g_ids[:bs], self.g_past[:bs], self.g_lens[:bs],
-                                           self.g_tables[:bs], self.g_slots[:bs])
+                tables = self.slot_tables.index_select(0, self.g_slots[:bs])
+                return self.decode_forward(self.g_ids[:bs], self.g_past[:bs], self.g_lens[:bs], tables,
+                                           self.g_slots[:bs])
             if dev.type != "cuda":  # tests: the same static buffers, replayed eagerly
                 self.g_logits[bs] = run()
                 graphs[bs] = EagerReplay(run, self.g_logits[bs])
@@ -177,23 +184,36 @@ class ModelRunner:
     def _run_graph(self, seqs, newest: list[tuple[int, Sequence]], in_flight) -> torch.Tensor:
         n = len(seqs)
         bs = self._padded_size(n)
-        # Only the block-table columns in use are refreshed: the kernel reads no further.
-        width = max(len(s.block_table) for s in seqs)
         pad = bs - n
-        # One host-to-device copy per step: [ids | past | slots | block tables (bs x width)].
+        # One host-to-device copy per step: [ids | past | slots | new table cells | their blocks].
         # An IN_FLIGHT id goes up as 0; _fill_in_flight puts the real one in on the device.
         meta = [max(s.token_ids[s.num_computed_tokens], 0) for s in seqs] + [0] * pad
         meta += [s.num_computed_tokens for s in seqs] + [0] * pad
         meta += [s.conv_slot for s in seqs] + [self.padding_slot] * pad
-        for s in seqs:
-            meta += s.block_table
-            meta += [self.padding_block] * (width - len(s.block_table))
-        meta += [self.padding_block] * (width * pad)
-        staged = self._to_device(meta, torch.long)
+        cells, blocks = self._new_table_cells(seqs)
+        staged = self._to_device(meta + cells + blocks, torch.long)
         self.g_ids[:bs].copy_(staged[:bs])
         self.g_past[:bs].copy_(staged[bs:2 * bs])
         self.g_slots[:bs].copy_(staged[2 * bs:3 * bs])
-        self.g_tables[:bs, :width].copy_(staged[3 * bs:].view(bs, width))
+        if cells:
+            k = len(cells)
+            self.slot_tables.view(-1).index_copy_(0, staged[3 * bs:3 * bs + k], staged[3 * bs + k:].int())
         self._fill_in_flight(self.g_ids, newest, in_flight)
         self.graphs[bs].replay()
         return self.g_logits[bs][:n]
+
+    def _new_table_cells(self, seqs: list[Sequence]) -> tuple[list[int], list[int]]:
+        """Flat indices into `slot_tables` and the block ids to write there: the blocks each
+        sequence got since its table was last uploaded. A sequence that is new in its slot
+        (admitted, or re-admitted after preemption: a new block list) goes up whole."""
+        cells, blocks = [], []
+        width = self.max_blocks_per_seq
+        for s in seqs:
+            table, slot = s.block_table, s.conv_slot
+            seen = self._table_uploaded[slot]
+            start = seen[1] if seen is not None and seen[0] is table else 0
+            if len(table) > start:
+                cells.extend(range(slot * width + start, slot * width + len(table)))
+                blocks.extend(table[start:])
+                self._table_uploaded[slot] = (table, len(table))
+        return cells, blocks

@@ -139,7 +139,12 @@ def chunk_image_rows(seq, n: int) -> tuple[int, int]:
 def has_image_rows(seqs: list, counts: list[int]) -> bool:
     """Whether any chunk of this batch holds an `<image>` position. (A one-token chunk can:
     it is scheduled like a decode row, so this also keeps it off the CUDA-graph path.)"""
-    return any(hi > lo for lo, hi in (chunk_image_rows(s, n) for s, n in zip(seqs, counts)))
+    for seq, n in zip(seqs, counts):
+        if seq.image_positions:  # text requests (nearly every row of a decode step) cost one check
+            lo, hi = chunk_image_rows(seq, n)
+            if hi > lo:
+                return True
+    return False
 
 
 def prefill_embeds(model, seqs: list, counts: list[int], ids: torch.Tensor, max_views: int) -> torch.Tensor | None:

@@ -54,18 +54,20 @@ class Scheduler:
         # 1. Running sequences, oldest first; preempt the newest when blocks run out.
         #    Those whose last token is in flight only wait to be finished: no step, no preemption.
         kept = [s for s in self.running if s.awaiting_finish]
-        queue = [s for s in self.running if not s.awaiting_finish]
+        queue = deque(s for s in self.running if not s.awaiting_finish)
         while queue and budget > 0:
-            seq = queue.pop(0)
+            seq = queue.popleft()
             n = min(seq.num_uncomputed_tokens, budget)
-            while bm.extra_blocks_needed(seq, seq.num_computed_tokens + n) > bm.num_free_blocks:
-                victim = queue.pop() if queue else seq
-                self._preempt(victim)
-                if victim is seq:
-                    break
-            if seq.status is not SequenceStatus.RUNNING:
-                continue
-            bm.grow(seq, seq.num_computed_tokens + n)
+            target = seq.num_computed_tokens + n
+            if bm.extra_blocks_needed(seq, target):  # most decode steps fit in the last block
+                while bm.extra_blocks_needed(seq, target) > bm.num_free_blocks:
+                    victim = queue.pop() if queue else seq
+                    self._preempt(victim)
+                    if victim is seq:
+                        break
+                if seq.status is not SequenceStatus.RUNNING:
+                    continue
+                bm.grow(seq, target)
             chosen.append((seq, n))
             kept.append(seq)
             budget -= n

@@ -38,6 +38,10 @@ class Sequence:
         self.conv_slot: int | None = None
         self.finish_reason: str | None = None
         self.num_preemptions = 0
+        # Set by the engine from params and max_model_len: the length at which it stops
+        # ("length"), and whether sampling is a plain argmax (no per-request tensors).
+        self.max_num_tokens: int = 2**62
+        self.plain_greedy = False
         # Asynchronous scheduling: the newest token may still be on the device, as row
         # `in_flight_row` of the step in flight (token_ids holds IN_FLIGHT there until the
         # engine reads it); `awaiting_finish` = that token is its last (length limit), so the

@@ -101,7 +101,7 @@ class _ChoiceState:
             else:
                 metrics.time_per_output_token.observe((now - self.last_token_time) / n_new)
             self.last_token_time = now
-        self.num_generated = len(out.token_ids)
+        self.num_generated = out.num_generated_tokens
 
         if self.detok is None:
             text = out.text
