@@ -46,7 +46,8 @@ def check_conv(device, dtype, B=5, D=1200, seed=0) -> float:
     return err
 
 
-def check_attention(device, dtype, Hq=8, Hkv=2, d=64, block=16, seed=0) -> float:
+def check_attention(device, dtype, Hq=8, Hkv=2, d=64, block=16, seed=0, splits=1) -> float:
+    """`splits` > 1: the history split over programs and merged (more splits than blocks leaves some empty)."""
     from fastlfm.engine.kernels.paged_attention import paged_decode_attention
 
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -73,7 +74,7 @@ def check_attention(device, dtype, Hq=8, Hkv=2, d=64, block=16, seed=0) -> float
     kc_ref.view(-1, Hkv, d)[slot_map] = k_new
     vc_ref.view(-1, Hkv, d)[slot_map] = v_new
     ref = paged_decode_attention_ref(q, kc_ref, vc_ref, tables, context_lens)
-    out = paged_decode_attention(q, k_new, v_new, k_cache, v_cache, tables, context_lens, slot_map)
+    out = paged_decode_attention(q, k_new, v_new, k_cache, v_cache, tables, context_lens, slot_map, splits=splits)
     assert torch.equal(k_cache, kc_ref) and torch.equal(v_cache, vc_ref), "K/V cache write differs"
     return rel_err(out, ref)
 
@@ -121,7 +122,9 @@ def main() -> int:
     ok = True
     for dtype in dtypes:
         tol = 1e-5 if dtype == torch.float32 else 1e-2
-        for name, fn in (("gated conv decode", check_conv), ("paged attention decode", check_attention)):
+        checks = [("gated conv decode", check_conv), ("paged attention decode", check_attention)]
+        checks += [(f"  history in {n} splits", lambda *a, n=n, **k: check_attention(*a, splits=n, **k)) for n in (2, 8)]
+        for name, fn in checks:
             errs = [fn(args.device, dtype, seed=s) for s in range(3)]
             good = all(e == e and e <= tol for e in errs)  # e == e: NaN fails
             ok &= good

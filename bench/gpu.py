@@ -160,6 +160,49 @@ def kernel_profile(fn, name, tag, reps=10) -> str:
         f"{e.key[:38]} x{e.count // reps} {e.device_time_total / reps / 1e3:.3f}" for e in top))
 
 
+def host_breakdown(engine, run) -> str:
+    """Wall time of `run()` split into the engine's parts: scheduling, launching (metadata,
+    graph launch, sampling), output processing, and waiting for a step's ids (GPU-bound time)."""
+    from fastlfm.engine import llm_engine
+
+    spent = dict(schedule=0.0, launch=0.0, process=0.0, wait=0.0)
+    steps = [0]
+
+    def timed(key, fn):
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[key] += time.perf_counter() - t
+        return wrapper
+
+    fetch = llm_engine.StepInFlight.fetch
+    saved = engine.scheduler.schedule, engine._launch, engine._process
+    engine.scheduler.schedule = timed("schedule", saved[0])
+    engine._launch = timed("launch", saved[1])
+    engine._process = timed("process", saved[2])
+    llm_engine.StepInFlight.fetch = timed("wait", fetch)
+    step = engine.step
+
+    def counted():
+        steps[0] += 1
+        return step()
+    engine.step = counted
+    t = time.perf_counter()
+    try:
+        run()
+    finally:
+        total = time.perf_counter() - t
+        engine.scheduler.schedule, engine._launch, engine._process = saved
+        llm_engine.StepInFlight.fetch = fetch
+        del engine.step
+    spent["process"] -= spent["wait"]  # fetch runs inside _process
+    n = max(steps[0], 1)
+    return (f"{n} steps, {1e3 * total / n:.2f} ms/step: " + ", ".join(f"{k} {1e3 * v / n:.2f}" for k, v in spent.items())
+            + f", other {1e3 * (total - sum(spent.values())) / n:.2f} ms")
+
+
 def bench_model(name, bw, flops, args, rows, notes):
     folder = Path(f"/tmp/ckpt-{name}")
     if not (folder / "config.json").exists():
@@ -241,6 +284,10 @@ def bench_model(name, bw, flops, args, rows, notes):
     dt = sync_time() - t
     assert all(len(o.token_ids) == 1024 for o in outs)
     thr = 100 * 1024 / dt
+    if args.profile_decode:  # the same run again, timed by part of the engine step
+        notes.append(f"{name}: throughput run, host time per engine step: " + host_breakdown(
+            engine, lambda: engine.generate(reqs, SamplingParams(max_new_tokens=1024, **greedy))))
+        log(notes[-1])
     if args.profile_decode:  # the batch-100 decode step: GPU time of its graph vs the engine's wall time per step
         runner = engine.runner
         g100 = runner.graphs[runner._padded_size(100)]

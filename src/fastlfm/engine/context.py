@@ -71,10 +71,14 @@ class PagedContext(MixingContext):
         self.fresh = past == 0  # conv state starts from zeros
 
     # -- attention --------------------------------------------------------------------
-    # Cache writes and the Triton kernels stay outside torch.compile (opaque, in-place);
-    # inductor fuses what lies between them. Inside a CUDA graph the breaks cost nothing.
-    @torch.compiler.disable
     def attention(self, layer_idx, q, k, v):
+        if self.decode_only and self.use_triton:  # one custom op: torch.compile traces straight through
+            return self._decode(q[0], k[0], v[0], *self.kv_caches[self.attn_index[layer_idx]], self.num_decode)[None]
+        return self._attention_eager(layer_idx, q, k, v)
+
+    # Cache writes and the per-chunk loop stay outside torch.compile (opaque, in-place).
+    @torch.compiler.disable
+    def _attention_eager(self, layer_idx, q, k, v):
         k_cache, v_cache = self.kv_caches[self.attn_index[layer_idx]]
         q, k, v = q[0], k[0], v[0]
         if self.decode_only:
@@ -113,22 +117,25 @@ class PagedContext(MixingContext):
         """Rows 0..nd-1, one new token each: write its K/V, attend over its whole history.
         On CUDA one Triton kernel does both."""
         tables, lens, slots = self.block_tables[:nd], self.context_lens[:nd], self.slot_mapping[:nd]
-        if self.use_triton:
-            from .kernels.paged_attention import paged_decode_attention
-            return paged_decode_attention(q, k, v, k_cache, v_cache, tables, lens, slots)
+        if self.use_triton:  # (the model runner imported the ops before any compile)
+            from .kernels import ops as kernel_ops
+            return kernel_ops.paged_decode_attention_op(q, k, v, k_cache, v_cache, tables, lens, slots)
         Hkv, d = k.shape[1:]
         k_cache.view(-1, Hkv, d)[slots] = k
         v_cache.view(-1, Hkv, d)[slots] = v
         return paged_decode_attention_ref(q, k_cache, v_cache, tables, lens)
 
     # -- short conv ---------------------------------------------------------------------
-    @torch.compiler.disable
     def gated_short_conv(self, layer_idx, bcx, weight, bias):
         if self.decode_only and self.use_triton and weight.shape[-1] == 3:
             # B*x -> 3-tap FIR over the slot's state -> *C, and the state shift, in one kernel.
-            from .kernels.conv import gated_conv_decode_step
+            from .kernels import ops as kernel_ops
             pool = self.conv_states[self.conv_index[layer_idx]]
-            return gated_conv_decode_step(bcx[0], weight, bias, pool, self.conv_slots, self.fresh)[None]
+            return kernel_ops.gated_conv_decode_step_op(bcx[0], weight, bias, pool, self.conv_slots, self.fresh)[None]
+        return self._gated_short_conv_eager(layer_idx, bcx, weight, bias)
+
+    @torch.compiler.disable
+    def _gated_short_conv_eager(self, layer_idx, bcx, weight, bias):
         return super().gated_short_conv(layer_idx, bcx, weight, bias)
 
     def short_conv(self, layer_idx, v, weight, bias):

@@ -40,6 +40,8 @@ class ModelRunner:
         self.block_size, self.num_blocks = block_size, num_blocks
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.use_triton = use_triton
+        if use_triton:  # registers the custom ops (triton import) outside any torch.compile trace
+            from .kernels import ops  # noqa: F401
         self.max_vision_views = max_vision_views
         attn = [i for i in range(cfg.num_hidden_layers) if cfg.is_attention_layer(i)]
         conv = [i for i in range(cfg.num_hidden_layers) if not cfg.is_attention_layer(i)]

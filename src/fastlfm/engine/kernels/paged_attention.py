@@ -1,10 +1,15 @@
 """Paged-attention decode: one query token per sequence over its KV blocks.
 
 One program per (sequence, KV head) handles the whole GQA group of query heads, so each
-K/V block is read from memory once per group; online softmax in fp32. The same program
-first stores the new token's K/V at its slot, and takes the new token's own score from
-registers (the history loop stops before it), so there is no read-after-write between
+K/V block is read from memory once per group; online softmax in fp32. The program with
+split 0 first stores the new token's K/V at its slot; the new token's own score is taken
+from registers (the history loops stop before it), so there is no read-after-write between
 threads and no separate cache-write kernel.
+
+Small batches (B x KV heads well below the SM count, e.g. batch-1 decode) split each
+history over several programs ("flash decoding"): each writes its partial softmax state
+(max, sum, weighted values) and a second kernel merges them with the new token. The split
+count depends only on the batch size, so a captured CUDA graph keeps it fixed.
 """
 
 from __future__ import annotations
@@ -15,30 +20,15 @@ import triton.language as tl
 
 
 @triton.jit
-def _paged_decode_kernel(Q, Kn, Vn, Kc, Vc, BT, CL, SM, O, scale,
-                         s_qb, s_qh, s_knb, s_knh, s_vnb, s_vnh, s_kb, s_kt, s_kh, s_bt, s_ob, s_oh, block_size,
-                         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-                         PRECISION: tl.constexpr):
-    b = tl.program_id(0)
-    kvh = tl.program_id(1)
-    L = tl.load(CL + b) - 1  # history before the new token
-    g = tl.arange(0, GROUP_PAD)
+def _attend_history(q, Kc, Vc, BT, b, kvh, first, last, L, scale, s_kb, s_kt, s_kh, s_bt,
+                    GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax of the group's queries over history blocks [first, last) (tokens < L)."""
     d = tl.arange(0, D)
     t = tl.arange(0, BLOCK)
-    heads = kvh * GROUP + g
-    hmask = g < GROUP
-    q = tl.load(Q + b * s_qb + heads[:, None] * s_qh + d[None, :], mask=hmask[:, None], other=0.0)
-    k_new = tl.load(Kn + b * s_knb + kvh * s_knh + d)
-    v_new = tl.load(Vn + b * s_vnb + kvh * s_vnh + d)
-    slot = tl.load(SM + b)
-    dst = (slot // block_size) * s_kb + (slot % block_size) * s_kt + kvh * s_kh
-    tl.store(Kc + dst + d, k_new)
-    tl.store(Vc + dst + d, v_new)
-
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, D], tl.float32)
-    for i in range(0, tl.cdiv(L, BLOCK)):
+    for i in range(first, last):
         blk = tl.load(BT + b * s_bt + i).to(tl.int64)
         base = blk * s_kb + kvh * s_kh
         k = tl.load(Kc + base + t[:, None] * s_kt + d[None, :])
@@ -51,34 +41,121 @@ def _paged_decode_kernel(Q, Kn, Vn, Kc, Vc, BT, CL, SM, O, scale,
         l = l * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
-    # the new token
-    s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * scale
-    m_new = tl.maximum(m, s_new)
-    alpha = tl.exp(m - m_new)
-    p_new = tl.exp(s_new - m_new)
-    l = l * alpha + p_new
-    acc = acc * alpha[:, None] + p_new[:, None] * v_new.to(tl.float32)[None, :]
+    return m, l, acc
+
+
+@triton.jit
+def _paged_decode_kernel(Q, Kn, Vn, Kc, Vc, BT, CL, SM, O, PM, PL, PA, scale,
+                         s_qb, s_qh, s_knb, s_knh, s_vnb, s_vnh, s_kb, s_kt, s_kh, s_bt, s_ob, s_oh, block_size,
+                         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+                         SPLITS: tl.constexpr, PRECISION: tl.constexpr):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    L = tl.load(CL + b) - 1  # history before the new token
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, D)
+    heads = kvh * GROUP + g
+    hmask = g < GROUP
+    q = tl.load(Q + b * s_qb + heads[:, None] * s_qh + d[None, :], mask=hmask[:, None], other=0.0)
+    k_new = tl.load(Kn + b * s_knb + kvh * s_knh + d)
+    v_new = tl.load(Vn + b * s_vnb + kvh * s_vnh + d)
+    if split == 0:
+        slot = tl.load(SM + b)
+        dst = (slot // block_size) * s_kb + (slot % block_size) * s_kt + kvh * s_kh
+        tl.store(Kc + dst + d, k_new)
+        tl.store(Vc + dst + d, v_new)
+    num_blocks = tl.cdiv(L, BLOCK)
+    per_split = tl.cdiv(num_blocks, SPLITS)
+    first = split * per_split
+    last = tl.minimum(first + per_split, num_blocks)
+    m, l, acc = _attend_history(q, Kc, Vc, BT, b, kvh, first, last, L, scale, s_kb, s_kt, s_kh, s_bt,
+                                GROUP_PAD, D, BLOCK, PRECISION)
+    if SPLITS == 1:  # the whole history is here: add the new token and finish
+        s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * scale
+        m_new = tl.maximum(m, s_new)
+        alpha = tl.exp(m - m_new)
+        p_new = tl.exp(s_new - m_new)
+        l = l * alpha + p_new
+        acc = acc * alpha[:, None] + p_new[:, None] * v_new.to(tl.float32)[None, :]
+        out = acc / l[:, None]
+        tl.store(O + b * s_ob + heads[:, None] * s_oh + d[None, :], out.to(O.dtype.element_ty), mask=hmask[:, None])
+    else:  # partial state of this split, merged by _merge_splits_kernel: [b, kvh, split, g(, d)]
+        row = ((b * tl.num_programs(1) + kvh) * SPLITS + split) * GROUP_PAD + g
+        tl.store(PM + row, m)
+        tl.store(PL + row, l)
+        tl.store(PA + row[:, None] * D + d[None, :], acc)
+
+
+@triton.jit
+def _merge_splits_kernel(Q, Kn, Vn, O, PM, PL, PA, scale, s_qb, s_qh, s_knb, s_knh, s_vnb, s_vnh, s_ob, s_oh,
+                         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, D)
+    sp = tl.arange(0, SPLITS)
+    heads = kvh * GROUP + g
+    hmask = g < GROUP
+    q = tl.load(Q + b * s_qb + heads[:, None] * s_qh + d[None, :], mask=hmask[:, None], other=0.0)
+    k_new = tl.load(Kn + b * s_knb + kvh * s_knh + d)
+    v_new = tl.load(Vn + b * s_vnb + kvh * s_vnh + d)
+    s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * scale  # (G,)
+    rows = ((b * tl.num_programs(1) + kvh) * SPLITS + sp[:, None]) * GROUP_PAD + g[None, :]  # (S, G)
+    pm = tl.load(PM + rows)
+    pl = tl.load(PL + rows)
+    m = tl.maximum(tl.max(pm, 0), s_new)  # finite: the new token is always there
+    w = tl.exp(pm - m[None, :])  # empty splits: exp(-inf) = 0
+    p_new = tl.exp(s_new - m)
+    l = tl.sum(pl * w, 0) + p_new
+    acc = p_new[:, None] * v_new.to(tl.float32)[None, :]
+    for s in range(SPLITS):
+        r = ((b * tl.num_programs(1) + kvh) * SPLITS + s) * GROUP_PAD + g
+        ws = tl.exp(tl.load(PM + r) - m)
+        acc += ws[:, None] * tl.load(PA + r[:, None] * D + d[None, :])
     out = acc / l[:, None]
     tl.store(O + b * s_ob + heads[:, None] * s_oh + d[None, :], out.to(O.dtype.element_ty), mask=hmask[:, None])
 
 
+def num_history_splits(batch: int, kv_heads: int, device: torch.device) -> int:
+    """Programs per (sequence, KV head): enough for about two per SM, at most 32."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    want = -(-2 * sms // max(batch * kv_heads, 1))
+    return 1 if want <= 2 else min(32, triton.next_power_of_2(want) // 2)
+
+
 def paged_decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
                            v_cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
-                           slot_mapping: torch.Tensor) -> torch.Tensor:
+                           slot_mapping: torch.Tensor, splits: int | None = None) -> torch.Tensor:
     """q: (B, Hq, d); k_new/v_new: (B, Hkv, d) written at slot_mapping (B,) into the caches
-    (num_blocks, block_size, Hkv, d); context_lens (B,) counts the new token. Returns (B, Hq, d)."""
+    (num_blocks, block_size, Hkv, d); context_lens (B,) counts the new token. Returns (B, Hq, d),
+    contiguous. `splits`: programs per history (default: from the batch size)."""
     B, Hq, D = q.shape
     block_size, Hkv = k_cache.shape[1], k_cache.shape[2]
     assert q.stride(2) == 1 and k_new.stride(2) == 1 and v_new.stride(2) == 1
     group = Hq // Hkv
-    out = torch.empty_like(q)
-    _paged_decode_kernel[(B, Hkv)](
-        q, k_new, v_new, k_cache, v_cache, block_tables, context_lens, slot_mapping, out, D ** -0.5,
-        q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
+    group_pad = max(16, triton.next_power_of_2(group))
+    splits = num_history_splits(B, Hkv, q.device) if splits is None else splits
+    out = q.new_empty(q.shape)
+    if splits > 1:
+        part_m = torch.empty((B * Hkv * splits * group_pad,), dtype=torch.float32, device=q.device)
+        part_l = torch.empty_like(part_m)
+        part_acc = torch.empty((B * Hkv * splits * group_pad, D), dtype=torch.float32, device=q.device)
+    else:
+        part_m = part_l = part_acc = out  # unused
+    _paged_decode_kernel[(B, Hkv, splits)](
+        q, k_new, v_new, k_cache, v_cache, block_tables, context_lens, slot_mapping, out, part_m, part_l, part_acc,
+        D ** -0.5, q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1), block_size,
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=D, BLOCK=block_size,
+        GROUP=group, GROUP_PAD=group_pad, D=D, BLOCK=block_size, SPLITS=splits,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 caches: no tf32 rounding
         num_warps=4,
     )
+    if splits > 1:
+        _merge_splits_kernel[(B, Hkv)](
+            q, k_new, v_new, out, part_m, part_l, part_acc, D ** -0.5, q.stride(0), q.stride(1),
+            k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), out.stride(0), out.stride(1),
+            GROUP=group, GROUP_PAD=group_pad, D=D, SPLITS=splits, num_warps=4,
+        )
     return out
