@@ -112,6 +112,28 @@ def check_engine(device, dtype=torch.float32) -> bool:
     return [o.token_ids for o in outs] == refs
 
 
+def time_attention_splits(Hq=32, Hkv=8, d=64, block=64, history=384) -> None:
+    """Batch-1 paged decode (LFM2-1.2B heads), one program per KV head vs the split history."""
+    import triton.testing
+
+    from fastlfm.engine.kernels.paged_attention import num_history_splits, paged_decode_attention
+
+    dev, dt = "cuda", torch.bfloat16
+    for B in (1, 8, 100):
+        nb = -(-(history + 1) // block)
+        k_cache = torch.randn(B * nb + 1, block, Hkv, d, device=dev, dtype=dt)
+        v_cache = torch.randn_like(k_cache)
+        tables = torch.arange(B * nb, device=dev, dtype=torch.int32).view(B, nb)
+        lens = torch.full((B,), history + 1, device=dev, dtype=torch.int32)
+        slots = tables[:, -1].long() * block + history % block
+        q, kn, vn = (torch.randn(B, h, d, device=dev, dtype=dt) for h in (Hq, Hkv, Hkv))
+        auto = num_history_splits(B, Hkv, q.device)
+        us = [1e3 * triton.testing.do_bench_cudagraph(lambda n=n: paged_decode_attention(q, kn, vn, k_cache, v_cache, tables,
+                                                                               lens, slots, splits=n))
+              for n in (1, auto)]
+        print(f"paged attention, batch {B}, history {history}: {us[0]:.1f} us in 1 split, {us[1]:.1f} us in {auto}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
@@ -129,6 +151,8 @@ def main() -> int:
             good = all(e == e and e <= tol for e in errs)  # e == e: NaN fails
             ok &= good
             print(f"{name:24s} {str(dtype):15s} max rel err {max(errs):.2e} (tol {tol:.0e}) {'ok' if good else 'FAIL'}")
+    if args.device == "cuda":
+        time_attention_splits()
     same = check_engine(args.device)
     ok &= same
     print(f"engine (Triton path, fp32) greedy tokens {'equal' if same else 'DIFFER from'} the eager model's")

@@ -90,31 +90,27 @@ def _paged_decode_kernel(Q, Kn, Vn, Kc, Vc, BT, CL, SM, O, PM, PL, PA, scale,
 @triton.jit
 def _merge_splits_kernel(Q, Kn, Vn, O, PM, PL, PA, scale, s_qb, s_qh, s_knb, s_knh, s_vnb, s_vnh, s_ob, s_oh,
                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr):
+    """One program per (sequence, query head): all splits' partials at once, plus the new token."""
     b = tl.program_id(0)
-    kvh = tl.program_id(1)
-    g = tl.arange(0, GROUP_PAD)
+    h = tl.program_id(1)
+    kvh = h // GROUP
+    g = h % GROUP
     d = tl.arange(0, D)
     sp = tl.arange(0, SPLITS)
-    heads = kvh * GROUP + g
-    hmask = g < GROUP
-    q = tl.load(Q + b * s_qb + heads[:, None] * s_qh + d[None, :], mask=hmask[:, None], other=0.0)
-    k_new = tl.load(Kn + b * s_knb + kvh * s_knh + d)
-    v_new = tl.load(Vn + b * s_vnb + kvh * s_vnh + d)
-    s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * scale  # (G,)
-    rows = ((b * tl.num_programs(1) + kvh) * SPLITS + sp[:, None]) * GROUP_PAD + g[None, :]  # (S, G)
+    q = tl.load(Q + b * s_qb + h * s_qh + d).to(tl.float32)
+    k_new = tl.load(Kn + b * s_knb + kvh * s_knh + d).to(tl.float32)
+    v_new = tl.load(Vn + b * s_vnb + kvh * s_vnh + d).to(tl.float32)
+    s_new = tl.sum(q * k_new, 0) * scale
+    rows = ((b * tl.num_programs(1) // GROUP + kvh) * SPLITS + sp) * GROUP_PAD + g  # (SPLITS,)
     pm = tl.load(PM + rows)
     pl = tl.load(PL + rows)
+    pa = tl.load(PA + rows[:, None] * D + d[None, :])  # (SPLITS, D)
     m = tl.maximum(tl.max(pm, 0), s_new)  # finite: the new token is always there
-    w = tl.exp(pm - m[None, :])  # empty splits: exp(-inf) = 0
+    w = tl.exp(pm - m)  # empty splits: exp(-inf) = 0
     p_new = tl.exp(s_new - m)
     l = tl.sum(pl * w, 0) + p_new
-    acc = p_new[:, None] * v_new.to(tl.float32)[None, :]
-    for s in range(SPLITS):
-        r = ((b * tl.num_programs(1) + kvh) * SPLITS + s) * GROUP_PAD + g
-        ws = tl.exp(tl.load(PM + r) - m)
-        acc += ws[:, None] * tl.load(PA + r[:, None] * D + d[None, :])
-    out = acc / l[:, None]
-    tl.store(O + b * s_ob + heads[:, None] * s_oh + d[None, :], out.to(O.dtype.element_ty), mask=hmask[:, None])
+    out = (tl.sum(pa * w[:, None], 0) + p_new * v_new) / l
+    tl.store(O + b * s_ob + h * s_oh + d, out.to(O.dtype.element_ty))
 
 
 def num_history_splits(batch: int, kv_heads: int, device: torch.device) -> int:
@@ -153,9 +149,9 @@ def paged_decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Te
         num_warps=4,
     )
     if splits > 1:
-        _merge_splits_kernel[(B, Hkv)](
+        _merge_splits_kernel[(B, Hq)](
             q, k_new, v_new, out, part_m, part_l, part_acc, D ** -0.5, q.stride(0), q.stride(1),
             k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), out.stride(0), out.stride(1),
-            GROUP=group, GROUP_PAD=group_pad, D=D, SPLITS=splits, num_warps=4,
+            GROUP=group, GROUP_PAD=group_pad, D=D, SPLITS=splits, num_warps=2,
         )
     return out
