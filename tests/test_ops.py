@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastlfm.ops import causal_conv
+from fastlfm.ops import causal_conv, host_to_device
 
 
 def conv1d_reference(v, weight, bias, state):
@@ -44,3 +44,14 @@ def test_matches_conv1d_in_float64(dtype, T, with_state, with_bias):
     tol = 1e-6 if dtype == torch.float32 else 2 ** -8
     assert ((out.double() - ref).abs() <= tol * ref.abs().clamp_min(1.0)).all()
     assert torch.equal(new_state.double(), ref_state)
+
+
+@pytest.mark.parametrize("values", [[3, -1, 2**40, 0], [], [[1, 2], [3, 4]], [True, False]])
+@pytest.mark.parametrize("dtype", [torch.long, torch.int32])
+def test_host_to_device_equals_torch_tensor(values, dtype):
+    # The flat-int fast path (array + frombuffer) and the general path agree with torch.tensor.
+    if dtype == torch.int32 and values and values[0] == 3:
+        values = [3, -1, 2**31 - 1, 0]
+    got = host_to_device(values, dtype, "cpu")
+    want = torch.tensor(values, dtype=dtype)
+    assert got.dtype == dtype and got.shape == want.shape and torch.equal(got, want)
