@@ -144,10 +144,11 @@ class ModelRunner:
     def capture_graphs(self, max_bs: int) -> None:
         self.graph_sizes = graph_batch_sizes(max_bs)
         dev = self.device
-        self.g_ids = torch.zeros(max_bs, dtype=torch.long, device=dev)
-        self.g_past = torch.zeros(max_bs, dtype=torch.long, device=dev)
+        # ids, past lengths and conv slots: rows of one buffer, so a step refreshes them in one copy
+        self.g_meta = torch.zeros((3, max_bs), dtype=torch.long, device=dev)
+        self.g_ids, self.g_past, self.g_slots = self.g_meta.unbind(0)
+        self.g_slots.fill_(self.padding_slot)
         self.g_lens = torch.ones(max_bs, dtype=torch.long, device=dev)
-        self.g_slots = torch.full((max_bs,), self.padding_slot, dtype=torch.long, device=dev)
         # Block tables live on the device, one row per conv slot (a sequence holds one slot
         # while it holds blocks); a step uploads only the blocks added since the last one
         # (`_table_uploaded`: per slot, the block list last seen there and how much of it is
@@ -187,20 +188,26 @@ class ModelRunner:
         n = len(seqs)
         bs = self._padded_size(n)
         pad = bs - n
-        # One host-to-device copy per step: [ids | past | slots | new table cells | their blocks].
-        # An IN_FLIGHT id goes up as 0; _fill_in_flight puts the real one in on the device.
+        # One host-to-device copy per step: [ids | past | slots | in-flight rows: positions, rows in
+        # the step in flight | new table cells | their blocks]. An IN_FLIGHT id goes up as 0 and is
+        # filled in on the device from the step in flight.
         meta = [max(s.token_ids[s.num_computed_tokens], 0) for s in seqs] + [0] * pad
         meta += [s.num_computed_tokens for s in seqs] + [0] * pad
         meta += [s.conv_slot for s in seqs] + [self.padding_slot] * pad
+        waiting = [(pos, s.in_flight_row) for pos, s in newest if s.in_flight_row is not None]
         cells, blocks = self._new_table_cells(seqs)
-        staged = self._to_device(meta + cells + blocks, torch.long)
-        self.g_ids[:bs].copy_(staged[:bs])
-        self.g_past[:bs].copy_(staged[bs:2 * bs])
-        self.g_slots[:bs].copy_(staged[2 * bs:3 * bs])
+        staged = self._to_device(meta + [p for p, _ in waiting] + [r for _, r in waiting] + cells + blocks,
+                                 torch.long)
+        self.g_meta[:, :bs].copy_(staged[:3 * bs].view(3, bs))
+        at = 3 * bs
+        if waiting:
+            assert in_flight is not None, "a sequence waits for a token of a step that is not in flight"
+            k = len(waiting)
+            self.g_ids.index_copy_(0, staged[at:at + k], in_flight.index_select(0, staged[at + k:at + 2 * k]))
+            at += 2 * k
         if cells:
             k = len(cells)
-            self.slot_tables.view(-1).index_copy_(0, staged[3 * bs:3 * bs + k], staged[3 * bs + k:].int())
-        self._fill_in_flight(self.g_ids, newest, in_flight)
+            self.slot_tables.view(-1).index_copy_(0, staged[at:at + k], staged[at + k:].int())
         self.graphs[bs].replay()
         return self.g_logits[bs][:n]
 
