@@ -1,7 +1,7 @@
 """Check the engine's Triton kernels against the eager reference path on random inputs.
 
 On a GPU:  PYTHONPATH=src python bench/check_kernels.py
-On a CPU:  TRITON_INTERPRET=1 PYTHONPATH=src python bench/check_kernels.py --device cpu
+On a CPU:  TRITON_INTERPRET=1 PYTHONPATH=src python bench/check_kernels.py --device cpu [--compile]
 (triton's interpreter; fp32 and fp16 there). Exits non-zero on a mismatch. Every output is
 poisoned (NaN) before the kernel runs, so an unwritten element fails the check.
 """
@@ -31,7 +31,8 @@ def check_conv(device, dtype, B=5, D=1200, seed=0) -> float:
     slots_n = 9
     pool = rnd(slots_n, 2, D)
     slots = torch.tensor([3, 0, 7, 8, 5][:B], device=device)
-    fresh = torch.tensor([False, True, False, False, True][:B], device=device)
+    past = torch.tensor([7, 0, 1, 130, 0][:B], device=device)  # 0: a fresh sequence
+    fresh = past == 0
     # reference: the model's eager math on the same state
     b, c, x = bcx.chunk(3, -1)
     state = pool[slots].clone()
@@ -39,7 +40,7 @@ def check_conv(device, dtype, B=5, D=1200, seed=0) -> float:
     ref_y, ref_state = causal_conv((b * x)[:, None], weight, bias, state.transpose(1, 2))
     ref = c * ref_y[:, 0]
     pool_k = pool.clone()
-    out = gated_conv_decode_step(bcx, weight, bias, pool_k, slots, fresh)
+    out = gated_conv_decode_step(bcx, weight, bias, pool_k, slots, past)
     err = max(rel_err(out, ref), rel_err(pool_k[slots], ref_state.transpose(1, 2)))
     others = [i for i in range(slots_n) if i not in slots.tolist()]
     assert torch.equal(pool_k[others], pool[others]), "conv kernel wrote outside its slots"
@@ -79,14 +80,11 @@ def check_attention(device, dtype, Hq=8, Hkv=2, d=64, block=16, seed=0, splits=1
     return rel_err(out, ref)
 
 
-def check_engine(device, dtype=torch.float32) -> bool:
-    """The engine with its Triton path (fused kernels in decode and mixed steps, chunked
-    prefill, async scheduling) gives the eager model's greedy tokens (fp32: exactly)."""
+def tiny_engine_case(device, dtype=torch.float32):
+    """A tiny LFM2, four prompts, and the eager model's greedy tokens for them (the reference)."""
     import tempfile
 
-    from fastlfm.engine import LLMEngine
     from fastlfm.models import Lfm2ForCausalLM
-    from fastlfm.sampling import SamplingParams
     from fastlfm.testing import tiny_config, write_checkpoint
 
     folder = write_checkpoint(tempfile.mkdtemp(), tiny_config("LFM2-350M", hidden=128, heads=4, kv_heads=2),
@@ -94,22 +92,70 @@ def check_engine(device, dtype=torch.float32) -> bool:
     model = Lfm2ForCausalLM.from_pretrained(folder, dtype=dtype, device=device)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(10, 1000, (n,), generator=g).tolist() for n in (5, 40, 1, 23)]
-    new = 12
     refs = []
     with torch.no_grad():
         for p in prompts:
             cache, ids, out = model.make_cache(), torch.tensor([p], device=device), []
-            for _ in range(new):
+            for _ in range(NEW_TOKENS):
                 t = int(model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1].argmax())
                 out.append(t)
                 ids = torch.tensor([[t]], device=device)
             refs.append(out)
+    return model, prompts, refs
+
+
+NEW_TOKENS = 12
+
+
+def run_engine(engine, prompts) -> list[list[int]]:
+    from fastlfm.sampling import SamplingParams
+
+    outs = engine.generate(prompts, SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True))
+    engine.check_no_leaks()
+    return [o.token_ids for o in outs]
+
+
+def check_engine(device) -> bool:
+    """The engine with its Triton path (fused kernels in decode and mixed steps, chunked
+    prefill, async scheduling) gives the eager model's greedy tokens (fp32: exactly)."""
+    from fastlfm.engine import LLMEngine
+
+    model, prompts, refs = tiny_engine_case(device)
     engine = LLMEngine(model, max_num_seqs=4, max_model_len=64, max_num_batched_tokens=16, block_size=16,
                        num_kv_blocks=32, async_scheduling=True, enforce_eager=device == "cpu")
     engine.runner.use_triton = True  # on CPU: triton's interpreter
-    outs = engine.generate(prompts, SamplingParams(max_new_tokens=new, temperature=0.0, ignore_eos=True))
-    engine.check_no_leaks()
-    return [o.token_ids for o in outs] == refs
+    return run_engine(engine, prompts) == refs
+
+
+def check_compiled_decode(device) -> bool:
+    """torch.compile traces a whole decode step as one graph (the kernels are custom ops, so
+    there is no break at the mixing calls), and the compiled step, replayed on the graph
+    path's static buffers, gives the eager model's greedy tokens."""
+    import torch._dynamo as dynamo
+
+    from fastlfm.engine import LLMEngine
+    from fastlfm.engine.kernels import ops  # noqa: F401 (registers the custom ops)
+
+    model, prompts, refs = tiny_engine_case(device)
+    engine = LLMEngine(model, max_num_seqs=4, max_model_len=64, max_num_batched_tokens=16, block_size=16,
+                       num_kv_blocks=32, async_scheduling=True, enforce_eager=True)
+    runner = engine.runner
+    runner.use_triton = True
+    B = 4
+    step_inputs = (torch.zeros(B, dtype=torch.long, device=device), torch.zeros(B, dtype=torch.long, device=device),
+                   torch.ones(B, dtype=torch.long, device=device),
+                   torch.full((B, runner.max_blocks_per_seq), runner.padding_block, dtype=torch.int32, device=device),
+                   torch.full((B,), runner.padding_slot, dtype=torch.long, device=device))
+    with torch.inference_mode():
+        explained = dynamo.explain(runner._decode_forward)(*step_inputs)
+    print(f"decode step under torch.compile: {explained.graph_count} graph(s), {explained.graph_break_count} "
+          f"break(s) {[str(b.reason)[:120] for b in explained.break_reasons][:3]}")
+    dynamo.reset()
+    runner.decode_forward = torch.compile(runner._decode_forward, dynamic=True)
+    runner.capture_graphs(B)  # CUDA graphs on a GPU; eager replays of the same buffers on CPU
+    same = run_engine(engine, prompts) == refs
+    print(f"compiled decode graphs: greedy tokens {'equal' if same else 'DIFFER from'} the eager model's")
+    return same and explained.graph_count == 1 and explained.graph_break_count == 0
 
 
 def time_attention_splits(Hq=32, Hkv=8, d=64, block=64, history=384) -> None:
@@ -137,6 +183,8 @@ def time_attention_splits(Hq=32, Hkv=8, d=64, block=64, history=384) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--compile", action="store_true", help="also check the torch.compile'd decode step "
+                    "(one graph, tokens equal; minutes on CPU)")
     args = ap.parse_args()
     # triton's interpreter computes garbage for bf16 (even x * y), so on CPU fp16 stands in
     # for the half-precision rounding paths.
@@ -156,6 +204,8 @@ def main() -> int:
     same = check_engine(args.device)
     ok &= same
     print(f"engine (Triton path, fp32) greedy tokens {'equal' if same else 'DIFFER from'} the eager model's")
+    if args.compile:
+        ok &= check_compiled_decode(args.device)
     return 0 if ok else 1
 
 

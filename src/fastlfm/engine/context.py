@@ -68,6 +68,7 @@ class PagedContext(MixingContext):
         block_of_token = block_tables[self.seq_of_token, positions // bs].long()
         self.slot_mapping = block_of_token * bs + positions % bs
         self.context_lens = (past + lens).to(torch.int32)
+        self.past = past
         self.fresh = past == 0  # conv state starts from zeros
 
     # -- attention --------------------------------------------------------------------
@@ -131,7 +132,7 @@ class PagedContext(MixingContext):
             # B*x -> 3-tap FIR over the slot's state -> *C, and the state shift, in one kernel.
             from .kernels import ops as kernel_ops
             pool = self.conv_states[self.conv_index[layer_idx]]
-            return kernel_ops.gated_conv_decode_step_op(bcx[0], weight, bias, pool, self.conv_slots, self.fresh)[None]
+            return kernel_ops.gated_conv_decode_step_op(bcx[0], weight, bias, pool, self.conv_slots, self.past)[None]
         return self._gated_short_conv_eager(layer_idx, bcx, weight, bias)
 
     @torch.compiler.disable

@@ -10,13 +10,13 @@ import triton.language as tl
 
 
 @triton.jit
-def _gated_conv3_decode_kernel(BCX, W, Bias, S, Slots, Fresh, O, D, s_bcx, s_slot, s_tap, s_ob,
+def _gated_conv3_decode_kernel(BCX, W, Bias, S, Slots, Past, O, D, s_bcx, s_slot, s_tap, s_ob,
                                HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr):
     b = tl.program_id(0)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     dm = d < D
     slot = tl.load(Slots + b).to(tl.int64)
-    keep = 1.0 - tl.load(Fresh + b).to(tl.float32)  # a fresh sequence starts from zeros
+    keep = (tl.load(Past + b) != 0).to(tl.float32)  # a fresh sequence (nothing cached) starts from zeros
     row = BCX + b * s_bcx
     b_gate = tl.load(row + d, mask=dm, other=0.0)
     c_gate = tl.load(row + D + d, mask=dm, other=0.0)
@@ -37,9 +37,10 @@ def _gated_conv3_decode_kernel(BCX, W, Bias, S, Slots, Fresh, O, D, s_bcx, s_slo
 
 
 def gated_conv_decode_step(bcx: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pool: torch.Tensor,
-                           slots: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
+                           slots: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
     """bcx: (B, 3D) in_proj outputs; weight (D, 1, 3); pool (slots, 2, D) updated in place;
-    slots (B,) int64; fresh (B,) bool. Returns C * conv(B * x), (B, D)."""
+    slots (B,) int64; past (B,) tokens already cached (0: a fresh sequence, zero state; read in the
+    kernel, so a compiled graph needs no mask kernel per layer). Returns C * conv(B * x), (B, D)."""
     B, D3 = bcx.shape
     D = D3 // 3
     assert weight.shape[-1] == 3 and pool.shape[1] == 2, "the fused conv step is written for L_cache = 3"
@@ -47,7 +48,7 @@ def gated_conv_decode_step(bcx: torch.Tensor, weight: torch.Tensor, bias: torch.
     out = torch.empty((B, D), dtype=bcx.dtype, device=bcx.device)
     BLOCK_D = 512
     _gated_conv3_decode_kernel[(B, triton.cdiv(D, BLOCK_D))](
-        bcx, weight, bias if bias is not None else bcx, pool, slots, fresh, out, D,
+        bcx, weight, bias if bias is not None else bcx, pool, slots, past, out, D,
         bcx.stride(0), pool.stride(0), pool.stride(1), out.stride(0),
         HAS_BIAS=bias is not None, BLOCK_D=BLOCK_D, num_warps=4,
     )

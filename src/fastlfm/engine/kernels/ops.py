@@ -30,10 +30,10 @@ def _(q, k_new, v_new, k_cache, v_cache, block_tables, context_lens, slot_mappin
 
 @torch.library.custom_op("fastlfm::gated_conv_decode_step", mutates_args=())
 def gated_conv_decode_step_op(bcx: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                              pool: torch.Tensor, slots: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
-    return gated_conv_decode_step(bcx, weight, bias, pool, slots, fresh)
+                              pool: torch.Tensor, slots: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
+    return gated_conv_decode_step(bcx, weight, bias, pool, slots, past)
 
 
 @gated_conv_decode_step_op.register_fake
-def _(bcx, weight, bias, pool, slots, fresh):
+def _(bcx, weight, bias, pool, slots, past):
     return bcx.new_empty((bcx.shape[0], bcx.shape[1] // 3))

@@ -115,7 +115,8 @@ def _merge_splits_kernel(Q, Kn, Vn, O, PM, PL, PA, scale, s_qb, s_qh, s_knb, s_k
 
 def num_history_splits(batch: int, kv_heads: int, device: torch.device) -> int:
     """Programs per (sequence, KV head): enough for about two per SM, at most 32."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    # (CPU: triton's interpreter, where every program is slow: as if 16 SMs)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 16
     want = -(-2 * sms // max(batch * kv_heads, 1))
     return 1 if want <= 2 else min(32, triton.next_power_of_2(want) // 2)
 
