@@ -22,6 +22,7 @@ chain's tokens are chosen so that each appears once (a bigram has one successor 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import threading
@@ -121,6 +122,25 @@ def running_server(app, timeout: float = 30.0):
     finally:
         server.should_exit = True
         thread.join(timeout)
+
+
+@contextlib.contextmanager
+def cpu_engine(folder, **engine_kwargs):
+    """An AsyncLLMEngine over the checkpoint `folder`, on CPU in fp32; shut down on exit."""
+    from fastlfm.engine import AsyncLLMEngine
+
+    engine = AsyncLLMEngine.from_pretrained(str(folder), device="cpu", dtype=torch.float32, **engine_kwargs)
+    try:
+        yield engine
+    finally:
+        asyncio.run(engine.shutdown())
+
+
+def openai_client(base_url: str, api_key: str = "unused", **kwargs):
+    """The official client against a test server (no retries: a failure shows at once)."""
+    import openai
+
+    return openai.OpenAI(base_url=base_url + "/v1", api_key=api_key, max_retries=0, **kwargs)
 
 
 def parse_metrics(text: str) -> dict[str, float]:

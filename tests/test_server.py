@@ -10,7 +10,6 @@ text, no cache left in use after aborts).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 
@@ -19,9 +18,9 @@ import openai
 import pytest
 import torch
 
-from fastlfm.engine import AsyncLLMEngine
 from fastlfm.server.app import create_app
-from server_helpers import TOOL_CALL_START_ID, parse_metrics, running_server, write_tool_calling_checkpoint
+from server_helpers import (TOOL_CALL_START_ID, cpu_engine, openai_client, parse_metrics, running_server,
+                            write_tool_calling_checkpoint)
 
 MODEL = "lfm2-tiny"
 API_KEY = "sk-test-123"
@@ -45,10 +44,8 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(checkpoint):
-    eng = AsyncLLMEngine.from_pretrained(str(checkpoint[0]), device="cpu", dtype=torch.float32, max_num_seqs=16,
-                                         max_model_len=MAX_MODEL_LEN)
-    yield eng
-    asyncio.run(eng.shutdown())
+    with cpu_engine(checkpoint[0], max_num_seqs=16, max_model_len=MAX_MODEL_LEN) as eng:
+        yield eng
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +56,7 @@ def base_url(engine):
 
 @pytest.fixture(scope="module")
 def client(base_url):
-    return openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    return openai_client(base_url, timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -268,20 +265,16 @@ def test_sampling_defaults_come_from_generation_config(checkpoint, tmp_path):
     gen = json.loads((folder / "generation_config.json").read_text())
     gen.update(do_sample=True, temperature=0.8, top_k=20, min_p=0.05, repetition_penalty=1.1)
     (folder / "generation_config.json").write_text(json.dumps(gen))
-    eng = AsyncLLMEngine.from_pretrained(str(folder), device="cpu", dtype=torch.float32, max_num_seqs=4,
-                                         max_model_len=MAX_MODEL_LEN)
-    try:
-        with running_server(create_app(eng, MODEL)) as url:
-            c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
-            kwargs = dict(model=MODEL, messages=USER, max_tokens=16, seed=11)
-            default = c.chat.completions.create(**kwargs).choices[0].message.content
-            explicit = c.chat.completions.create(**kwargs, temperature=0.8, extra_body={
-                "top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1}).choices[0].message.content
-            greedy = c.chat.completions.create(**kwargs, temperature=0).choices[0].message.content
-        assert default == explicit
-        assert default != greedy
-    finally:
-        asyncio.run(eng.shutdown())
+    with cpu_engine(folder, max_num_seqs=4, max_model_len=MAX_MODEL_LEN) as eng, \
+            running_server(create_app(eng, MODEL)) as url:
+        c = openai_client(url)
+        kwargs = dict(model=MODEL, messages=USER, max_tokens=16, seed=11)
+        default = c.chat.completions.create(**kwargs).choices[0].message.content
+        explicit = c.chat.completions.create(**kwargs, temperature=0.8, extra_body={
+            "top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1}).choices[0].message.content
+        greedy = c.chat.completions.create(**kwargs, temperature=0).choices[0].message.content
+    assert default == explicit
+    assert default != greedy
 
 
 # ----------------------------------------------------------------------------- logprobs

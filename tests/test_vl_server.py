@@ -10,7 +10,6 @@ same image bytes and text.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import http.server
@@ -26,12 +25,11 @@ import torch
 import transformers
 from PIL import Image
 
-from fastlfm.engine import AsyncLLMEngine
 from fastlfm.models.lfm2_vl_processing import Lfm2VlProcessor
 from fastlfm.server.app import create_app
 from fastlfm.testing import write_vl_checkpoint
 from fastlfm.tokenizer import Tokenizer
-from server_helpers import running_server
+from server_helpers import cpu_engine, openai_client, running_server
 
 MODEL = "lfm2-vl-tiny"
 NEW = 12
@@ -77,10 +75,8 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(folder):
-    eng = AsyncLLMEngine.from_pretrained(str(folder), device="cpu", dtype=torch.float32, max_num_seqs=4,
-                                         max_model_len=512)
-    yield eng
-    asyncio.run(eng.shutdown())
+    with cpu_engine(folder, max_num_seqs=4, max_model_len=512) as eng:
+        yield eng
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +87,7 @@ def base_url(engine):
 
 @pytest.fixture(scope="module")
 def client(base_url):
-    return openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai_client(base_url, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -239,25 +235,21 @@ def test_bad_images_are_clear_400s(base_url, engine):
 
 
 def test_image_to_text_only_model(tiny_ckpt):
-    eng = AsyncLLMEngine.from_pretrained(str(tiny_ckpt), device="cpu", dtype=torch.float32, max_num_seqs=2,
-                                         max_model_len=128)
-    try:
+    with cpu_engine(tiny_ckpt, max_num_seqs=2, max_model_len=128) as eng:
         assert eng.processor is None
         with running_server(create_app(eng, "text-only")) as url:
             r = httpx.post(url + "/v1/chat/completions", json={"model": "text-only", "messages": image_message(PNG_URL)})
             assert_error(r, 400, "messages.0.content.1.type", "'image_url' is not supported", "text-only")
-            c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+            c = openai_client(url)
             with pytest.raises(openai.BadRequestError, match="text-only"):
                 c.chat.completions.create(model="text-only", messages=image_message(PNG_URL))
-    finally:
-        asyncio.run(eng.shutdown())
 
 
 def test_remote_images_when_enabled(engine, expected):
     text, prompt_len = expected
     app = create_app(engine, MODEL, allow_remote_images=True, max_image_bytes=REMOTE_LIMIT, image_fetch_timeout=1.0)
     with image_host() as host, running_server(app) as url:
-        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        client = openai_client(url, timeout=120)
         resp = client.chat.completions.create(model=MODEL, messages=image_message(host + "/img.png"), max_tokens=NEW,
                                               temperature=0, extra_body={"ignore_eos": True})
         assert resp.choices[0].message.content == text and resp.usage.prompt_tokens == prompt_len

@@ -64,7 +64,8 @@ class ModelRunner:
         if compile:
             from torch import _dynamo
 
-            # Each layer resumes after its (uncompiled) mixing call with its own layer_idx.
+            # One graph per decode step (the kernels are custom ops), compiled again for batch
+            # sizes it cannot share: raised limits keep every ladder size compiled, none eager.
             for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit"):
                 if hasattr(_dynamo.config, name):
                     setattr(_dynamo.config, name, 1024)
@@ -115,23 +116,16 @@ class ModelRunner:
         keep = self._to_device([last_index[i] for i in sample_rows], torch.long)
         input_ids = self._to_device(ids, torch.long)
         # A token in flight is always its sequence's newest one: the last of a sampling row's chunk.
-        self._fill_in_flight(input_ids, [(last_index[i], seqs[i]) for i in sample_rows], in_flight)
+        waiting = _in_flight_positions([(last_index[i], seqs[i]) for i in sample_rows])
+        if waiting:
+            dst, src = self._to_device(waiting, torch.long).unbind(1)
+            _copy_in_flight_ids(input_ids, dst, src, in_flight)
         embeds = prefill_embeds(self.model, seqs, counts, input_ids[None], self.max_vision_views)
         if embeds is not None:  # LFM2-VL: image features at this step's `<image>` positions
             out = self.model(inputs_embeds=embeds, context=ctx, logits_to_keep=keep)
         else:
             out = self.model(input_ids=input_ids[None], context=ctx, logits_to_keep=keep)
         return sample_rows, out.logits[0]
-
-    def _fill_in_flight(self, input_ids: torch.Tensor, positions: list[tuple[int, Sequence]],
-                        in_flight: torch.Tensor | None) -> None:
-        """input_ids[pos] = in_flight[seq.in_flight_row] for the sequences whose token is in flight."""
-        pairs = [(pos, s.in_flight_row) for pos, s in positions if s.in_flight_row is not None]
-        if not pairs:
-            return
-        assert in_flight is not None, "a sequence waits for a token of a step that is not in flight"
-        dst, src = self._to_device(pairs, torch.long).unbind(1)
-        input_ids.index_copy_(0, dst, in_flight.index_select(0, src))
 
     # -- CUDA graphs for decode ---------------------------------------------------------
     def _padded_size(self, bs: int) -> int | None:
@@ -194,16 +188,15 @@ class ModelRunner:
         meta = [max(s.token_ids[s.num_computed_tokens], 0) for s in seqs] + [0] * pad
         meta += [s.num_computed_tokens for s in seqs] + [0] * pad
         meta += [s.conv_slot for s in seqs] + [self.padding_slot] * pad
-        waiting = [(pos, s.in_flight_row) for pos, s in newest if s.in_flight_row is not None]
+        waiting = _in_flight_positions(newest)
         cells, blocks = self._new_table_cells(seqs)
         staged = self._to_device(meta + [p for p, _ in waiting] + [r for _, r in waiting] + cells + blocks,
                                  torch.long)
         self.g_meta[:, :bs].copy_(staged[:3 * bs].view(3, bs))
         at = 3 * bs
         if waiting:
-            assert in_flight is not None, "a sequence waits for a token of a step that is not in flight"
             k = len(waiting)
-            self.g_ids.index_copy_(0, staged[at:at + k], in_flight.index_select(0, staged[at + k:at + 2 * k]))
+            _copy_in_flight_ids(self.g_ids, staged[at:at + k], staged[at + k:at + 2 * k], in_flight)
             at += 2 * k
         if cells:
             k = len(cells)
@@ -226,3 +219,16 @@ class ModelRunner:
                 blocks.extend(table[start:])
                 self._table_uploaded[slot] = (table, len(table))
         return cells, blocks
+
+
+def _in_flight_positions(positions: list[tuple[int, Sequence]]) -> list[tuple[int, int]]:
+    """(input position, row in the step in flight) of the sequences whose newest token is in flight."""
+    return [(pos, s.in_flight_row) for pos, s in positions if s.in_flight_row is not None]
+
+
+def _copy_in_flight_ids(input_ids: torch.Tensor, dst: torch.Tensor, src: torch.Tensor,
+                        in_flight: torch.Tensor | None) -> None:
+    """input_ids[dst] = in_flight[src], on the device: the step can be launched before the one in
+    flight has sent its ids to the host."""
+    assert in_flight is not None, "a sequence waits for a token of a step that is not in flight"
+    input_ids.index_copy_(0, dst, in_flight.index_select(0, src))

@@ -59,15 +59,14 @@ class Scheduler:
             seq = queue.popleft()
             n = min(seq.num_uncomputed_tokens, budget)
             target = seq.num_computed_tokens + n
-            if bm.extra_blocks_needed(seq, target):  # most decode steps fit in the last block
-                while bm.extra_blocks_needed(seq, target) > bm.num_free_blocks:
-                    victim = queue.pop() if queue else seq
-                    self._preempt(victim)
-                    if victim is seq:
-                        break
-                if seq.status is not SequenceStatus.RUNNING:
-                    continue
-                bm.grow(seq, target)
+            while bm.extra_blocks_needed(seq, target) > bm.num_free_blocks:
+                victim = queue.pop() if queue else seq
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            bm.grow(seq, target)
             chosen.append((seq, n))
             kept.append(seq)
             budget -= n

@@ -171,11 +171,16 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
+def can_fuse(*linears: nn.Module) -> bool:
+    """Plain bias-free nn.Linear layers (LoRA-wrapped or biased ones keep their own GEMMs)."""
+    return all(type(m) is nn.Linear and m.bias is None for m in linears)
+
+
 def fuse_linears(*linears: nn.Linear) -> torch.Tensor:
     """One (sum of out, in) weight for Linears that share an input, so inference runs one
     GEMM instead of several. The Linears' weights become views into it: memory and every
     other use of the modules (state_dict, saving, generate()) are unchanged."""
-    if any(type(m) is not nn.Linear or m.bias is not None for m in linears):
+    if not can_fuse(*linears):
         raise TypeError("only plain bias-free nn.Linear layers can be fused (merge LoRA adapters first)")
     fused = torch.cat([m.weight.detach() for m in linears])
     start = 0
@@ -252,14 +257,11 @@ def fuse_projections(model: nn.Module) -> None:
     """Inference: q/k/v and w1/w3 of every LFM2 layer in `model` (dense, MoE experts, VL)
     each run as one GEMM. The engine calls this; idempotent. Call it once the model is on its
     device: a `.to()` afterwards would copy the views apart (still correct, twice the memory)."""
-    def plain(*linears):  # LoRA-wrapped or biased projections keep their own GEMMs
-        return all(type(m) is nn.Linear and m.bias is None for m in linears)
-
     for module in model.modules():
         if isinstance(module, Lfm2Attention) and module.qkv_weight is None \
-                and plain(module.q_proj, module.k_proj, module.v_proj):
+                and can_fuse(module.q_proj, module.k_proj, module.v_proj):
             module.qkv_weight = fuse_linears(module.q_proj, module.k_proj, module.v_proj)
-        elif isinstance(module, Lfm2MLP) and module.w13_weight is None and plain(module.w1, module.w3):
+        elif isinstance(module, Lfm2MLP) and module.w13_weight is None and can_fuse(module.w1, module.w3):
             module.w13_weight = fuse_linears(module.w1, module.w3)
 
 

@@ -59,7 +59,31 @@ def _decode(source: Any, what: str) -> Any:
         img.load()
         return ImageOps.exif_transpose(img)
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
-        raise ValueError(f"cannot decode {what} as an image: {e}") from None
+        reason = str(e).replace(f" {source!r}", "")  # PIL names the file object: `what` says it better
+        raise ValueError(f"cannot decode {what} as an image: {reason}") from None
+
+
+def data_uri_bytes(uri: str, max_bytes: int | None = None) -> bytes:
+    """The payload of a base64 ``data:`` URI (line-wrapped base64 tolerated), at most
+    `max_bytes` long; a ValueError that names what is wrong otherwise."""
+    head, sep, payload = uri.partition(",")
+    if not sep:
+        raise ValueError("Malformed image data: URL: no ',' before the payload")
+    if ";base64" not in head.lower():
+        raise ValueError("Image data: URL is not base64-encoded: send data:image/...;base64,<payload>")
+    payload = "".join(payload.split())
+    too_large = f"Image is larger than the limit of {max_bytes} bytes"
+    if max_bytes is not None and len(payload) // 4 * 3 > max_bytes + 2:
+        raise ValueError(too_large)
+    try:
+        raw = base64.b64decode(payload, validate=True)
+    except ValueError as e:  # binascii.Error is a ValueError
+        raise ValueError(f"Invalid base64 in the image data: URL: {e}") from None
+    if not raw:
+        raise ValueError("The image data: URL is empty")
+    if max_bytes is not None and len(raw) > max_bytes:
+        raise ValueError(too_large)
+    return raw
 
 
 def load_image(image: ImageLike) -> Any:
@@ -73,14 +97,7 @@ def load_image(image: ImageLike) -> Any:
     if isinstance(image, (str, os.PathLike)):
         s = os.fspath(image)
         if s.startswith("data:"):
-            head, _, payload = s.partition(",")
-            if ";base64" not in head:
-                raise ValueError("only base64 data: URIs are supported for images")
-            try:
-                raw = base64.b64decode(payload, validate=True)
-            except ValueError as e:
-                raise ValueError(f"invalid base64 in image data: URI: {e}") from None
-            return _rgb(_decode(io.BytesIO(raw), "data: URI"))
+            return _rgb(_decode(io.BytesIO(data_uri_bytes(s)), "data: URI"))
         if s.startswith(("http://", "https://")):
             raise ValueError(f"image URLs are not fetched: {s[:80]}; pass the bytes or a PIL image")
         if not os.path.isfile(s):

@@ -466,9 +466,7 @@ class OpenAIServing:
     # ------------------------------------------------------------------ running
     def _outputs(self, job: _Job) -> AsyncIterator:
         """The engine outputs of one job; stopping early aborts it in the engine."""
-        if job.image_inputs is not None:
-            return self.engine.generate(job.prompt_ids, job.params, job.request_id, image_inputs=job.image_inputs)
-        return self.engine.generate(job.prompt_ids, job.params, job.request_id)
+        return self.engine.generate(job.prompt_ids, job.params, job.request_id, image_inputs=job.image_inputs)
 
     async def _merged(self, prep: _Prepared) -> AsyncIterator[tuple[_Job, Any]]:
         """Outputs of all jobs as they come; cancelling the consumer aborts every job."""
