@@ -29,6 +29,10 @@ class ForwardContext(Protocol):
     position_ids: torch.Tensor  # (B, T)
 
     def mask_padding(self, x: torch.Tensor) -> torch.Tensor: ...
+    def linear(self, x: torch.Tensor, proj: nn.Module | torch.Tensor, *, norm: nn.Module | None = None,
+               silu_gate: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor: ...
+    def qk_norm_rope(self, q: torch.Tensor, k: torch.Tensor, q_norm: nn.Module, k_norm: nn.Module,
+                     cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
     def attention(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
     def short_conv(self, layer_idx: int, v: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
     def gated_short_conv(self, layer_idx: int, bcx: torch.Tensor, weight: torch.Tensor,
@@ -36,16 +40,38 @@ class ForwardContext(Protocol):
 
 
 class MixingContext:
-    """Shared defaults: no padding to mask, and the conv block's gates around `short_conv`.
-    A backend with a fused gate + conv kernel overrides `gated_short_conv`."""
+    """Shared defaults: no padding to mask, projections and QK-norm + RoPE as plain ops, and the
+    conv block's gates around `short_conv`. A backend with fused kernels overrides `linear`,
+    `qk_norm_rope` or `gated_short_conv`."""
 
     def mask_padding(self, x):
         return x
+
+    def linear(self, x: torch.Tensor, proj: nn.Module | torch.Tensor, *, norm: nn.Module | None = None,
+               silu_gate: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """residual + proj(prologue(x)): the prologue is `norm(x)`, or SiLU(gate) * up of x = [gate | up]
+        (`silu_gate`). `proj` is a module or a bare weight. One call, so that an engine can run it as
+        one kernel (batch-1 decode, where each of these ops would otherwise be a launch of its own)."""
+        if norm is not None:
+            x = norm(x)
+        if silu_gate:
+            gate, up = x.chunk(2, dim=-1)
+            x = F.silu(gate) * up
+        y = F.linear(x, proj) if isinstance(proj, torch.Tensor) else proj(x)
+        return y if residual is None else residual + y
+
+    def qk_norm_rope(self, q: torch.Tensor, k: torch.Tensor, q_norm: nn.Module, k_norm: nn.Module,
+                     cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head norm, then RoPE, of q and k (B, T, H, d)."""
+        return apply_rope(q_norm(q), cos, sin), apply_rope(k_norm(k), cos, sin)
 
     def gated_short_conv(self, layer_idx, bcx, weight, bias):
         """bcx: the in_proj output [B gate | C gate | x] (..., 3D); returns C * conv(B * x)."""
         b_gate, c_gate, h = bcx.chunk(3, dim=-1)
         return c_gate * self.short_conv(layer_idx, b_gate * h, weight, bias)
+
+
+PLAIN_OPS = MixingContext()  # `linear` for callers without a forward context
 
 
 class Lfm2Cache:
@@ -205,20 +231,22 @@ class Lfm2Attention(nn.Module):
         self.k_layernorm = RMSNorm(d, config.norm_eps)
         self.qkv_weight: torch.Tensor | None = None  # set by fuse_projections()
 
-    def project_qkv(self, x):
+    def project_qkv(self, x, ctx: ForwardContext, norm: nn.Module | None):
         if self.qkv_weight is None:
-            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            u = norm(x) if norm is not None else x
+            return self.q_proj(u), self.k_proj(u), self.v_proj(u)
         kv = self.n_kv * self.head_dim
-        return F.linear(x, self.qkv_weight).split([self.n_heads * self.head_dim, kv, kv], dim=-1)
+        return ctx.linear(x, self.qkv_weight, norm=norm).split([self.n_heads * self.head_dim, kv, kv], dim=-1)
 
-    def forward(self, x, cos, sin, ctx: ForwardContext):
+    def forward(self, x, cos, sin, ctx: ForwardContext, norm: nn.Module | None = None,
+                residual: torch.Tensor | None = None):
+        """out_proj(attention(norm(x))) (+ residual)."""
         B, T, _ = x.shape
-        q, k, v = self.project_qkv(x)
-        q = self.q_layernorm(q.view(B, T, self.n_heads, self.head_dim))
-        k = self.k_layernorm(k.view(B, T, self.n_kv, self.head_dim))
-        v = v.view(B, T, self.n_kv, self.head_dim)
-        out = ctx.attention(self.layer_idx, apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
-        return self.out_proj(out.reshape(B, T, -1))
+        q, k, v = self.project_qkv(x, ctx, norm)
+        q, k = ctx.qk_norm_rope(q.view(B, T, self.n_heads, self.head_dim), k.view(B, T, self.n_kv, self.head_dim),
+                                self.q_layernorm, self.k_layernorm, cos, sin)
+        out = ctx.attention(self.layer_idx, q, k, v.view(B, T, self.n_kv, self.head_dim))
+        return ctx.linear(out.reshape(B, T, -1), self.out_proj, residual=residual)
 
 
 class Lfm2ShortConv(nn.Module):
@@ -232,9 +260,12 @@ class Lfm2ShortConv(nn.Module):
         self.conv = nn.Conv1d(D, D, K, groups=D, bias=config.conv_bias, padding=K - 1)
         self.out_proj = nn.Linear(D, D, bias=config.conv_bias)
 
-    def forward(self, x, ctx: ForwardContext):
-        bcx = self.in_proj(ctx.mask_padding(x))
-        return self.out_proj(ctx.gated_short_conv(self.layer_idx, bcx, self.conv.weight, self.conv.bias))
+    def forward(self, x, ctx: ForwardContext, norm: nn.Module | None = None, residual: torch.Tensor | None = None):
+        """out_proj(gated conv(in_proj(norm(x)))) (+ residual). Padding is zeroed before the norm,
+        which keeps zero rows zero."""
+        bcx = ctx.linear(ctx.mask_padding(x), self.in_proj, norm=norm)
+        y = ctx.gated_short_conv(self.layer_idx, bcx, self.conv.weight, self.conv.bias)
+        return ctx.linear(y, self.out_proj, residual=residual)
 
 
 class Lfm2MLP(nn.Module):
@@ -245,11 +276,16 @@ class Lfm2MLP(nn.Module):
         self.w2 = nn.Linear(ffn, hidden, bias=False)  # down
         self.w13_weight: torch.Tensor | None = None  # set by fuse_projections()
 
-    def forward(self, x):
+    def forward(self, x, ctx: ForwardContext | None = None, norm: nn.Module | None = None,
+                residual: torch.Tensor | None = None):
+        """w2(SiLU(w1 u) * w3 u) for u = norm(x) (+ residual)."""
         if self.w13_weight is None:
-            return self.w2(F.silu(self.w1(x)) * self.w3(x))
-        gate, up = F.linear(x, self.w13_weight).chunk(2, dim=-1)
-        return self.w2(F.silu(gate) * up)
+            u = norm(x) if norm is not None else x
+            y = self.w2(F.silu(self.w1(u)) * self.w3(u))
+            return y if residual is None else residual + y
+        ctx = ctx or PLAIN_OPS
+        gate_up = ctx.linear(x, self.w13_weight, norm=norm)
+        return ctx.linear(gate_up, self.w2, silu_gate=True, residual=residual)
 
 
 @torch.no_grad()
@@ -278,9 +314,15 @@ class Lfm2DecoderLayer(nn.Module):
         self.ffn_norm = RMSNorm(config.hidden_size, config.norm_eps)
 
     def forward(self, h, cos, sin, ctx: ForwardContext):
-        u = self.operator_norm(h)
-        h = h + (self.self_attn(u, cos, sin, ctx) if self.is_attention else self.conv(u, ctx))
-        return h + self.feed_forward(self.ffn_norm(h))
+        # h + mixer(norm(h)), then h + ffn(norm(h)); the blocks take the norm and the residual
+        # so that the context can fold them into their first and last projections.
+        if self.is_attention:
+            h = self.self_attn(h, cos, sin, ctx, norm=self.operator_norm, residual=h)
+        else:
+            h = self.conv(h, ctx, norm=self.operator_norm, residual=h)
+        if isinstance(self.feed_forward, Lfm2MLP):
+            return self.feed_forward(h, ctx, norm=self.ffn_norm, residual=h)
+        return h + self.feed_forward(self.ffn_norm(h))  # e.g. the MoE block
 
 
 # ----------------------------------------------------------------------------- models
