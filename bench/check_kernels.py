@@ -9,6 +9,7 @@ poisoned (NaN) before the kernel runs, so an unwritten element fails the check.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 
 import torch
@@ -80,6 +81,61 @@ def check_attention(device, dtype, Hq=8, Hkv=2, d=64, block=16, seed=0, splits=1
     return rel_err(out, ref)
 
 
+# The default config, and split-K with a split that gets no K at all (300 = 128 + 128 + 44 + 0);
+# calls follow each other with the same tile counters, so a counter left armed fails a later call.
+SPLIT_K_CONFIGS = (None, dict(BLOCK_N=32, BLOCK_K=128, SPLIT_K=4, num_warps=4, num_stages=2),
+                   dict(BLOCK_N=8, BLOCK_K=64, SPLIT_K=2, num_warps=1, num_stages=3))
+
+
+def check_fused_linear(device, dtype, seed=0) -> float:
+    """The batch-1 projection kernel with each prologue / epilogue, plain and split-K, against the
+    eager ops it replaces (odd N and K, so the tile masks are exercised)."""
+    import torch.nn.functional as F
+
+    from fastlfm.engine.kernels.linear import fused_linear
+    from fastlfm.ops import rms_norm
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    N, K, errs = 100, 300, []
+    w, norm_w = rnd(N, K) / K**0.5, 1 + 0.1 * rnd(K)
+    for _ in range(2):
+        residual = rnd(1, N)
+        for prologue in ("none", "norm", "silu"):
+            x = 3 * rnd(1, 2 * K if prologue == "silu" else K)
+            if prologue == "norm":
+                u = rms_norm(x, norm_w, 1e-5)
+            elif prologue == "silu":
+                gate, up = x.chunk(2, -1)
+                u = F.silu(gate) * up
+            else:
+                u = x
+            ref = F.linear(u, w)
+            for r, cfg in itertools.product((None, residual), SPLIT_K_CONFIGS):
+                out = fused_linear(x, w, norm_w if prologue == "norm" else None, 1e-5, prologue == "silu", r,
+                                   config=cfg)
+                errs.append(rel_err(out, ref if r is None else r + ref))
+    return max(errs)
+
+
+def check_qk_norm_rope(device, dtype, B=3, Hq=8, Hkv=2, d=64, seed=0) -> float:
+    """QK-norm + RoPE in one launch against rms_norm + apply_rope, on strided views of a fused qkv row."""
+    from fastlfm.engine.kernels.qk_norm_rope import qk_norm_rope
+    from fastlfm.ops import apply_rope, rms_norm, rope_cos_sin
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    qkv = 3 * rnd(B, (Hq + 2 * Hkv) * d)
+    q, k = qkv[:, :Hq * d].view(B, Hq, d), qkv[:, Hq * d:(Hq + Hkv) * d].view(B, Hkv, d)
+    qw, kw = 1 + 0.2 * rnd(d), 1 + 0.2 * rnd(d)
+    inv_freq = 1.0 / (1e6 ** (torch.arange(0, d, 2, device=device).float() / d))
+    cos, sin = rope_cos_sin(torch.tensor([[0, 7, 1000]], device=device)[:, :B], inv_freq, dtype)
+    ref_q = apply_rope(rms_norm(q[None], qw, 1e-5), cos, sin)[0]
+    ref_k = apply_rope(rms_norm(k[None], kw, 1e-5), cos, sin)[0]
+    out_q, out_k = qk_norm_rope(q, k, qw, kw, 1e-5, cos[0], sin[0])
+    return max(rel_err(out_q, ref_q), rel_err(out_k, ref_k))
+
+
 def tiny_engine_case(device, dtype=torch.float32):
     """A tiny LFM2, four prompts, and the eager model's greedy tokens for them (the reference)."""
     import tempfile
@@ -107,6 +163,17 @@ def tiny_engine_case(device, dtype=torch.float32):
 NEW_TOKENS = 12
 
 
+def use_triton_path(runner, model) -> None:
+    """The runner's Triton path (on CPU: the interpreter), with the fused projection kernel on
+    every projection shape, tuned or not."""
+    runner.use_triton = True
+    runner.fused_linear_shapes = frozenset(tuple(p.shape) for p in model.parameters() if p.dim() == 2) | frozenset(
+        tuple(w.shape) for m in model.modules() for w in (getattr(m, "qkv_weight", None), getattr(m, "w13_weight", None))
+        if w is not None)
+    if runner.graphs:  # captured with the defaults: capture again
+        runner.capture_graphs(runner.graph_sizes[-1])
+
+
 def run_engine(engine, prompts) -> list[list[int]]:
     from fastlfm.sampling import SamplingParams
 
@@ -116,15 +183,17 @@ def run_engine(engine, prompts) -> list[list[int]]:
 
 
 def check_engine(device) -> bool:
-    """The engine with its Triton path (fused kernels in decode and mixed steps, chunked
-    prefill, async scheduling) gives the eager model's greedy tokens (fp32: exactly)."""
+    """The engine with its Triton path (fused kernels in decode and mixed steps, the fused
+    projections on every shape, chunked prefill, async scheduling) gives the eager model's
+    greedy tokens (fp32: exactly)."""
     from fastlfm.engine import LLMEngine
 
     model, prompts, refs = tiny_engine_case(device)
     engine = LLMEngine(model, max_num_seqs=4, max_model_len=64, max_num_batched_tokens=16, block_size=16,
                        num_kv_blocks=32, async_scheduling=True, enforce_eager=device == "cpu")
-    engine.runner.use_triton = True  # on CPU: triton's interpreter
-    return run_engine(engine, prompts) == refs
+    use_triton_path(engine.runner, model)
+    # the batch, then one prompt alone (batch-1 decode steps: the fused projections)
+    return run_engine(engine, prompts) == refs and run_engine(engine, prompts[1:2]) == refs[1:2]
 
 
 def check_compiled_decode(device) -> bool:
@@ -140,7 +209,7 @@ def check_compiled_decode(device) -> bool:
     engine = LLMEngine(model, max_num_seqs=4, max_model_len=64, max_num_batched_tokens=16, block_size=16,
                        num_kv_blocks=32, async_scheduling=True, enforce_eager=True)
     runner = engine.runner
-    runner.use_triton = True
+    use_triton_path(runner, model)
     B = 4
     step_inputs = (torch.zeros(B, dtype=torch.long, device=device), torch.zeros(B, dtype=torch.long, device=device),
                    torch.ones(B, dtype=torch.long, device=device),
@@ -153,7 +222,7 @@ def check_compiled_decode(device) -> bool:
     dynamo.reset()
     runner.decode_forward = torch.compile(runner._decode_forward, dynamic=True)
     runner.capture_graphs(B)  # CUDA graphs on a GPU; eager replays of the same buffers on CPU
-    same = run_engine(engine, prompts) == refs
+    same = run_engine(engine, prompts) == refs and run_engine(engine, prompts[1:2]) == refs[1:2]
     print(f"compiled decode graphs: greedy tokens {'equal' if same else 'DIFFER from'} the eager model's")
     return same and explained.graph_count == 1 and explained.graph_break_count == 0
 
@@ -192,7 +261,8 @@ def main() -> int:
     ok = True
     for dtype in dtypes:
         tol = 1e-5 if dtype == torch.float32 else 1e-2
-        checks = [("gated conv decode", check_conv), ("paged attention decode", check_attention)]
+        checks = [("gated conv decode", check_conv), ("paged attention decode", check_attention),
+                  ("fused decode linear", check_fused_linear), ("qk-norm + rope", check_qk_norm_rope)]
         checks += [(f"  history in {n} splits", lambda *a, n=n, **k: check_attention(*a, splits=n, **k)) for n in (2, 8)]
         for name, fn in checks:
             errs = [fn(args.device, dtype, seed=s) for s in range(3)]

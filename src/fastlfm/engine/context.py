@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..models.lfm2 import MixingContext
+from ..models.lfm2 import MixingContext, RMSNorm, can_fuse
 from ..ops import packed_causal_conv
 
 
@@ -40,17 +40,21 @@ class PagedContext(MixingContext):
       past (S,), lens (S,): cached tokens before this chunk, tokens in this chunk
       block_tables (S, W) int32, conv_slots (S,) int64
     Host data: `num_decode` leading rows of one token each, and for the other rows their
-    token offsets, lengths and past lengths as Python ints (`host_chunks`).
+    token offsets, lengths and past lengths as Python ints (`host_chunks`). A decode step of one
+    row runs the projections whose weight shape is in `fused_linear_shapes` through the fused
+    Triton kernel.
     """
 
     def __init__(self, *, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], conv_states: torch.Tensor,
                  attn_index: dict[int, int], conv_index: dict[int, int], past: torch.Tensor,
                  lens: torch.Tensor, block_tables: torch.Tensor, conv_slots: torch.Tensor, num_tokens: int,
-                 num_decode: int, host_chunks: list[tuple[int, int, int]] = (), use_triton: bool = False):
+                 num_decode: int, host_chunks: list[tuple[int, int, int]] = (), use_triton: bool = False,
+                 fused_linear_shapes: frozenset[tuple[int, int]] = frozenset()):
         self.kv_caches, self.conv_states = kv_caches, conv_states
         self.attn_index, self.conv_index = attn_index, conv_index
         self.block_tables, self.conv_slots = block_tables, conv_slots
         self.num_decode, self.host_chunks, self.use_triton = num_decode, list(host_chunks), use_triton
+        self.fused_linear_shapes = fused_linear_shapes
         self.decode_only = num_decode == num_tokens
         self.block_size = kv_caches[0][0].shape[1] if kv_caches else 1
         device = past.device
@@ -125,6 +129,27 @@ class PagedContext(MixingContext):
         k_cache.view(-1, Hkv, d)[slots] = k
         v_cache.view(-1, Hkv, d)[slots] = v
         return paged_decode_attention_ref(q, k_cache, v_cache, tables, lens)
+
+    def qk_norm_rope(self, q, k, q_norm, k_norm, cos, sin):
+        if self.decode_only and self.use_triton and type(q_norm) is RMSNorm and type(k_norm) is RMSNorm \
+                and q_norm.eps == k_norm.eps:
+            from .kernels import ops as kernel_ops
+            q, k = kernel_ops.qk_norm_rope_op(q[0], k[0], q_norm.weight, k_norm.weight, q_norm.eps, cos[0], sin[0])
+            return q[None], k[None]
+        return super().qk_norm_rope(q, k, q_norm, k_norm, cos, sin)
+
+    # -- projections ---------------------------------------------------------------------
+    def linear(self, x, proj, *, norm=None, silu_gate=False, residual=None):
+        # Batch-1 decode: one Triton kernel with the norm / SiLU*mul / residual folded in, for the
+        # weight shapes where it measured faster (`fused_linear_shapes`); else cuBLAS + ops.
+        weight = proj if isinstance(proj, torch.Tensor) else proj.weight
+        if self.decode_only and self.num_decode == 1 and tuple(weight.shape) in self.fused_linear_shapes \
+                and (isinstance(proj, torch.Tensor) or can_fuse(proj)) and (norm is None or type(norm) is RMSNorm):
+            from .kernels import ops as kernel_ops
+            return kernel_ops.fused_linear_op(
+                x[0], weight, norm.weight if norm is not None else None, norm.eps if norm is not None else 0.0,
+                silu_gate, residual[0] if residual is not None else None)[None]
+        return super().linear(x, proj, norm=norm, silu_gate=silu_gate, residual=residual)
 
     # -- short conv ---------------------------------------------------------------------
     def gated_short_conv(self, layer_idx, bcx, weight, bias):

@@ -14,7 +14,7 @@ from . import multimodal
 from .block_manager import BlockManager
 from .model_runner import ModelRunner
 from .scheduler import Scheduler
-from .sequence import IN_FLIGHT, Sequence, SequenceStatus
+from .sequence import IN_FLIGHT, Sequence
 
 
 @dataclass
@@ -383,7 +383,6 @@ class LLMEngine:
         images = list(image_inputs) if image_inputs is not None else [None] * len(prompts)
         seqs = [self.add_request(p, sp, image_inputs=im) for p, sp, im in zip(prompts, plist, images)]
         finals: dict[str, RequestOutput] = {}
-        lps: dict[str, list] = {s.request_id: [] for s in seqs}
         while self.has_unfinished():
             for out in self.step():
                 if out.finished:

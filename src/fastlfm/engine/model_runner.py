@@ -40,8 +40,12 @@ class ModelRunner:
         self.block_size, self.num_blocks = block_size, num_blocks
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.use_triton = use_triton
+        # Batch-1 decode steps run these weight shapes through the fused projection kernel: the
+        # shapes tuned faster than cuBLAS + the kernels it replaces on this GPU model (kernels/linear.py).
+        self.fused_linear_shapes: frozenset[tuple[int, int]] = frozenset()
         if use_triton:  # registers the custom ops (triton import) outside any torch.compile trace
-            from .kernels import ops  # noqa: F401
+            from .kernels import linear, ops  # noqa: F401
+            self.fused_linear_shapes = linear.faster_shapes(self.device)
         self.max_vision_views = max_vision_views
         attn = [i for i in range(cfg.num_hidden_layers) if cfg.is_attention_layer(i)]
         conv = [i for i in range(cfg.num_hidden_layers) if not cfg.is_attention_layer(i)]
@@ -78,7 +82,8 @@ class ModelRunner:
         return PagedContext(kv_caches=self.kv_caches, conv_states=self.conv_states, attn_index=self.attn_index,
                             conv_index=self.conv_index, past=past, lens=lens, block_tables=block_tables,
                             conv_slots=conv_slots, num_tokens=num_tokens, num_decode=num_decode,
-                            host_chunks=host_chunks, use_triton=self.use_triton)
+                            host_chunks=host_chunks, use_triton=self.use_triton,
+                            fused_linear_shapes=self.fused_linear_shapes)
 
     def _to_device(self, data, dtype):
         return host_to_device(data, dtype, self.device)

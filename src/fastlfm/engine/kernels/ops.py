@@ -1,6 +1,6 @@
-"""The decode kernels as torch custom ops, so that torch.compile traces a whole decode step
-as one graph: without them every mixing call is a graph break, and inductor cannot fuse
-across a layer boundary (the residual add of one layer with the next layer's RMSNorm).
+"""The decode kernels (paged attention, QK-norm + RoPE, the conv step, batch-1 projections) as
+torch custom ops, so that torch.compile traces a whole decode step as one graph: without them
+every mixing call is a graph break, and inductor cannot fuse across the breaks.
 
 The ops write the KV cache / conv state in place without declaring it (`mutates_args=()`):
 a declared mutation of an input makes functionalization copy whole cache pools, and no
@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 
 from .conv import gated_conv_decode_step
+from .linear import fused_linear
+from .qk_norm_rope import qk_norm_rope
 from .paged_attention import paged_decode_attention
 
 
@@ -37,3 +39,25 @@ def gated_conv_decode_step_op(bcx: torch.Tensor, weight: torch.Tensor, bias: tor
 @gated_conv_decode_step_op.register_fake
 def _(bcx, weight, bias, pool, slots, past):
     return bcx.new_empty((bcx.shape[0], bcx.shape[1] // 3))
+
+
+@torch.library.custom_op("fastlfm::fused_linear", mutates_args=())
+def fused_linear_op(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None, eps: float,
+                    silu_gate: bool, residual: torch.Tensor | None) -> torch.Tensor:
+    return fused_linear(x, weight, norm_weight, eps, silu_gate, residual)
+
+
+@fused_linear_op.register_fake
+def _(x, weight, norm_weight, eps, silu_gate, residual):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@torch.library.custom_op("fastlfm::qk_norm_rope", mutates_args=())
+def qk_norm_rope_op(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
+                    cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return qk_norm_rope(q, k, q_weight, k_weight, eps, cos, sin)
+
+
+@qk_norm_rope_op.register_fake
+def _(q, k, q_weight, k_weight, eps, cos, sin):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
