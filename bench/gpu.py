@@ -84,22 +84,28 @@ def eager_greedy(model, prompt, n):
 
 @torch.no_grad()
 def check_correctness(engine, model, log_rows):
+    """Engine greedy tokens vs the eager model's: 8 prompts as one batch, then the first two alone
+    (batch-1 decode steps, which take the fused projection kernel where it is tuned)."""
     ps = [p[:n] for p, n in zip(prompts(8, 300, 1), (17, 64, 128, 5, 300, 33, 250, 90))]
     n_new = 32
-    outs = engine.generate(ps, SamplingParams(max_new_tokens=n_new, temperature=0.0, ignore_eos=True))
-    exact, near_tie, bad = 0, [], []
-    for i, (p, o) in enumerate(zip(ps, outs)):
-        ref, gaps = eager_greedy(model, p, n_new)
-        if o.token_ids == ref:
-            exact += 1
-            continue
-        k = next(j for j, (a, b) in enumerate(zip(o.token_ids, ref)) if a != b)
-        # A near-tie in bf16: top-2 logits of the eager model within bf16 resolution of each other.
-        (near_tie if gaps[k] < 0.05 else bad).append((i, k, round(gaps[k], 4)))
-    log_rows.append(f"correctness: {exact}/{len(ps)} identical; diverged after near-tie "
-                    f"(seq, step, top-2 gap): {near_tie}; real mismatches: {bad}")
-    log(log_rows[-1])
-    return not bad
+    params = SamplingParams(max_new_tokens=n_new, temperature=0.0, ignore_eos=True)
+    ok = True
+    for what, runs in (("batch 8", [ps]), ("batch 1", [[p] for p in ps[:2]])):
+        outs = [o for run in runs for o in engine.generate(run, params)]
+        exact, near_tie, bad = 0, [], []
+        for i, (p, o) in enumerate(zip(ps, outs)):
+            ref, gaps = eager_greedy(model, p, n_new)
+            if o.token_ids == ref:
+                exact += 1
+                continue
+            k = next(j for j, (a, b) in enumerate(zip(o.token_ids, ref)) if a != b)
+            # A near-tie in bf16: top-2 logits of the eager model within bf16 resolution of each other.
+            (near_tie if gaps[k] < 0.05 else bad).append((i, k, round(gaps[k], 4)))
+        log_rows.append(f"correctness ({what}): {exact}/{len(outs)} identical; diverged after near-tie "
+                        f"(seq, step, top-2 gap): {near_tie}; real mismatches: {bad}")
+        log(log_rows[-1])
+        ok &= not bad
+    return ok
 
 
 def hf_peer(folder):
@@ -203,6 +209,21 @@ def host_breakdown(engine, run) -> str:
             + f", other {1e3 * (total - sum(spent.values())) / n:.2f} ms")
 
 
+def batch1_decode(engine, prompt) -> tuple[float, float]:
+    """One request of 512 new tokens after a warm-up: (time to first token s, decode tok/s after it)."""
+    greedy = dict(temperature=0.0, ignore_eos=True)
+    engine.generate([prompt], SamplingParams(max_new_tokens=16, **greedy))  # warm-up
+    engine.add_request(prompt, SamplingParams(max_new_tokens=512, **greedy), "b1")
+    t0 = sync_time()
+    t_first = None
+    while engine.has_unfinished():
+        for o in engine.step():
+            if t_first is None and o.new_token_ids:
+                t_first = time.perf_counter()
+    t_end = time.perf_counter()
+    return t_first - t0, 511 / (t_end - t_first)
+
+
 def bench_model(name, bw, flops, args, rows, notes):
     folder = Path(f"/tmp/ckpt-{name}")
     if not (folder / "config.json").exists():
@@ -234,21 +255,13 @@ def bench_model(name, bw, flops, args, rows, notes):
     log(f"{name}: engine ready in {time.perf_counter() - t:.1f}s ({mode}); "
         f"{engine.block_manager.num_blocks} KV blocks of {engine.block_manager.block_size}")
     ok = check_correctness(engine, model, notes)
+    if args.correctness_only:
+        return ok
     greedy = dict(temperature=0.0, ignore_eos=True)
 
     # batch-1 decode + TTFT
     p = prompts(1, 128, 2)[0]
-    engine.generate([p], SamplingParams(max_new_tokens=16, **greedy))  # warm-up
-    engine.add_request(p, SamplingParams(max_new_tokens=512, **greedy), "b1")
-    t0 = sync_time()
-    t_first = None
-    while engine.has_unfinished():
-        for o in engine.step():
-            if t_first is None and o.new_token_ids:
-                t_first = time.perf_counter()
-    t_end = time.perf_counter()
-    ttft = t_first - t0
-    b1 = 511 / (t_end - t_first)
+    ttft, b1 = batch1_decode(engine, p)
     ttft_floor = weight_bytes / bw + 2 * n_params * 128 / flops
     # what the decode step spends: one graph replay alone vs the whole engine step
     runner = engine.runner
@@ -333,6 +346,19 @@ def bench_model(name, bw, flops, args, rows, notes):
     peak = torch.cuda.max_memory_allocated() / 2**30
     kv_gb = sum(k.numel() * k.element_size() * 2 for k, _ in engine.runner.kv_caches) / 2**30
     engine.check_no_leaks()
+    runner = engine.runner
+    if runner.fused_linear_shapes:  # A/B, last (it leaves only the batch-1 graph): cuBLAS projections instead
+        fused = sorted(runner.fused_linear_shapes)
+        runner.fused_linear_shapes = frozenset()
+        runner.capture_graphs(1)
+        _, b1_cublas = batch1_decode(engine, p)
+        replay_cublas = graph_replay_ms(runner.graphs[1], 100)
+        notes.append(f"{name}: batch-1 decode with the fused projection kernel on shapes {fused}: {b1:.0f} tok/s "
+                     f"(replay {replay_ms:.3f} ms); with cuBLAS + separate kernels for all: {b1_cublas:.0f} tok/s "
+                     f"(replay {replay_cublas:.3f} ms)")
+        log(notes[-1])
+        engine.check_no_leaks()
+    del runner
     del engine
     torch.cuda.empty_cache()
 
@@ -370,6 +396,7 @@ def main():
     ap.add_argument("--max-num-seqs", type=int, default=128)
     ap.add_argument("--hf-b1-tokens", type=int, default=512)
     ap.add_argument("--hf-thr-tokens", type=int, default=64)
+    ap.add_argument("--correctness-only", action="store_true", help="build each engine, check its tokens, stop")
     args = ap.parse_args()
     torch.manual_seed(0)
     dev = torch.cuda.get_device_name(0)
