@@ -87,13 +87,22 @@ SPLIT_K_CONFIGS = (None, dict(BLOCK_N=32, BLOCK_K=128, SPLIT_K=4, num_warps=4, n
                    dict(BLOCK_N=8, BLOCK_K=64, SPLIT_K=2, num_warps=1, num_stages=3))
 
 
+def eager_linear(x, w, norm_weight=None, eps=1e-5, silu_gate=False, residual=None) -> torch.Tensor:
+    """What the fused projection kernel replaces, with fused_linear's arguments: the model's default
+    `linear` (RMSNorm / SiLU*mul, cuBLAS, + residual as eager ops)."""
+    from fastlfm.models.lfm2 import PLAIN_OPS, RMSNorm
+
+    norm = None
+    if norm_weight is not None:
+        norm = RMSNorm(norm_weight.shape[0], eps)
+        norm.weight = torch.nn.Parameter(norm_weight, requires_grad=False)
+    return PLAIN_OPS.linear(x, w, norm=norm, silu_gate=silu_gate, residual=residual)
+
+
 def check_fused_linear(device, dtype, seed=0) -> float:
     """The batch-1 projection kernel with each prologue / epilogue, plain and split-K, against the
     eager ops it replaces (odd N and K, so the tile masks are exercised)."""
-    import torch.nn.functional as F
-
     from fastlfm.engine.kernels.linear import fused_linear
-    from fastlfm.ops import rms_norm
 
     g = torch.Generator(device="cpu").manual_seed(seed)
     rnd = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
@@ -101,20 +110,11 @@ def check_fused_linear(device, dtype, seed=0) -> float:
     w, norm_w = rnd(N, K) / K**0.5, 1 + 0.1 * rnd(K)
     for _ in range(2):
         residual = rnd(1, N)
-        for prologue in ("none", "norm", "silu"):
+        for prologue, r, cfg in itertools.product(("none", "norm", "silu"), (None, residual), SPLIT_K_CONFIGS):
             x = 3 * rnd(1, 2 * K if prologue == "silu" else K)
-            if prologue == "norm":
-                u = rms_norm(x, norm_w, 1e-5)
-            elif prologue == "silu":
-                gate, up = x.chunk(2, -1)
-                u = F.silu(gate) * up
-            else:
-                u = x
-            ref = F.linear(u, w)
-            for r, cfg in itertools.product((None, residual), SPLIT_K_CONFIGS):
-                out = fused_linear(x, w, norm_w if prologue == "norm" else None, 1e-5, prologue == "silu", r,
-                                   config=cfg)
-                errs.append(rel_err(out, ref if r is None else r + ref))
+            args = dict(norm_weight=norm_w if prologue == "norm" else None, eps=1e-5, silu_gate=prologue == "silu",
+                        residual=r)
+            errs.append(rel_err(fused_linear(x, w, **args, config=cfg), eager_linear(x, w, **args)))
     return max(errs)
 
 

@@ -31,7 +31,6 @@ import torch.nn.functional as F
 
 from fastlfm.engine.kernels.linear import TUNED_CONFIGS, fused_linear
 from fastlfm.models.config import Lfm2Config
-from fastlfm.ops import rms_norm
 from fastlfm.testing import real_config
 
 
@@ -58,21 +57,10 @@ def decode_shapes(name: str) -> list[tuple[str, int, int, str]]:
             ("gate/up", 2 * c.ffn_dim, D, "norm"), ("down", D, c.ffn_dim, "silu+residual")]
 
 
-def fused_call(fusion: str, x, w, g, r, cfg):
-    """The engine's call for one projection; x is [gate | up] (2K wide) for "silu+residual"."""
-    return fused_linear(x, w, norm_weight=g if fusion == "norm" else None, eps=1e-5,
-                        silu_gate=fusion.startswith("silu"), residual=r if "residual" in fusion else None, config=cfg)
-
-
-def eager_call(fusion: str, x, w, g, r):
-    """What the fused kernel replaces: cuBLAS plus the eager ops around it."""
-    if fusion == "norm":
-        x = rms_norm(x, g, 1e-5)
-    elif fusion.startswith("silu"):
-        gate, up = x.chunk(2, dim=-1)
-        x = F.silu(gate) * up
-    y = F.linear(x, w)
-    return y + r if "residual" in fusion else y
+def fusion_args(fusion: str, g, r) -> dict:
+    """fused_linear's arguments for one shape's fusion (x is [gate | up], 2K wide, for "silu+residual")."""
+    return dict(norm_weight=g if fusion == "norm" else None, eps=1e-5, silu_gate=fusion.startswith("silu"),
+                residual=r if "residual" in fusion else None)
 
 
 def write_configs(device: str, tuned: dict) -> None:
@@ -93,6 +81,7 @@ def main() -> int:
     args = ap.parse_args()
     from triton.testing import do_bench_cudagraph
 
+    from check_kernels import eager_linear  # bench/: the fused kernel's reference
     from gpu import copy_bandwidth  # bench/gpu.py: the same ceiling as the engine benchmark
 
     def bench(fn, copies):
@@ -114,16 +103,18 @@ def main() -> int:
             x = torch.randn(1, 2 * K if fusion.startswith("silu") else K, device="cuda", dtype=torch.bfloat16)
             x_plain = x[:, :K].contiguous()
             r = torch.randn(1, N, device="cuda", dtype=torch.bfloat16)
-            ref = eager_call(fusion, x, w, g, r)
+            args = fusion_args(fusion, g, r)
+            ref = eager_linear(x, w, **args)  # what the engine runs without the fused kernel
             cublas = bench(lambda: [F.linear(x_plain, w_) for w_ in ws], copies)
             timings = []
             for cfg in CONFIGS:
-                err = (fused_call(fusion, x, w, g, r, cfg) - ref).abs().max() / ref.abs().max()
+                err = (fused_linear(x, w, **args, config=cfg) - ref).abs().max() / ref.abs().max()
                 if err > 0.02:
                     print(f"{what} {cfg}: WRONG RESULT (max error {float(err):.3f} of max |y|)")
                     ok = False
                     continue
-                timings.append((bench(lambda cfg=cfg: [fused_call(fusion, x, w_, g, r, cfg) for w_ in ws], copies), cfg))
+                timings.append((bench(lambda cfg=cfg: [fused_linear(x, w_, **args, config=cfg) for w_ in ws], copies),
+                                cfg))
             if not timings:
                 continue
             us, best = min(timings, key=lambda t: t[0])

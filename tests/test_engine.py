@@ -10,6 +10,7 @@ import torch
 from fastlfm.engine import AsyncLLMEngine, LLMEngine, PagedContext
 from fastlfm.engine.model_runner import ModelRunner
 from fastlfm.models import Lfm2ForCausalLM
+from fastlfm.models.lfm2 import RMSNorm
 from fastlfm.sampling import SamplingParams
 
 NEW = 8
@@ -226,6 +227,43 @@ def test_paged_context_matches_full_forward(model):
             full = model(input_ids=seqs[s][None]).logits[0]
             torch.testing.assert_close(torch.cat(got[s]), full, rtol=1e-4, atol=1e-4)
     assert cfg.conv_L_cache == 3
+
+
+def test_fused_projection_only_in_batch1_decode_of_tuned_plain_weights(model):
+    """The engine's rule for its fused projection kernel (a CUDA path, so only the choice is
+    checked here): batch-1 decode steps, weight shapes in the tuned set, plain bias-free weights,
+    RMSNorm or no norm; anything else keeps the eager ops."""
+    runner = ModelRunner(model, block_size=4, num_blocks=16, num_conv_slots=3, max_model_len=32,
+                         max_num_seqs=3, use_cuda_graphs=False, use_triton=False)
+    tuned = frozenset({(16, 8)})
+
+    def ctx(lens, num_decode, shapes=tuned):
+        S = len(lens)
+        return PagedContext(kv_caches=runner.kv_caches, conv_states=runner.conv_states, attn_index=runner.attn_index,
+                            conv_index=runner.conv_index, past=torch.full((S,), 3), lens=torch.tensor(lens),
+                            block_tables=torch.zeros((S, 2), dtype=torch.int32), conv_slots=torch.arange(S),
+                            num_tokens=sum(lens), num_decode=num_decode,
+                            host_chunks=[(0, lens[0], 3)] if num_decode == 0 else (), fused_linear_shapes=shapes)
+
+    plain = torch.nn.Linear(8, 16, bias=False)
+    norm = RMSNorm(8, 1e-5)
+
+    class Wrapped(torch.nn.Module):  # e.g. a LoRA adapter around a Linear: no plain weight
+        def __init__(self):
+            super().__init__()
+            self.base = plain
+
+    one = ctx([1], 1)
+    assert one._fused_linear_weight(plain, None) is plain.weight
+    assert one._fused_linear_weight(plain, norm) is plain.weight
+    assert one._fused_linear_weight(plain.weight, None) is plain.weight
+    assert one._fused_linear_weight(torch.nn.Linear(8, 16, bias=True), None) is None
+    assert one._fused_linear_weight(Wrapped(), None) is None
+    assert one._fused_linear_weight(plain, torch.nn.LayerNorm(8)) is None
+    assert one._fused_linear_weight(torch.nn.Linear(8, 32, bias=False), None) is None  # not tuned
+    assert ctx([1], 1, frozenset())._fused_linear_weight(plain, None) is None
+    assert ctx([1, 1], 2)._fused_linear_weight(plain, None) is None  # batch 2
+    assert ctx([4], 0)._fused_linear_weight(plain, None) is None  # prefill
 
 
 def test_async_engine_streams_aborts_and_stats(model, prompts, reference, async_scheduling):

@@ -140,16 +140,24 @@ class PagedContext(MixingContext):
 
     # -- projections ---------------------------------------------------------------------
     def linear(self, x, proj, *, norm=None, silu_gate=False, residual=None):
-        # Batch-1 decode: one Triton kernel with the norm / SiLU*mul / residual folded in, for the
-        # weight shapes where it measured faster (`fused_linear_shapes`); else cuBLAS + ops.
-        weight = proj if isinstance(proj, torch.Tensor) else proj.weight
-        if self.decode_only and self.num_decode == 1 and tuple(weight.shape) in self.fused_linear_shapes \
-                and (isinstance(proj, torch.Tensor) or can_fuse(proj)) and (norm is None or type(norm) is RMSNorm):
+        weight = self._fused_linear_weight(proj, norm)
+        if weight is not None:
             from .kernels import ops as kernel_ops
             return kernel_ops.fused_linear_op(
                 x[0], weight, norm.weight if norm is not None else None, norm.eps if norm is not None else 0.0,
                 silu_gate, residual[0] if residual is not None else None)[None]
         return super().linear(x, proj, norm=norm, silu_gate=silu_gate, residual=residual)
+
+    def _fused_linear_weight(self, proj, norm) -> torch.Tensor | None:
+        """The weight to run through the fused Triton kernel (norm / SiLU*mul / residual folded in),
+        or None for cuBLAS + ops: only in a batch-1 decode step, for a plain weight (a LoRA wrapper
+        has none) of a shape measured faster (`fused_linear_shapes`), with an RMSNorm or no norm."""
+        if not (self.fused_linear_shapes and self.decode_only and self.num_decode == 1):
+            return None
+        if norm is not None and type(norm) is not RMSNorm:
+            return None
+        weight = proj if isinstance(proj, torch.Tensor) else proj.weight if can_fuse(proj) else None
+        return weight if weight is not None and tuple(weight.shape) in self.fused_linear_shapes else None
 
     # -- short conv ---------------------------------------------------------------------
     def gated_short_conv(self, layer_idx, bcx, weight, bias):

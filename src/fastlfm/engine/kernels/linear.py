@@ -109,8 +109,25 @@ _arrivals: dict[torch.device, torch.Tensor] = {}
 
 @functools.cache
 def tuned_shapes(device_name: str) -> dict[tuple[int, int], dict]:
-    table = json.loads(TUNED_CONFIGS.read_text()) if TUNED_CONFIGS.exists() else {}
-    return {tuple(int(v) for v in key.split(",")): entry for key, entry in table.get(device_name, {}).items()}
+    """{(N, K): entry} measured on this GPU model ({} if it was never tuned)."""
+    if not TUNED_CONFIGS.exists():
+        return {}
+    problem = None
+    try:
+        table = {}
+        for key, entry in json.loads(TUNED_CONFIGS.read_text()).get(device_name, {}).items():
+            n, k = (int(v) for v in key.split(","))
+            if not (isinstance(entry, dict) and isinstance(entry.get("use"), bool)
+                    and isinstance(entry.get("config"), dict)):
+                problem = f"entry {key!r} of {device_name!r} lacks 'use' / 'config'"
+                break
+            table[n, k] = entry
+    except (ValueError, AttributeError) as e:  # bad JSON, a key that is not "N,K", a non-dict level
+        problem = f"{type(e).__name__}: {e}"
+    if problem:
+        raise ValueError(f"{TUNED_CONFIGS}: not a table of tuned configs ({problem}); "
+                         "regenerate it with bench/skinny_gemm.py --write-configs")
+    return table
 
 
 def faster_shapes(device: torch.device) -> frozenset[tuple[int, int]]:
