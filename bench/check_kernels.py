@@ -118,6 +118,34 @@ def check_fused_linear(device, dtype, seed=0) -> float:
     return max(errs)
 
 
+def check_in_proj_gated_conv(device, dtype, D=100, K=300, seed=0) -> float:
+    """The conv block's batch-1 step in one kernel (in_proj with the norm, then the gated conv and
+    the state shift) against the eager ops: a continuing sequence and a fresh one (zero state)."""
+    from fastlfm.engine.kernels.linear import in_proj_gated_conv
+    from fastlfm.models.lfm2 import BatchContext, Lfm2Cache
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    w, norm_w, conv_w = rnd(3 * D, K) / K**0.5, 1 + 0.1 * rnd(K), rnd(D, 1, 3)
+    slots_n, slot = 4, 2
+    errs = []
+    for past in (5, 0):
+        x, pool = 3 * rnd(1, K), rnd(slots_n, 2, D)
+        # reference: the model's own eager path (norm + in_proj, gates, conv over the slot's state)
+        cache = Lfm2Cache(None)
+        cache.conv_states[0] = (pool[slot] if past else torch.zeros_like(pool[slot])).t()[None].clone()
+        ctx = BatchContext(torch.zeros(1, 1, dtype=torch.long, device=device), cache, None, 1)
+        bcx = eager_linear(x, w, norm_weight=norm_w, eps=1e-5)
+        ref = ctx.gated_short_conv(0, bcx[None], conv_w, None)[0]
+        pool_k = pool.clone()
+        out = in_proj_gated_conv(x, w, norm_w, 1e-5, conv_w, pool_k,
+                                 torch.tensor([slot], device=device), torch.tensor([past], device=device))
+        errs += [rel_err(out, ref), rel_err(pool_k[slot], cache.conv_states[0][0].t())]
+        others = [i for i in range(slots_n) if i != slot]
+        assert torch.equal(pool_k[others], pool[others]), "conv block kernel wrote outside its slot"
+    return max(errs)
+
+
 def check_qk_norm_rope(device, dtype, B=3, Hq=8, Hkv=2, d=64, seed=0) -> float:
     """QK-norm + RoPE in one launch against rms_norm + apply_rope, on strided views of a fused qkv row."""
     from fastlfm.engine.kernels.qk_norm_rope import qk_norm_rope
@@ -262,7 +290,8 @@ def main() -> int:
     for dtype in dtypes:
         tol = 1e-5 if dtype == torch.float32 else 1e-2
         checks = [("gated conv decode", check_conv), ("paged attention decode", check_attention),
-                  ("fused decode linear", check_fused_linear), ("qk-norm + rope", check_qk_norm_rope)]
+                  ("fused decode linear", check_fused_linear), ("in_proj + gated conv", check_in_proj_gated_conv),
+                  ("qk-norm + rope", check_qk_norm_rope)]
         checks += [(f"  history in {n} splits", lambda *a, n=n, **k: check_attention(*a, splits=n, **k)) for n in (2, 8)]
         for name, fn in checks:
             errs = [fn(args.device, dtype, seed=s) for s in range(3)]

@@ -42,7 +42,7 @@ class PagedContext(MixingContext):
     Host data: `num_decode` leading rows of one token each, and for the other rows their
     token offsets, lengths and past lengths as Python ints (`host_chunks`). A decode step of one
     row runs the projections whose weight shape is in `fused_linear_shapes` through the fused
-    Triton kernel.
+    Triton kernels (a conv block's in_proj together with its conv step).
     """
 
     def __init__(self, *, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], conv_states: torch.Tensor,
@@ -167,6 +167,17 @@ class PagedContext(MixingContext):
             pool = self.conv_states[self.conv_index[layer_idx]]
             return kernel_ops.gated_conv_decode_step_op(bcx[0], weight, bias, pool, self.conv_slots, self.past)[None]
         return self._gated_short_conv_eager(layer_idx, bcx, weight, bias)
+
+    def in_proj_gated_conv(self, layer_idx, x, in_proj, weight, bias, *, norm=None):
+        proj_weight = self._fused_linear_weight(in_proj, norm)
+        if proj_weight is not None and weight.shape[-1] == 3 and bias is None:
+            # batch-1 decode: in_proj (norm folded in), B*x -> 3-tap FIR -> *C and the state shift, one kernel
+            from .kernels import ops as kernel_ops
+            pool = self.conv_states[self.conv_index[layer_idx]]
+            return kernel_ops.in_proj_gated_conv_op(
+                x[0], proj_weight, norm.weight if norm is not None else None, norm.eps if norm is not None else 0.0,
+                weight, pool, self.conv_slots, self.past)[None]
+        return super().in_proj_gated_conv(layer_idx, x, in_proj, weight, bias, norm=norm)
 
     @torch.compiler.disable
     def _gated_short_conv_eager(self, layer_idx, bcx, weight, bias):

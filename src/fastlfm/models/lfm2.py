@@ -37,12 +37,14 @@ class ForwardContext(Protocol):
     def short_conv(self, layer_idx: int, v: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
     def gated_short_conv(self, layer_idx: int, bcx: torch.Tensor, weight: torch.Tensor,
                          bias: torch.Tensor | None) -> torch.Tensor: ...
+    def in_proj_gated_conv(self, layer_idx: int, x: torch.Tensor, in_proj: nn.Module, weight: torch.Tensor,
+                           bias: torch.Tensor | None, *, norm: nn.Module | None = None) -> torch.Tensor: ...
 
 
 class MixingContext:
     """Shared defaults: no padding to mask, projections and QK-norm + RoPE as plain ops, and the
     conv block's gates around `short_conv`. A backend with fused kernels overrides `linear`,
-    `qk_norm_rope` or `gated_short_conv`."""
+    `qk_norm_rope`, `gated_short_conv` or `in_proj_gated_conv`."""
 
     def mask_padding(self, x):
         return x
@@ -69,6 +71,12 @@ class MixingContext:
         """bcx: the in_proj output [B gate | C gate | x] (..., 3D); returns C * conv(B * x)."""
         b_gate, c_gate, h = bcx.chunk(3, dim=-1)
         return c_gate * self.short_conv(layer_idx, b_gate * h, weight, bias)
+
+    def in_proj_gated_conv(self, layer_idx: int, x: torch.Tensor, in_proj: nn.Module, weight: torch.Tensor,
+                           bias: torch.Tensor | None, *, norm: nn.Module | None = None) -> torch.Tensor:
+        """The conv block up to out_proj: `gated_short_conv` of in_proj(norm(x)). One call, so that an
+        engine can run a batch-1 decode step of it as one kernel."""
+        return self.gated_short_conv(layer_idx, self.linear(x, in_proj, norm=norm), weight, bias)
 
 
 PLAIN_OPS = MixingContext()  # `linear` for callers without a forward context
@@ -263,8 +271,8 @@ class Lfm2ShortConv(nn.Module):
     def forward(self, x, ctx: ForwardContext, norm: nn.Module | None = None, residual: torch.Tensor | None = None):
         """out_proj(gated conv(in_proj(norm(x)))) (+ residual). Padding is zeroed before the norm,
         which keeps zero rows zero."""
-        bcx = ctx.linear(ctx.mask_padding(x), self.in_proj, norm=norm)
-        y = ctx.gated_short_conv(self.layer_idx, bcx, self.conv.weight, self.conv.bias)
+        y = ctx.in_proj_gated_conv(self.layer_idx, ctx.mask_padding(x), self.in_proj, self.conv.weight,
+                                   self.conv.bias, norm=norm)
         return ctx.linear(y, self.out_proj, residual=residual)
 
 

@@ -44,20 +44,13 @@ def _input(a, b, PROLOGUE: tl.constexpr, dtype: tl.constexpr):
 
 
 @triton.jit
-def _fused_gemv_kernel(X, W, Y, G, R, Partial, PartialSumsq, Arrivals, N, K, k_per_split, s_wn, eps,
-                       PROLOGUE: tl.constexpr, RESIDUAL: tl.constexpr, SPLIT_K: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    tile = tl.program_id(0)
-    split = tl.program_id(1)
-    n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    dtype = Y.dtype.element_ty
-    # second input stream: up (SiLU), the norm weight (norm), none
-    B = X + K if PROLOGUE == 2 else G
+def _dot_rows(X, B, W, n, N, k_start, k_end, s_wn, PROLOGUE: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, dtype: tl.constexpr):
+    """sum over k in [k_start, k_end) of W[n, k] * input[k] for the rows n (BLOCK_N,), in fp32, and
+    the sum of squares of x over that range (the norm's statistic). B: the second input stream."""
     # Products accumulate per (row, k lane) and are summed over k once, after the loop.
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     sumsq = tl.zeros([BLOCK_K], tl.float32)
-    k_start = split * k_per_split
-    k_end = tl.minimum(K, k_start + k_per_split)
     # Loads run one slice ahead of the math (no cp.async pipelining for a GEMV's loads): slice
     # i + 1 is in flight while slice i is multiplied.
     k = k_start + tl.arange(0, BLOCK_K)
@@ -74,8 +67,22 @@ def _fused_gemv_kernel(X, W, Y, G, R, Partial, PartialSumsq, Arrivals, N, K, k_p
             sumsq += a.to(tl.float32) * a.to(tl.float32)
         acc += w.to(tl.float32) * _input(a, b, PROLOGUE, dtype)[None, :]
         a, b, w = a_next, b_next, w_next
-    out = tl.sum(acc, 1)
-    total_sumsq = tl.sum(sumsq, 0)
+    return tl.sum(acc, 1), tl.sum(sumsq, 0)
+
+
+@triton.jit
+def _fused_gemv_kernel(X, W, Y, G, R, Partial, PartialSumsq, Arrivals, N, K, k_per_split, s_wn, eps,
+                       PROLOGUE: tl.constexpr, RESIDUAL: tl.constexpr, SPLIT_K: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    tile = tl.program_id(0)
+    split = tl.program_id(1)
+    n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    dtype = Y.dtype.element_ty
+    # second input stream: up (SiLU), the norm weight (norm), none
+    B = X + K if PROLOGUE == 2 else G
+    k_start = split * k_per_split
+    out, total_sumsq = _dot_rows(X, B, W, n, N, k_start, tl.minimum(K, k_start + k_per_split), s_wn,
+                                 PROLOGUE, BLOCK_N, BLOCK_K, dtype)
     finish = True
     if SPLIT_K > 1:
         # Each split leaves its partial sums; the split that arrives last at this tile adds them
@@ -99,6 +106,37 @@ def _fused_gemv_kernel(X, W, Y, G, R, Partial, PartialSumsq, Arrivals, N, K, k_p
             y = (y.to(tl.float32) + tl.load(R + n, mask=n < N, other=0.0).to(tl.float32)).to(dtype)
         tl.store(Y + n, y, mask=n < N)
 
+
+
+@triton.jit
+def _in_proj_gated_conv_kernel(X, W, G, ConvW, State, Slot, Past, Y, D, K, s_wn, s_slot, s_tap, eps,
+                               PROLOGUE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The short-conv block's batch-1 decode step up to out_proj: [B | C | x] = in_proj(norm(x)) for
+    BLOCK_N channels (their three weight rows), then C * FIR3(state ++ B*x) and the state shift, as
+    the conv decode kernel (conv.py) does it, with the same roundings."""
+    d = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dm = d < D
+    dtype = Y.dtype.element_ty
+    b, sumsq = _dot_rows(X, G, W, d, D, 0, K, s_wn, PROLOGUE, BLOCK_N, BLOCK_K, dtype)
+    c, _ = _dot_rows(X, G, W + D * s_wn, d, D, 0, K, s_wn, PROLOGUE, BLOCK_N, BLOCK_K, dtype)
+    x, _ = _dot_rows(X, G, W + 2 * D * s_wn, d, D, 0, K, s_wn, PROLOGUE, BLOCK_N, BLOCK_K, dtype)
+    if PROLOGUE == 1:
+        inv_rms = tl.rsqrt(sumsq / K + eps)
+        b, c, x = b * inv_rms, c * inv_rms, x * inv_rms
+    b, c, x = b.to(dtype).to(tl.float32), c.to(dtype).to(tl.float32), x.to(dtype).to(tl.float32)
+    bx = (b * x).to(dtype)
+    slot = tl.load(Slot).to(tl.int64)
+    keep = (tl.load(Past) != 0).to(tl.float32)  # a fresh sequence (nothing cached) starts from zeros
+    state = State + slot * s_slot
+    s0 = tl.load(state + d, mask=dm, other=0.0)
+    s1 = tl.load(state + s_tap + d, mask=dm, other=0.0)
+    w0 = tl.load(ConvW + d * 3, mask=dm, other=0.0).to(tl.float32)
+    w1 = tl.load(ConvW + d * 3 + 1, mask=dm, other=0.0).to(tl.float32)
+    w2 = tl.load(ConvW + d * 3 + 2, mask=dm, other=0.0).to(tl.float32)
+    y = (bx.to(tl.float32) * w2 + (s1.to(tl.float32) * w1 + s0.to(tl.float32) * w0) * keep).to(dtype)
+    tl.store(Y + d, (c * y.to(tl.float32)).to(dtype), mask=dm)
+    tl.store(state + d, (s1.to(tl.float32) * keep).to(s1.dtype), mask=dm)
+    tl.store(state + s_tap + d, bx.to(s1.dtype), mask=dm)
 
 # Per GPU model, what bench/skinny_gemm.py --write-configs measured for each weight shape:
 # {device name: {"N,K": {"config": {...}, "fused_us": t, "peer_us": t, "use": bool}}}, where the
@@ -188,4 +226,31 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tenso
         x, weight, y, norm_weight if norm_weight is not None else x, residual if residual is not None else y,
         partial, partial_sumsq, arrivals, N, K, k_per_split, weight.stride(0), eps,
         PROLOGUE=prologue, RESIDUAL=residual is not None, SPLIT_K=split_k, **cfg)
+    return y
+
+
+def in_proj_gated_conv(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None, eps: float,
+                       conv_weight: torch.Tensor, pool: torch.Tensor, slot: torch.Tensor, past: torch.Tensor,
+                       config: dict | None = None) -> torch.Tensor:
+    """The short-conv block of one decode row before out_proj, in one kernel: [B | C | x] =
+    in_proj(rms_norm(x)) (no norm without `norm_weight`), then C * conv(B * x) over the slot's
+    state, which shifts by one in place. x (1, K); weight (3D, K); conv_weight (D, 1, 3) (L_cache 3,
+    no bias); pool (slots, 2, D); slot, past (1,): the row's conv slot and cached tokens (0: a
+    fresh sequence, zero state). `config`: as fused_linear's, run without split-K (default:
+    launch_config of the in_proj shape). Returns (1, D)."""
+    N, K = weight.shape
+    D = N // 3
+    if x.shape != (1, K) or x.stride(1) != 1 or weight.stride(1) != 1 or N != 3 * D:
+        raise ValueError(f"in_proj_gated_conv: input {tuple(x.shape)} does not fit weight {tuple(weight.shape)}")
+    if conv_weight.shape != (D, 1, 3) or not conv_weight.is_contiguous() or pool.shape[1:] != (2, D) \
+            or pool.stride(2) != 1:
+        raise ValueError(f"in_proj_gated_conv: conv weight {tuple(conv_weight.shape)} / state {tuple(pool.shape)} "
+                         f"do not fit {D} channels of a 3-tap conv")
+    y = x.new_empty((1, D))
+    cfg = dict(config or launch_config(N, K, x.device))
+    cfg.pop("SPLIT_K", None)
+    _in_proj_gated_conv_kernel[(triton.cdiv(D, cfg["BLOCK_N"]),)](
+        x, weight, norm_weight if norm_weight is not None else x, conv_weight, pool, slot, past, y, D, K,
+        weight.stride(0), pool.stride(0), pool.stride(1), eps,
+        PROLOGUE=PROLOGUE_RMS_NORM if norm_weight is not None else PROLOGUE_NONE, **cfg)
     return y

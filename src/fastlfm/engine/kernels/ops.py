@@ -1,4 +1,5 @@
-"""The decode kernels (paged attention, QK-norm + RoPE, the conv step, batch-1 projections) as
+"""The decode kernels (paged attention, QK-norm + RoPE, the conv step, batch-1 projections and
+conv blocks) as
 torch custom ops, so that torch.compile traces a whole decode step as one graph: without them
 every mixing call is a graph break, and inductor cannot fuse across the breaks.
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .conv import gated_conv_decode_step
-from .linear import fused_linear
+from .linear import fused_linear, in_proj_gated_conv
 from .qk_norm_rope import qk_norm_rope
 from .paged_attention import paged_decode_attention
 
@@ -50,6 +51,18 @@ def fused_linear_op(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Te
 @fused_linear_op.register_fake
 def _(x, weight, norm_weight, eps, silu_gate, residual):
     return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@torch.library.custom_op("fastlfm::in_proj_gated_conv", mutates_args=())
+def in_proj_gated_conv_op(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None, eps: float,
+                          conv_weight: torch.Tensor, pool: torch.Tensor, slot: torch.Tensor,
+                          past: torch.Tensor) -> torch.Tensor:
+    return in_proj_gated_conv(x, weight, norm_weight, eps, conv_weight, pool, slot, past)
+
+
+@in_proj_gated_conv_op.register_fake
+def _(x, weight, norm_weight, eps, conv_weight, pool, slot, past):
+    return x.new_empty((x.shape[0], weight.shape[0] // 3))
 
 
 @torch.library.custom_op("fastlfm::qk_norm_rope", mutates_args=())
