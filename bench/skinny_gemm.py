@@ -132,18 +132,19 @@ def main() -> int:
             x = torch.randn(1, 2 * K if fusion.startswith("silu") else K, device="cuda", dtype=torch.bfloat16)
             x_plain = x[:, :K].contiguous()
             r = torch.randn(1, N, device="cuda", dtype=torch.bfloat16)
-            args = fusion_args(fusion, g, r)
-            ref = eager_linear(x, w, **args)  # what the engine runs without the fused kernel
+            fargs = fusion_args(fusion, g, r)
+            ref = eager_linear(x, w, **fargs)  # what the engine runs without the fused kernel
             cublas = bench(lambda: [F.linear(x_plain, w_) for w_ in ws], copies)
             extra_us = PEER_EXTRA_US[fusion]
             if fusion == "norm+conv":  # the peer runs the conv kernel after cuBLAS + norm: timed here
                 conv, bcx = ConvStep(N // 3), ref
-                ref = conv.eager(bcx, conv.pool.clone())
+                state = conv.pool.clone()  # what the checks start from (timed calls shift conv.pool)
+                ref = conv.eager(bcx, state.clone())
                 extra_us += bench(lambda: conv.eager(bcx, conv.pool), 1)
                 run = lambda cfg, w_, fresh=False: conv.fused(  # noqa: E731
-                    x, w_, g, conv.pool.clone() if fresh else conv.pool, cfg)
+                    x, w_, g, state.clone() if fresh else conv.pool, cfg)
             else:
-                run = lambda cfg, w_, fresh=False: fused_linear(x, w_, **args, config=cfg)  # noqa: E731
+                run = lambda cfg, w_, fresh=False: fused_linear(x, w_, **fargs, config=cfg)  # noqa: E731
             timings = []
             for cfg in configs_for(K, fusion):
                 out = run(cfg, w, fresh=True)  # (the conv step from the state the reference saw)
