@@ -190,6 +190,26 @@ def test_seeded_sampling_is_independent_of_batch(model, prompts, async_schedulin
     engine.check_no_leaks()
 
 
+def test_graph_steps_with_sampled_and_greedy_rows(model, prompts, reference, async_scheduling):
+    """Graph decode steps whose rows are sampled (the ids in flight come from the sampler, not from
+    the graph's own argmax) next to greedy ones: each row gives what it gives without graphs."""
+    params = SamplingParams(max_new_tokens=6, temperature=1.0, top_k=50, seed=1234, ignore_eos=True)
+    alone = LLMEngine(model, async_scheduling=async_scheduling, max_num_seqs=4,
+                      max_model_len=64).generate([prompts[1]], params)[0].token_ids
+    engine = LLMEngine(model, async_scheduling=async_scheduling, max_num_seqs=4, max_model_len=64)
+    engine.runner.capture_graphs(4)
+    graph_steps = []
+    run_graph = engine.runner._run_graph
+    engine.runner._run_graph = lambda seqs, *a: (graph_steps.append(len(seqs)), run_graph(seqs, *a))[1]
+    greedy6 = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
+    outs = engine.generate([prompts[4], prompts[1], prompts[0]], [greedy6, params, greedy6])
+    assert graph_steps
+    assert [o.token_ids for o in outs] == [reference[4][:6], alone, reference[0][:6]]
+    outs = engine.generate([prompts[0]], greedy6)  # then greedy alone: the graph's own ids feed each step
+    assert outs[0].token_ids == reference[0][:6]
+    engine.check_no_leaks()
+
+
 def test_paged_context_matches_full_forward(model):
     """Conv continuation from slot state + paged attention over blocks, chunk by chunk, gives
     the logits of one full-sequence forward (BatchContext, no cache)."""

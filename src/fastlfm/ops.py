@@ -15,10 +15,10 @@ import torch.nn.functional as F
 _ARRAY_CODES = {torch.long: "q", torch.int32: "i"}
 
 
-def host_to_device(values, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-    """A tensor of Python values on `device`, through pinned memory without a host sync on
-    CUDA: a copy from pageable memory would wait for the GPU work in flight (the engine
-    launches the next step before reading the last one)."""
+def host_tensor(values, dtype: torch.dtype, pin: bool = False) -> torch.Tensor:
+    """A CPU tensor of Python values, in pinned memory when `pin` (the source of a non-blocking
+    host-to-device copy: a copy from pageable memory would wait for the GPU work in flight, and
+    the engine launches the next step before reading the last one)."""
     if dtype in _ARRAY_CODES and isinstance(values, list) and (not values or isinstance(values[0], int)):
         # A flat list of ints (the engine's per-step metadata): array + frombuffer is ~3x faster
         # than torch.tensor(list), which inspects every element.
@@ -26,9 +26,13 @@ def host_to_device(values, dtype: torch.dtype, device: torch.device | str) -> to
             else torch.empty(0, dtype=dtype)
     else:
         t = torch.tensor(values, dtype=dtype)
-    if torch.device(device).type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+    return t.pin_memory() if pin else t
+
+
+def host_to_device(values, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A tensor of Python values on `device`, without a host sync on CUDA (`host_tensor`)."""
+    on_cuda = torch.device(device).type == "cuda"
+    return host_tensor(values, dtype, pin=on_cuda).to(device, non_blocking=on_cuda)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

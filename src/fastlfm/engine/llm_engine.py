@@ -252,7 +252,7 @@ class LLMEngine:
 
     def _launch(self, batch) -> StepInFlight | None:
         prev = self.in_flight.token_ids if self.in_flight is not None else None
-        rows, logits = self.runner.execute(batch, prev)
+        rows, logits, greedy_ids = self.runner.execute(batch, prev)
         for seq, n in zip(batch.seqs, batch.num_tokens):
             seq.num_computed_tokens += n
             if seq.image_embeds is not None:  # prompt done: its image features move to host memory
@@ -260,7 +260,7 @@ class LLMEngine:
         if not rows:
             return None
         seqs = [batch.seqs[i] for i in rows]
-        token_ids, extra = self._sample(logits, seqs)
+        token_ids, extra = self._sample(logits, seqs, greedy_ids)
         entries = []
         for j, seq in enumerate(seqs):
             entries.append((seq, len(seq.token_ids)))
@@ -275,15 +275,18 @@ class LLMEngine:
                 dst.copy_(src, non_blocking=True)
             host, event = pinned, torch.cuda.Event()
             event.record()
+        else:  # a copy: ids of a graph step live in its static buffer, which the next step overwrites
+            host = [t.clone() for t in host]
         return StepInFlight(entries, token_ids, host, event)
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], greedy_ids: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """One token per row on device, no host sync: ids, plus [logprobs, top ids, top
-        logprobs] when a row asks for logprobs."""
+        logprobs] when a row asks for logprobs. `greedy_ids`: the argmax, if the step computed it."""
         from ..sampling import SamplingTensors, sample
 
         if all(s.plain_greedy for s in seqs):
-            return logits.argmax(-1), []
+            return (greedy_ids if greedy_ids is not None else logits.argmax(-1)), []
         params = [s.params for s in seqs]
         needs_history = any(_needs_history(p) for p in params)
         tensors = SamplingTensors.from_requests(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..models.lfm2 import fuse_projections
-from ..ops import host_to_device
+from ..ops import host_tensor, host_to_device
 from .context import PagedContext
 from .multimodal import has_image_rows, prefill_embeds
 from .scheduler import ScheduledBatch
@@ -90,20 +90,22 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, in_flight: torch.Tensor | None = None
-                ) -> tuple[list[int], torch.Tensor | None]:
-        """Run the batch; return the rows that produce a token and their logits (rows, V).
+                ) -> tuple[list[int], torch.Tensor | None, torch.Tensor | None]:
+        """Run the batch; return the rows that produce a token, their logits (rows, V) and, from a
+        graph step, their greedy ids (rows,) (None from an eager step).
 
         `in_flight`: the sampled ids (device) of the step still in flight. A sequence whose
-        newest token is one of them (`seq.in_flight_row`) gets it copied on the device, so
-        this step can be launched before that step's ids reach the host."""
+        newest token is one of them (`seq.in_flight_row`) gets it on the device, so this step
+        can be launched before that step's ids reach the host."""
         seqs, counts = batch.seqs, batch.num_tokens
         sample_rows = [i for i, (s, n) in enumerate(zip(seqs, counts)) if s.num_computed_tokens + n == s.num_tokens]
         if self.graphs and batch.num_decode == len(seqs) and len(seqs) <= self.graph_sizes[-1] \
                 and not has_image_rows(seqs, counts):
-            logits = self._run_graph(seqs, [(i, seqs[i]) for i in sample_rows], in_flight)
+            logits, greedy_ids = self._run_graph(seqs, sample_rows, in_flight)
             if len(sample_rows) < len(seqs):  # a 1-token prompt chunk rode along as a decode row
-                logits = logits.index_select(0, self._to_device(sample_rows, torch.long))
-            return sample_rows, logits
+                keep = self._to_device(sample_rows, torch.long)
+                logits, greedy_ids = logits.index_select(0, keep), greedy_ids.index_select(0, keep)
+            return sample_rows, logits, greedy_ids
         ids: list[int] = []
         past, host_chunks, last_index = [], [], []
         for i, (seq, n) in enumerate(zip(seqs, counts)):
@@ -130,7 +132,7 @@ class ModelRunner:
             out = self.model(inputs_embeds=embeds, context=ctx, logits_to_keep=keep)
         else:
             out = self.model(input_ids=input_ids[None], context=ctx, logits_to_keep=keep)
-        return sample_rows, out.logits[0]
+        return sample_rows, out.logits[0], None
 
     # -- CUDA graphs for decode ---------------------------------------------------------
     def _padded_size(self, bs: int) -> int | None:
@@ -143,11 +145,17 @@ class ModelRunner:
     def capture_graphs(self, max_bs: int) -> None:
         self.graph_sizes = graph_batch_sizes(max_bs)
         dev = self.device
-        # ids, past lengths and conv slots: rows of one buffer, so a step refreshes them in one copy
-        self.g_meta = torch.zeros((3, max_bs), dtype=torch.long, device=dev)
-        self.g_ids, self.g_past, self.g_slots = self.g_meta.unbind(0)
-        self.g_slots.fill_(self.padding_slot)
+        # Each graph's inputs are the rows of one buffer, [ids | past | conv slots | in-flight row]
+        # (`_run_graph`), so a step lands them with one host-to-device copy and no kernel.
+        self.g_inputs: dict[int, torch.Tensor] = {}
+        for bs in self.graph_sizes:
+            self.g_inputs[bs] = torch.zeros((4, bs), dtype=torch.long, device=dev)
+            self.g_inputs[bs][2:].fill_(self.padding_slot)
+            self.g_inputs[bs][3].fill_(-1)
         self.g_lens = torch.ones(max_bs, dtype=torch.long, device=dev)
+        # Every graph leaves its rows' greedy ids here, where the next graph step finds the tokens
+        # still in flight (ids sampled any other way are copied in first).
+        self.g_greedy = torch.zeros(max_bs, dtype=torch.long, device=dev)
         # Block tables live on the device, one row per conv slot (a sequence holds one slot
         # while it holds blocks); a step uploads only the blocks added since the last one
         # (`_table_uploaded`: per slot, the block list last seen there and how much of it is
@@ -160,9 +168,11 @@ class ModelRunner:
         graphs = {}
         for bs in reversed(self.graph_sizes):
             def run(bs=bs):
-                tables = self.slot_tables.index_select(0, self.g_slots[:bs])
-                return self.decode_forward(self.g_ids[:bs], self.g_past[:bs], self.g_lens[:bs], tables,
-                                           self.g_slots[:bs])
+                ids, past, slots, in_flight_rows = self.g_inputs[bs].unbind(0)
+                tables = self.slot_tables.index_select(0, slots)
+                logits = self.decode_forward(ids, past, self.g_lens[:bs], tables, slots, in_flight_rows, self.g_greedy)
+                torch.argmax(logits, -1, out=self.g_greedy[:bs])
+                return logits
             if dev.type != "cuda":  # tests: the same static buffers, replayed eagerly
                 self.g_logits[bs] = run()
                 graphs[bs] = EagerReplay(run, self.g_logits[bs])
@@ -179,35 +189,36 @@ class ModelRunner:
         self.graphs = graphs
         # Rows written during capture went to the padding block/slot only; nothing to undo.
 
-    def _decode_forward(self, ids, past, lens, tables, slots):
+    def _decode_forward(self, ids, past, lens, tables, slots, in_flight_rows=None, last_ids=None):
+        """One token per row. `in_flight_rows` >= 0: that row's token is last_ids[row] (in flight)."""
+        if in_flight_rows is not None:
+            ids = torch.where(in_flight_rows >= 0, last_ids[in_flight_rows.clamp(min=0)], ids)
         ctx = self._context(past, lens, tables, slots, ids.shape[0], ids.shape[0])
         return self.model(input_ids=ids[None], context=ctx).logits[0]
 
-    def _run_graph(self, seqs, newest: list[tuple[int, Sequence]], in_flight) -> torch.Tensor:
+    def _run_graph(self, seqs, sample_rows: list[int], in_flight) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(seqs)
         bs = self._padded_size(n)
         pad = bs - n
-        # One host-to-device copy per step: [ids | past | slots | in-flight rows: positions, rows in
-        # the step in flight | new table cells | their blocks]. An IN_FLIGHT id goes up as 0 and is
-        # filled in on the device from the step in flight.
+        # One host-to-device copy straight into the graph's inputs: [ids | past | slots | the row of
+        # each in-flight id in the step in flight, else -1]. An in-flight id goes up as 0; the graph
+        # takes it from g_greedy on the device.
         meta = [max(s.token_ids[s.num_computed_tokens], 0) for s in seqs] + [0] * pad
         meta += [s.num_computed_tokens for s in seqs] + [0] * pad
         meta += [s.conv_slot for s in seqs] + [self.padding_slot] * pad
-        waiting = _in_flight_positions(newest)
+        rows = [-1] * bs
+        for pos, row in _in_flight_positions([(i, seqs[i]) for i in sample_rows]):
+            rows[pos] = row
+        on_cuda = self.device.type == "cuda"
+        self.g_inputs[bs].copy_(host_tensor(meta + rows, torch.long, pin=on_cuda).view(4, bs), non_blocking=on_cuda)
+        if in_flight is not None and max(rows) >= 0 and not _is_prefix_of(in_flight, self.g_greedy):
+            self.g_greedy[:in_flight.shape[0]].copy_(in_flight)  # sampled, or from an eager step
         cells, blocks = self._new_table_cells(seqs)
-        staged = self._to_device(meta + [p for p, _ in waiting] + [r for _, r in waiting] + cells + blocks,
-                                 torch.long)
-        self.g_meta[:, :bs].copy_(staged[:3 * bs].view(3, bs))
-        at = 3 * bs
-        if waiting:
-            k = len(waiting)
-            _copy_in_flight_ids(self.g_ids, staged[at:at + k], staged[at + k:at + 2 * k], in_flight)
-            at += 2 * k
         if cells:
-            k = len(cells)
-            self.slot_tables.view(-1).index_copy_(0, staged[at:at + k], staged[at + k:].int())
+            staged = self._to_device(cells + blocks, torch.long)
+            self.slot_tables.view(-1).index_copy_(0, staged[:len(cells)], staged[len(cells):].int())
         self.graphs[bs].replay()
-        return self.g_logits[bs][:n]
+        return self.g_logits[bs][:n], self.g_greedy[:n]
 
     def _new_table_cells(self, seqs: list[Sequence]) -> tuple[list[int], list[int]]:
         """Flat indices into `slot_tables` and the block ids to write there: the blocks each
@@ -229,6 +240,11 @@ class ModelRunner:
 def _in_flight_positions(positions: list[tuple[int, Sequence]]) -> list[tuple[int, int]]:
     """(input position, row in the step in flight) of the sequences whose newest token is in flight."""
     return [(pos, s.in_flight_row) for pos, s in positions if s.in_flight_row is not None]
+
+
+def _is_prefix_of(a: torch.Tensor, buffer: torch.Tensor) -> bool:
+    """Whether `a` is buffer[:len(a)] itself (the same memory), not a copy."""
+    return a.data_ptr() == buffer.data_ptr() and a.dim() == 1 and a.stride(0) == 1 and a.dtype == buffer.dtype
 
 
 def _copy_in_flight_ids(input_ids: torch.Tensor, dst: torch.Tensor, src: torch.Tensor,
