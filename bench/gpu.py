@@ -427,6 +427,15 @@ def main():
     all_ok = True
     for name in args.models:
         all_ok &= bench_model(name, bw, flops, args, rows, notes)
+        # The table so far after each model: a run cut short at its time limit keeps what it measured.
+        table = render_table(dev, bw, flops, args, rows, notes)
+        print("\n" + table, flush=True)
+        if os.environ.get("OUT"):
+            Path(os.environ["OUT"], "gpu_table.md").write_text(table + "\n")
+    sys.exit(0 if all_ok else 1)
+
+
+def render_table(dev, bw, flops, args, rows, notes) -> str:
     lines = [f"Device: {dev}; {time.strftime('%Y-%m-%d')}; copy bandwidth {bw / 1e12:.2f} TB/s, "
              f"bf16 matmul {flops / 1e12:.0f} TFLOP/s; torch {torch.__version__}",
              "", "| model | metric | fastlfm | transformers | limit | fastlfm / limit | fastlfm / transformers | unit | goal |",
@@ -440,12 +449,7 @@ def main():
     lines += ["", f"transformers peer: generate() at batch 1 for {args.hf_b1_tokens} new tokens; at batch 100 for "
               f"{args.hf_thr_tokens} new tokens (1024-token prompts); prefill forward in batches of 8 with logits_to_keep=1."]
     lines += ["", *notes]
-    table = "\n".join(lines)
-    print("\n" + table)
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "gpu_table.md").write_text(table + "\n")
-    sys.exit(0 if all_ok else 1)
-
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     main()
