@@ -83,12 +83,15 @@ def eager_greedy(model, prompt, n):
 def divergence(model32, prompt, ref, ref_logits, k, token) -> tuple[bool, tuple]:
     """Whether the engine's `token` instead of the reference's ref[k] at step k is a near-tie: the fp32
     model (same weights, the exact-arithmetic oracle) puts the two logits closer together than twice
-    the bf16 reference's own error on them, so bf16 rounding decides their order. Also returns
+    the bf16 rounding error at that step, so bf16 rounding decides their order. The error scale is
+    the bf16 reference's largest deviation from fp32 over the step's leading logits (fp32's top 8 and
+    the two tokens): one bf16 forward's rounding, measured where the choice is made. Also returns
     (bf16 margin, fp32 margin, bf16 error) for the log."""
     l32 = model32(input_ids=torch.tensor([prompt + ref[:k]], device=DEV), logits_to_keep=1).logits[0, -1].float()
     l16, want = ref_logits[k], ref[k]
     margin16, margin32 = float(l16[want] - l16[token]), float(l32[want] - l32[token])
-    err16 = max(abs(float(l16[t] - l32[t])) for t in (want, token))
+    leading = torch.cat((l32.topk(8).indices, torch.tensor([want, token], device=DEV)))
+    err16 = float((l16[leading] - l32[leading]).abs().max())
     return abs(margin32) <= 2 * err16, (round(margin16, 4), round(margin32, 4), round(err16, 4))
 
 

@@ -170,9 +170,7 @@ class ModelRunner:
             def run(bs=bs):
                 ids, past, slots, in_flight_rows = self.g_inputs[bs].unbind(0)
                 tables = self.slot_tables.index_select(0, slots)
-                logits = self.decode_forward(ids, past, self.g_lens[:bs], tables, slots, in_flight_rows, self.g_greedy)
-                torch.argmax(logits, -1, out=self.g_greedy[:bs])
-                return logits
+                return self.decode_forward(ids, past, self.g_lens[:bs], tables, slots, in_flight_rows, self.g_greedy)
             if dev.type != "cuda":  # tests: the same static buffers, replayed eagerly
                 self.g_logits[bs] = run()
                 graphs[bs] = EagerReplay(run, self.g_logits[bs])
@@ -189,12 +187,18 @@ class ModelRunner:
         self.graphs = graphs
         # Rows written during capture went to the padding block/slot only; nothing to undo.
 
-    def _decode_forward(self, ids, past, lens, tables, slots, in_flight_rows=None, last_ids=None):
-        """One token per row. `in_flight_rows` >= 0: that row's token is last_ids[row] (in flight)."""
-        if in_flight_rows is not None:
-            ids = torch.where(in_flight_rows >= 0, last_ids[in_flight_rows.clamp(min=0)], ids)
+    def _decode_forward(self, ids, past, lens, tables, slots, in_flight_rows=None, greedy_ids=None):
+        """One token per row; returns the logits. The graph path passes `greedy_ids`, the ids of the
+        last graph step: a row whose `in_flight_rows` entry is >= 0 takes its token from there, and
+        this step's greedy ids go there. (Compiled, inductor splits the vocabulary-long argmax over
+        many programs; torch's own argmax of one row is a single 17 us kernel on an H200.)"""
+        if greedy_ids is not None:
+            ids = torch.where(in_flight_rows >= 0, greedy_ids[in_flight_rows.clamp(min=0)], ids)
         ctx = self._context(past, lens, tables, slots, ids.shape[0], ids.shape[0])
-        return self.model(input_ids=ids[None], context=ctx).logits[0]
+        logits = self.model(input_ids=ids[None], context=ctx).logits[0]
+        if greedy_ids is not None:
+            greedy_ids[:ids.shape[0]].copy_(logits.argmax(-1))
+        return logits
 
     def _run_graph(self, seqs, sample_rows: list[int], in_flight) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(seqs)
