@@ -121,10 +121,11 @@ class PagedContext(MixingContext):
     def _decode(self, q, k, v, k_cache, v_cache, nd):
         """Rows 0..nd-1, one new token each: write its K/V, attend over its whole history.
         On CUDA one Triton kernel does both."""
-        tables, lens, slots = self.block_tables[:nd], self.context_lens[:nd], self.slot_mapping[:nd]
         if self.use_triton:  # (the model runner imported the ops before any compile)
             from .kernels import ops as kernel_ops
-            return kernel_ops.paged_decode_attention_op(q, k, v, k_cache, v_cache, tables, lens, slots)
+            return kernel_ops.paged_decode_attention_op(q, k, v, k_cache, v_cache, self.block_tables[:nd],
+                                                        self.past[:nd])
+        tables, lens, slots = self.block_tables[:nd], self.context_lens[:nd], self.slot_mapping[:nd]
         Hkv, d = k.shape[1:]
         k_cache.view(-1, Hkv, d)[slots] = k
         v_cache.view(-1, Hkv, d)[slots] = v

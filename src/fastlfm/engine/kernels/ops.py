@@ -21,13 +21,12 @@ from .paged_attention import paged_decode_attention
 
 @torch.library.custom_op("fastlfm::paged_decode_attention", mutates_args=())
 def paged_decode_attention_op(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
-                              v_cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
-                              slot_mapping: torch.Tensor) -> torch.Tensor:
-    return paged_decode_attention(q, k_new, v_new, k_cache, v_cache, block_tables, context_lens, slot_mapping)
+                              v_cache: torch.Tensor, block_tables: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
+    return paged_decode_attention(q, k_new, v_new, k_cache, v_cache, block_tables, past)
 
 
 @paged_decode_attention_op.register_fake
-def _(q, k_new, v_new, k_cache, v_cache, block_tables, context_lens, slot_mapping):
+def _(q, k_new, v_new, k_cache, v_cache, block_tables, past):
     return q.new_empty(q.shape)
 
 

@@ -2,7 +2,9 @@
 
 One program per (sequence, KV head) handles the whole GQA group of query heads, so each
 K/V block is read from memory once per group; online softmax in fp32. The program with
-split 0 first stores the new token's K/V at its slot; the new token's own score is taken
+split 0 first stores the new token's K/V at its place in the sequence's blocks (found from
+the block table and the cached length, so the caller computes no slot mapping: inside a
+compiled decode step that was one more small kernel per attention layer); the new token's own score is taken
 from registers (the history loops stop before it), so there is no read-after-write between
 threads and no separate cache-write kernel.
 
@@ -45,14 +47,14 @@ def _attend_history(q, Kc, Vc, BT, b, kvh, first, last, L, scale, s_kb, s_kt, s_
 
 
 @triton.jit
-def _paged_decode_kernel(Q, Kn, Vn, Kc, Vc, BT, CL, SM, O, PM, PL, PA, scale,
+def _paged_decode_kernel(Q, Kn, Vn, Kc, Vc, BT, Past, O, PM, PL, PA, scale,
                          s_qb, s_qh, s_knb, s_knh, s_vnb, s_vnh, s_kb, s_kt, s_kh, s_bt, s_ob, s_oh, block_size,
                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
                          SPLITS: tl.constexpr, PRECISION: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    L = tl.load(CL + b) - 1  # history before the new token
+    L = tl.load(Past + b)  # history before the new token, which goes at position L
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, D)
     heads = kvh * GROUP + g
@@ -61,8 +63,8 @@ def _paged_decode_kernel(Q, Kn, Vn, Kc, Vc, BT, CL, SM, O, PM, PL, PA, scale,
     k_new = tl.load(Kn + b * s_knb + kvh * s_knh + d)
     v_new = tl.load(Vn + b * s_vnb + kvh * s_vnh + d)
     if split == 0:
-        slot = tl.load(SM + b)
-        dst = (slot // block_size) * s_kb + (slot % block_size) * s_kt + kvh * s_kh
+        blk = tl.load(BT + b * s_bt + L // block_size).to(tl.int64)
+        dst = blk * s_kb + (L % block_size) * s_kt + kvh * s_kh
         tl.store(Kc + dst + d, k_new)
         tl.store(Vc + dst + d, v_new)
     num_blocks = tl.cdiv(L, BLOCK)
@@ -122,11 +124,12 @@ def num_history_splits(batch: int, kv_heads: int, device: torch.device) -> int:
 
 
 def paged_decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
-                           v_cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
-                           slot_mapping: torch.Tensor, splits: int | None = None) -> torch.Tensor:
-    """q: (B, Hq, d); k_new/v_new: (B, Hkv, d) written at slot_mapping (B,) into the caches
-    (num_blocks, block_size, Hkv, d); context_lens (B,) counts the new token. Returns (B, Hq, d),
-    contiguous. `splits`: programs per history (default: from the batch size)."""
+                           v_cache: torch.Tensor, block_tables: torch.Tensor, past: torch.Tensor,
+                           splits: int | None = None) -> torch.Tensor:
+    """q: (B, Hq, d); k_new/v_new: (B, Hkv, d), written into the caches (num_blocks, block_size, Hkv,
+    d) at position past[b] of each sequence's blocks (block_tables (B, W)); past (B,): the tokens
+    cached before the new one, which attends to them and itself. Returns (B, Hq, d), contiguous.
+    `splits`: programs per history (default: from the batch size)."""
     B, Hq, D = q.shape
     block_size, Hkv = k_cache.shape[1], k_cache.shape[2]
     assert q.stride(2) == 1 and k_new.stride(2) == 1 and v_new.stride(2) == 1
@@ -141,7 +144,7 @@ def paged_decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Te
     else:
         part_m = part_l = part_acc = out  # unused
     _paged_decode_kernel[(B, Hkv, splits)](
-        q, k_new, v_new, k_cache, v_cache, block_tables, context_lens, slot_mapping, out, part_m, part_l, part_acc,
+        q, k_new, v_new, k_cache, v_cache, block_tables, past, out, part_m, part_l, part_acc,
         D ** -0.5, q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1), block_size,
