@@ -286,6 +286,54 @@ def test_fused_projection_only_in_batch1_decode_of_tuned_plain_weights(model):
     assert ctx([4], 0)._fused_linear_weight(plain, None) is None  # prefill
 
 
+def test_conv_block_kernel_only_in_batch1_decode_of_a_tuned_in_proj(model, monkeypatch):
+    """The engine's rule for its batch-1 conv block kernel (in_proj + conv step, a CUDA path: a
+    stand-in for the kernel op records the calls): a batch-1 decode step whose in_proj shape is
+    tuned, with a 3-tap conv without bias, and the kernel gets the layer's weights, norm and state;
+    the eager path otherwise."""
+    import sys
+    import types
+
+    import fastlfm.engine.kernels as kernels
+
+    calls = []
+
+    def fake_op(x, weight, norm_weight, eps, conv_weight, pool, slots, past):
+        calls.append((weight, norm_weight, eps, conv_weight, pool, slots, past))
+        return torch.zeros(x.shape[0], weight.shape[0] // 3)
+
+    stub = types.ModuleType("fastlfm.engine.kernels.ops")
+    stub.in_proj_gated_conv_op = fake_op
+    monkeypatch.setitem(sys.modules, "fastlfm.engine.kernels.ops", stub)
+    monkeypatch.setattr(kernels, "ops", stub, raising=False)
+    runner = ModelRunner(model, block_size=4, num_blocks=16, num_conv_slots=3, max_model_len=32,
+                         max_num_seqs=3, use_cuda_graphs=False, use_triton=False)
+    layer_idx = next(iter(runner.conv_index))
+    layer = model.model.layers[layer_idx]
+    block, norm = layer.conv, layer.operator_norm
+    tuned = frozenset({tuple(block.in_proj.weight.shape)})
+
+    def mix(S, shapes=tuned):
+        ctx = PagedContext(kv_caches=runner.kv_caches, conv_states=runner.conv_states, attn_index=runner.attn_index,
+                           conv_index=runner.conv_index, past=torch.full((S,), 3), lens=torch.ones(S, dtype=torch.long),
+                           block_tables=torch.zeros((S, 2), dtype=torch.int32), conv_slots=torch.arange(S),
+                           num_tokens=S, num_decode=S, fused_linear_shapes=shapes)
+        x = torch.randn(1, S, model.config.hidden_size)
+        with torch.no_grad():
+            return ctx.in_proj_gated_conv(layer_idx, x, block.in_proj, block.conv.weight, block.conv.bias, norm=norm)
+
+    mix(1)
+    assert len(calls) == 1
+    weight, norm_weight, eps, conv_weight, pool, slots, past = calls[0]
+    assert weight is block.in_proj.weight and norm_weight is norm.weight and eps == norm.eps
+    layer_pool = runner.conv_states[runner.conv_index[layer_idx]]  # the layer's state, in place
+    assert conv_weight is block.conv.weight and pool.data_ptr() == layer_pool.data_ptr() and pool.shape == layer_pool.shape
+    assert slots.tolist() == [0] and past.tolist() == [3]
+    for S, shapes in ((2, tuned), (1, frozenset())):  # batch 2; an untuned shape: the eager path
+        assert mix(S, shapes).shape == (1, S, model.config.hidden_size)
+    assert len(calls) == 1
+
+
 def test_async_engine_streams_aborts_and_stats(model, prompts, reference, async_scheduling):
     async def main():
         engine = AsyncLLMEngine(LLMEngine(model, async_scheduling=async_scheduling, max_num_seqs=4, max_model_len=64,
