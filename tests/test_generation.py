@@ -332,6 +332,16 @@ def test_llm_generate_batch_equals_single_prompts(llm):
     assert batch[1].num_prompt_tokens == len(llm.tokenizer.encode("Hi"))
 
 
+def test_llm_engine_options_reach_the_engine(ours, tok):
+    """LLM(engine_options=...) configures the engine that batches run on; a small max_num_seqs
+    still gives every prompt its own result (the rest wait their turn)."""
+    llm = LLM(ours, tokenizer=tok, engine_options={"max_num_seqs": 2, "max_model_len": 128})
+    prompts = ["The capital of France", "Hi", "def fibonacci(n):\n    "]
+    batch = llm.generate(prompts, max_new_tokens=8)
+    assert (llm.engine.max_num_seqs, llm.engine.max_model_len) == (2, 128)
+    assert [r.text for r in batch] == [llm.generate(p, max_new_tokens=8)[0].text for p in prompts]
+
+
 def test_llm_chat_uses_the_chat_template(llm, ours, tok):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"}]
     res = llm.chat(messages, max_new_tokens=10)

@@ -563,6 +563,7 @@ def test_serve_cli(monkeypatch, capsys):
         ("0.0.0.0", 9, "k", ["a", "b"], 4, 64)
     monkeypatch.setenv("FASTLFM_API_KEY", "from-env")
     assert build_parser().parse_args(["m"]).api_key == "from-env"
+    assert build_parser().parse_args(["m"]).compile and not build_parser().parse_args(["m", "--no-compile"]).compile
     assert main(["/nonexistent/checkpoint", "--device", "cpu"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("fastlfm serve: error:") and "/nonexistent/checkpoint" in err and "\n" not in err

@@ -29,12 +29,17 @@ class LLM:
     `tokenizer`: a `fastlfm.tokenizer.Tokenizer`, a folder, or None for the model's folder.
     Sampling defaults come from the checkpoint's generation_config.json (greedy unless it
     says otherwise); any call may pass a SamplingParams and/or HF-style keywords.
+    `engine_options`: keywords of the `fastlfm.engine.LLMEngine` that batches run on, e.g.
+    {"compile": True} (CUDA: torch.compile of the decode step, as BENCHMARKS.md measures it)
+    or {"max_num_seqs": 128}.
     """
 
     backend = "model"
 
     def __init__(self, model: str | os.PathLike | torch.nn.Module, tokenizer: Any = None,
-                 device: str | torch.device | None = None, dtype: str | torch.dtype | None = "auto"):
+                 device: str | torch.device | None = None, dtype: str | torch.dtype | None = "auto",
+                 engine_options: dict[str, Any] | None = None):
+        self.engine_options = {"max_num_seqs": 64, **(engine_options or {})}
         from .loading import resolve_dtype, resolve_model_dir
         from .models import load_model
         from .tokenizer import Tokenizer
@@ -143,7 +148,7 @@ class LLM:
         if getattr(self, "_engine", None) is None:
             from .engine import LLMEngine
 
-            self._engine = LLMEngine(self.model, self.tokenizer, max_num_seqs=64, processor=self.processor)
+            self._engine = LLMEngine(self.model, self.tokenizer, processor=self.processor, **self.engine_options)
         return self._engine
 
     def chat(self, messages: Messages | Sequence[Messages], params: SamplingParams | Sequence[SamplingParams] | None = None,

@@ -30,6 +30,9 @@ def build_parser(prog: str = "fastlfm serve") -> argparse.ArgumentParser:
                    help="requests allowed to wait beyond --max-num-seqs before answering 429 (default 1024)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--dtype", default="auto", help="auto, bfloat16, float16, float32")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="torch.compile the CUDA decode step (about a minute more at start-up; the speed "
+                   "BENCHMARKS.md reports); --no-compile starts faster with CUDA graphs of the eager step")
     p.add_argument("--allow-remote-images", action="store_true",
                    help="fetch http(s) image_url parts (LFM2-VL); off by default, since the server then requests any "
                         "address a client names from its own network. data: URLs are always accepted")
@@ -59,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         engine = AsyncLLMEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
-                                                max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
+                                                max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                                                compile=args.compile)
         app = create_app(
             engine,
             args.served_model_name or [args.model],
