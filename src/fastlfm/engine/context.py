@@ -33,6 +33,11 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     return out.view(B, q.shape[1], q.shape[2])
 
 
+def _norm_args(norm: RMSNorm | None) -> tuple[torch.Tensor | None, float]:
+    """(weight, eps) of the RMSNorm a fused kernel folds in; (None, 0.0) for none."""
+    return (norm.weight, norm.eps) if norm is not None else (None, 0.0)
+
+
 class PagedContext(MixingContext):
     """Forward context for one engine step.
 
@@ -144,9 +149,8 @@ class PagedContext(MixingContext):
         weight = self._fused_linear_weight(proj, norm)
         if weight is not None:
             from .kernels import ops as kernel_ops
-            return kernel_ops.fused_linear_op(
-                x[0], weight, norm.weight if norm is not None else None, norm.eps if norm is not None else 0.0,
-                silu_gate, residual[0] if residual is not None else None)[None]
+            return kernel_ops.fused_linear_op(x[0], weight, *_norm_args(norm), silu_gate,
+                                              residual[0] if residual is not None else None)[None]
         return super().linear(x, proj, norm=norm, silu_gate=silu_gate, residual=residual)
 
     def _fused_linear_weight(self, proj, norm) -> torch.Tensor | None:
@@ -175,9 +179,8 @@ class PagedContext(MixingContext):
             # batch-1 decode: in_proj (norm folded in), B*x -> 3-tap FIR -> *C and the state shift, one kernel
             from .kernels import ops as kernel_ops
             pool = self.conv_states[self.conv_index[layer_idx]]
-            return kernel_ops.in_proj_gated_conv_op(
-                x[0], proj_weight, norm.weight if norm is not None else None, norm.eps if norm is not None else 0.0,
-                weight, pool, self.conv_slots, self.past)[None]
+            return kernel_ops.in_proj_gated_conv_op(x[0], proj_weight, *_norm_args(norm), weight, pool,
+                                                    self.conv_slots, self.past)[None]
         return super().in_proj_gated_conv(layer_idx, x, in_proj, weight, bias, norm=norm)
 
     @torch.compiler.disable

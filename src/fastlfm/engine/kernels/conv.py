@@ -10,6 +10,26 @@ import triton.language as tl
 
 
 @triton.jit
+def gated_fir3_step(bx, c_gate, state, s_tap, W, Bias, d, dm, keep, HAS_BIAS: tl.constexpr):
+    """For channels d: C * (3-tap FIR over the state ++ B*x) (+ bias), rounded as the eager path
+    rounds (bx is B*x, already in the dtype); the state (two taps, s_tap apart) shifts by one in
+    place. keep: 0.0 for a fresh sequence, whose state reads as zeros."""
+    dtype = bx.dtype
+    s0 = tl.load(state + d, mask=dm, other=0.0)
+    s1 = tl.load(state + s_tap + d, mask=dm, other=0.0)
+    w0 = tl.load(W + d * 3, mask=dm, other=0.0).to(tl.float32)
+    w1 = tl.load(W + d * 3 + 1, mask=dm, other=0.0).to(tl.float32)
+    w2 = tl.load(W + d * 3 + 2, mask=dm, other=0.0).to(tl.float32)
+    acc = bx.to(tl.float32) * w2 + (s1.to(tl.float32) * w1 + s0.to(tl.float32) * w0) * keep
+    if HAS_BIAS:
+        acc += tl.load(Bias + d, mask=dm, other=0.0).to(tl.float32)
+    y = acc.to(dtype)
+    tl.store(state + d, (s1.to(tl.float32) * keep).to(s1.dtype), mask=dm)
+    tl.store(state + s_tap + d, bx.to(s1.dtype), mask=dm)
+    return (c_gate.to(tl.float32) * y.to(tl.float32)).to(dtype)
+
+
+@triton.jit
 def _gated_conv3_decode_kernel(BCX, W, Bias, S, Slots, Past, O, D, s_bcx, s_slot, s_tap, s_ob,
                                HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr):
     b = tl.program_id(0)
@@ -22,18 +42,8 @@ def _gated_conv3_decode_kernel(BCX, W, Bias, S, Slots, Past, O, D, s_bcx, s_slot
     c_gate = tl.load(row + D + d, mask=dm, other=0.0)
     x = tl.load(row + 2 * D + d, mask=dm, other=0.0)
     bx = (b_gate * x).to(O.dtype.element_ty)
-    s0 = tl.load(S + slot * s_slot + d, mask=dm, other=0.0)
-    s1 = tl.load(S + slot * s_slot + s_tap + d, mask=dm, other=0.0)
-    w0 = tl.load(W + d * 3, mask=dm, other=0.0).to(tl.float32)
-    w1 = tl.load(W + d * 3 + 1, mask=dm, other=0.0).to(tl.float32)
-    w2 = tl.load(W + d * 3 + 2, mask=dm, other=0.0).to(tl.float32)
-    acc = bx.to(tl.float32) * w2 + (s1.to(tl.float32) * w1 + s0.to(tl.float32) * w0) * keep
-    if HAS_BIAS:
-        acc += tl.load(Bias + d, mask=dm, other=0.0).to(tl.float32)
-    y = acc.to(O.dtype.element_ty)
-    tl.store(O + b * s_ob + d, (c_gate.to(tl.float32) * y.to(tl.float32)).to(O.dtype.element_ty), mask=dm)
-    tl.store(S + slot * s_slot + d, (s1.to(tl.float32) * keep).to(s1.dtype), mask=dm)
-    tl.store(S + slot * s_slot + s_tap + d, bx.to(s1.dtype), mask=dm)
+    out = gated_fir3_step(bx, c_gate, S + slot * s_slot, s_tap, W, Bias, d, dm, keep, HAS_BIAS)
+    tl.store(O + b * s_ob + d, out, mask=dm)
 
 
 def gated_conv_decode_step(bcx: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pool: torch.Tensor,

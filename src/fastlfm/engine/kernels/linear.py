@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .conv import gated_fir3_step
+
 PROLOGUE_NONE, PROLOGUE_RMS_NORM, PROLOGUE_SILU_GATE = 0, 1, 2
 
 
@@ -111,13 +113,11 @@ def _fused_gemv_kernel(X, W, Y, G, R, Partial, PartialSumsq, Arrivals, N, K, k_p
         tl.store(Y + n, y, mask=n < N)
 
 
-
 @triton.jit
 def _in_proj_gated_conv_kernel(X, W, G, ConvW, State, Slot, Past, Y, D, K, s_wn, s_slot, s_tap, eps,
                                PROLOGUE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The short-conv block's batch-1 decode step up to out_proj: [B | C | x] = in_proj(norm(x)) for
-    BLOCK_N channels (their three weight rows), then C * FIR3(state ++ B*x) and the state shift, as
-    the conv decode kernel (conv.py) does it, with the same roundings."""
+    BLOCK_N channels (their three weight rows), then the conv decode kernel's step (conv.py)."""
     d = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     dm = d < D
     dtype = Y.dtype.element_ty
@@ -131,16 +131,9 @@ def _in_proj_gated_conv_kernel(X, W, G, ConvW, State, Slot, Past, Y, D, K, s_wn,
     bx = (b * x).to(dtype)
     slot = tl.load(Slot).to(tl.int64)
     keep = (tl.load(Past) != 0).to(tl.float32)  # a fresh sequence (nothing cached) starts from zeros
-    state = State + slot * s_slot
-    s0 = tl.load(state + d, mask=dm, other=0.0)
-    s1 = tl.load(state + s_tap + d, mask=dm, other=0.0)
-    w0 = tl.load(ConvW + d * 3, mask=dm, other=0.0).to(tl.float32)
-    w1 = tl.load(ConvW + d * 3 + 1, mask=dm, other=0.0).to(tl.float32)
-    w2 = tl.load(ConvW + d * 3 + 2, mask=dm, other=0.0).to(tl.float32)
-    y = (bx.to(tl.float32) * w2 + (s1.to(tl.float32) * w1 + s0.to(tl.float32) * w0) * keep).to(dtype)
-    tl.store(Y + d, (c * y.to(tl.float32)).to(dtype), mask=dm)
-    tl.store(state + d, (s1.to(tl.float32) * keep).to(s1.dtype), mask=dm)
-    tl.store(state + s_tap + d, bx.to(s1.dtype), mask=dm)
+    out = gated_fir3_step(bx, c.to(dtype), State + slot * s_slot, s_tap, ConvW, ConvW, d, dm, keep, False)
+    tl.store(Y + d, out, mask=dm)
+
 
 # Per GPU model, what bench/skinny_gemm.py --write-configs measured for each weight shape:
 # {device name: {"N,K": {"config": {...}, "fused_us": t, "peer_us": t, "use": bool}}}, where the

@@ -1,7 +1,6 @@
 """The decode kernels (paged attention, QK-norm + RoPE, the conv step, batch-1 projections and
-conv blocks) as
-torch custom ops, so that torch.compile traces a whole decode step as one graph: without them
-every mixing call is a graph break, and inductor cannot fuse across the breaks.
+conv blocks) as torch custom ops, so that torch.compile traces a whole decode step as one graph:
+without them every mixing call is a graph break, and inductor cannot fuse across the breaks.
 
 The ops write the KV cache / conv state in place without declaring it (`mutates_args=()`):
 a declared mutation of an input makes functionalization copy whole cache pools, and no
