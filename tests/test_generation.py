@@ -340,6 +340,8 @@ def test_llm_engine_options_reach_the_engine(ours, tok):
     batch = llm.generate(prompts, max_new_tokens=8)
     assert (llm.engine.max_num_seqs, llm.engine.max_model_len) == (2, 128)
     assert [r.text for r in batch] == [llm.generate(p, max_new_tokens=8)[0].text for p in prompts]
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['max_num_seq'\]"):
+        LLM(ours, tokenizer=tok, engine_options={"max_num_seq": 2})
 
 
 def test_llm_chat_uses_the_chat_template(llm, ours, tok):

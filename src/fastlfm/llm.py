@@ -22,6 +22,19 @@ __all__ = ["LLM", "Conversation", "GenerationResult"]
 Messages = Sequence[Mapping[str, Any]]
 
 
+def _checked_engine_options(options: dict[str, Any]) -> dict[str, Any]:
+    """`options` if LLMEngine takes every key (checked now: the engine is built on first use)."""
+    import inspect
+
+    from .engine import LLMEngine
+
+    allowed = set(inspect.signature(LLMEngine.__init__).parameters) - {"self", "model", "tokenizer", "processor"}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ValueError(f"engine_options: unknown option(s) {unknown}; LLMEngine takes {sorted(allowed)}")
+    return dict(options)
+
+
 class LLM:
     """A model and its tokenizer, ready to generate.
 
@@ -39,7 +52,7 @@ class LLM:
     def __init__(self, model: str | os.PathLike | torch.nn.Module, tokenizer: Any = None,
                  device: str | torch.device | None = None, dtype: str | torch.dtype | None = "auto",
                  engine_options: dict[str, Any] | None = None):
-        self.engine_options = {"max_num_seqs": 64, **(engine_options or {})}
+        self.engine_options = {"max_num_seqs": 64, **_checked_engine_options(engine_options or {})}
         from .loading import resolve_dtype, resolve_model_dir
         from .models import load_model
         from .tokenizer import Tokenizer
