@@ -17,7 +17,7 @@ from fastlfm.testing.tokenizer_files import (
     SPECIAL_TOKENS,
     write_tokenizer_files,
 )
-from fastlfm.tokenizer import ChatTemplateError, IncrementalDetokenizer, Tokenizer
+from fastlfm.tokenizer import ChatTemplateError, TextStream, Tokenizer
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoTokenizer  # noqa: E402
@@ -484,68 +484,141 @@ def _contains_split_character(tok, ids):
     return any(FFFD in tok.decode([i]) for i in ids)
 
 
+def stream_all(stream, ids):
+    deltas = [stream.add(i) for i in ids]
+    return deltas + [stream.finish()]
+
+
 @pytest.mark.parametrize("skip_special_tokens", [True, False])
 @pytest.mark.parametrize("text", STREAM_TEXTS)
-def test_incremental_detokenizer_one_id_at_a_time(tok, text, skip_special_tokens):
+def test_text_stream_one_id_at_a_time(tok, text, skip_special_tokens):
     ids = tok.encode(text) + [7]
     if text != STREAM_TEXTS[2]:
         assert _contains_split_character(tok, ids), "test text should split characters across tokens"
-    detok = IncrementalDetokenizer(tok, skip_special_tokens=skip_special_tokens)
+    stream = TextStream(tok, skip_special_tokens=skip_special_tokens)
+    full = tok.decode(ids, skip_special_tokens=skip_special_tokens)
     deltas = []
     for i in ids:
-        delta = detok.add([i])
+        delta = stream.add(i)
         assert FFFD not in delta
         deltas.append(delta)
-        assert detok.text == "".join(deltas)
-        # Everything emitted so far is a prefix of the full text.
-        assert tok.decode(ids, skip_special_tokens=skip_special_tokens).startswith(detok.text)
-    assert detok.flush() == ""
-    assert "".join(deltas) == tok.decode(ids, skip_special_tokens=skip_special_tokens) == detok.text
-    expected = text if skip_special_tokens else "<|startoftext|>" + text + "<|im_end|>"
-    assert detok.text == expected
+        assert stream.text == "".join(deltas) and full.startswith(stream.text)  # never taken back
+    assert stream.finish() == ""
+    assert "".join(deltas) == full == stream.text
+    assert stream.text == (text if skip_special_tokens else "<|startoftext|>" + text + "<|im_end|>")
 
 
-def test_incremental_detokenizer_chunks(tok):
-    ids = tok.encode("".join(STREAM_TEXTS), add_special_tokens=False)
-    rng = random.Random(1)
-    for _ in range(20):
-        detok = IncrementalDetokenizer(tok)
-        pos, deltas = 0, []
-        while pos < len(ids):
-            n = rng.randint(0, 5)
-            deltas.append(detok.add(ids[pos : pos + n]))
-            pos += n
-        assert all(FFFD not in d for d in deltas)
-        assert "".join(deltas) == tok.decode(ids, skip_special_tokens=True)
+def test_text_stream_equals_decode_for_any_ids(tok):
+    """Random ids, special and byte tokens included: the deltas add up to tokenizer.decode."""
+    rng = random.Random(3)
+    bytes_only = [i for i, b in enumerate(tok.token_bytes) if len(b) == 1]
+    assert len(bytes_only) >= 256  # every byte has a token of its own, as in LFM2's vocabulary
+    for trial in range(300):
+        pool = bytes_only if trial % 2 else range(tok.vocab_size)
+        ids = [rng.choice(pool) for _ in range(rng.randrange(1, 60))]
+        for skip in (True, False):
+            assert "".join(stream_all(TextStream(tok, skip_special_tokens=skip), ids)) == \
+                tok.decode(ids, skip_special_tokens=skip)
 
 
-def test_incremental_detokenizer_holds_back_and_flushes_partial(tok):
-    # "你" is three bytes; find a prefix of its tokens that leaves the character incomplete.
-    ids = tok.encode("ab你", add_special_tokens=False)
-    partial = [i for i in ids if FFFD in tok.decode([i])]
-    assert partial
-    detok = IncrementalDetokenizer(tok)
-    assert detok.add(ids[:-1]) == "ab"
-    assert detok.add(ids[-1:]) == "你"
-    detok = IncrementalDetokenizer(tok)
-    assert detok.add(ids[:-1]) == "ab"
-    assert detok.flush().endswith(FFFD)  # truncated stream: the tail is released as U+FFFD
-    assert detok.text == tok.decode(ids[:-1])
+def _byte_token(tok, value: int) -> int:
+    return next(i for i, b in enumerate(tok.token_bytes) if b == bytes([value]))
 
 
-def test_incremental_detokenizer_decodes_small_windows(tok):
-    text = " ".join(STREAM_TEXTS) * 10
+@pytest.mark.parametrize("byte", [0x80, 0xBF, 0xC3, 0xE2, 0xF0, 0xFF])
+def test_text_stream_runs_that_never_complete_a_character(tok, byte):
+    """Lone continuation bytes, lead bytes with no continuation, and bytes never valid in
+    UTF-8: each comes out as U+FFFD exactly as decode() gives it, in a bounded delay."""
+    ids = [_byte_token(tok, byte)] * 200 + tok.encode("ok", add_special_tokens=False)
+    stream = TextStream(tok)
+    deltas = stream_all(stream, ids)
+    assert "".join(deltas) == tok.decode(ids, skip_special_tokens=True)
+    assert "".join(deltas[:100]).count(FFFD) >= 95  # released as it goes, not held for ever
+
+
+def test_text_stream_emoji_split_over_tokens(tok):
+    """A 4-byte emoji whose bytes come one token each: nothing until the last byte."""
+    emoji = "\U0001F916"
+    ids = [_byte_token(tok, b) for b in emoji.encode()]
+    stream = TextStream(tok)
+    assert [stream.add(i) for i in ids] == ["", "", "", emoji]
+    # cut after three bytes: the end of generation releases the incomplete character
+    stream = TextStream(tok)
+    assert [stream.add(i) for i in ids[:3]] == ["", "", ""]
+    assert stream.finish() == FFFD == tok.decode(ids[:3])
+
+
+def test_text_stream_special_tokens_and_kept_ones(tok):
+    ids = tok.encode("hi", add_special_tokens=False)
+    start, end = tok.token_to_id("<|tool_call_start|>"), tok.token_to_id("<|tool_call_end|>")
+    seq = [6, *ids, start, *ids, end, 7]  # <|im_start|> hi <|tool_call_start|> hi <|tool_call_end|> <|im_end|>
+    assert "".join(stream_all(TextStream(tok), seq)) == "hihi"
+    assert "".join(stream_all(TextStream(tok, skip_special_tokens=False), seq)) == tok.decode(seq)
+    kept = TextStream(tok, keep_token_ids=[start, end])
+    assert "".join(stream_all(kept, seq)) == "hi<|tool_call_start|>hi<|tool_call_end|>"
+
+
+def test_text_stream_stop_string_spanning_tokens(tok):
+    text = "The quick brown fox jumps over the lazy dog"
     ids = tok.encode(text, add_special_tokens=False)
-    assert len(ids) > 500
-    lengths = []
+    stop = "fox jum"
+    stream = TextStream(tok, stop_strings=[stop, "never there"])
+    deltas = []
+    for n, i in enumerate(ids, 1):
+        deltas.append(stream.add(i))
+        if stream.stopped:
+            break
+    assert stream.stopped and stream.text == text[:text.find(stop)] == "".join(deltas)
+    assert stop in tok.decode(ids[:n]) and stop not in tok.decode(ids[:n - 1])  # stopped at the completing token
+    assert stop not in tok.decode([ids[n - 1]])  # it spans tokens
+    assert stream.add(ids[0]) == "" and stream.finish() == ""  # nothing after a stop
 
-    class Spy:
-        def decode(self, ids, skip_special_tokens=False):
-            lengths.append(len(ids))
-            return tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    detok = IncrementalDetokenizer(Spy())
-    for i in ids:
-        detok.add([i])
-    assert detok.text == text
-    assert max(lengths) <= 16  # a window, never the whole sequence
+def test_text_stream_holds_back_a_possible_stop_and_releases_it(tok):
+    ids = tok.encode("abc xy and more", add_special_tokens=False)
+    stream = TextStream(tok, stop_strings=["xyz"])
+    deltas = stream_all(stream, ids)
+    assert not stream.stopped and "".join(deltas) == "abc xy and more"
+    released = ""
+    for d in deltas[:-1]:
+        released += d
+        assert not released.endswith("x") and not released.endswith("xy")  # a possible stop start is held
+
+
+def test_text_stream_without_a_byte_table_uses_decode_stream():
+    """A WordPiece tokenizer has no byte table: the stream goes through DecodeStream; the
+    oracle is the same tokenizer's decode()."""
+    from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, "hel": 1, "##lo": 2, "wor": 3, "##ld": 4, "!": 5, "[SEP]": 6}
+    backend = Backend(models.WordPiece(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.decoder = decoders.WordPiece()
+    wp = Tokenizer(backend, special_tokens={"eos_token": "[SEP]"})
+    assert wp.token_bytes is None
+    ids = [1, 2, 3, 4, 5, 6, 1, 2]
+    for skip in (True, False):
+        assert "".join(stream_all(TextStream(wp, skip_special_tokens=skip), ids)) == wp.decode(ids, skip)
+    stream = TextStream(wp, stop_strings=["world"])
+    stream_all(stream, ids)
+    assert stream.stopped and stream.text == "hello "
+
+
+def test_text_stream_work_per_token_does_not_grow(tok):
+    """Cost model: each add() decodes the bytes of one token, whatever came before (the old
+    detokenizer re-decoded a window that grew while the text ended in U+FFFD)."""
+    cont = _byte_token(tok, 0x80)
+    lead = _byte_token(tok, 0xE4)
+    decoded = []
+    stream = TextStream(tok)
+    real = stream._utf8
+
+    class Counting:
+        def decode(self, data, final=False):
+            decoded.append(len(data))
+            return real.decode(data, final)
+
+    stream._utf8 = Counting()
+    for i in [cont] * 3000 + [lead] * 3000:
+        stream.add(i)
+    assert max(decoded) == 1 and len(decoded) == 6000

@@ -8,14 +8,15 @@
 sandboxed environment (``trim_blocks``, ``lstrip_blocks``, ``loopcontrols``, a JSON
 ``tojson`` filter, ``raise_exception``, ``strftime_now``).
 
-``IncrementalDetokenizer`` turns a stream of generated ids into text deltas without ever
-emitting half of a multi-byte UTF-8 character, decoding only a small window per step.
+``TextStream`` is the one text stream of a generation: ids in, text deltas out, cut at stop
+strings, never half of a multi-byte character, O(1) amortized work per token.
 
 ``transformers`` is never imported here.
 """
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import functools
 import json
@@ -25,7 +26,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Tokenizer", "IncrementalDetokenizer", "ChatTemplateError", "render_chat_template"]
+__all__ = ["Tokenizer", "TextStream", "ChatTemplateError", "render_chat_template"]
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -38,7 +39,6 @@ _STANDARD_SPECIAL_ATTRS = ("bos_token", "eos_token", "unk_token", "sep_token", "
 # Names a message's reasoning may come under; templates read the first one.
 _REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
-_REPLACEMENT_CHAR = "\ufffd"
 
 
 class ChatTemplateError(ValueError):
@@ -589,6 +589,32 @@ class Tokenizer:
         """Ids of :attr:`all_special_tokens`."""
         return [self.token_to_id(t) for t in self.all_special_tokens]
 
+    @functools.cached_property
+    def special_token_ids(self) -> frozenset[int]:
+        """Ids of the added tokens marked special (what ``skip_special_tokens`` drops)."""
+        return frozenset(i for i, t in self._backend.get_added_tokens_decoder().items() if t.special)
+
+    @functools.cached_property
+    def token_bytes(self) -> list[bytes] | None:
+        """The bytes each id decodes to, for byte-level tokenizers (None for others).
+
+        With a ByteLevel decoder, ``decode(ids)`` is the UTF-8 decoding (invalid sequences
+        replaced) of the ids' bytes laid end to end, so text can be built byte by byte: a
+        token string maps to bytes through the byte-level alphabet, or, when it has a character
+        outside it (an added token), to its own UTF-8 bytes, as the decoder does.
+        """
+        if type(self._backend.decoder).__name__ != "ByteLevel":
+            return None
+        alphabet = _byte_level_alphabet()
+        table = []
+        for i in range(self._backend.get_vocab_size(with_added_tokens=True)):
+            token = self._backend.id_to_token(i) or ""
+            try:
+                table.append(bytes(alphabet[c] for c in token))
+            except KeyError:
+                table.append(token.encode())
+        return table
+
     @property
     def add_bos_token(self) -> bool:
         """Whether ``encode(..., add_special_tokens=True)`` puts the BOS token first."""
@@ -687,82 +713,136 @@ class Tokenizer:
 
 
 # --------------------------------------------------------------------------------------
-# Streaming detokenization
+# The text stream: generated ids -> text deltas, cut at stop strings
 # --------------------------------------------------------------------------------------
 
 
-class IncrementalDetokenizer:
-    """Turn a stream of token ids into text deltas.
+class TextStream:
+    """The text of one generation, built token by token: incremental detokenization, stop
+    strings and held-back text, in O(1) amortized work per token for any id sequence.
 
-    Each :meth:`add` decodes only a window ``ids[prefix_offset:]``: the text of
-    ``ids[prefix_offset:read_offset]`` was already emitted, so the new text is whatever the
-    window decodes to beyond it.  When the window's text ends in U+FFFD (a multi-byte
-    character whose bytes have not all arrived yet) nothing is emitted and the window grows
-    until the character is complete.  Call :meth:`flush` at the end of the stream to emit any
-    held-back tail; the concatenation of all deltas then equals ``tokenizer.decode(all_ids)``.
+    ``add(id)`` returns the text that is final now: it never ends inside a multi-byte
+    character, and never in a prefix of a stop string that may still complete (that tail is
+    held back). When a stop string completes, ``stopped`` becomes true and the text ends right
+    before it. ``finish()`` releases what is held back at the end of generation (a character
+    whose bytes never all arrived comes out as U+FFFD). The deltas concatenate to
+    ``tokenizer.decode(ids, skip_special_tokens=...)`` cut before the first stop string.
+
+    Byte-level tokenizers (LFM2's): each id maps to fixed bytes (``Tokenizer.token_bytes``) and
+    Python's incremental UTF-8 decoder turns the byte stream into text. tokenizers' own
+    ``DecodeStream`` does not fit here: while its text ends in U+FFFD it re-decodes a window
+    that grows by one id per step, so a run of ids that never completes a character (lone
+    continuation bytes from a random model, or forced by ``logit_bias``) costs O(k) per token and
+    O(k^2) in all. Other tokenizers (no byte table) go through ``DecodeStream``.
+
+    ``skip_special_tokens`` drops special tokens from the text, except those in ``keep_token_ids``
+    (e.g. the tool-call markers a server parses).
     """
 
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
-        self.tokenizer = tokenizer
-        self.skip_special_tokens = skip_special_tokens
-        self.token_ids: list[int] = []
-        self._prefix_offset = 0  # start of the decode window
-        self._read_offset = 0  # ids before this have been emitted as text
-        self._chunks: list[str] = []
-        self._text_cache: str | None = ""
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
-
-    def add(self, token_ids: int | Iterable[int]) -> str:
-        """Append ids; return the newly completed text (possibly ``""``)."""
-        if isinstance(token_ids, int):
-            self.token_ids.append(token_ids)
+    def __init__(self, tokenizer: "Tokenizer", stop_strings: Sequence[str] = (), skip_special_tokens: bool = True,
+                 keep_token_ids: Iterable[int] = ()) -> None:
+        self.stop_strings = [s for s in stop_strings if s]
+        self._max_held = max((len(s) - 1 for s in self.stop_strings), default=0)
+        self._skip = tokenizer.special_token_ids - frozenset(keep_token_ids) if skip_special_tokens else frozenset()
+        self._bytes = tokenizer.token_bytes
+        if self._bytes is not None:
+            self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         else:
-            if hasattr(token_ids, "tolist"):
-                token_ids = token_ids.tolist()
-            self.token_ids.extend(int(t) for t in token_ids)
-        if len(self.token_ids) == self._read_offset:
+            from tokenizers.decoders import DecodeStream
+
+            self._backend = tokenizer.backend
+            self._stream = DecodeStream(skip_special_tokens=False)  # skipped ids are filtered here
+            self._recent: list[int] = []  # ids since the stream last produced text (for finish)
+            self._decode = tokenizer.decode
+        self.stopped = False
+        self._held = ""
+        self._parts: list[str] = []
+        self._num_chars = 0
+        self._joined: str | None = ""
+
+    # ------------------------------------------------------------------ input
+    def add(self, token_id: int) -> str:
+        """Append one generated id; return the newly released text (possibly "")."""
+        if self.stopped or token_id in self._skip:
             return ""
-        ids = self.token_ids
-        prefix_text = self._decode(ids[self._prefix_offset : self._read_offset])
-        end = len(ids)
-        new_text = self._decode(ids[self._prefix_offset : end])
-        # Incomplete character at the end: when several ids arrived at once, emit up to the
-        # last point where the text is complete (only the new ids are tried, so this is cheap).
-        while new_text.endswith(_REPLACEMENT_CHAR) and end - 1 > self._read_offset:
-            end -= 1
-            new_text = self._decode(ids[self._prefix_offset : end])
-        if len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT_CHAR):
-            return ""  # nothing new yet, or an incomplete character at the end
-        delta = new_text[len(prefix_text) :]
-        self._prefix_offset = self._read_offset
-        self._read_offset = end
-        self._emit(delta)
-        return delta
+        if self._bytes is not None:
+            piece = self._utf8.decode(self._bytes[token_id] if 0 <= token_id < len(self._bytes) else b"")
+        else:
+            piece = self._stream.step(self._backend, token_id)
+            if piece is None:
+                self._recent.append(token_id)
+                return ""
+            self._recent = [token_id]
+        return self._release(piece, final=False) if piece else ""
 
-    def flush(self) -> str:
-        """Emit whatever is held back (e.g. a truncated character, as U+FFFD) and return it."""
-        ids = self.token_ids
-        if len(ids) == self._read_offset:
+    def finish(self) -> str:
+        """End of generation: release the held-back text and any incomplete character."""
+        if self.stopped:
             return ""
-        prefix_text = self._decode(ids[self._prefix_offset : self._read_offset])
-        new_text = self._decode(ids[self._prefix_offset :])
-        delta = new_text[len(prefix_text) :]
-        self._prefix_offset = self._read_offset
-        self._read_offset = len(ids)
-        if delta:
-            self._emit(delta)
-        return delta
+        if self._bytes is not None:
+            tail = self._utf8.decode(b"", final=True)
+        else:  # the ids DecodeStream still waits on, decoded after their context id
+            tail = ""
+            if len(self._recent) > 1:
+                context = self._decode(self._recent[:1])
+                tail = self._decode(self._recent)[len(context):]
+            self._recent = []
+        return self._release(tail, final=True)
 
-    def _emit(self, delta: str) -> None:
-        self._chunks.append(delta)
-        self._text_cache = None
-
+    # ------------------------------------------------------------------ output
     @property
     def text(self) -> str:
-        """All text emitted so far."""
-        if self._text_cache is None:
-            self._text_cache = "".join(self._chunks)
-            self._chunks = [self._text_cache]
-        return self._text_cache
+        """All text released so far (joined on demand: read it at the end, not per token)."""
+        if self._joined is None:
+            self._joined = "".join(self._parts)
+            self._parts = [self._joined]
+        return self._joined
+
+    @property
+    def num_chars(self) -> int:
+        return self._num_chars
+
+    def _release(self, piece: str, final: bool) -> str:
+        pending = self._held + piece
+        if self.stop_strings:
+            # Released text never ends in a stop-string prefix, so any match starts in `pending`.
+            cut = min((i for i in (pending.find(s) for s in self.stop_strings) if i >= 0), default=-1)
+            if cut >= 0:
+                self.stopped = True
+                out, self._held = pending[:cut], ""
+            elif final:
+                out, self._held = pending, ""
+            else:
+                keep = self._partial_stop_suffix(pending)
+                out, self._held = pending[: len(pending) - keep], pending[len(pending) - keep:]
+        else:
+            out = pending
+        if out:
+            self._parts.append(out)
+            self._num_chars += len(out)
+            self._joined = None
+        return out
+
+    def _partial_stop_suffix(self, text: str) -> int:
+        """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
+        best = 0
+        for s in self.stop_strings:
+            for n in range(min(len(s) - 1, len(text)), best, -1):
+                if text.endswith(s[:n]):
+                    best = n
+                    break
+        return best
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """The byte-level BPE alphabet: the printable character that stands for each byte 0-255
+    (printable Latin-1 bytes stand for themselves, the others are shifted past U+0100)."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+            *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    chars = {b: chr(b) for b in kept}
+    shifted = 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + shifted)
+            shifted += 1
+    return {c: b for b, c in chars.items()}
