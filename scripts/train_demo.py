@@ -101,7 +101,7 @@ def write_model_config(folder: Path, overrides: dict) -> None:
 def greedy_replies(model: Lfm2ForCausalLM, tokenizer: Tokenizer, prompts: list[list[int]],
                    max_new_tokens: int = 48) -> list[str]:
     """Batched greedy decoding (left padding + Lfm2Cache), each row stopping at <|im_end|>.
-    A plain loop on purpose: the package's generate() is scored separately by tests/test_demo.py."""
+    A plain loop on purpose: the package's generation is scored separately by tests/test_demo.py."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     width = max(map(len, prompts))
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
@@ -171,7 +171,7 @@ training), greedy decoding through the chat template, exact match: {acc}.
 Weights are stored in bf16 (fp32 training). Regenerate with `python scripts/train_demo.py` (about
 3 minutes on one GPU; on a 2-core CPU roughly an hour).
 The task generator and scorer are in `fastlfm.testing.demo_tasks`; `tests/test_demo.py` checks the
-accuracy through `fastlfm.generation.generate`.
+accuracy through `LLM.generate` (the engine).
 """
 
 

@@ -15,7 +15,6 @@ import torch
 import transformers
 
 from fastlfm import Lfm2ForCausalLM
-from fastlfm.generation import generate
 from fastlfm.llm import LLM
 from fastlfm.loading import DEMO_MODEL_DIR, resolve_model_dir
 from fastlfm.testing.demo_tasks import (
@@ -85,15 +84,15 @@ def test_heldout_questions_are_absent_from_the_training_data():
 
 
 def test_demo_answers_heldout_questions_greedily(demo):
-    """100 held-out questions through the chat template and generate(), greedy, each reply
+    """100 held-out questions through the chat template and LLM.generate(), greedy, each reply
     ending at <|im_end|>; exact match against the Python answer."""
     model, tok = demo
     items = heldout_items(load_script().HELDOUT_SEED)
     prompts = [tok.apply_chat_template(i.chat(), tools=i.tools_list(), add_generation_prompt=True) for i in items]
-    out = generate(model, prompts, tokenizer=tok, max_new_tokens=48, do_sample=False, skip_special_tokens=False)
-    assert out.finish_reason == ["eos"] * len(items)
-    assert all(ids[-1] == SPECIAL_TOKEN_IDS["<|im_end|>"] for ids in out.token_ids)
-    scores = score_replies(items, out.text)
+    out = LLM(model, tokenizer=tok).generate(prompts, max_new_tokens=48, do_sample=False, skip_special_tokens=False)
+    assert [r.finish_reason for r in out] == ["eos"] * len(items)
+    assert all(r.token_ids[-1] == SPECIAL_TOKEN_IDS["<|im_end|>"] for r in out)
+    scores = score_replies(items, [r.text for r in out])
     assert scores["all"] >= 0.9, scores
     assert min(scores[t] for t in ("add", "reverse", "weather", "time")) >= 0.8, scores
     assert scores["tool_call_parsed"] >= 0.9, scores

@@ -30,16 +30,7 @@ def prompts():
 @pytest.fixture(scope="module")
 def reference(model, prompts):
     """Greedy continuation of each prompt, one sequence at a time, token by token."""
-    refs = []
-    with torch.no_grad():
-        for p in prompts:
-            cache, ids, out = model.make_cache(), torch.tensor([p]), []
-            for _ in range(NEW):
-                t = int(model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1].argmax())
-                out.append(t)
-                ids = torch.tensor([[t]])
-            refs.append(out)
-    return refs
+    return [greedy_reference(model, p, NEW) for p in prompts]
 
 
 GREEDY = SamplingParams(max_new_tokens=NEW, temperature=0.0, ignore_eos=True)
@@ -168,7 +159,7 @@ def test_stop_token_and_max_model_len(model, prompts, reference, async_schedulin
     first = reference[0].index(stop_tok)
     outs = engine.generate([prompts[0], prompts[3]],
                            [SamplingParams(max_new_tokens=NEW, temperature=0.0, stop_token_ids=[stop_tok]), GREEDY])
-    assert outs[0].finish_reason == "stop" and outs[0].token_ids == reference[0][: first + 1]
+    assert outs[0].finish_reason == "eos" and outs[0].token_ids == reference[0][: first + 1]
     # 37-token prompt, max_model_len 40: three new tokens, then "length".
     assert outs[1].finish_reason == "length" and outs[1].token_ids == reference[3][:3]
     with pytest.raises(ValueError, match="max_model_len=40"):
@@ -373,23 +364,40 @@ def test_async_engine_streams_aborts_and_stats(model, prompts, reference, async_
     engine.engine.check_no_leaks()
 
 
-def test_text_and_stop_strings_match_generate(tiny_ckpt, async_scheduling):
-    """Detokenized text and stop strings agree with fastlfm.generation.generate (the
-    single-model path), including the token that completes the stop string."""
-    from fastlfm.generation import generate
+def test_text_and_stop_strings(tiny_ckpt, async_scheduling):
+    """The engine's text is the tokenizer's decoding of the generated ids (the reference
+    model's greedy tokens), and a stop string ends the request at the token that completes it,
+    the text cut right before the stop string."""
     from fastlfm.tokenizer import Tokenizer
 
     engine = LLMEngine.from_pretrained(str(tiny_ckpt), max_num_seqs=4, max_model_len=128,
                                        async_scheduling=async_scheduling)
     tok = Tokenizer.from_pretrained(tiny_ckpt)
     prompts = [tok.encode(t) for t in ("hello there", "the quick brown fox", "a b c d e f")]
-    free = generate(engine.model, prompts, params=GREEDY, tokenizer=tok).results
-    stop = free[1].text[4:7]
-    assert len(stop) == 3
+    free = engine.generate(prompts, GREEDY)
+    for p, o in zip(prompts, free):
+        assert o.token_ids == greedy_reference(engine.model, p, NEW)
+        assert o.text == tok.decode(o.token_ids, skip_special_tokens=True) and o.finish_reason == "length"
+    text = free[1].text
+    stop = next(text[i:i + 3] for i in range(2, len(text) - 3) if text.find(text[i:i + 3]) == i)
     params = SamplingParams(max_new_tokens=NEW, temperature=0.0, ignore_eos=True, stop_strings=[stop])
-    ref = generate(engine.model, prompts, params=params, tokenizer=tok).results
     outs = engine.generate(prompts, params)
-    assert outs[1].finish_reason == "stop" and ref[1].finish_reason == "stop"
-    for o, r in zip(outs, ref):
-        assert o.token_ids == r.token_ids and o.text == r.text
+    ids = free[1].token_ids
+    ends = [k for k in range(1, len(ids) + 1) if stop in tok.decode(ids[:k], skip_special_tokens=True)]
+    assert outs[1].finish_reason == "stop" and outs[1].token_ids == ids[:ends[0]]
+    assert outs[1].text == text[:text.find(stop)]
+    for i in (0, 2):  # the others are untouched (unless the stop string shows up there too)
+        if stop not in free[i].text:
+            assert outs[i].token_ids == free[i].token_ids and outs[i].text == free[i].text
     engine.check_no_leaks()
+
+
+def greedy_reference(model, prompt, n):
+    """Greedy continuation, one token at a time over the model's own cache (no engine)."""
+    with torch.no_grad():
+        cache, ids, out = model.make_cache(), torch.tensor([prompt]), []
+        for _ in range(n):
+            t = int(model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1].argmax())
+            out.append(t)
+            ids = torch.tensor([[t]])
+    return out

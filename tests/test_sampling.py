@@ -13,7 +13,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from fastlfm.sampling import SamplingParams, SamplingTensors, apply_penalties, filter_logits, sample
+from fastlfm.sampling import (SamplingParams, SamplingTensors, apply_penalties, eos_token_ids, filter_logits, resolve_params,
+                              sample)
 
 V = 200
 
@@ -52,20 +53,47 @@ def test_from_generation_config_defaults_and_overrides():
     cfg = {"bos_token_id": 1, "eos_token_id": 7, "pad_token_id": 0, "temperature": 0.3, "min_p": 0.15,
            "repetition_penalty": 1.05, "max_new_tokens": 99}
     p = SamplingParams.from_generation_config(cfg)
-    assert p.stop_token_ids == [7] and p.temperature == 0.3 and p.min_p == 0.15
+    assert p.stop_token_ids == [] and p.temperature == 0.3 and p.min_p == 0.15  # eos: the engine's (eos_token_ids)
     assert p.repetition_penalty == 1.05 and p.max_new_tokens == 99
     assert p.sampling is False  # like transformers: no do_sample in the config means greedy
     assert SamplingParams.from_generation_config({**cfg, "do_sample": True}).sampling is True
     assert SamplingParams.from_generation_config(cfg, temperature=0.7).sampling is True  # a knob was asked for
     assert SamplingParams.from_generation_config(cfg, temperature=0.7, do_sample=False).sampling is False
     assert SamplingParams.from_generation_config(cfg, temperature=0.0).sampling is False
-    assert SamplingParams.from_generation_config({"eos_token_id": [7, 2]}).stop_token_ids == [7, 2]
     assert SamplingParams.from_generation_config(cfg, stop_token_ids=5).stop_token_ids == [5]
     assert SamplingParams.from_generation_config(None).stop_token_ids == []
     with pytest.raises(ValueError, match="top_q"):
         SamplingParams.from_generation_config(cfg, top_q=0.5)
+    with pytest.raises(ValueError, match="skip_special_tokens"):
+        SamplingParams.from_generation_config(cfg, skip_special_tokens="no")
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams.from_generation_config(cfg, top_p=2.0)
+
+
+def test_eos_token_ids_one_rule():
+    """generation_config.json's eos (an int or a list) first, then the model config's, then the
+    tokenizer's."""
+    assert eos_token_ids({"eos_token_id": [7, 2]}, 5, 9) == {7, 2}
+    assert eos_token_ids({"eos_token_id": 7}, 5, 9) == {7}
+    assert eos_token_ids({"bos_token_id": 1}, 5, 9) == {5}
+    assert eos_token_ids(None, None, 9) == {9}
+    assert eos_token_ids(None, [3, 4]) == {3, 4}
+    assert eos_token_ids({}, None, None) == frozenset()
+
+
+def test_resolve_params_hf_keywords():
+    rows = resolve_params(None, {"temperature": 0.3}, 2, 100, max_tokens=5, stop="x", eos_token_id=[4, 5],
+                          use_cache=True)
+    assert len(rows) == 2 and rows[0] == rows[1]
+    assert (rows[0].max_new_tokens, rows[0].stop_strings, rows[0].stop_token_ids) == (5, ["x"], [4, 5])
+    # an explicit generation_config replaces the defaults; its eos ends generation too
+    p, = resolve_params(None, {"temperature": 0.3}, 1, 100, generation_config={"eos_token_id": 9, "top_k": 3})
+    assert p.stop_token_ids == [9] and p.top_k == 3 and p.temperature == 1.0
+    with pytest.raises(ValueError, match="num_beams is not supported"):
+        resolve_params(None, None, 1, 100, num_beams=2)
+    assert resolve_params(None, None, 1, 100, num_beams=1)[0] == SamplingParams.from_generation_config(None)
+    with pytest.raises(ValueError, match="got 1 SamplingParams for a batch of 2"):
+        resolve_params([SamplingParams()], None, 2)
 
 
 # ----------------------------------------------------------------------------- filters vs transformers

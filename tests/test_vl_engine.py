@@ -270,7 +270,7 @@ def test_llm_chat_batch_runs_images_on_the_engine(folder, hf_model):
     convs = [user(image(300, 200, 7), "What is in the picture?"), user("Say something."),
              user(image(64, 64, 8), image(256, 256, 9), "Compare them")]
     results = llm.chat(convs, max_new_tokens=NEW, ignore_eos=True)
-    assert llm._engine is not None and llm._engine.processor is llm.processor
+    assert llm.engine.processor is llm.processor and llm.engine is llm.model.get_engine()
     for conv, res in zip(convs, results):
         ids, images = llm._prepare_chat(conv)
         expected = hf_model.generate(input_ids=torch.tensor([ids]), **images, max_new_tokens=NEW,

@@ -124,7 +124,7 @@ def _load(args: argparse.Namespace):
         folder = resolve_model_dir(args.model)  # huggingface_hub shows its own download bars
         bar.update()
         bar.set_postfix_str("reading weights")
-        from .models import load_model
+        from .generation import load_model
 
         model = load_model(folder, dtype=args.dtype, device=args.device)
         bar.update()

@@ -1,25 +1,55 @@
 """The high-level API: `LLM(model).generate(prompts)`, `.chat(messages)`, `.stream(...)`, and
 `Conversation`, a multi-turn chat that keeps the model's cache between turns.
 
-Everything here runs on one model through `fastlfm.generation`; `LLM.backend` names the
-path ("model"), so a batched engine can take over `generate` for lists of prompts without
-changing callers.
+Every call runs on the engine (`fastlfm.engine.LLMEngine`): one prompt or many, text or
+images, streamed or not. A model loaded with `generate()` (fastlfm.generation) shares its
+engine with the LLM, so `llm.model.generate(...)` and `llm.chat(...)` use one cache pool.
 """
 
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .generation import IMAGE_INPUTS, GenerationResult, _Run, generate, resolve_params
-from .sampling import SamplingParams
+from .generation import DEFAULT_ENGINE_OPTIONS, GenerationMixin
+from .engine.multimodal import IMAGE_KEYS
+from .sampling import SamplingParams, resolve_params
 
 __all__ = ["LLM", "Conversation", "GenerationResult"]
 
 Messages = Sequence[Mapping[str, Any]]
+
+
+@dataclass
+class GenerationResult:
+    """One generated sequence: new tokens only.
+
+    `token_ids` include the token that ended generation (an eos, or the one completing a stop
+    string); `text` excludes the eos and everything from the stop string on.
+    finish_reason: "eos", "stop" (a stop string), "length" or "abort".
+    """
+
+    text: str | None
+    token_ids: list[int]
+    finish_reason: str
+    num_prompt_tokens: int
+    logprobs: list[float] | None = None
+    top_logprobs: list[dict[int, float]] | None = None
+
+    @classmethod
+    def from_output(cls, out, logprobs: list | None = None) -> "GenerationResult":
+        """From an engine RequestOutput (a final one); `logprobs`: the request's TokenLogprobs."""
+        values = top = None
+        if logprobs is not None:
+            values = [lp.logprob for lp in logprobs]
+            top = [dict(lp.top) for lp in logprobs]
+        return cls(out.text if out.text_stream is not None else None, out.token_ids, out.finish_reason,
+                   out.num_prompt_tokens, values, top)
 
 
 def _checked_engine_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -38,23 +68,21 @@ def _checked_engine_options(options: dict[str, Any]) -> dict[str, Any]:
 class LLM:
     """A model and its tokenizer, ready to generate.
 
-    `model`: a hub id, a checkpoint folder, "demo", or a loaded `Lfm2ForCausalLM`.
+    `model`: a hub id, a checkpoint folder, "demo", or a loaded model.
     `tokenizer`: a `fastlfm.tokenizer.Tokenizer`, a folder, or None for the model's folder.
     Sampling defaults come from the checkpoint's generation_config.json (greedy unless it
     says otherwise); any call may pass a SamplingParams and/or HF-style keywords.
-    `engine_options`: keywords of the `fastlfm.engine.LLMEngine` that batches run on, e.g.
-    {"compile": True} (CUDA: torch.compile of the decode step, as BENCHMARKS.md measures it)
-    or {"max_num_seqs": 128}.
+    `engine_options`: keywords of the `fastlfm.engine.LLMEngine` every call runs on, e.g.
+    {"max_num_seqs": 128}, {"compile": False} (on CUDA the decode step is compiled by
+    default) or {"max_model_len": 8192}.
     """
-
-    backend = "model"
 
     def __init__(self, model: str | os.PathLike | torch.nn.Module, tokenizer: Any = None,
                  device: str | torch.device | None = None, dtype: str | torch.dtype | None = "auto",
                  engine_options: dict[str, Any] | None = None):
-        self.engine_options = {"max_num_seqs": 64, **_checked_engine_options(engine_options or {})}
+        self.engine_options = _checked_engine_options(engine_options or {})
+        from .generation import load_model
         from .loading import resolve_dtype, resolve_model_dir
-        from .models import load_model
         from .tokenizer import Tokenizer
 
         folder = None
@@ -77,22 +105,33 @@ class LLM:
         elif isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = Tokenizer.from_pretrained(resolve_model_dir(tokenizer))
         self.tokenizer = tokenizer
-        self.model.__dict__["_fastlfm_tokenizer"] = tokenizer  # generate() finds it there
         self.processor = None  # LFM2-VL: images -> pixel tensors + expanded <image> runs
         if getattr(self.model.config, "model_type", None) == "lfm2_vl":
             from .models.lfm2_vl_processing import Lfm2VlProcessor
 
             self.processor = (Lfm2VlProcessor.from_pretrained(folder, tokenizer) if folder is not None
                               else Lfm2VlProcessor(tokenizer))
+        self._engine = None
+        self.last_result: GenerationResult | None = None
+
+    @property
+    def engine(self):
+        """The `fastlfm.engine.LLMEngine` every call runs on, built on first use (the model's own
+        engine when the model has `generate()`, so both share one cache pool)."""
+        if isinstance(self.model, GenerationMixin):
+            return self.model.get_engine(self.tokenizer, self.processor, **self.engine_options)
+        if self._engine is None:
+            from .engine import LLMEngine
+
+            self._engine = LLMEngine(self.model, self.tokenizer, processor=self.processor,
+                                     **{**DEFAULT_ENGINE_OPTIONS, **self.engine_options})
+        return self._engine
 
     # -- parameters ---------------------------------------------------------------------
     @property
     def generation_config(self) -> dict[str, Any]:
-        """The checkpoint's generation_config.json, with the tokenizer's eos if it has none."""
-        cfg = dict(getattr(self.model, "generation_config", None) or {})
-        if cfg.get("eos_token_id") is None and self.tokenizer.eos_token_id is not None:
-            cfg["eos_token_id"] = self.tokenizer.eos_token_id
-        return cfg
+        """The checkpoint's generation_config.json (sampling defaults)."""
+        return dict(getattr(self.model, "generation_config", None) or {})
 
     def sampling_params(self, params: SamplingParams | None = None, **kwargs: Any) -> SamplingParams:
         """The SamplingParams a call with these arguments uses."""
@@ -121,7 +160,7 @@ class LLM:
             raise ValueError(f"messages contain images but {type(self.model).__name__} is a text-only model; "
                              "use an LFM2-VL checkpoint")
         out = self.processor.apply_chat_template(messages, tools=tools, **template_kwargs)
-        return out["input_ids"][0], {k: out[k] for k in IMAGE_INPUTS}
+        return out["input_ids"][0], {k: out[k] for k in IMAGE_KEYS}
 
     def _encode(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -141,35 +180,37 @@ class LLM:
         if not prompts:
             raise ValueError("prompts is empty")
         ids = [self._encode(p) for p in prompts]
-        rows = self._params_for(len(ids), params, kwargs)
-        return self._generate_ids(ids, rows)
+        return self._generate_ids(ids, self._params_for(len(ids), params, kwargs))
+
+    def _submit(self, ids: list[list[int]], params: list[SamplingParams],
+                images: Sequence[dict[str, Any] | None] | None = None) -> list:
+        """Add the requests to the engine (all or none)."""
+        engine, seqs = self.engine, []
+        try:
+            for i, (row, p) in enumerate(zip(ids, params)):
+                seqs.append(engine.add_request(row, p, image_inputs=images[i] if images else None))
+        except BaseException:
+            for s in seqs:
+                engine.abort(s.request_id)
+            raise
+        return seqs
 
     def _generate_ids(self, ids: list[list[int]], params: list[SamplingParams],
-                      images: list[dict[str, Any] | None] | None = None) -> list[GenerationResult]:
-        # Batches run on the continuous-batching engine (packed, no padding; image prompts
-        # with text prompts); one prompt on the single-model path. `images`: the processor's
-        # tensors per prompt (None for text).
-        if len(ids) > 1:
-            outs = self.engine.generate(ids, params, image_inputs=images)
-            return [_engine_result(o, self.engine.eos_token_ids | set(p.stop_token_ids)) for o, p in zip(outs, params)]
-        return generate(self.model, ids, params=params, tokenizer=self.tokenizer,
-                        **((images or [None])[0] or {})).results
-
-    @property
-    def engine(self):
-        """The `fastlfm.engine.LLMEngine` over this model, created on first use."""
-        if getattr(self, "_engine", None) is None:
-            from .engine import LLMEngine
-
-            self._engine = LLMEngine(self.model, self.tokenizer, processor=self.processor, **self.engine_options)
-        return self._engine
+                      images: Sequence[dict[str, Any] | None] | None = None) -> list[GenerationResult]:
+        seqs = self._submit(ids, params, images)
+        finals = {}
+        for out in self.engine.iter_outputs(seqs):
+            if out.finished:
+                finals[out.request_id] = out
+        return [GenerationResult.from_output(finals[s.request_id], s.logprobs if s.params.logprobs is not None else None)
+                for s in seqs]
 
     def chat(self, messages: Messages | Sequence[Messages], params: SamplingParams | Sequence[SamplingParams] | None = None,
              tools: Sequence[Any] | None = None, chat_template_kwargs: dict[str, Any] | None = None,
              **kwargs: Any) -> GenerationResult | list[GenerationResult]:
         """Reply to a conversation (a list of {"role", "content"} messages; with an LFM2-VL
         model, contents may be lists of text and image parts). A list of conversations is a
-        batch, run on the engine: one result per conversation, in order."""
+        batch: one result per conversation, in order."""
         batch = isinstance(messages, Sequence) and bool(messages) and not isinstance(messages[0], Mapping)
         convs = list(messages) if batch else [messages]
         if batch and not all(isinstance(c, Sequence) and not isinstance(c, (str, Mapping)) for c in convs):
@@ -182,18 +223,20 @@ class LLM:
     def stream(self, prompt: str | Sequence[int] | Messages, params: SamplingParams | None = None,
                tools: Sequence[Any] | None = None, **kwargs: Any) -> Iterator[str]:
         """Text deltas of one completion (a prompt) or reply (a list of messages) as they are
-        generated; the final GenerationResult is left in `self.last_result`."""
+        generated; the final GenerationResult is left in `self.last_result`. Leaving the loop
+        early aborts the request."""
         images: dict[str, Any] = {}
         if isinstance(prompt, Sequence) and prompt and isinstance(prompt[0], Mapping):
             ids, images = self._prepare_chat(prompt, tools)
         else:
             ids = self._encode(prompt)
-        run = _Run(self.model, [ids], None, self._params_for(1, params, kwargs), {}, self.tokenizer, {0},
-                   model_inputs=images)
-        for deltas in run:
-            for _, delta in deltas:
-                yield delta
-        self.last_result = run.results[0]
+        seq, = self._submit([ids], self._params_for(1, params, kwargs), [images or None])
+        for out in self.engine.iter_outputs([seq]):
+            if out.new_text:
+                yield out.new_text
+            if out.finished:
+                self.last_result = GenerationResult.from_output(out, seq.logprobs if seq.params.logprobs is not None
+                                                                else None)
 
     def conversation(self, system: str | None = None, params: SamplingParams | None = None,
                      tools: Sequence[Any] | None = None, **kwargs: Any) -> Conversation:
@@ -201,29 +244,21 @@ class LLM:
         return Conversation(self, system, params, tools, **kwargs)
 
 
-def _engine_result(out, eos_ids: set[int]) -> GenerationResult:
-    """An engine RequestOutput as a GenerationResult ("stop" on an eos token is "eos" here)."""
-    reason = out.finish_reason
-    if reason == "stop" and out.token_ids and out.token_ids[-1] in eos_ids:
-        reason = "eos"
-    logprobs = top = None
-    if out.logprobs is not None:
-        logprobs = [lp.logprob for lp in out.logprobs]
-        top = [dict(lp.top) for lp in out.logprobs]
-    return GenerationResult(out.text, out.token_ids, reason, out.num_prompt_tokens, logprobs, top)
-
-
 class Conversation:
-    """A chat whose model state is kept between turns.
+    """A chat whose model state is kept between turns: an engine session.
 
-    Each `send` feeds only the new part of the conversation (the end of the previous reply,
-    the new user turn and the assistant header) as one multi-token continuation of the
-    cache, so the reply equals a from-scratch run on the whole token history.
+    The conversation is one engine sequence that keeps its KV blocks and conv-state slot
+    when a reply ends (`keep_cache`); each `send` appends only the new part of the rendered
+    conversation (the template's end of the last reply, the new user turn and the assistant
+    header) and continues from the cache, so the reply equals a from-scratch run on the whole
+    token history. Under memory pressure the engine may take the cache back; the next turn
+    then recomputes the history, with the same result.
 
     The history is the tokens the model actually produced, not a re-tokenization of their
     text. If the rendered conversation does not extend what is cached (a reply cut by a stop
-    string, or a template that rewrites past turns), the cache is rebuilt from the rendered
+    string, or a template that rewrites past turns), the session is rebuilt from the rendered
     conversation: correct, only slower. `last_turn_tokens` counts the tokens fed last turn.
+    The cache is released by `reset()` and when the conversation is garbage-collected.
     """
 
     def __init__(self, llm: LLM, system: str | None = None, params: SamplingParams | None = None,
@@ -232,57 +267,70 @@ class Conversation:
         self.system = system
         self.tools = tools
         self.params = llm.sampling_params(params, **kwargs)
+        self._session = None  # the engine Sequence holding the history and its cache
+        self._release_at_gc = None
         self.reset()
 
     def reset(self) -> None:
-        """Forget all turns (the system prompt stays)."""
+        """Forget all turns (the system prompt stays) and release the cache."""
+        self._end_session()
         self.messages: list[dict[str, Any]] = [{"role": "system", "content": self.system}] if self.system else []
-        self.cache = None
-        self.cache_ids: list[int] = []  # tokens whose state is in the cache
-        self._pending: list[int] = []  # sampled but not yet fed (the last token of a reply)
-        self._text = ""  # the rendered text that cache_ids + _pending stand for
+        self._text = ""  # the rendered conversation that the session's tokens stand for
         self.last_result: GenerationResult | None = None
         self.last_turn_tokens = 0
         self.last_input_ids: list[int] = []
 
-    def _next_input(self) -> tuple[list[int], str]:
-        """The ids to feed for the pending user turn, and the full prompt text they complete."""
-        tok = self.llm.tokenizer
+    def _end_session(self) -> None:
+        if self._session is not None:
+            self._release_at_gc.detach()
+            self.llm.engine.release(self._session)
+            self._session = self._release_at_gc = None
+
+    def _start_turn(self, params: SamplingParams):
+        """Submit the pending user turn; returns (its sequence, the ids fed, the rendered prompt)."""
+        tok, engine = self.llm.tokenizer, self.llm.engine
         full = tok.apply_chat_template(self.messages, tools=self.tools, add_generation_prompt=True, tokenize=False)
-        if self.cache is not None and self._text and full.startswith(self._text):
-            return self._pending + tok.encode(full[len(self._text):], add_special_tokens=False), full
-        self.cache, self.cache_ids, self._pending = self.llm.model.make_cache(), [], []
-        return tok.encode(full, add_special_tokens=False), full
+        session = self._session
+        if session is not None and session.keep_cache and session.is_finished and self._text \
+                and full.startswith(self._text):
+            new_ids = tok.encode(full[len(self._text):], add_special_tokens=False)
+            if new_ids:
+                return engine.add_request(new_ids, params, continue_from=session), new_ids, full
+        self._end_session()
+        new_ids = tok.encode(full, add_special_tokens=False)
+        seq = engine.add_request(new_ids, params, keep_cache=True)
+        self._session = seq
+        self._release_at_gc = weakref.finalize(self, engine.release_later, seq)
+        return seq, new_ids, full
 
     def _turn(self, user_text: str, params: SamplingParams) -> Iterator[str]:
         self.messages.append({"role": "user", "content": user_text})
+        final = None
         try:
-            new_ids, prompt_text = self._next_input()
-            run = _Run(self.llm.model, [new_ids], None, [params], {}, self.llm.tokenizer, {0},
-                       past_key_values=self.cache, history_ids=[list(self.cache_ids)])
-            for deltas in run:
-                for _, delta in deltas:
-                    yield delta
-        except BaseException:  # the turn did not happen; the cache may be half-updated
+            seq, new_ids, prompt_text = self._start_turn(params)
+            for out in self.llm.engine.iter_outputs([seq]):
+                if out.new_text:
+                    yield out.new_text
+                if out.finished:
+                    final = out
+        except BaseException:  # the turn did not happen: forget it and its half-updated cache
             self.messages.pop()
-            self.cache, self._text = None, ""
+            self._text = ""
+            self._end_session()
             raise
-        result = run.results[0]
+        result = GenerationResult.from_output(final, seq.logprobs if params.logprobs is not None else None)
         self.last_turn_tokens = len(new_ids)
-        self.last_input_ids = self.cache_ids + new_ids  # what the reply was conditioned on
-        tok = self.llm.tokenizer
-        # The model consumed new_ids and every generated token but the last.
-        gen = result.token_ids
-        reply_ids = gen[:-1] if result.finish_reason == "eos" else gen
-        raw_reply = tok.decode(reply_ids, skip_special_tokens=False)
-        self.cache_ids = self.cache_ids + new_ids + gen[:-1]
-        self._pending = gen[-1:] if result.finish_reason != "eos" else []
+        self.last_input_ids = seq.token_ids[:final.num_prompt_tokens]  # what the reply was conditioned on
+        tok, gen = self.llm.tokenizer, result.token_ids
         if result.finish_reason == "stop":  # the cache holds the stop string: rebuild next turn
             self._text = ""
             content = result.text
         else:
-            self._text = prompt_text + raw_reply
-            content = raw_reply
+            reply = gen
+            if result.finish_reason == "eos" and self.llm.engine.drop_uncomputed(seq, 1):
+                reply = gen[:-1]  # the template writes its own end of turn
+            content = tok.decode(gen[:-1] if result.finish_reason == "eos" else gen, skip_special_tokens=False)
+            self._text = prompt_text + tok.decode(reply, skip_special_tokens=False)
         self.messages.append({"role": "assistant", "content": content})
         self.last_result = result
 

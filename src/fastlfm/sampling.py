@@ -41,7 +41,8 @@ import torch
 
 from .ops import host_to_device
 
-__all__ = ["SamplingParams", "SamplingTensors", "SamplerOutput", "sample", "apply_penalties", "filter_logits"]
+__all__ = ["SamplingParams", "SamplingTensors", "SamplerOutput", "sample", "apply_penalties", "filter_logits",
+           "resolve_params", "eos_token_ids"]
 
 
 @dataclass
@@ -49,8 +50,10 @@ class SamplingParams:
     """How to pick tokens for one request (HF and OpenAI names).
 
     `do_sample=None` means: sample iff `temperature > 0` (temperature 0 is greedy).
-    `stop_token_ids` are the eos ids (generation stops on any of them unless `ignore_eos`).
-    `logprobs`: None = none; n >= 0 = the chosen token's logprob plus the top n.
+    `stop_token_ids` end generation like the model's eos ids (`eos_token_ids`), which the
+    engine always adds; `ignore_eos` ignores both. `logprobs`: None = none; n >= 0 = the
+    chosen token's logprob plus the top n. Text: `skip_special_tokens` leaves special tokens
+    out of the text, except `keep_special_token_ids` (e.g. tool-call markers a server parses).
     """
 
     max_new_tokens: int = 256
@@ -68,6 +71,8 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     logit_bias: dict[int, float] | None = None
+    skip_special_tokens: bool = True
+    keep_special_token_ids: list[int] = field(default_factory=list)
 
     @property
     def sampling(self) -> bool:
@@ -113,6 +118,10 @@ class SamplingParams:
             raise bad("stop_strings", "must be a list of non-empty strings")
         if not all(is_int(t) and t >= 0 and (vocab_size is None or t < vocab_size) for t in self.stop_token_ids):
             raise bad("stop_token_ids", f"must be token ids in [0, {vocab_size or 'vocab_size'})")
+        if not isinstance(self.skip_special_tokens, bool):
+            raise bad("skip_special_tokens", "must be True or False")
+        if not all(is_int(t) and t >= 0 for t in self.keep_special_token_ids):
+            raise bad("keep_special_token_ids", "must be a list of token ids")
         if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= 20):
             raise bad("logprobs", "must be None or an integer in [0, 20]")
         if self.logit_bias is not None:
@@ -134,8 +143,8 @@ class SamplingParams:
     def from_generation_config(cls, config: dict[str, Any] | None, **overrides: Any) -> SamplingParams:
         """Defaults from a checkpoint's generation_config.json, then `overrides`.
 
-        Follows transformers where it is explicit: eos ids come from `eos_token_id` (an int
-        or a list), and a config without `do_sample` is greedy. One difference on purpose:
+        Follows transformers where it is explicit: a config without `do_sample` is greedy (its
+        `eos_token_id` is the engine's business: `eos_token_ids`). One difference on purpose:
         if the caller passes a sampling knob (temperature/top_k/top_p/min_p) but no
         `do_sample`, we sample (iff temperature > 0) instead of silently ignoring the knob.
         Unknown override names raise ValueError. HF's implicit `top_k=50` is not applied.
@@ -146,15 +155,12 @@ class SamplingParams:
         if unknown:
             raise ValueError(f"unknown sampling parameter(s): {', '.join(unknown)}")
         values: dict[str, Any] = {k: config[k] for k in cls._GENERATION_CONFIG_KEYS if config.get(k) is not None}
-        eos = config.get("eos_token_id")
-        if eos is not None:
-            values["stop_token_ids"] = [eos] if isinstance(eos, int) else list(eos)
         if "do_sample" not in values:
             values["do_sample"] = False
         if "do_sample" not in overrides and any(k in overrides for k in cls._SAMPLING_KNOBS):
             values["do_sample"] = None
         values.update({k: v for k, v in overrides.items()})
-        for list_field in ("stop_strings", "stop_token_ids"):
+        for list_field in ("stop_strings", "stop_token_ids", "keep_special_token_ids"):
             v = values.get(list_field)
             if v is None:
                 values.pop(list_field, None)
@@ -167,6 +173,74 @@ class SamplingParams:
     def merged(self, **overrides: Any) -> SamplingParams:
         """A copy with some fields replaced (validated)."""
         return replace(self, **overrides).validate()
+
+
+# ----------------------------------------------------------------------------- resolving
+def eos_token_ids(generation_config: dict[str, Any] | None, config_eos: int | list[int] | None = None,
+                  tokenizer_eos: int | None = None) -> frozenset[int]:
+    """The ids that end a generation: generation_config.json's `eos_token_id` (an int or a
+    list), else the model config's, else the tokenizer's. The one place this is decided."""
+    for ids in ((generation_config or {}).get("eos_token_id"), config_eos, tokenizer_eos):
+        if ids is not None:
+            return frozenset(int(i) for i in (ids if isinstance(ids, (list, tuple)) else [ids]) if i is not None)
+    return frozenset()
+
+
+# HF-style keyword names accepted besides SamplingParams' own field names.
+_HF_ALIASES = {"eos_token_id": "stop_token_ids", "stop": "stop_strings", "max_tokens": "max_new_tokens"}
+# transformers keywords that change nothing here (the cache is always used, finished rows are
+# padded with the model's pad id).
+_HF_NO_OPS = {"use_cache", "pad_token_id", "bos_token_id"}
+# transformers keywords for features fastlfm does not have: refused unless they ask for nothing.
+_HF_UNSUPPORTED = {"num_beams": 1, "num_return_sequences": 1, "output_scores": False, "output_logits": False}
+
+
+def resolve_params(
+    params: SamplingParams | Sequence[SamplingParams] | None,
+    defaults: dict[str, Any] | None,
+    batch_size: int,
+    vocab_size: int | None = None,
+    **kwargs: Any,
+) -> list[SamplingParams]:
+    """One validated SamplingParams per prompt from `params` and HF-style keyword overrides;
+    every generation API resolves its arguments here, once.
+
+    `defaults` is a generation_config.json dict; a `generation_config=` keyword (a dict or an
+    object with `to_dict()`, like transformers' GenerationConfig) replaces it, and its
+    `eos_token_id`, if any, ends generation like the model's eos ids do.
+    """
+    for k in _HF_NO_OPS & set(kwargs):
+        kwargs.pop(k)
+    for k, neutral in _HF_UNSUPPORTED.items():
+        if k in kwargs and kwargs.pop(k) not in (None, neutral):
+            raise ValueError(f"{k} is not supported by fastlfm (only {k}={neutral!r})")
+    if "generation_config" in kwargs:
+        gc = kwargs.pop("generation_config")
+        defaults = gc.to_dict() if hasattr(gc, "to_dict") else dict(gc or {})
+        if defaults.get("eos_token_id") is not None:
+            kwargs.setdefault("eos_token_id", defaults["eos_token_id"])
+    overrides = {_HF_ALIASES.get(k, k): v for k, v in kwargs.items()}
+    for key in ("stop_strings", "stop_token_ids"):
+        if key in overrides:
+            v = overrides[key]
+            overrides[key] = [] if v is None else [v] if isinstance(v, (int, str)) else list(v)
+    if params is None:
+        rows = [SamplingParams.from_generation_config(defaults, **overrides)] * batch_size
+    else:
+        rows = [params] * batch_size if isinstance(params, SamplingParams) else list(params)
+        if len(rows) != batch_size:
+            raise ValueError(f"got {len(rows)} SamplingParams for a batch of {batch_size} prompts")
+        if overrides:
+            known = set(SamplingParams.__dataclass_fields__)
+            bad = sorted(set(overrides) - known)
+            if bad:
+                raise ValueError(f"unknown sampling parameter(s): {', '.join(bad)}")
+            rows = [p.merged(**overrides) for p in rows]
+    for p in rows:
+        if not isinstance(p, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, got {type(p).__name__}")
+        p.validate(vocab_size)
+    return rows
 
 
 # ----------------------------------------------------------------------------- random numbers

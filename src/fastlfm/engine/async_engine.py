@@ -136,13 +136,12 @@ class AsyncLLMEngine:
                     self._streams.pop(rid, None)
             try:
                 outputs = engine.step() if engine.has_unfinished() else []
-            except Exception as e:  # a failed step fails every live request, keeps the loop
-                for rid in list(engine.requests):
-                    engine.abort(rid)
-                    self._deliver(rid, e)
+            except Exception as e:  # the engine aborted the step's requests: they fail, the loop goes on
+                for out in engine.failed_outputs:
+                    self._deliver(out.request_id, e)
                 continue
             for out in outputs:
-                self._deliver(out.request_id, out)
+                self._deliver(out.request_id, out.error if out.error is not None else out)
         for rid in list(engine.requests):
             self._deliver(rid, engine.abort(rid))
 

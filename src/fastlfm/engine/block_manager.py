@@ -9,6 +9,7 @@ sequence at a time and returned exactly once (a double free raises).
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 
 from .sequence import Sequence
 
@@ -93,9 +94,28 @@ class BlockManager:
             self._free_slots.append(seq.conv_slot)
             seq.conv_slot = None
 
-    def check_no_leaks(self) -> None:
-        """Raise if any block or slot is still handed out (call when no request is live)."""
-        if self._used_blocks or self._used_slots:
-            raise CacheLeakError(f"leaked {len(self._used_blocks)} KV blocks and {len(self._used_slots)} conv slots")
-        assert len(self._free_blocks) == self.num_blocks and len(set(self._free_blocks)) == self.num_blocks
-        assert len(self._free_slots) == self.num_conv_slots and len(set(self._free_slots)) == self.num_conv_slots
+    def reclaim(self, owners: Iterable[Sequence]) -> None:
+        """Return every block and slot that none of `owners` holds (after a step that failed
+        part-way, when a sequence may have been dropped between taking cache and keeping it)."""
+        owners = list(owners)
+        blocks = {b for s in owners for b in s.block_table}
+        slots = {s.conv_slot for s in owners if s.conv_slot is not None}
+        for block in self._used_blocks - blocks:
+            self._used_blocks.remove(block)
+            self._free_blocks.append(block)
+        for slot in self._used_slots - slots:
+            self._used_slots.remove(slot)
+            self._free_slots.append(slot)
+
+    def check_no_leaks(self, holders: Iterable[Sequence] = ()) -> None:
+        """Raise unless exactly the blocks and slots of `holders` (sessions that keep their
+        cache) are handed out: call it when no request is live."""
+        holders = list(holders)
+        blocks = {b for s in holders for b in s.block_table}
+        slots = {s.conv_slot for s in holders if s.conv_slot is not None}
+        if self._used_blocks != blocks or self._used_slots != slots:
+            raise CacheLeakError(f"leaked {len(self._used_blocks - blocks)} KV blocks and "
+                                 f"{len(self._used_slots - slots)} conv slots")
+        free_blocks, free_slots = self.num_blocks - len(blocks), self.num_conv_slots - len(slots)
+        assert len(self._free_blocks) == free_blocks and len(set(self._free_blocks)) == free_blocks
+        assert len(self._free_slots) == free_slots and len(set(self._free_slots)) == free_slots

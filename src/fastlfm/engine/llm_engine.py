@@ -1,20 +1,27 @@
-"""LLMEngine: the synchronous core (add requests, step, collect outputs)."""
+"""LLMEngine: the synchronous core (add requests, step, collect outputs).
+
+Every generation API of fastlfm runs here: `LLM` (generate, chat, stream, Conversation),
+`model.generate()`, the CLI and the server. `iter_outputs` drives the steps for synchronous
+callers; `AsyncLLMEngine` drives them from a thread for the server.
+"""
 
 from __future__ import annotations
 
 import itertools
+from collections import deque
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from collections.abc import Mapping
 from typing import Any, Sequence as Seq
 
 import torch
 
-from ..sampling import SamplingParams
+from ..sampling import SamplingParams, eos_token_ids
+from ..tokenizer import TextStream
 from . import multimodal
 from .block_manager import BlockManager
 from .model_runner import ModelRunner
 from .scheduler import Scheduler
-from .sequence import IN_FLIGHT, Sequence
+from .sequence import IN_FLIGHT, Sequence, SequenceStatus
 
 
 @dataclass
@@ -24,18 +31,35 @@ class TokenLogprob:
     top: list[tuple[int, float]] = field(default_factory=list)
 
 
+FINISH_REASONS = ("eos", "stop", "length", "abort")
+
+
 @dataclass
 class RequestOutput:
+    """What one step added to one request.
+
+    finish_reason: "eos" (an eos id or one of the request's stop_token_ids, kept as the last
+    token, left out of the text), "stop" (a stop string: the text ends before it), "length"
+    (max_new_tokens or max_model_len), "abort" (aborted, or failed: then `error` says why).
+    `new_text` is final (never taken back); `text`, the whole text so far, is joined when read.
+    """
+
     request_id: str
     new_token_ids: list[int]
     new_text: str
-    text: str
     finished: bool
-    finish_reason: str | None        # "stop" (eos or stop string), "length", "abort"
+    finish_reason: str | None
     num_prompt_tokens: int
     num_tokens: int                  # prompt + generated tokens known when this output was made
     all_token_ids: list[int] = field(repr=False)  # the sequence's list, shared: final up to num_tokens
     logprobs: list[TokenLogprob] | None = None
+    text_stream: TextStream | None = field(default=None, repr=False)
+    num_chars: int = 0               # characters of the text released when this output was made
+    error: BaseException | None = None
+
+    @property
+    def text(self) -> str:
+        return self.text_stream.text[:self.num_chars] if self.text_stream is not None else ""
 
     @property
     def token_ids(self) -> list[int]:
@@ -52,7 +76,7 @@ class RequestOutput:
 class StepInFlight:
     """A launched step whose sampled ids are still on their way to the host."""
 
-    entries: list[tuple[Sequence, int]]    # (sequence, index of its new token in token_ids)
+    entries: list[tuple[Sequence, int, int]]  # (sequence, index of its new token in token_ids, its turn)
     token_ids: torch.Tensor                # (rows,) on the device: input of the next step
     host: list[torch.Tensor]               # ids [, logprobs, top ids, top logprobs] being copied
     event: torch.cuda.Event | None         # recorded after the copies (CUDA)
@@ -74,6 +98,7 @@ class EngineStats:
     prompt_tokens_total: int
     generation_tokens_total: int
     num_preemptions: int = 0
+    num_parked_sessions: int = 0
 
 
 class LLMEngine:
@@ -82,6 +107,8 @@ class LLMEngine:
     Sizing: `max_num_batched_tokens` is the per-step token budget (prefill chunk size);
     `num_kv_blocks` defaults to what `gpu_memory_utilization` leaves on CUDA, or enough for
     `max_num_seqs` full-length sequences on CPU; `block_size` tokens per KV block.
+    `compile` (default: on CUDA) runs the decode step through torch.compile before its CUDA
+    graphs are captured; inductor's on-disk caches make a second start of the same model fast.
 
     Asynchronous scheduling (`async_scheduling`, on by default on CUDA): a step is launched
     before the previous step's sampled ids reach the host. They feed the new step on the
@@ -90,6 +117,11 @@ class LLMEngine:
     costs one discarded row in the following step. Requests with repetition/presence/
     frequency penalties need their full history on the host, so while one is live the
     engine runs synchronously.
+
+    Failures: an exception inside `step()` (a bug, CUDA OOM, KeyboardInterrupt) aborts the
+    requests that step had taken on, frees their cache and re-raises; `failed_outputs` lists
+    them (with the error) and the engine keeps working. An error found in one request's
+    output processing aborts that request alone (`RequestOutput.error`).
 
     LFM2-VL: requests may carry images (`add_request(..., image_inputs=...)`, see
     engine/multimodal.py); `processor` (an `Lfm2VlProcessor`, loaded by `from_pretrained`)
@@ -100,7 +132,7 @@ class LLMEngine:
     def __init__(self, model, tokenizer=None, *, max_num_seqs: int = 256, max_model_len: int | None = None,
                  max_num_batched_tokens: int | None = None, block_size: int | None = None,
                  num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.85,
-                 enforce_eager: bool = False, compile: bool = False, async_scheduling: bool | None = None,
+                 enforce_eager: bool = False, compile: bool | None = None, async_scheduling: bool | None = None,
                  processor=None, max_vision_views: int = 32):
         self.model = model
         self.config = model.config
@@ -122,11 +154,13 @@ class LLMEngine:
                              f"{self.max_model_len} ({blocks_per_seq} blocks of {block_size}); lower max_model_len")
         self.block_manager = BlockManager(num_kv_blocks, block_size, max_num_seqs)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, self.max_num_batched_tokens)
+        self.compiled = on_cuda and not enforce_eager and (on_cuda if compile is None else bool(compile))
         self.runner = ModelRunner(model, block_size=block_size, num_blocks=num_kv_blocks, num_conv_slots=max_num_seqs,
                                   max_model_len=self.max_model_len, max_num_seqs=max_num_seqs,
                                   use_cuda_graphs=on_cuda and not enforce_eager, use_triton=on_cuda,
-                                  compile=compile and on_cuda, max_vision_views=max_vision_views)
-        self.eos_token_ids = self._eos_ids()
+                                  compile=self.compiled, max_vision_views=max_vision_views)
+        self.eos_token_ids = eos_token_ids(self.generation_config, self.config.eos_token_id,
+                                           tokenizer.eos_token_id if tokenizer is not None else None)
         self.async_scheduling = on_cuda if async_scheduling is None else bool(async_scheduling)
         self.in_flight: StepInFlight | None = None
         self.num_history_requests = 0  # live requests whose sampling needs their token history
@@ -134,6 +168,13 @@ class LLMEngine:
         self._ids = itertools.count()
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.failed_outputs: list[RequestOutput] = []  # the requests the last failed step aborted
+        # Aborts and session releases that arrive while the engine is busy (a generator closed
+        # or a chat collected mid-step) wait here and are applied before the next step.
+        self._deferred: deque[tuple[str, Any]] = deque()
+        self._busy = False
+        self._kept: dict[str, deque[RequestOutput]] = {}  # outputs awaiting their iter_outputs consumer
+        self._ready: set[str] = set()  # request ids whose kept outputs are not empty
 
     @classmethod
     def from_pretrained(cls, model: str, *, device=None, dtype="auto", **engine_kwargs) -> "LLMEngine":
@@ -164,17 +205,20 @@ class LLMEngine:
         budget = free - (1 - utilization) * total - activations
         return max(int(budget // per_block), 1)
 
-    def _eos_ids(self) -> set[int]:
-        ids = (self.generation_config or {}).get("eos_token_id", self.config.eos_token_id)
-        ids = ids if isinstance(ids, list) else [ids]
-        return {int(i) for i in ids if i is not None}
-
     # -- requests -----------------------------------------------------------------------
     def add_request(self, prompt: list[int] | str, params=None, request_id: str | None = None, *,
-                    image_inputs: Mapping[str, Any] | None = None) -> Sequence:
-        """Queue one request. LFM2-VL: `image_inputs` holds the processor's pixel_values,
-        pixel_attention_mask and spatial_shapes for the `<image>` runs of `prompt` (ids expanded
-        by the processor); extra keys of a processor output are ignored."""
+                    image_inputs: Mapping[str, Any] | None = None, keep_cache: bool = False,
+                    continue_from: Sequence | None = None, detokenize: bool = True) -> Sequence:
+        """Queue one request and return its Sequence.
+
+        LFM2-VL: `image_inputs` holds the processor's pixel_values, pixel_attention_mask and
+        spatial_shapes for the `<image>` runs of `prompt` (ids expanded by the processor); extra
+        keys of a processor output are ignored.
+        Sessions: with `keep_cache` the sequence keeps its cache when the request finishes;
+        `continue_from=` that sequence appends `prompt` to it as the next turn and continues
+        from its cache (or recomputes, if the cache was evicted meanwhile); `release` ends it.
+        `detokenize=False`: token ids only (no text stream, so no stop strings)."""
+        self._apply_deferred()
         params = params if params is not None else SamplingParams.from_generation_config(self.generation_config)
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a fastlfm.sampling.SamplingParams, got {type(params).__name__}")
@@ -188,52 +232,133 @@ class LLMEngine:
         prompt = [int(t) for t in prompt]
         if not prompt:
             raise ValueError("prompt is empty: at least one token is needed")
-        if len(prompt) > self.max_model_len:
-            raise ValueError(f"prompt has {len(prompt)} tokens, more than max_model_len={self.max_model_len}")
+        history = len(continue_from.token_ids) if continue_from is not None else 0
+        if history + len(prompt) > self.max_model_len:
+            what = f"the session's {history} cached tokens + {len(prompt)} new ones" if continue_from is not None \
+                else f"prompt has {len(prompt)} tokens"
+            raise ValueError(f"{what}: more than max_model_len={self.max_model_len}")
         bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (size {self.config.vocab_size})")
         images, image_positions = multimodal.check_image_inputs(self.config, prompt, image_inputs)
+        if images is not None and continue_from is not None:
+            raise ValueError("a session's later turns cannot bring images (start a new session)")
         request_id = str(next(self._ids)) if request_id is None else request_id
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        seq = Sequence(request_id, prompt, params)
-        seq.max_num_tokens = min(len(prompt) + _max_new(params), self.max_model_len)
+        text_stream = self._text_stream(params, detokenize)
+        if continue_from is None:
+            seq = Sequence(request_id, prompt, params)
+            seq.keep_cache = keep_cache
+            seq.image_inputs, seq.image_positions = images, image_positions
+        else:
+            seq = continue_from
+            if not (seq.keep_cache and seq.is_finished):
+                raise ValueError(f"{seq} cannot continue: only a session (keep_cache) whose last turn ended can")
+            seq.request_id, seq.params = request_id, params
+            seq.token_ids.extend(prompt)
+            seq.num_prompt_tokens = len(seq.token_ids)
+            seq.turn += 1
+            seq.finish_reason, seq.logprobs = None, []
+            seq.in_flight_row, seq.awaiting_finish = None, False
+        seq.max_num_tokens = min(seq.num_prompt_tokens + _max_new(params), self.max_model_len)
         seq.plain_greedy = _is_plain_greedy(params)
-        seq.image_inputs, seq.image_positions = images, image_positions
-        if self.tokenizer is not None:
-            from ..tokenizer import IncrementalDetokenizer
-            seq.detokenizer = IncrementalDetokenizer(self.tokenizer)
+        seq.text_stream = text_stream
         self.requests[request_id] = seq
         self.num_history_requests += _needs_history(params)
-        self.scheduler.add(seq)
+        if continue_from is None:
+            self.scheduler.add(seq)
+        else:
+            self.scheduler.resume(seq)
         self.prompt_tokens_total += len(prompt)
         return seq
 
+    def _text_stream(self, params: SamplingParams, detokenize: bool) -> TextStream | None:
+        if detokenize and self.tokenizer is not None:
+            return TextStream(self.tokenizer, params.stop_strings, params.skip_special_tokens,
+                              params.keep_special_token_ids)
+        if params.stop_strings:
+            raise ValueError("stop strings need the text: " + (
+                "this engine has no tokenizer" if self.tokenizer is None else "the request was made without it"))
+        return None
+
     def abort(self, request_id: str) -> RequestOutput | None:
+        """Abort a live request (its cache is freed, a session's too); None if it is not live.
+        Called while a step runs (from a finalizer), it takes effect before the next step."""
+        if self._busy:
+            self._deferred.append(("abort", request_id))
+            return None
         seq = self.requests.get(request_id)
         if seq is None:
             return None
         self._finish(seq, "abort")
         return self._output(seq, [], [])
 
+    def release(self, seq: Sequence) -> None:
+        """End a session: its cache goes back now (after the running step, if one runs), or when
+        its live turn finishes."""
+        if self._busy:
+            self._deferred.append(("release", seq))
+            return
+        seq.keep_cache = False
+        if seq.status is SequenceStatus.PARKED:
+            self.scheduler.finish(seq, seq.finish_reason)
+
+    def drop_uncomputed(self, seq: Sequence, n: int) -> bool:
+        """Drop the last `n` tokens of a session between turns if none of them is in its cache
+        yet (a reply's eos that the chat template writes its own way); False, changing nothing,
+        if one is (asynchronous scheduling may already have fed it)."""
+        if not (seq.keep_cache and seq.is_finished) or seq.num_computed_tokens > len(seq.token_ids) - n \
+                or n > len(seq.token_ids) - 1:
+            return False
+        del seq.token_ids[len(seq.token_ids) - n:]
+        return True
+
+    def release_later(self, seq: Sequence) -> None:
+        """`release`, from any thread or a garbage-collection finalizer: applied by the engine's
+        owner before its next step or request."""
+        self._deferred.append(("release", seq))
+
+    def _apply_deferred(self) -> None:
+        while self._deferred:
+            kind, what = self._deferred.popleft()
+            if kind == "abort":
+                self.abort(what)
+            else:
+                self.release(what)
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or self.in_flight is not None
 
     def _finish(self, seq: Sequence, reason: str) -> None:
-        self.scheduler.finish(seq, reason)
         self.requests.pop(seq.request_id, None)
         self.num_history_requests -= _needs_history(seq.params)
         seq.in_flight_row = None
         multimodal.release(seq)
         while seq.token_ids and seq.token_ids[-1] == IN_FLIGHT:  # a token it will never get
             seq.token_ids.pop()
+        if seq.keep_cache and reason != "abort":
+            self.scheduler.park(seq, reason)
+        else:
+            seq.keep_cache = False  # an aborted session is over: its cache may be half-updated
+            self.scheduler.finish(seq, reason)
 
     # -- the step -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedule and launch one forward + sampling; return the outputs of requests that
         progressed. With asynchronous scheduling those are the tokens of the previous step,
         read while this one runs; `has_unfinished()` stays true until the last is read."""
+        self._apply_deferred()
+        self._busy = True
+        try:
+            return self._step()
+        except BaseException as e:
+            self._recover(e)
+            raise
+        finally:
+            self._busy = False
+
+    def _step(self) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []
         if self.in_flight is not None and (not self.async_scheduling or self.num_history_requests):
             outputs += self._process(self._take_in_flight())
@@ -245,6 +370,21 @@ class LLMEngine:
         if launched is not None and not self.async_scheduling:
             outputs += self._process(self._take_in_flight())
         return outputs
+
+    def _recover(self, error: BaseException) -> None:
+        """A step failed part-way: the requests it had taken on (running ones, and any whose
+        token is in flight) may be half-updated, so they are aborted and their cache freed,
+        sessions' included; requests still waiting never ran and stay queued."""
+        self.in_flight = None
+        failed = list(self.scheduler.running) + [
+            s for s in self.scheduler.waiting if s.in_flight_row is not None or IN_FLIGHT in s.token_ids[-1:]]
+        self.failed_outputs = []
+        for seq in failed:
+            seq.keep_cache = False
+            self._finish(seq, "abort")
+            self.failed_outputs.append(self._output(seq, [], [], error=error))
+        # Cache taken by a sequence that the failure left in no queue goes back too.
+        self.block_manager.reclaim([*self.scheduler.running, *self.scheduler.waiting, *self.scheduler.parked])
 
     def _take_in_flight(self) -> StepInFlight:
         step, self.in_flight = self.in_flight, None
@@ -263,7 +403,7 @@ class LLMEngine:
         token_ids, extra = self._sample(logits, seqs, greedy_ids)
         entries = []
         for j, seq in enumerate(seqs):
-            entries.append((seq, len(seq.token_ids)))
+            entries.append((seq, len(seq.token_ids), seq.turn))
             seq.token_ids.append(IN_FLIGHT)
             seq.in_flight_row = j
             seq.awaiting_finish = len(seq.token_ids) >= seq.max_num_tokens
@@ -307,8 +447,8 @@ class LLMEngine:
         host = step.fetch()
         token_ids = host[0]
         outputs = []
-        for j, (seq, index) in enumerate(step.entries):
-            if seq.is_finished:  # aborted, or stopped by its previous token: a discarded row
+        for j, (seq, index, turn) in enumerate(step.entries):
+            if seq.is_finished or seq.turn != turn:  # aborted or stopped already: a discarded row
                 continue
             tok = token_ids[j]
             seq.token_ids[index] = tok
@@ -320,60 +460,64 @@ class LLMEngine:
                 top = list(zip(host[2][j][:n], host[3][j][:n])) if len(host) > 3 else []
                 new_lp = [TokenLogprob(tok, host[1][j], top)]
                 seq.logprobs.extend(new_lp)
-            reason = self._check_stop(seq, tok, index)
-            new_text = seq.detokenizer.add(tok) if seq.detokenizer is not None else ""
-            if reason is None and new_text:
-                reason = self._check_stop_strings(seq)
+            try:
+                reason, new_text = self._advance(seq, tok, index)
+            except Exception as e:  # this request's own output failed (its text, say): it alone ends
+                self._finish(seq, "abort")
+                outputs.append(self._output(seq, [tok], new_lp, upto=index + 1, error=e))
+                continue
             if reason is not None:
                 self._finish(seq, reason)  # drops the in-flight placeholders after `index`
-            outputs.append(self._output(seq, [tok], new_lp, upto=index + 1))
+            outputs.append(self._output(seq, [tok], new_lp, new_text, upto=index + 1))
         self.generation_tokens_total += len(outputs)  # one token each
         return outputs
 
-    def _check_stop(self, seq: Sequence, tok: int, index: int) -> str | None:
+    def _advance(self, seq: Sequence, tok: int, index: int) -> tuple[str | None, str]:
+        """The finish reason (or None) after `tok`, and the text it releases."""
         p = seq.params
+        reason = None
         if not p.ignore_eos and (tok in self.eos_token_ids or tok in p.stop_token_ids):
-            return "stop"
-        if index + 1 >= seq.max_num_tokens:
-            return "length"
-        return None
+            reason = "eos"
+        elif index + 1 >= seq.max_num_tokens:
+            reason = "length"
+        stream = seq.text_stream
+        if stream is None:
+            return reason, ""
+        new_text = stream.add(tok) if reason != "eos" else ""  # an eos is not part of the text
+        if stream.stopped:
+            return "stop", new_text
+        if reason is not None:
+            new_text += stream.finish()
+        return reason, new_text
 
-    def _check_stop_strings(self, seq: Sequence) -> str | None:
-        stops = seq.params.stop_strings
-        if not stops:
-            return None
-        text = seq.detokenizer.text
-        # Only the tail can hold a new match: the longest stop string plus the newest text.
-        window = max(len(s) for s in stops) + 16
-        tail_start = max(0, len(text) - window - 64)
-        hits = [text.find(s, tail_start) for s in stops]
-        hits = [h for h in hits if h >= 0]
-        if not hits:
-            return None
-        seq.stop_text_end = min(hits)  # the reported text ends before the stop string
-        return "stop"
-
-    def _output(self, seq: Sequence, new_ids: list[int], new_lp: list, upto: int | None = None) -> RequestOutput:
+    def _output(self, seq: Sequence, new_ids: list[int], new_lp: list, new_text: str = "",
+                upto: int | None = None, error: BaseException | None = None) -> RequestOutput:
         """`upto`: the tokens known on the host (later ones may still be in flight)."""
-        text = ""
-        if seq.detokenizer is not None:
-            if seq.is_finished:
-                seq.detokenizer.flush()
-            text = seq.detokenizer.text
-            end = getattr(seq, "stop_text_end", None)
-            if end is not None:
-                text = text[:end]
-        new_text = text[seq.num_streamed_chars:]
-        seq.num_streamed_chars = len(text)
-        want_lp = seq.params.logprobs is not None
+        stream = seq.text_stream
         return RequestOutput(
-            request_id=seq.request_id, new_token_ids=list(new_ids), new_text=new_text, text=text,
+            request_id=seq.request_id, new_token_ids=list(new_ids), new_text=new_text,
             finished=seq.is_finished, finish_reason=seq.finish_reason, num_prompt_tokens=seq.num_prompt_tokens,
             num_tokens=len(seq.token_ids) if upto is None else upto, all_token_ids=seq.token_ids,
-            logprobs=list(new_lp) if want_lp else None,
+            logprobs=list(new_lp) if seq.params.logprobs is not None else None,
+            text_stream=stream, num_chars=stream.num_chars if stream is not None else 0, error=error,
         )
 
-    # -- offline API --------------------------------------------------------------------
+    # -- synchronous API ----------------------------------------------------------------
+    def iter_outputs(self, seqs: Seq[Sequence]) -> "OutputStream":
+        """An iterator over the outputs of the requests of `seqs`, stepping the engine until they
+        have all finished. Outputs are kept from now on, also those made while another stream
+        steps the engine, so several streams can be consumed in turns. An output with an
+        `error` (its request failed) is raised; closing the stream early (break, an exception,
+        garbage collection) aborts its unfinished requests."""
+        return OutputStream(self, seqs)
+
+    def _keep(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            kept = self._kept.get(out.request_id)
+            if kept is not None:
+                kept.append(out)
+                self._ready.add(out.request_id)
+
     def generate(self, prompts: Seq[list[int] | str], params=None,
                  image_inputs: Seq[Mapping[str, Any] | None] | None = None) -> list[RequestOutput]:
         """Run a list of prompts to completion; one final output per prompt, in order.
@@ -384,12 +528,18 @@ class LLMEngine:
             raise ValueError(f"got {len(image_inputs)} image inputs for {len(prompts)} prompts")
         plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         images = list(image_inputs) if image_inputs is not None else [None] * len(prompts)
-        seqs = [self.add_request(p, sp, image_inputs=im) for p, sp, im in zip(prompts, plist, images)]
+        seqs: list[Sequence] = []
+        try:
+            for p, sp, im in zip(prompts, plist, images):
+                seqs.append(self.add_request(p, sp, image_inputs=im))
+        except BaseException:
+            for s in seqs:
+                self.abort(s.request_id)
+            raise
         finals: dict[str, RequestOutput] = {}
-        while self.has_unfinished():
-            for out in self.step():
-                if out.finished:
-                    finals[out.request_id] = out
+        for out in self.iter_outputs(seqs):
+            if out.finished:
+                finals[out.request_id] = out
         for s in seqs:
             out = finals[s.request_id]
             out.new_token_ids, out.new_text = out.token_ids, out.text
@@ -401,10 +551,73 @@ class LLMEngine:
         bm = self.block_manager
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), bm.num_used_blocks,
                            bm.num_blocks, bm.num_used_slots, bm.num_conv_slots, self.prompt_tokens_total,
-                           self.generation_tokens_total, self.scheduler.num_preemptions)
+                           self.generation_tokens_total, self.scheduler.num_preemptions, len(self.scheduler.parked))
 
     def check_no_leaks(self) -> None:
-        self.block_manager.check_no_leaks()
+        """Raise unless the only cache handed out is that of parked sessions."""
+        self._apply_deferred()
+        self.block_manager.check_no_leaks(self.scheduler.parked)
+
+
+class OutputStream:
+    """`LLMEngine.iter_outputs`: the outputs of some requests as the engine steps."""
+
+    def __init__(self, engine: LLMEngine, seqs: Seq[Sequence]):
+        self.engine = engine
+        self.mine = [s.request_id for s in seqs]
+        self.live = set(self.mine)
+        for rid in self.mine:
+            engine._kept.setdefault(rid, deque())
+        self._current: deque[RequestOutput] = deque()
+
+    def __iter__(self) -> "OutputStream":
+        return self
+
+    def __next__(self) -> RequestOutput:
+        engine = self.engine
+        try:
+            while not self._current:
+                if not self.live:
+                    raise StopIteration
+                ready = [rid for rid in engine._ready if rid in self.live]
+                if not ready:
+                    if not engine.has_unfinished():
+                        raise RuntimeError(f"requests {sorted(self.live)} are not in the engine (aborted elsewhere?)")
+                    try:
+                        outputs = engine.step()
+                    except BaseException:
+                        engine._keep(engine.failed_outputs)  # for the other streams of the failed step
+                        raise
+                    engine._keep(outputs)
+                    continue
+                for rid in ready:
+                    engine._ready.discard(rid)
+                    self._current.extend(engine._kept[rid])
+                    engine._kept[rid].clear()
+            out = self._current.popleft()
+            if out.finished:
+                self.live.discard(out.request_id)
+            if out.error is not None:
+                raise out.error
+            return out
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Stop: forget the kept outputs and abort the requests that have not finished."""
+        engine, live = self.engine, self.live
+        if not self.mine:
+            return
+        for rid in self.mine:
+            engine._kept.pop(rid, None)
+            engine._ready.discard(rid)
+        self.mine, self.live = [], set()
+        for rid in live:
+            engine.abort(rid)
+
+    def __del__(self) -> None:
+        self.close()
 
 
 def _max_new(p) -> int:

@@ -184,3 +184,34 @@ def release(seq) -> None:
     """The request is over: drop its images and features."""
     seq.image_inputs = None
     seq.image_embeds = None
+
+
+def split_image_inputs(config, prompts: list[list[int]], inputs: Mapping[str, Any]) -> list[dict[str, Any] | None]:
+    """A batch's processor output (all images' views in prompt order) as one image input per
+    prompt: each prompt takes the views whose features fill its `<image>` tokens."""
+    tid = image_token_id(config)
+    if tid is None:
+        raise ValueError("image inputs were given but the model is text-only; use an LFM2-VL checkpoint")
+    missing = [k for k in IMAGE_KEYS if inputs.get(k) is None]
+    if missing:
+        raise ValueError(f"image inputs lack {', '.join(missing)} (pass the processor's {', '.join(IMAGE_KEYS)})")
+    tensors = {k: torch.as_tensor(inputs[k]) for k in IMAGE_KEYS}
+    f = config.downsample_factor
+    per_view = [(h // f) * (w // f) for h, w in tensors["spatial_shapes"].tolist()]
+    out, view = [], 0
+    for i, prompt in enumerate(prompts):
+        need = sum(1 for t in prompt if t == tid)
+        if not need:
+            out.append(None)
+            continue
+        first = view
+        while need > 0 and view < len(per_view):
+            need -= per_view[view]
+            view += 1
+        if need != 0:
+            raise ValueError(f"prompt {i}: its image tokens do not match the features of the images given "
+                             "(expand the prompts with the processor)")
+        out.append({k: t[first:view] for k, t in tensors.items()})
+    if view != len(per_view):
+        raise ValueError(f"{len(per_view) - view} image views were given beyond the prompts' image tokens")
+    return out

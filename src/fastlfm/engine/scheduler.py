@@ -7,11 +7,15 @@ prompt is cut into chunks that share steps with the decodes instead of stalling 
 When the KV pool cannot hold the next tokens, the newest running sequence is preempted:
 its blocks and slot are returned and it re-enters the queue at the front, to be recomputed
 from its prompt + outputs so far (its conv state cannot be rebuilt any other way cheaply).
+
+Sessions parked between turns keep their blocks and slot while nothing else needs them:
+before a running sequence is preempted or a waiting one turned away for lack of blocks or
+slots, the least recently parked session gives its cache back (its next turn recomputes).
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 from .block_manager import BlockManager
@@ -38,6 +42,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.parked: OrderedDict[Sequence, None] = OrderedDict()  # least recently parked first
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
@@ -60,6 +65,8 @@ class Scheduler:
             n = min(seq.num_uncomputed_tokens, budget)
             target = seq.num_computed_tokens + n
             while bm.extra_blocks_needed(seq, target) > bm.num_free_blocks:
+                if self.evict_parked():
+                    continue
                 victim = queue.pop() if queue else seq
                 self._preempt(victim)
                 if victim is seq:
@@ -77,10 +84,12 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             n = min(seq.num_uncomputed_tokens, budget)
+            while not bm.can_admit(seq, n) and self.evict_parked():
+                pass
             if not bm.can_admit(seq, n):
                 break
-            self.waiting.popleft()
             bm.admit(seq, n)
+            self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             chosen.append((seq, n))
@@ -99,14 +108,51 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def finish(self, seq: Sequence, reason: str) -> None:
-        """Retire a sequence (finished or aborted), returning its cache exactly once."""
-        if seq.status is SequenceStatus.FINISHED:
-            return
+    def _remove(self, seq: Sequence) -> None:
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
-        else:
+        elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
+        elif seq.status is SequenceStatus.PARKED:
+            del self.parked[seq]
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Retire a sequence (finished, aborted, or a session released), returning its cache
+        exactly once."""
+        if seq.status is SequenceStatus.FINISHED:
+            return
+        self._remove(seq)
         self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+
+    # -- sessions -----------------------------------------------------------------------
+    def park(self, seq: Sequence, reason: str) -> None:
+        """End a session's turn, keeping its blocks and slot for the next one."""
+        self._remove(seq)
+        seq.status = SequenceStatus.PARKED
+        seq.finish_reason = reason
+        self.parked[seq] = None
+
+    def resume(self, seq: Sequence) -> None:
+        """Start a session's next turn (its new tokens are already appended): it continues from
+        its cache when it still has one, else it queues to recompute from its first token."""
+        if seq.status is SequenceStatus.PARKED:
+            del self.parked[seq]
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+        else:
+            assert not seq.holds_cache, f"{seq} holds cache but is not parked"
+            seq.num_computed_tokens = 0
+            seq.status = SequenceStatus.WAITING
+            self.waiting.append(seq)
+
+    def evict_parked(self) -> bool:
+        """Give the cache of the least recently parked session back; False if there is none."""
+        if not self.parked:
+            return False
+        seq, _ = self.parked.popitem(last=False)
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.FINISHED
+        return True

@@ -10,6 +10,7 @@ from typing import Any
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"    # queued (new, or preempted and waiting to recompute)
     RUNNING = "running"    # holds KV blocks and a conv-state slot
+    PARKED = "parked"      # finished a turn and keeps its cache for the next one (a session)
     FINISHED = "finished"  # resources returned
 
 
@@ -38,6 +39,8 @@ class Sequence:
         self.conv_slot: int | None = None
         self.finish_reason: str | None = None
         self.num_preemptions = 0
+        self.keep_cache = False
+        self.turn = 0
         # Set by the engine from params and max_model_len: the length at which it stops
         # ("length"), and whether sampling is a plain argmax (no per-request tensors).
         self.max_num_tokens: int = 2**62
@@ -48,11 +51,9 @@ class Sequence:
         # scheduler gives it no more steps.
         self.in_flight_row: int | None = None
         self.awaiting_finish = False
-        # Filled by the engine's output processing (text, logprobs, streaming offsets).
-        self.detokenizer = None
+        # Filled by the engine's output processing (the text stream, logprobs).
+        self.text_stream = None
         self.logprobs: list = []
-        self.num_streamed_tokens = 0
-        self.num_streamed_chars = 0
         # LFM2-VL (engine/multimodal.py): pixel tensors until encoded, then the features of
         # the prompt's `<image>` positions (sorted), one row each.
         self.image_inputs = None
@@ -77,7 +78,12 @@ class Sequence:
 
     @property
     def is_finished(self) -> bool:
-        return self.status is SequenceStatus.FINISHED
+        """Its request is over (finished, aborted, or a session parked after its turn)."""
+        return self.status is SequenceStatus.FINISHED or self.status is SequenceStatus.PARKED
+
+    @property
+    def holds_cache(self) -> bool:
+        return self.conv_slot is not None
 
     def __repr__(self) -> str:
         return (f"Sequence({self.request_id!r}, {self.status.value}, tokens={self.num_tokens}, "

@@ -21,11 +21,12 @@ MODEL_TYPES = {
 
 
 def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = "auto",
-               device: str | torch.device | None = None, **kwargs):
-    """Load any supported LFM2 checkpoint (hub id or folder), choosing the class by `model_type`."""
+               device: str | torch.device | None = None, model_types: dict | None = None, **kwargs):
+    """Load any supported LFM2 checkpoint (hub id or folder), choosing the class by `model_type`
+    in `model_types` (default: this package's classes)."""
     folder = resolve_model_dir(name_or_path, kwargs.get("revision"), kwargs.get("local_files_only"))
     model_type = read_config_dict(folder).get("model_type")
-    cls = MODEL_TYPES.get(model_type)
+    cls = (model_types or MODEL_TYPES).get(model_type)
     if cls is None:
         raise CheckpointError(
             f"{folder / 'config.json'}: unknown model_type {model_type!r}; fastlfm supports "

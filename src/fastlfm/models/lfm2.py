@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..generation import GenerationMixin
 from ..loading import PretrainedMixin
 from ..ops import apply_rope, causal_conv, packed_causal_conv, rms_norm, rope_cos_sin
 from .config import Lfm2Config
@@ -213,7 +212,7 @@ def can_fuse(*linears: nn.Module) -> bool:
 def fuse_linears(*linears: nn.Linear) -> torch.Tensor:
     """One (sum of out, in) weight for Linears that share an input, so inference runs one
     GEMM instead of several. The Linears' weights become views into it: memory and every
-    other use of the modules (state_dict, saving, generate()) are unchanged."""
+    other use of the modules (state_dict, saving) are unchanged."""
     if not can_fuse(*linears):
         raise TypeError("only plain bias-free nn.Linear layers can be fused (merge LoRA adapters first)")
     fused = torch.cat([m.weight.detach() for m in linears])
@@ -440,7 +439,7 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batc
     return loss / num_items_in_batch if num_items_in_batch is not None else loss
 
 
-class Lfm2ForCausalLM(GenerationMixin, PretrainedMixin, nn.Module):
+class Lfm2ForCausalLM(PretrainedMixin, nn.Module):
     config_class = Lfm2Config
 
     def __init__(self, config: Lfm2Config, model: nn.Module | None = None):

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..generation import GenerationMixin
 from ..loading import PretrainedMixin
 from .config import ConfigError, Lfm2Config
 from .lfm2 import CausalLMOutput, Lfm2Cache, Lfm2Model, causal_lm_loss, select_logit_positions
@@ -266,7 +265,7 @@ class Lfm2VlModel(nn.Module):
         return embeds.masked_scatter(slots[..., None], feats.to(embeds.dtype))
 
 
-class Lfm2VlForConditionalGeneration(GenerationMixin, PretrainedMixin, nn.Module):
+class Lfm2VlForConditionalGeneration(PretrainedMixin, nn.Module):
     config_class = Lfm2VlConfig
 
     def __init__(self, config: Lfm2VlConfig):

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..sampling import SamplingParams
-from ..tokenizer import IncrementalDetokenizer
 from .errors import APIError, bad_request, error_body
 from .images import ImagePolicy, check_url, decode_data_url, fetch_image, is_remote, open_image
 from .metrics import ServerMetrics
@@ -57,34 +56,22 @@ class Delta:
         return not (self.content or self.tool_calls or self.logprobs or self.finish_reason)
 
 
-def _held_back(text: str, stops: list[str]) -> int:
-    """Length of the longest tail of `text` that could still grow into a stop string."""
-    best = 0
-    for stop in stops:
-        for n in range(min(len(text), len(stop) - 1), best, -1):
-            if text.endswith(stop[:n]):
-                best = n
-                break
-    return best
+# The engine's finish reasons in OpenAI's words (eos tokens and stop strings are both "stop").
+OPENAI_FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "abort": "abort"}
 
 
 class _ChoiceState:
     """Turns the engine outputs of one choice into deltas.
 
-    Text comes from the engine (special tokens skipped, cut before a stop string), except
-    when tool calls are parsed: then the server decodes the ids itself keeping the two
-    tool-call markers (all other special tokens are still skipped) and cuts at stop strings
-    the same way.  In both cases the tail that may be the start of a stop string is held
-    back until it is known not to be one, so streamed text never has to be taken back.
+    The engine's text deltas are final (special tokens skipped, a tail that may start a stop
+    string held back, cut before a stop string), so they pass straight on. When tool calls
+    are parsed the request keeps the two tool-call markers in its text, and the text goes
+    through the streaming tool-call parser.
     """
 
-    def __init__(self, serving: "OpenAIServing", params: SamplingParams, parse_tools: bool):
+    def __init__(self, serving: "OpenAIServing", parse_tools: bool):
         self.serving = serving
-        self.stops = list(params.stop_strings)
-        self.stop_ids = set(params.stop_token_ids) | serving.eos_ids
-        self.emitted = 0  # characters of the text already handed out
         self.tool_parser = StreamingToolCallParser() if parse_tools else None
-        self.detok = IncrementalDetokenizer(serving.tokenizer, skip_special_tokens=False) if parse_tools else None
         self.num_tool_calls = 0
         self.num_generated = 0
         self.finish_reason: str | None = None
@@ -103,42 +90,25 @@ class _ChoiceState:
             self.last_token_time = now
         self.num_generated = out.num_generated_tokens
 
-        if self.detok is None:
-            text = out.text
-        else:
-            keep = self.serving.keep_in_tool_text
-            self.detok.add([t for t in out.new_token_ids if keep(t)])
-            if out.finished:
-                self.detok.flush()
-            text = self.detok.text
-            if out.finished and self.stops:
-                cut = [i for i in (text.find(s, self.emitted) for s in self.stops) if i >= 0]
-                if cut:
-                    text = text[: min(cut)]
-        end = len(text) if out.finished else len(text) - _held_back(text, self.stops)
-        piece = text[self.emitted : end] if end > self.emitted else ""
-        self.emitted = max(self.emitted, end)
-
         delta = Delta(logprobs=list(out.logprobs or ()))
-        if out.finished and out.finish_reason == "stop" and delta.logprobs and out.token_ids \
-                and out.token_ids[-1] in self.stop_ids:
+        if out.finished and out.finish_reason == "eos" and delta.logprobs:
             delta.logprobs.pop()  # the eos / stop token is not part of the text
         if self.tool_parser is None:
-            delta.content = piece
+            delta.content = out.new_text
         else:
-            delta.content, delta.tool_calls = self.tool_parser.feed(piece)
+            delta.content, delta.tool_calls = self.tool_parser.feed(out.new_text)
             if out.finished:
                 rest, more = self.tool_parser.finish()
                 delta.content += rest
                 delta.tool_calls += more
             self.num_tool_calls += len(delta.tool_calls)
         if out.finished:
-            reason = out.finish_reason
+            reason = OPENAI_FINISH_REASONS[out.finish_reason]
+            metrics.e2e_latency.observe(now - self.started)
+            metrics.finished(reason)
             if self.num_tool_calls and reason in ("stop", "length"):
                 reason = "tool_calls"
             self.finish_reason = delta.finish_reason = reason
-            metrics.e2e_latency.observe(now - self.started)
-            metrics.finished(out.finish_reason)
         return delta
 
 
@@ -196,13 +166,9 @@ class OpenAIServing:
         self.max_model_len = int(engine.max_model_len)
         self.generation_config = dict(engine.generation_config or {})
         self.vocab_size = _model_vocab_size(engine)
-        eos = self.generation_config.get("eos_token_id", self.tokenizer.eos_token_id)
-        self.eos_ids = {int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None}
-        decoder = self.tokenizer.backend.get_added_tokens_decoder()
-        markers = {self.tokenizer.token_to_id(TOOL_CALL_START), self.tokenizer.token_to_id(TOOL_CALL_END)}
-        skipped = frozenset(i for i, tok in decoder.items() if tok.special and i not in markers)
-        self.keep_in_tool_text: Callable[[int], bool] = lambda t: t not in skipped
-        self.supports_tools = None not in markers
+        # Tool calls are parsed from text that keeps these two special tokens (if the tokenizer has them).
+        self.tool_markers = [self.tokenizer.token_to_id(TOOL_CALL_START), self.tokenizer.token_to_id(TOOL_CALL_END)]
+        self.supports_tools = None not in self.tool_markers
         self.token_text = functools.lru_cache(maxsize=1 << 16)(
             lambda i: self.tokenizer.decode([i], skip_special_tokens=False))
 
@@ -406,8 +372,10 @@ class OpenAIServing:
         max_new = self._max_new_tokens(req.max_new_tokens, len(prompt_ids), "messages")
         num_lp = (req.top_logprobs or 0) if req.logprobs else None
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        jobs = [_Job(i, 0, prompt_ids, self._sampling_params(req, max_new, num_lp, i), f"{rid}-{i}",
-                     image_inputs=image_inputs) for i in range(req.n)]
+        params = [self._sampling_params(req, max_new, num_lp, i) for i in range(req.n)]
+        if parse_tools:  # the parser reads the tool-call markers in the text
+            params = [p.merged(keep_special_token_ids=self.tool_markers) for p in params]
+        jobs = [_Job(i, 0, prompt_ids, p, f"{rid}-{i}", image_inputs=image_inputs) for i, p in enumerate(params)]
         return _Prepared(rid, model, jobs, parse_tools, req.stream,
                          bool(req.stream_options and req.stream_options.include_usage), num_lp)
 
@@ -506,7 +474,7 @@ class OpenAIServing:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     def _states(self, prep: _Prepared) -> dict[int, _ChoiceState]:
-        return {job.index: _ChoiceState(self, job.params, prep.parse_tools) for job in prep.jobs}
+        return {job.index: _ChoiceState(self, prep.parse_tools) for job in prep.jobs}
 
     # ------------------------------------------------------------------ logprobs
     def _chat_logprobs(self, lps: list) -> list[dict]:
