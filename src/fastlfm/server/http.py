@@ -25,6 +25,8 @@ What it does not provide is added by `GuardedH11Protocol`, a subclass of its h11
   exhaust descriptors; if they are exhausted anyway, asyncio's selector loop logs every failed
   accept() with a traceback, up to ``backlog`` times per loop iteration (330k lines in 35 s
   were seen): the server's loop exception handler logs one line per 10 s instead.
+- **Quiet logs.** Messages any client can trigger at will (a malformed request head) are
+  logged at most once per 10 s.
 - **Lingering close.** A response sent before the request body was read (413, 408, 401...)
   closes a socket with unread bytes, which resets the connection and can destroy the response
   before the client reads it. The write side is shut first and what the client still sends is
@@ -75,6 +77,33 @@ class _RateLimitedLog:
         if now - self._last >= self.period:
             logger.log(level, message + " (%d times since the last such message)", *args, self._count)
             self._last, self._count = now, 0
+
+
+class _QuietRepeats(logging.Filter):
+    """Lets a message that clients can trigger at will (uvicorn's "Invalid HTTP request received."
+    for each malformed request head) through at most once per `period` seconds."""
+
+    MESSAGES = ("Invalid HTTP request received.",)
+
+    def __init__(self, period: float = 10.0):
+        super().__init__()
+        self.period = period
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message not in self.MESSAGES:
+            return True
+        now = time.monotonic()
+        if now - self._last.get(message, -float("inf")) < self.period:
+            self._suppressed[message] = self._suppressed.get(message, 0) + 1
+            return False
+        self._last[message] = now
+        suppressed = self._suppressed.pop(message, 0)
+        if suppressed:
+            record.msg, record.args = f"{message} ({suppressed} more since the last such message)", ()
+        return True
 
 
 class _LingeringTransport:
@@ -336,6 +365,8 @@ def make_server(app, *, host: str = "127.0.0.1", port: int = 8000, log_level: st
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, http=protocol, backlog=backlog,
                             timeout_keep_alive=keep_alive_timeout,
                             timeout_graceful_shutdown=shutdown_timeout + _SHUTDOWN_BACKSTOP)
+    if not any(isinstance(f, _QuietRepeats) for f in logging.getLogger("uvicorn.error").filters):
+        logging.getLogger("uvicorn.error").addFilter(_QuietRepeats())
     server = FastLFMServer(config)
     server.drain_timeout = float(shutdown_timeout)
     return server
