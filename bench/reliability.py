@@ -11,7 +11,8 @@ as many generations in both:
    tokens with ignore_eos);
 2. mixed, ``--requests`` in all: normal requests; streams the client drops mid-way; invalid
    bodies (bad JSON, wrong types, malformed numbers, a 5,000-digit logit_bias key); bodies over
-   ``--max-request-bytes``; slow clients that trickle or stop sending their headers or body
+   ``--max-request-bytes``; huge requests within it (a prompt of up to 10 MB, 100k messages);
+   slow clients that trickle or stop sending their headers or body
    (they run beside the slots, each until the server's timeout cuts it off); and adversarial
    generations whose logit_bias forces lone UTF-8 continuation bytes, output that never
    completes a character, for ``--adversarial-tokens`` tokens.
@@ -21,7 +22,8 @@ Checks (the exit status is 1 if one fails): every request got the answer its kin
 408 or disconnected; adversarial: 200 and all its tokens); no 5xx, seen by the clients or counted
 by the server; no KV block, conv slot or request left in use afterwards (the /metrics gauges
 return to 0); normal requests' p99 latency in the mixed run within ``--max-latency-ratio`` (2x)
-of the clean run. The report (markdown table + JSON) goes to ``--output-dir``.
+of the clean run. /health is probed every 50 ms during the mixed run: its latency is reported
+(the goal: under 100 ms throughout). The report (markdown table + JSON) goes to ``--output-dir``.
 """
 
 from __future__ import annotations
@@ -42,12 +44,13 @@ from pathlib import Path
 
 import httpx
 
-from fastlfm.server.benchmark import (SpawnedServer, free_port, metrics_delta, percentile, prepare_checkpoint,
-                                      scrape)
+from fastlfm.server.benchmark import (SpawnedServer, exit_on_sigterm, free_port, metrics_delta, percentile,
+                                      prepare_checkpoint, scrape)
 
-KINDS = ("normal", "disconnect", "invalid", "oversized", "slow", "adversarial")
+KINDS = ("normal", "disconnect", "invalid", "oversized", "huge", "slow", "adversarial")
 # Shares of the mixed run (slow clients are extra connections, beside the request slots).
-MIX = {"normal": 0.45, "disconnect": 0.10, "invalid": 0.15, "oversized": 0.05, "slow": 0.05, "adversarial": 0.20}
+MIX = {"normal": 0.45, "disconnect": 0.10, "invalid": 0.14, "oversized": 0.05, "huge": 0.01, "slow": 0.05,
+       "adversarial": 0.20}
 WORDS = "alpha beta gamma delta the quick brown fox jumps over lazy dog café naïve 42 2026 über".split()
 
 
@@ -73,6 +76,8 @@ class Config:
     header_timeout: float
     body_timeout: float
     continuation_ids: list[int] = field(default_factory=list)
+    request_timeout: float = 300.0  # a request still running after this is dropped (and failed)
+    deadline: float = math.inf  # time.monotonic() after which no new request is started
 
 
 # ----------------------------------------------------------------------------- request kinds
@@ -225,6 +230,39 @@ async def oversized(http: httpx.AsyncClient, cfg: Config, rng: random.Random) ->
     return out
 
 
+async def huge(http: httpx.AsyncClient, cfg: Config, rng: random.Random) -> Outcome:
+    """A request as large as the body cap allows (up to 10 MB), far over the context: refused with
+    a 400 (or a 413 past the cap), while /health and the other clients go on."""
+    variant = rng.choice(["prompt", "messages"])
+    if variant == "prompt":
+        size = min(10_000_000, cfg.max_request_bytes - 200)
+        body = json.dumps({"model": cfg.model, "prompt": "word " * (size // 5)})
+        path = "/v1/completions"
+    else:
+        count = min(100_000, (cfg.max_request_bytes - 200) // 40)
+        body = json.dumps({"model": cfg.model, "messages": [{"role": "user", "content": "hi"}] * count})
+        path = "/v1/chat/completions"
+    out = Outcome("huge", variant)
+    started = time.monotonic()
+    r = await http.post(cfg.url + path, content=body.encode(), headers={"content-type": "application/json"})
+    out.latency, out.status = time.monotonic() - started, r.status_code
+    code = r.json().get("error", {}).get("code") if r.headers.get("content-type", "").startswith("application/json") \
+        else None
+    out.ok = (r.status_code, code) in ((400, "context_length_exceeded"), (413, "request_too_large"))
+    out.detail = "" if out.ok else r.text[:200]
+    return out
+
+
+async def probe_health(url: str, stop: asyncio.Event, latencies: list[float]) -> None:
+    """/health every 50 ms on its own connection until `stop`."""
+    async with httpx.AsyncClient(timeout=60) as http:
+        while not stop.is_set():
+            started = time.monotonic()
+            r = await http.get(url + "/health")
+            latencies.append(time.monotonic() - started if r.status_code == 200 else math.inf)
+            await asyncio.sleep(0.05)
+
+
 async def slow(cfg: Config, rng: random.Random) -> Outcome:
     """A client that trickles or stops sending its request: the server must cut it off (408 or
     close) within its header/body timeout, never hold it."""
@@ -277,8 +315,10 @@ async def adversarial(http: httpx.AsyncClient, cfg: Config, rng: random.Random) 
 # ----------------------------------------------------------------------------- runs
 
 
-async def run(cfg: Config, kinds: list[str], seed: int) -> tuple[list[Outcome], float]:
-    """Run `kinds` in order with `cfg.concurrency` request slots (slow clients run beside them)."""
+async def run(cfg: Config, kinds: list[str], seed: int, health: list[float] | None = None
+              ) -> tuple[list[Outcome], float]:
+    """Run `kinds` in order with `cfg.concurrency` request slots (slow clients run beside them);
+    with `health`, /health latencies are appended to it meanwhile."""
     rng = random.Random(seed)
     limits = httpx.Limits(max_connections=cfg.concurrency + 8, max_keepalive_connections=cfg.concurrency + 8)
     outcomes: list[Outcome] = []
@@ -287,22 +327,33 @@ async def run(cfg: Config, kinds: list[str], seed: int) -> tuple[list[Outcome], 
     started = time.monotonic()
     async with httpx.AsyncClient(timeout=httpx.Timeout(600, connect=30), limits=limits) as http:
         handlers = {"normal": normal, "disconnect": disconnect, "invalid": invalid, "oversized": oversized,
-                    "adversarial": adversarial}
+                    "huge": huge, "adversarial": adversarial}
+        stop = asyncio.Event()
+        prober = asyncio.ensure_future(probe_health(cfg.url, stop, health)) if health is not None else None
 
         async def slot() -> None:
             while queue:
                 kind = queue.pop()
+                if time.monotonic() > cfg.deadline:  # out of time: reported as failed, not run
+                    outcomes.append(Outcome(kind, "not-run", detail="the run's --time-limit passed first"))
+                    continue
                 job_rng = random.Random(rng.random())
                 if kind == "slow":
                     side.append(asyncio.ensure_future(slow(cfg, job_rng)))
                     continue
                 try:
-                    outcomes.append(await handlers[kind](http, cfg, job_rng))
+                    outcomes.append(await asyncio.wait_for(handlers[kind](http, cfg, job_rng), cfg.request_timeout))
+                except asyncio.TimeoutError:  # dropped: the connection closes, the server aborts it
+                    outcomes.append(Outcome(kind, "timed-out", latency=cfg.request_timeout,
+                                            detail=f"still running after --request-timeout {cfg.request_timeout:g} s"))
                 except Exception as e:  # a transport error is a failed request, reported with the rest
                     outcomes.append(Outcome(kind, "error", detail=f"{type(e).__name__}: {e}"[:200]))
 
         await asyncio.gather(*(slot() for _ in range(cfg.concurrency)))
         outcomes += await asyncio.gather(*side)
+        stop.set()
+        if prober is not None:
+            await prober
     return outcomes, time.monotonic() - started
 
 
@@ -346,15 +397,18 @@ def wait_released(url: str, timeout: float = 120) -> dict[str, float]:
 
 
 def reliability(cfg: Config, requests: int, clean_requests: int, seed: int = 0,
-                max_latency_ratio: float = 2.0) -> dict:
-    """Both runs and the checks; returns the report."""
+                max_latency_ratio: float = 2.0, time_limit: float = math.inf) -> dict:
+    """Both runs and the checks; returns the report. After `time_limit` seconds no new request
+    starts (the rest fail as not run), so the run ends in bounded time whatever the server does."""
+    cfg.deadline = time.monotonic() + time_limit
     rng = random.Random(seed)
     asyncio.run(run(cfg, ["normal"] * min(4, cfg.concurrency), seed + 7))  # warm-up
     wait_released(cfg.url)
     before = scrape(cfg.url)
     clean, clean_s = asyncio.run(run(cfg, ["normal"] * clean_requests, seed + 1))
     gauges_clean = wait_released(cfg.url)
-    mixed, mixed_s = asyncio.run(run(cfg, mixed_kinds(requests, rng, bool(cfg.continuation_ids)), seed + 2))
+    health: list[float] = []
+    mixed, mixed_s = asyncio.run(run(cfg, mixed_kinds(requests, rng, bool(cfg.continuation_ids)), seed + 2, health))
     gauges = wait_released(cfg.url)
     server = metrics_delta(before, scrape(cfg.url))
 
@@ -391,6 +445,8 @@ def reliability(cfg: Config, requests: int, clean_requests: int, seed: int = 0,
         "adversarial_token_ids": len(cfg.continuation_ids), "clean_s": clean_s, "mixed_s": mixed_s,
         "normal_latency_clean_s": clean_p, "normal_latency_mixed_s": mixed_p, "p99_ratio": ratio,
         "kinds": by_kind, "gauges_after": gauges, "server_metrics": server, "checks": checks,
+        "health_ms": {"probes": len(health), "p50": percentile(health, 50) * 1000, "p99": percentile(health, 99) * 1000,
+                      "max": max(health, default=math.nan) * 1000},
         "clean_failures": [asdict(o) for o in clean if not o.ok][:5],
     }
 
@@ -412,6 +468,9 @@ def render(report: dict, title: str) -> str:
     c, m = report["normal_latency_clean_s"], report["normal_latency_mixed_s"]
     lines += ["", f"Normal requests' latency p50 / p99: clean {f(c[50])} / {f(c[99])} s, mixed {f(m[50])} / "
                   f"{f(m[99])} s: p99 ratio {f(report['p99_ratio'])}x.",
+              f"/health during the mixed run ({report['health_ms']['probes']} probes): p50 "
+              f"{f(report['health_ms']['p50'], 1)} ms, p99 {f(report['health_ms']['p99'], 1)} ms, max "
+              f"{f(report['health_ms']['max'], 1)} ms (goal: < 100 ms).",
               f"Gauges after: {report['gauges_after']}.", "", "Checks:"]
     lines += [f"- {'PASS' if ok else 'FAIL'}: {name}" for name, ok in report["checks"].items()]
     return "\n".join(lines)
@@ -434,6 +493,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--header-timeout", type=float, default=5.0, help="the server's header timeout (passed to it)")
     p.add_argument("--body-timeout", type=float, default=10.0, help="the server's body timeout (passed to it)")
     p.add_argument("--max-latency-ratio", type=float, default=2.0)
+    p.add_argument("--request-timeout", type=float, default=300.0,
+                   help="seconds before a request still running is dropped and counted as failed")
+    p.add_argument("--time-limit", type=float, default=float("inf"),
+                   help="seconds for both runs; requests not started by then fail as not run")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     p.add_argument("--server-args", default="", help="more flags for fastlfm serve, as one string")
@@ -450,6 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if (args.model is None) == (args.url is None):
         build_parser().error("give a MODEL to serve or --url of a running server (one of them)")
+    exit_on_sigterm()
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     server, folder = None, None
@@ -470,11 +534,12 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = Tokenizer.from_pretrained(resolve_model_dir(args.tokenizer or folder))
         model = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
         cfg = Config(url, model, args.concurrency, args.max_tokens, args.adversarial_tokens, args.max_request_bytes,
-                     args.header_timeout, args.body_timeout, continuation_byte_tokens(tokenizer))
+                     args.header_timeout, args.body_timeout, continuation_byte_tokens(tokenizer),
+                     request_timeout=args.request_timeout)
         if not cfg.continuation_ids:
             print("warning: the tokenizer has no single-byte tokens: no adversarial requests", file=sys.stderr)
         clean = args.clean_requests or round(args.requests * MIX["normal"])
-        report = reliability(cfg, args.requests, clean, args.seed, args.max_latency_ratio)
+        report = reliability(cfg, args.requests, clean, args.seed, args.max_latency_ratio, args.time_limit)
         if server is not None:
             report["sigterm_exit_s"] = server.stop()
             server = None

@@ -33,6 +33,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -354,6 +355,12 @@ class SpawnedServer:
         return time.monotonic() - started
 
 
+def exit_on_sigterm() -> None:
+    """SIGTERM (a stage's time limit) raises SystemExit, so that `finally` stops the server we started."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def free_port() -> int:
     import socket
 
@@ -423,6 +430,9 @@ def build_parser(prog: str = "fastlfm bench serve") -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default=None,
                    help="checkpoint folder or hub id to serve, or a shape: " + ", ".join(SHAPES))
     p.add_argument("--url", default=None, help="benchmark a running server instead of starting one")
+    p.add_argument("--label", default=None,
+                   help="the model's name in the report (default: MODEL or the URL); a shape name (LFM2-1.2B...) "
+                        "puts that shape's published peer figures beside ours")
     p.add_argument("--tokenizer", default=None,
                    help="folder (or hub id) with tokenizer.json for the prompts (default: the model's; needed with "
                         "--url)")
@@ -459,11 +469,12 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().error("give a MODEL to serve or --url of a running server (one of them)")
     if min(args.concurrency) < 1 or args.input_len < 2 or args.output_len < 1:
         build_parser().error("--concurrency, --input-len (>= 2) and --output-len must be positive")
+    exit_on_sigterm()
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     server = None
     folder = None
-    name = args.model or args.url
+    name = args.label or args.model or args.url
     try:
         if args.url is None:
             folder = prepare_checkpoint(args.model, args.checkpoint_dir)
@@ -487,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         warm = random_prompts(tokenizer, 2, args.input_len, seed=args.seed + 99, as_text=as_text)
         run_level(url, [_body(served["id"], p, 8) for p in warm], 2, 1, show_progress=False)
         report: dict[str, Any] = {
-            "model": name, "shape": args.model if args.model in SHAPES else None, "url": url,
+            "model": name, "shape": name if name in SHAPES else None, "url": url,
             "device": _device_name(args.device), "input_len": args.input_len, "output_len": args.output_len,
             "prompt_format": "text" if as_text else "ids", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "startup_s": server.startup_s if server else None, "levels": [],
@@ -510,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
             report["sigterm_exit_s"] = server.stop()
             server = None
         table = render_table(report)
-        stem = f"serve_{Path(name).name if args.url is None else 'url'}"
+        stem = f"serve_{Path(name).name if args.url is None or args.label else 'url'}"
         (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str))
         (out_dir / f"{stem}.md").write_text(table + "\n")
         print(table)
