@@ -2,15 +2,17 @@
 # Everything this project measures on the GPU machine, in one call (device tool):
 #   bash bench/device_run.sh [gpu.py args...]
 # Kernel checks, the projection-kernel tuner (bench/skinny_gemm.py --write-configs: the engine reads
-# its table), the text engine benchmark (bench/gpu.py), then LFM2-VL (bench/vl.py).
-# STAGES picks a subset ("kernels gemm gpu vl" by default); each stage runs under its own time limit
-# (KERNELS_S, GEMM_S, GPU_S, VL_S seconds) so one slow stage cannot eat a whole device call. Every
-# stage runs; the exit status says whether any failed.
+# its table), the text engine benchmark (bench/gpu.py), LFM2-VL (bench/vl.py), then the OpenAI
+# server over HTTP (bench/serve_stage.sh: bench/serve.py and bench/reliability.py; it needs the
+# server's wheels: run `bash bench/server_wheels.sh` here first and carry .whl).
+# STAGES picks a subset ("kernels gemm gpu vl serve" by default); each stage runs under its own time
+# limit (KERNELS_S, GEMM_S, GPU_S, VL_S, SERVE_S seconds) so one slow stage cannot eat a whole device
+# call. Every stage runs; the exit status says whether any failed.
 # Logs and tables go to $OUT (or /tmp/fastlfm-out).
 set -uo pipefail
 OUT=${OUT:-/tmp/fastlfm-out}; mkdir -p "$OUT"; export OUT
 export PYTHONPATH=src PYTHONUNBUFFERED=1
-STAGES=${STAGES:-kernels gemm gpu vl}
+STAGES=${STAGES:-kernels gemm gpu vl serve}
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 stage() { [[ " $STAGES " == *" $1 "* ]]; }
@@ -24,4 +26,5 @@ run_stage kernels "${KERNELS_S:-120}" python3 bench/check_kernels.py
 run_stage gemm "${GEMM_S:-240}" python3 bench/skinny_gemm.py --write-configs
 run_stage gpu "${GPU_S:-480}" python3 bench/gpu.py "$@"
 run_stage vl "${VL_S:-300}" python3 bench/vl.py
+run_stage serve "${SERVE_S:-480}" bash bench/serve_stage.sh
 exit $rc

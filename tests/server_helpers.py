@@ -24,9 +24,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -103,13 +107,14 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(app, timeout: float = 30.0):
-    """Run `app` under a real uvicorn server on 127.0.0.1 (own thread); yields the base URL."""
-    import uvicorn
+def running_server(app, timeout: float = 30.0, **server_options):
+    """Run `app` under a real uvicorn server on 127.0.0.1 (own thread), configured as `fastlfm serve`
+    configures it (`fastlfm.server.http.make_server`; `server_options` are its limits); yields the base URL."""
+    from fastlfm.server.http import make_server
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           timeout_graceful_shutdown=5))
+    server_options.setdefault("shutdown_timeout", 5)
+    server = make_server(app, host="127.0.0.1", port=port, log_level="warning", **server_options)
     thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout
@@ -122,6 +127,54 @@ def running_server(app, timeout: float = 30.0):
     finally:
         server.should_exit = True
         thread.join(timeout)
+
+
+@dataclass
+class SpawnedServer:
+    url: str
+    port: int
+    proc: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def spawned_server(folder, *flags: str, log_path: Path, timeout: float = 120.0,
+                   preexec_fn=None):
+    """`fastlfm serve FOLDER` in its own process (the console script's code path) on 127.0.0.1, CPU, fp32,
+    output to `log_path`; yields a SpawnedServer once /health answers. On exit: SIGTERM, then kill."""
+    import httpx
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "fastlfm.cli", "serve", str(folder), "--port", str(port), "--device", "cpu",
+           "--dtype", "float32", "--log-level", "warning", *flags]
+    log_file = open(log_path, "wb")
+    proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=preexec_fn,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"server did not start:\n{Path(log_path).read_text(errors='replace')[-3000:]}")
+            time.sleep(0.1)
+        yield SpawnedServer(url, port, proc, Path(log_path))
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log_file.close()
 
 
 @contextlib.contextmanager

@@ -308,3 +308,18 @@ def test_select_keeps_rows():
     ref = tensors([params[3], params[1]], [[4], [2]])
     for name in ("temperature", "seed_lo", "seed_hi", "step", "repetition_penalty", "seen"):
         assert torch.equal(getattr(sub, name), getattr(ref, name)), name
+
+
+@pytest.mark.parametrize("temperature", [9e-6, 1e-30, 1e-38, 1e-45, 5e-324])
+def test_temperatures_too_small_to_divide_by_are_greedy(temperature):
+    """Below MIN_TEMPERATURE the row is greedy: dividing float32 logits by 1e-38 gives inf (and by
+    1e-45 or 5e-324, inf and nan), which drew garbage instead of the argmax."""
+    from fastlfm.sampling import MIN_TEMPERATURE
+
+    assert temperature < MIN_TEMPERATURE
+    logits = random_logits(16, seed=8)
+    for kw in ({}, {"do_sample": True}, {"top_p": 0.9, "top_k": 5}):
+        params = [SamplingParams(temperature=temperature, seed=s, **kw) for s in range(16)]
+        assert not any(p.validate().sampling for p in params)
+        assert torch.equal(sample(logits, tensors(params)).token_ids, logits.argmax(-1))
+    assert SamplingParams(temperature=MIN_TEMPERATURE).sampling

@@ -4,6 +4,7 @@
     fastlfm chat MODEL [--system TEXT] [sampling flags]     (/reset, /exit; output streamed)
     fastlfm train ...                                        (see `fastlfm train --help`)
     fastlfm serve MODEL ...                                  (see `fastlfm serve --help`)
+    fastlfm bench serve MODEL|--url URL ...                  (see `fastlfm bench serve --help`)
 
 MODEL is a checkpoint folder, a Hugging Face hub id, or `demo`. Errors are one line on
 stderr: exit status 2 for bad flags or values, 1 for a model that cannot be found or
@@ -20,6 +21,7 @@ from typing import Any, NoReturn
 _DELEGATED = {
     "train": ("fastlfm.train", "main", "fine-tune a model (SFT) on chat data"),
     "serve": ("fastlfm.server", "main", "serve a model behind an OpenAI-compatible HTTP API"),
+    "bench": ("fastlfm.server.benchmark", "bench_main", "benchmarks: `bench serve` measures the server over HTTP"),
 }
 
 

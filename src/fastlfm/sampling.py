@@ -42,14 +42,20 @@ import torch
 from .ops import host_to_device
 
 __all__ = ["SamplingParams", "SamplingTensors", "SamplerOutput", "sample", "apply_penalties", "filter_logits",
-           "resolve_params", "eos_token_ids"]
+           "resolve_params", "eos_token_ids", "MIN_TEMPERATURE"]
+
+#: Temperatures below this are greedy (argmax), whatever `do_sample` says. Below it a draw is the
+#: argmax unless two logits are within ~1e-5 of each other, and dividing float32 logits by a smaller
+#: temperature only gets closer to overflow: at 1e-38 they become inf and the draw is garbage.
+MIN_TEMPERATURE = 1e-5
 
 
 @dataclass
 class SamplingParams:
     """How to pick tokens for one request (HF and OpenAI names).
 
-    `do_sample=None` means: sample iff `temperature > 0` (temperature 0 is greedy).
+    `do_sample=None` means: sample iff `temperature > 0` (temperature 0 is greedy). A temperature
+    below `MIN_TEMPERATURE` (1e-5), 0 excepted, is also greedy: too small to divide by safely.
     `stop_token_ids` end generation like the model's eos ids (`eos_token_ids`), which the
     engine always adds; `ignore_eos` ignores both. `logprobs`: None = none; n >= 0 = the
     chosen token's logprob plus the top n. Text: `skip_special_tokens` leaves special tokens
@@ -76,10 +82,11 @@ class SamplingParams:
 
     @property
     def sampling(self) -> bool:
-        """True when tokens are drawn at random, False for greedy (argmax)."""
+        """True when tokens are drawn at random, False for greedy (argmax): temperatures below
+        MIN_TEMPERATURE are greedy."""
         if self.do_sample is None:
-            return self.temperature > 0
-        return bool(self.do_sample) and self.temperature > 0
+            return self.temperature >= MIN_TEMPERATURE
+        return bool(self.do_sample) and self.temperature >= MIN_TEMPERATURE
 
     def validate(self, vocab_size: int | None = None) -> SamplingParams:
         """Raise ValueError naming the first bad field and its value; return self."""

@@ -12,6 +12,9 @@ import logging
 import os
 import sys
 
+from .http import (DEFAULT_BODY_TIMEOUT, DEFAULT_HEADER_TIMEOUT, DEFAULT_KEEP_ALIVE_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
+                   DEFAULT_SHUTDOWN_TIMEOUT)
+
 __all__ = ["main", "build_parser"]
 
 
@@ -40,6 +43,24 @@ def build_parser(prog: str = "fastlfm serve") -> argparse.ArgumentParser:
                    help="largest image accepted, data: URL or fetched (default 20 MiB)")
     p.add_argument("--image-fetch-timeout", type=float, default=10.0,
                    help="seconds allowed to download one remote image (default 10)")
+    limits = p.add_argument_group("limits against slow and hostile clients")
+    limits.add_argument("--max-request-bytes", type=int, default=None,
+                        help="largest request body; larger ones get 413 before they are read (default 4 MiB, or for "
+                             "an image model enough for one image of --max-image-bytes as base64 + 1 MiB)")
+    limits.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT,
+                        help=f"seconds a client has to send a request's headers (default {DEFAULT_HEADER_TIMEOUT:g}); "
+                             "then 408 and disconnect")
+    limits.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT,
+                        help=f"seconds a client has to send a request's body once its headers arrived (default "
+                             f"{DEFAULT_BODY_TIMEOUT:g}); then 408 and disconnect")
+    limits.add_argument("--keep-alive-timeout", type=float, default=DEFAULT_KEEP_ALIVE_TIMEOUT,
+                        help=f"seconds an idle kept-alive connection stays open (default {DEFAULT_KEEP_ALIVE_TIMEOUT:g})")
+    limits.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                        help=f"open connections served (default {DEFAULT_MAX_CONNECTIONS}; lowered to fit the "
+                             "file-descriptor limit); beyond it requests get 503, except /health and /metrics")
+    limits.add_argument("--shutdown-timeout", type=float, default=DEFAULT_SHUTDOWN_TIMEOUT,
+                        help=f"on SIGTERM, seconds in-flight requests may finish (default {DEFAULT_SHUTDOWN_TIMEOUT:g}); "
+                             "then they are aborted and the server exits")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p
 
@@ -47,17 +68,18 @@ def build_parser(prog: str = "fastlfm serve") -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fastlfm serve``; returns the exit status."""
     args = build_parser().parse_args(argv)
-    for flag in ("port", "max_num_seqs", "max_model_len", "max_queue_len", "max_image_bytes"):
+    for flag in ("port", "max_num_seqs", "max_model_len", "max_queue_len", "max_image_bytes", "max_request_bytes",
+                 "max_connections"):
         value = getattr(args, flag)
         if value is not None and (value < 1 and flag != "max_queue_len" or value < 0):
             build_parser().error(f"--{flag.replace('_', '-')} must be positive, got {value}")
-    if args.image_fetch_timeout <= 0:
-        build_parser().error(f"--image-fetch-timeout must be positive, got {args.image_fetch_timeout}")
-
-    import uvicorn
+    for flag in ("image_fetch_timeout", "header_timeout", "body_timeout", "keep_alive_timeout", "shutdown_timeout"):
+        if not getattr(args, flag) > 0:
+            build_parser().error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
 
     from ..engine import AsyncLLMEngine
     from .app import DEFAULT_MAX_QUEUE_LEN, create_app
+    from .http import make_server
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -74,9 +96,14 @@ def main(argv: list[str] | None = None) -> int:
             allow_remote_images=args.allow_remote_images,
             max_image_bytes=args.max_image_bytes,
             image_fetch_timeout=args.image_fetch_timeout,
+            max_request_bytes=args.max_request_bytes,
         )
+        server = make_server(app, host=args.host, port=args.port, log_level=args.log_level,
+                             header_timeout=args.header_timeout, body_timeout=args.body_timeout,
+                             max_connections=args.max_connections, shutdown_timeout=args.shutdown_timeout,
+                             keep_alive_timeout=args.keep_alive_timeout)
     except (ValueError, OSError, RuntimeError) as e:  # CheckpointError is a ValueError
         print(f"fastlfm serve: error: {e}", file=sys.stderr)
         return 1
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    server.run()
     return 0

@@ -2,7 +2,13 @@
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models (+ /v1/models/{id}),
 GET /health, GET /metrics.  Every error, including FastAPI's own (bad JSON, bad fields,
-unknown route), is answered in the OpenAI error schema.
+unknown route), is answered in the OpenAI error schema, and counted once in /metrics by the
+status actually sent (the app's outermost layer watches every response).
+
+Request bodies are read up to `max_request_bytes` (FastAPI's max_body_size: a larger one is a
+413 as soon as that is known, from its Content-Length or while it streams in), then parsed,
+validated, templated and tokenized off the event loop (see `OpenAIServing.prepare_chat_body`),
+so /health and the streams of other clients never wait for a big request.
 
 A client that goes away stops its generation: streams are cancelled by Starlette when the
 connection drops, and non-streaming handlers watch for the disconnect themselves; either
@@ -13,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import time
@@ -26,8 +33,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from .errors import APIError, error_body, validation_error
+from .http import OVER_CAPACITY
 from .images import DEFAULT_FETCH_TIMEOUT, DEFAULT_MAX_IMAGE_BYTES, ImagePolicy
 from .metrics import ServerMetrics
 from .protocol import (
@@ -44,9 +53,101 @@ from .serving import OpenAIServing
 logger = logging.getLogger("fastlfm.server")
 
 DEFAULT_MAX_QUEUE_LEN = 1024
+_TEXT_REQUEST_BYTES = 4 * 1024 * 1024
+PROBE_PATHS = ("/health", "/metrics")  # still served on connections beyond the connection cap
 
-_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 429)}
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429)}
 _STREAM_DOC = {"text/event-stream": {"schema": {"type": "string"}}}
+
+
+def default_max_request_bytes(image_bytes: int | None) -> int:
+    """The default body cap: 4 MiB (a full 128k-token context is about 0.5 MB of text), or, for a
+    model that takes images, enough for one image of `image_bytes` as a base64 data: URL + 1 MiB."""
+    if image_bytes is None:
+        return _TEXT_REQUEST_BYTES
+    return max(_TEXT_REQUEST_BYTES, 4 * -(-image_bytes // 3) + 1024 * 1024)
+
+
+class _ClientGone(Exception):
+    """The client disconnected (or was disconnected) before its request body arrived."""
+
+
+async def read_body(request: Request) -> bytes:
+    """The request body (JSON only). Its size is capped by FastAPI's max_body_size (a 413, from the
+    Content-Length before anything is read, or once the bytes read pass the cap)."""
+    content_type = request.headers.get("content-type")
+    if content_type:
+        media = content_type.split(";", 1)[0].strip().lower()
+        if not (media == "application/json" or media.startswith("application/") and media.endswith("+json")):
+            raise APIError(415, f"The request body must be JSON (Content-Type: application/json), got {content_type!r}",
+                           code="unsupported_media_type")
+    try:
+        return await request.body()
+    except ClientDisconnect:
+        raise _ClientGone from None
+    except StarletteHTTPException as e:  # FastAPI's body-size limit, raised from the body's stream
+        if e.status_code == 413:
+            raise _too_large_error(request.app.state.max_request_bytes) from None
+        raise
+
+
+class _ServerApp(FastAPI):
+    """FastAPI plus the outermost layer of the app:
+    - every error response is counted once in /metrics, by the status sent, wherever it came from
+      (handlers, middleware, FastAPI itself);
+    - FastAPI's body-size limit answers a plain-text 413 (Starlette's RequestBodyLimitMiddleware
+      replaces any response to a request whose Content-Length is over the cap): it is rewritten
+      here into the OpenAI error schema, naming the limit, and the connection closed (the rest of
+      the body is not read);
+    - connections beyond the server's connection cap (flagged by the protocol, see http.py) get
+      a 503, except health probes."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        metrics: ServerMetrics = self.state.metrics
+        too_large = False
+
+        async def outer_send(message) -> None:
+            nonlocal too_large
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                # 499: the client went away first (counted as an aborted request, not an error sent).
+                if status >= 400 and status != 499:
+                    metrics.error(status)
+                if status == 413 and not _is_json(message.get("headers", ())):
+                    too_large = True
+                    response = _too_large(self.state.max_request_bytes)
+                    message = {**message, "headers": response.raw_headers}
+                    await send(message)
+                    await send({"type": "http.response.body", "body": response.body, "more_body": False})
+                    return
+            elif too_large:
+                return  # the plain-text body was replaced
+            await send(message)
+
+        limit = (scope.get("state") or {}).get(OVER_CAPACITY)
+        if limit is not None and scope["path"] not in PROBE_PATHS:
+            error = APIError(503, f"The server has reached its limit of {limit} open connections; retry later",
+                             code="too_many_connections", headers={"Retry-After": "1", "Connection": "close"})
+            await error.response()(scope, receive, outer_send)
+            return
+        await super().__call__(scope, receive, outer_send)
+
+
+def _is_json(headers) -> bool:
+    return any(k.lower() == b"content-type" and b"json" in v.lower() for k, v in headers)
+
+
+def _too_large_error(limit: int) -> APIError:
+    return APIError(413, f"The request body is larger than this server's limit of {limit} bytes "
+                         "(fastlfm serve --max-request-bytes)", code="request_too_large",
+                    headers={"Connection": "close"})  # the rest of the body is not read
+
+
+def _too_large(limit: int) -> Response:
+    return _too_large_error(limit).response()
 
 
 def create_app(
@@ -61,6 +162,7 @@ def create_app(
     allow_remote_images: bool = False,
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
     image_fetch_timeout: float = DEFAULT_FETCH_TIMEOUT,
+    max_request_bytes: int | None = None,
 ) -> FastAPI:
     """An OpenAI-compatible app over an `AsyncLLMEngine`.
 
@@ -70,6 +172,8 @@ def create_app(
     beyond that requests get 429. `shutdown_engine`: shut the engine down with the app.
     Images (LFM2-VL): base64 data: URLs always; http(s) URLs only with `allow_remote_images`,
     fetched within `image_fetch_timeout` seconds; either kind at most `max_image_bytes`.
+    Request bodies: at most `max_request_bytes` (default: `default_max_request_bytes`).
+    Serve it with `fastlfm.server.http.make_server` for the connection-level limits.
     """
     names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
     if not names or not all(isinstance(n, str) and n for n in names):
@@ -85,45 +189,57 @@ def create_app(
                          f"{image_fetch_timeout}")
     serving = OpenAIServing(engine, names, metrics, max_pending=max_concurrent + max_queue_len,
                             image_policy=ImagePolicy(allow_remote_images, max_image_bytes, image_fetch_timeout))
+    if max_request_bytes is None:
+        max_request_bytes = default_max_request_bytes(max_image_bytes if serving.processor is not None else None)
+    if max_request_bytes < 1:
+        raise ValueError(f"max_request_bytes must be positive, got {max_request_bytes}")
     started = int(time.time())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        yield
-        if shutdown_engine:
-            await engine.shutdown()
+        try:
+            yield
+        finally:
+            serving.close()
+            if shutdown_engine:
+                await engine.shutdown()
 
-    app = FastAPI(title="fastlfm OpenAI-compatible server", version=_version(), lifespan=lifespan)
+    app = _ServerApp(title="fastlfm OpenAI-compatible server", version=_version(), lifespan=lifespan,
+                     max_body_size=max_request_bytes)
     app.state.serving = serving
     app.state.metrics = metrics
     app.state.engine = engine
+    app.state.max_request_bytes = max_request_bytes
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
 
     # ------------------------------------------------------------------ errors
+    # (counted in /metrics by _ServerApp, from the status of the response sent)
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
-        metrics.error(exc.status)
         return exc.response()
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        metrics.error(400)
         return validation_error(exc).response()
+
+    @app.exception_handler(_ClientGone)
+    async def _gone(request: Request, exc: _ClientGone):
+        return Response(status_code=499)  # nobody is listening
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
-        metrics.error(exc.status_code)
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 404:
             message = f"Not found: {request.method} {request.url.path}"
+        elif exc.status_code == 413:  # FastAPI's max_body_size
+            return _too_large(max_request_bytes)
         return JSONResponse(error_body(exc.status_code, message), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        metrics.error(500)
         return JSONResponse(error_body(500, f"Internal server error: {type(exc).__name__}"), status_code=500)
 
     # ------------------------------------------------------------------ routes
@@ -147,25 +263,46 @@ def create_app(
     async def get_model(model_id: str) -> ModelCard:
         return card(serving.check_model(model_id))
 
+    # The bodies are read and parsed by the handlers (size cap, off the event loop); their
+    # schemas are documented through openapi_extra and added to the components by _openapi.
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse,
-              responses={**_ERRORS, 200: {"content": _STREAM_DOC}})
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
-        prep = await serving.prepare_chat_async(body)
-        if body.stream:
+              responses={**_ERRORS, 200: {"content": _STREAM_DOC}}, openapi_extra=_json_body(ChatCompletionRequest))
+    async def chat_completions(request: Request):
+        prep = await serving.prepare_chat_body(await read_body(request))
+        if prep.stream:
             stream, release = serving.start_stream(prep, chat=True)
             return SSEResponse(stream, on_close=release)
         return await _unless_disconnected(request, serving.chat_response(prep))
 
     @app.post("/v1/completions", response_model=CompletionResponse,
-              responses={**_ERRORS, 200: {"content": _STREAM_DOC}})
-    async def completions(body: CompletionRequest, request: Request):
-        prep = serving.prepare_completion(body)
-        if body.stream:
+              responses={**_ERRORS, 200: {"content": _STREAM_DOC}}, openapi_extra=_json_body(CompletionRequest))
+    async def completions(request: Request):
+        prep = await serving.prepare_completion_body(await read_body(request))
+        if prep.stream:
             stream, release = serving.start_stream(prep, chat=False)
             return SSEResponse(stream, on_close=release)
         return await _unless_disconnected(request, serving.completion_response(prep))
 
+    app.openapi = functools.partial(_openapi, app, (ChatCompletionRequest, CompletionRequest))
     return app
+
+
+def _json_body(model: type) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
+def _openapi(app: FastAPI, request_models: tuple[type, ...]) -> dict:
+    """FastAPI's schema plus the request bodies' schemas (the routes read their bodies themselves)."""
+    if app.openapi_schema is None:
+        schema = FastAPI.openapi(app)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in request_models:
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            for name, definition in body.pop("$defs", {}).items():
+                components.setdefault(name, definition)
+            components[model.__name__] = body
+    return app.openapi_schema
 
 
 class SSEResponse(StreamingResponse):

@@ -13,6 +13,7 @@ _TYPES = {
     401: "invalid_request_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     415: "invalid_request_error",
     422: "invalid_request_error",
@@ -52,7 +53,11 @@ def bad_request(message: str, param: str | None = None, code: str | None = "inva
 
 def validation_error(exc: RequestValidationError) -> APIError:
     """A 400 naming the offending field, from FastAPI's validation errors."""
-    errors = exc.errors()
+    return invalid_request(exc.errors())
+
+
+def invalid_request(errors: list[dict]) -> APIError:
+    """A 400 naming the offending field, from pydantic's error list (``ValidationError.errors()``)."""
     if not errors:
         return bad_request("Invalid request body")
     json_error = next((e for e in errors if e.get("type") == "json_invalid"), None)

@@ -19,14 +19,17 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import ConfigDict, TypeAdapter, ValidationError
+
 from ..sampling import SamplingParams
-from .errors import APIError, bad_request, error_body
+from .errors import APIError, bad_request, error_body, invalid_request
 from .images import ImagePolicy, check_url, decode_data_url, fetch_image, is_remote, open_image
 from .metrics import ServerMetrics
-from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
+from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, TokenIds
 from .tool_calls import TOOL_CALL_END, TOOL_CALL_START, StreamingToolCallParser, ToolCall, format_tool_calls
 
 # SamplingParams field -> request field, to name the field in errors raised by validate().
@@ -38,6 +41,50 @@ def sse(obj: Any) -> str:
 
 
 SSE_DONE = "data: [DONE]\n\n"
+
+
+# ----------------------------------------------------------------------------- request bodies
+# Request bodies are parsed and validated off the event loop, and big lists (messages, prompt
+# token ids) are validated in slices: one pydantic call holds the GIL for its whole duration
+# (100k messages took 0.5 s), which would stall the event loop just as running it there would.
+_SLICE = 1000
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_STRICT = ConfigDict(strict=True)
+_MESSAGES = TypeAdapter(list[ChatMessage], config=_STRICT)
+_TOKEN_IDS = TypeAdapter(TokenIds, config=_STRICT)
+_STRINGS = TypeAdapter(list[str], config=_STRICT)
+
+
+def parse_json_body(body: bytes) -> Any:
+    """The JSON value of a request body, or a 400 that says what is wrong with it."""
+    if not body.strip():
+        raise bad_request("The request body is empty: send a JSON object", code="invalid_json")
+    try:
+        return json.loads(body)
+    except RecursionError:
+        raise bad_request("Request body is not valid JSON: it is nested too deeply", code="invalid_json") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, and integers of more than 4300 digits
+        detail = "a number has too many digits" if "integer string conversion" in str(e) else str(e)
+        raise bad_request(f"Request body is not valid JSON: {detail}", code="invalid_json") from None
+
+
+def _validate(model: type, data: Any):
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise invalid_request(e.errors()) from None
+
+
+def _validate_slices(adapter: TypeAdapter, items: list, loc: tuple) -> list:
+    """`adapter.validate_python(items)`, `_SLICE` items per call; errors name the item's index."""
+    out: list = []
+    for start in range(0, len(items), _SLICE):
+        try:
+            out += adapter.validate_python(items[start:start + _SLICE])
+        except ValidationError as e:
+            raise invalid_request([{**err, "loc": (*loc, start + err["loc"][0], *err["loc"][1:])}
+                                   if err.get("loc") else err for err in e.errors()]) from None
+    return out
 
 
 # ----------------------------------------------------------------------------- one choice
@@ -171,6 +218,22 @@ class OpenAIServing:
         self.supports_tools = None not in self.tool_markers
         self.token_text = functools.lru_cache(maxsize=1 << 16)(
             lambda i: self.tokenizer.decode([i], skip_special_tokens=False))
+        self.max_token_bytes = _max_token_bytes(self.tokenizer)
+        self._live: set[str] = set()  # engine request ids being streamed from (for abort_all)
+        # Parsing, validation, templating and tokenization run here, off the event loop.
+        self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fastlfm-prepare")
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def abort_all(self) -> None:
+        """Abort every running engine request (shutdown): each response ends with what it has and
+        finish_reason "abort"."""
+        for request_id in list(self._live):
+            await self.engine.abort(request_id)
+
+    async def _off_loop(self, fn: Callable, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     # ------------------------------------------------------------------ validation helpers
     def check_model(self, name: str) -> str:
@@ -196,11 +259,15 @@ class OpenAIServing:
         if num_logprobs is not None:
             overrides["logprobs"] = num_logprobs
         if req.logit_bias:
-            bias = {int(k): float(v) for k, v in req.logit_bias.items()}
-            bad = [k for k in bias if k >= self.vocab_size]
-            if bad:
-                raise bad_request(f"logit_bias token id {bad[0]} is outside the vocabulary (size {self.vocab_size})",
-                                  param="logit_bias")
+            bias = {}
+            for key, value in req.logit_bias.items():
+                digits = key.lstrip("0") or "0"  # keys are ASCII digits (protocol); any count of them
+                token = int(digits) if len(digits) <= len(str(self.vocab_size)) else self.vocab_size
+                if token >= self.vocab_size:
+                    shown = key if len(key) <= 24 else f"{key[:12]}...{key[-6:]} ({len(key)} digits)"
+                    raise bad_request(f"logit_bias token id {shown} is outside the vocabulary (size {self.vocab_size})",
+                                      param="logit_bias")
+                bias[token] = bias.get(token, 0.0) + float(value)
             overrides["logit_bias"] = bias
         try:
             params = SamplingParams.from_generation_config(self.generation_config, **overrides)
@@ -224,14 +291,41 @@ class OpenAIServing:
                 param=what, code="context_length_exceeded")
         return requested if requested is not None else room
 
+    def _too_long(self, what: str, tokens: int, n_bytes: int | None = None) -> APIError:
+        size = f"at least {tokens} tokens ({n_bytes} bytes)" if n_bytes is not None else f"{tokens} tokens"
+        return APIError(
+            400, f"This model's maximum context length is {self.max_model_len} tokens. However, your {what} is {size} "
+                 f"long, which leaves no room for a completion. Please reduce the length of the {what}.",
+            param=what, code="context_length_exceeded")
+
+    def _check_text_size(self, text: str, what: str) -> None:
+        """Refuse a text whose size alone proves it longer than the context: a token stands for at
+        most `max_token_bytes` bytes of it, so this needs no tokenizing (seconds for megabytes)."""
+        if self.max_token_bytes is None:
+            return
+        n_bytes = len(text.encode("utf-8", "surrogatepass"))
+        if n_bytes // self.max_token_bytes >= self.max_model_len:
+            raise self._too_long(what, n_bytes // self.max_token_bytes, n_bytes)
+
+    def _encode(self, text: str, add_special_tokens: bool, what: str) -> list[int]:
+        """Token ids of `text`, refused as soon as it is known to be too long for the context."""
+        self._check_text_size(text, what)
+        if _SURROGATE.search(text):  # JSON allows "\ud800"; the tokenizer takes only valid Unicode
+            raise bad_request(f"The {what} is not valid Unicode: it contains a lone surrogate code point "
+                              "(U+D800-U+DFFF)", param=what)
+        # encode_batch releases the GIL while it tokenizes (encode does not), so the event loop runs on.
+        encoding = self.tokenizer.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0]
+        if len(encoding) >= self.max_model_len:  # before building a Python list of all its ids
+            raise self._too_long(what, len(encoding))
+        return encoding.ids
+
     def reserve(self, jobs: int) -> Callable[[], None]:
         """Count `jobs` generations against the capacity (429 when full); returns an
         idempotent release, called when the response is over whatever happened to it."""
         if jobs > self.max_pending:  # would never fit: a client error, not a busy server
             raise bad_request(f"The request needs {jobs} generations (prompts x n) but the server runs at most "
                               f"{self.max_pending} at once", param="n")
-        if self.pending + jobs > self.max_pending:
-            self.metrics.error(429)
+        if self.pending + jobs > self.max_pending:  # counted in /metrics with every other error response
             raise APIError(429, f"The server is at capacity ({self.max_pending} generations queued or running); "
                            "retry later", code="queue_full", headers={"Retry-After": "1"})
         self.pending += jobs
@@ -276,16 +370,60 @@ class OpenAIServing:
                 found.append((i, j, part.image_url.url, param))
         return found
 
-    async def prepare_chat_async(self, req: ChatCompletionRequest) -> _Prepared:
-        """`prepare_chat`, fetching remote images first (when allowed) and decoding and
-        preprocessing images off the event loop."""
+    # ------------------------------------------------------------------ request bodies
+    async def prepare_chat_body(self, body: bytes) -> _Prepared:
+        """Parse, validate and render a chat request body, off the event loop (remote images, when
+        allowed, are fetched on the loop in between)."""
+        step = await self._off_loop(self._chat_from_body, body)
+        if isinstance(step, _Prepared):
+            return step
+        req, remote = step
+        fetched = {(i, j): await fetch_image(url, param, self.image_policy) for i, j, url, param in remote}
+        return await self._off_loop(self.prepare_chat, req, fetched)
+
+    async def prepare_completion_body(self, body: bytes) -> _Prepared:
+        """Parse, validate and tokenize a text completion request body, off the event loop."""
+        return await self._off_loop(lambda: self.prepare_completion(self.parse_completion(body)))
+
+    def parse_chat(self, body: bytes) -> ChatCompletionRequest:
+        data = parse_json_body(body)
+        messages = data.get("messages") if isinstance(data, dict) else None
+        if not isinstance(messages, list) or len(messages) <= _SLICE:
+            return _validate(ChatCompletionRequest, data)
+        validated = _validate_slices(_MESSAGES, messages, ("messages",))
+        req = _validate(ChatCompletionRequest, {**data, "messages": validated[:1]})  # the rest is validated
+        req.messages = validated
+        return req
+
+    def parse_completion(self, body: bytes) -> CompletionRequest:
+        data = parse_json_body(body)
+        prompt = data.get("prompt") if isinstance(data, dict) else None
+        if not isinstance(prompt, list) or not prompt or isinstance(prompt[0], str) and len(prompt) <= _SLICE:
+            return _validate(CompletionRequest, data)
+        # Token ids: a prompt longer than the context is refused before its ids are validated.
+        if isinstance(prompt[0], list):
+            for i, ids in enumerate(prompt):
+                if isinstance(ids, list) and len(ids) >= self.max_model_len:
+                    raise self._too_long("prompt", len(ids))
+                if not isinstance(ids, list) or not ids:
+                    raise bad_request("Each prompt of a list of token-id prompts must be a non-empty list of token "
+                                      "ids", param=f"prompt.{i}")
+            validated = [_validate_slices(_TOKEN_IDS, ids, ("prompt", i)) for i, ids in enumerate(prompt)]
+        elif isinstance(prompt[0], str):
+            validated = _validate_slices(_STRINGS, prompt, ("prompt",))
+        else:
+            if len(prompt) >= self.max_model_len:
+                raise self._too_long("prompt", len(prompt))
+            validated = _validate_slices(_TOKEN_IDS, prompt, ("prompt",))
+        req = _validate(CompletionRequest, {**data, "prompt": "placeholder"})  # the prompt is validated
+        req.prompt = validated
+        return req
+
+    def _chat_from_body(self, body: bytes) -> _Prepared | tuple[ChatCompletionRequest, list]:
+        req = self.parse_chat(body)
         self.check_model(req.model)
-        parts = self._image_parts(req)
-        if not parts:
-            return self.prepare_chat(req)
-        fetched = {(i, j): await fetch_image(url, param, self.image_policy)
-                   for i, j, url, param in parts if is_remote(url)}
-        return await asyncio.to_thread(self.prepare_chat, req, fetched)
+        remote = [part for part in self._image_parts(req) if is_remote(part[2])]
+        return (req, remote) if remote else self.prepare_chat(req)
 
     def _load_images(self, req: ChatCompletionRequest, fetched: dict[tuple[int, int], bytes] | None) -> dict:
         images = {}
@@ -293,7 +431,7 @@ class OpenAIServing:
             if (i, j) in (fetched or {}):
                 raw = fetched[(i, j)]
             elif is_remote(url):
-                raise RuntimeError("remote images are fetched by prepare_chat_async")
+                raise RuntimeError("remote images are fetched by prepare_chat_body")
             else:
                 raw = decode_data_url(url, param, self.image_policy.max_bytes)
             images[(i, j)] = open_image(raw, param)
@@ -328,7 +466,7 @@ class OpenAIServing:
     def prepare_chat(self, req: ChatCompletionRequest,
                      fetched_images: dict[tuple[int, int], bytes] | None = None) -> _Prepared:
         """Validate and render a chat request. Image parts need an LFM2-VL model; remote ones
-        arrive in `fetched_images` (see `prepare_chat_async`)."""
+        arrive in `fetched_images` (see `prepare_chat_body`)."""
         model = self.check_model(req.model)
         if req.stream_options is not None and not req.stream:
             raise bad_request("stream_options is only allowed when stream is true", param="stream_options")
@@ -359,14 +497,15 @@ class OpenAIServing:
         try:
             rendered = self.tokenizer.apply_chat_template(
                 messages, tools=tools, add_generation_prompt=req.add_generation_prompt,
-                continue_final_message=req.continue_final_message, tokenize=not images, chat_template=template)
+                continue_final_message=req.continue_final_message, tokenize=False, chat_template=template)
         except Exception as e:  # template errors are caused by the conversation's shape
             raise bad_request(f"The chat template cannot render these messages: {e}", param="messages") from None
         image_inputs = None
         if images:
+            self._check_text_size(rendered, "messages")
             prompt_ids, image_inputs = self._expand_images(rendered, [images[k] for k in sorted(images)])
         else:
-            prompt_ids = rendered
+            prompt_ids = self._encode(rendered, add_special_tokens=False, what="messages")
         if not prompt_ids:
             raise bad_request("The rendered prompt is empty", param="messages")
         max_new = self._max_new_tokens(req.max_new_tokens, len(prompt_ids), "messages")
@@ -414,7 +553,7 @@ class OpenAIServing:
         jobs = []
         for p_idx, p in enumerate(prompts):
             if isinstance(p, str):
-                ids, text = self.tokenizer.encode(p, add_special_tokens=True), p
+                ids, text = self._encode(p, add_special_tokens=True, what="prompt"), p
             else:
                 bad = [t for t in p if t >= self.vocab_size]
                 if bad:
@@ -438,40 +577,45 @@ class OpenAIServing:
 
     async def _merged(self, prep: _Prepared) -> AsyncIterator[tuple[_Job, Any]]:
         """Outputs of all jobs as they come; cancelling the consumer aborts every job."""
-        if len(prep.jobs) == 1:
-            job = prep.jobs[0]
-            async with contextlib.aclosing(self._outputs(job)) as outputs:
-                async for out in outputs:
-                    yield job, out
-            return
-        queue: asyncio.Queue = asyncio.Queue()
-        done = object()
-
-        async def pump(job: _Job) -> None:
-            try:
+        ids = [job.request_id for job in prep.jobs]
+        self._live.update(ids)
+        try:
+            if len(prep.jobs) == 1:
+                job = prep.jobs[0]
                 async with contextlib.aclosing(self._outputs(job)) as outputs:
                     async for out in outputs:
-                        await queue.put((job, out))
-            except Exception as e:  # surfaced to the consumer, which ends the request
-                await queue.put((job, e))
-            finally:
-                await queue.put((job, done))
+                        yield job, out
+                return
+            queue: asyncio.Queue = asyncio.Queue()
+            done = object()
 
-        tasks = [asyncio.create_task(pump(job)) for job in prep.jobs]
-        remaining = len(tasks)
-        try:
-            while remaining:
-                job, item = await queue.get()
-                if item is done:
-                    remaining -= 1
-                elif isinstance(item, Exception):
-                    raise item
-                else:
-                    yield job, item
+            async def pump(job: _Job) -> None:
+                try:
+                    async with contextlib.aclosing(self._outputs(job)) as outputs:
+                        async for out in outputs:
+                            await queue.put((job, out))
+                except Exception as e:  # surfaced to the consumer, which ends the request
+                    await queue.put((job, e))
+                finally:
+                    await queue.put((job, done))
+
+            tasks = [asyncio.create_task(pump(job)) for job in prep.jobs]
+            remaining = len(tasks)
+            try:
+                while remaining:
+                    job, item = await queue.get()
+                    if item is done:
+                        remaining -= 1
+                    elif isinstance(item, Exception):
+                        raise item
+                    else:
+                        yield job, item
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
         finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            self._live.difference_update(ids)
 
     def _states(self, prep: _Prepared) -> dict[int, _ChoiceState]:
         return {job.index: _ChoiceState(self, prep.parse_tools) for job in prep.jobs}
@@ -613,7 +757,9 @@ class OpenAIServing:
             if prep.include_usage:
                 yield sse({**base, "choices": [], "usage": self._usage(prep, states)})
         except Exception as e:  # headers are sent: report in the stream, as OpenAI does
-            yield sse(_stream_error(e))
+            status, body = _stream_error(e)
+            self.metrics.error(status)
+            yield sse(body)
         finally:
             self._count_aborted(states)
         yield SSE_DONE
@@ -646,18 +792,36 @@ class OpenAIServing:
             if prep.include_usage:
                 yield sse({**base, "choices": [], "usage": self._usage(prep, states)})
         except Exception as e:
-            yield sse(_stream_error(e))
+            status, body = _stream_error(e)
+            self.metrics.error(status)
+            yield sse(body)
         finally:
             self._count_aborted(states)
         yield SSE_DONE
 
 
-def _stream_error(e: Exception) -> dict:
+def _stream_error(e: Exception) -> tuple[int, dict]:
+    """(status, OpenAI error body) of an error that ends a stream after its 200 was sent."""
     if isinstance(e, APIError):
-        return e.body()
+        return e.status, e.body()
     if isinstance(e, ValueError):
-        return error_body(400, str(e))
-    return error_body(500, f"Internal error during generation: {type(e).__name__}: {e}")
+        return 400, error_body(400, str(e))
+    return 500, error_body(500, f"Internal error during generation: {type(e).__name__}: {e}")
+
+
+def _max_token_bytes(tokenizer) -> int | None:
+    """An upper bound on the bytes of text one token stands for: the longest single-token text
+    (special tokens included) + 1 (decoders that drop a leading space). None when the tokenizer
+    normalizes text (then input bytes and token bytes need not correspond)."""
+    try:
+        backend = tokenizer.backend
+        if backend.normalizer is not None:
+            return None
+        size = backend.get_vocab_size(with_added_tokens=True)
+        texts = backend.decode_batch([[i] for i in range(size)], skip_special_tokens=False)
+    except Exception:  # a tokenizer without these: no size shortcut, tokenizing still bounds the work
+        return None
+    return max(len(t.encode("utf-8", "surrogatepass")) for t in texts) + 1
 
 
 def _model_vocab_size(engine) -> int:

@@ -1,0 +1,65 @@
+"""``fastlfm bench serve`` at a small scale on CPU: it starts the server, sends random-token
+prompts at two concurrencies and reports. Oracles: the server's own /metrics (generated tokens
+counted by the engine == tokens the clients were told they got == requests x output length,
+since ignore_eos), the server's prompt token counts (the random text tokenizes to the asked
+length), a hand computation of percentiles, and the published SGLang figures in the table."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fastlfm.server.benchmark import percentile, render_table
+from fastlfm.testing import tiny_config, write_checkpoint
+
+
+def test_percentile_by_hand():
+    assert percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5
+    assert percentile([1.0, 2.0, 3.0, 4.0], 99) == pytest.approx(3.97)
+    assert percentile([7.0], 99) == 7.0
+    assert percentile([], 50) != percentile([], 50)  # NaN
+
+
+def test_table_puts_sglang_published_figures_beside_ours():
+    level = {"concurrency": 100, "requests": 200, "completed": 200, "failed": 0, "output_tok_s": 29_800.0,
+             "output_tokens": 204_800, "ttft_ms": {"p50": 20.0, "p99": 80.0},
+             "itl_ms": {"p50": 3.0, "p99": 9.0}, "tpot_ms": {"p50": 3.1, "p99": 4.0}, "e2e_s": {"p50": 3.4, "p99": 3.9},
+             "server_metrics": {}}
+    report = {"model": "LFM2-1.2B", "shape": "LFM2-1.2B", "device": "NVIDIA H200", "input_len": 1024,
+              "output_len": 1024, "levels": [level]}
+    table = render_table(report)
+    row = next(line for line in table.splitlines() if line.startswith("| 100 |"))
+    assert "14,900" in row and "2.00x" in row  # 29,800 / 14,900
+    assert "c=100 output >= 40,000 tok/s: 29,800 NOT met" in table
+
+
+def test_bench_serve_small_scale_on_cpu(tmp_path):
+    folder = write_checkpoint(tmp_path / "ckpt", tiny_config(vocab_size=65536))  # the full-size test tokenizer
+    out = tmp_path / "out"
+    n, input_len, output_len = 3, 48, 12
+    cmd = [sys.executable, "-m", "fastlfm.cli", "bench", "serve", str(folder), "--device", "cpu", "--dtype",
+           "float32", "--input-len", str(input_len), "--output-len", str(output_len), "--concurrency", "1", "3",
+           "--num-prompts", str(n), "--output-dir", str(out), "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = json.loads((out / "serve_ckpt.json").read_text())
+    assert [lvl["concurrency"] for lvl in report["levels"]] == [1, 3]
+    for lvl in report["levels"]:
+        assert (lvl["requests"], lvl["completed"], lvl["failed"]) == (n, n, 0)
+        assert lvl["output_tokens"] == n * output_len
+        assert lvl["prompt_tokens_mean"] == input_len
+        server = lvl["server_metrics"]
+        assert server["fastlfm_generation_tokens_total"] == n * output_len
+        assert server["fastlfm_prompt_tokens_total"] == n * input_len
+        assert server["fastlfm_request_success_total{finished_reason=length}"] == n
+        assert not any(k.startswith("fastlfm_request_errors_total") for k in server)
+        assert server["fastlfm_kv_blocks_used"] == 0 and server["fastlfm_conv_slots_used"] == 0
+        assert 0 < lvl["ttft_ms"]["p50"] <= lvl["e2e_s"]["p50"] * 1000
+        assert lvl["itl_ms"]["p50"] > 0 and lvl["tpot_ms"]["p50"] > 0 and lvl["output_tok_s"] > 0
+    assert report["sigterm_exit_s"] is not None
+    table = (out / "serve_ckpt.md").read_text()
+    assert table.startswith("### fastlfm serve over HTTP") and "| 3 | 3/3 |" in table
+    assert table.strip() in proc.stdout
