@@ -164,6 +164,15 @@ class PagedContext(MixingContext):
         weight = proj if isinstance(proj, torch.Tensor) else proj.weight if can_fuse(proj) else None
         return weight if weight is not None and tuple(weight.shape) in self.fused_linear_shapes else None
 
+    # -- MoE experts -------------------------------------------------------------------
+    def moe_experts(self, x, expert_ids, expert_weights, gate_up, down):
+        if self.use_triton:
+            # Every step, decode (in the CUDA graph: a fixed grid, routing read on the device), prefill
+            # and mixed: the grouped kernels sort the tokens by expert on the device.
+            from .kernels import ops as kernel_ops
+            return kernel_ops.moe_experts_op(x, expert_ids, expert_weights, gate_up, down)
+        return super().moe_experts(x, expert_ids, expert_weights, gate_up, down)
+
     # -- short conv ---------------------------------------------------------------------
     def gated_short_conv(self, layer_idx, bcx, weight, bias):
         if self.decode_only and self.use_triton and weight.shape[-1] == 3:
