@@ -165,8 +165,8 @@ def check_qk_norm_rope(device, dtype, B=3, Hq=8, Hkv=2, d=64, seed=0) -> float:
 
 
 def moe_loop_reference(x, expert_ids, expert_weights, gate_up, down) -> torch.Tensor:
-    """The MoE experts token by token (independent of the kernels' sort and block schedule), rounding
-    where the model does: each projection, SiLU, * up, * weight; the k rows summed once."""
+    """The MoE experts pair by pair (independent of the kernels' sort and block schedule), rounding
+    where the model does: each projection, SiLU, * up, * weight. (T, k, D)."""
     I = down.shape[2]
     rows = []
     for t in range(x.shape[0]):
@@ -174,7 +174,7 @@ def moe_loop_reference(x, expert_ids, expert_weights, gate_up, down) -> torch.Te
         for e, w in zip(expert_ids[t].tolist(), expert_weights[t]):
             h = gate_up[e] @ x[t]
             per_slot.append((down[e] @ (torch.nn.functional.silu(h[:I]) * h[I:])) * w)
-        rows.append(torch.stack(per_slot).sum(0))
+        rows.append(torch.stack(per_slot))
     return torch.stack(rows)
 
 
@@ -192,9 +192,10 @@ def moe_cases(E, k, T, g):
 
 
 def check_moe(device, dtype, seed=0, E=16, D=96, I=80) -> float:
-    """The fused MoE kernels against a token-by-token loop: batch 1 (a decode step), a few tokens,
-    and enough tokens for the prefill tiles (BLOCK_M 64), each with random routing, an unused expert
-    and all tokens on one expert. D and I are not multiples of the tiles (masks)."""
+    """The fused MoE kernels against a pair-by-pair loop: batch 1 (a decode step), a few tokens, and
+    enough tokens for the prefill tiles (BLOCK_M 64), each with random routing, an unused expert and
+    all tokens on one expert; then more pairs than the align kernel takes (torch's sort). D and I are
+    not multiples of the tiles (masks)."""
     from fastlfm.engine.kernels import moe
 
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -203,15 +204,18 @@ def check_moe(device, dtype, seed=0, E=16, D=96, I=80) -> float:
     moe.POISON_BUFFERS = True
     errs = []
     try:
-        for T, k in ((1, 4), (7, 3), (300, 4)):
+        for T, k in ((1, 4), (7, 3), (300, 4), (moe.ALIGN_KERNEL_MAX_PAIRS // 4 + 5, 4)):
             x = 2 * rnd(T, D)
-            for name, ids in moe_cases(E, k, T, g).items():
+            cases = moe_cases(E, k, T, g)
+            if T * k > moe.ALIGN_KERNEL_MAX_PAIRS:
+                cases = {"random": cases["random"]}
+            for name, ids in cases.items():
                 ids = ids.to(device)
                 weights = torch.rand(T, k, generator=g).to(device=device, dtype=dtype)
                 out = moe.fused_moe(x, ids, weights, gate_up, down)
                 ref = moe_loop_reference(x, ids, weights, gate_up, down)
                 errs.append(rel_err(out, ref))
-                # every token's row on its own: a wrong or missing row cannot hide in the norm
+                # every pair's row on its own: a wrong or missing row cannot hide in the norm
                 row_errs = ((out.double() - ref.double()).norm(dim=-1) / ref.double().norm(dim=-1)).max()
                 errs.append(float(row_errs) / 10)
     finally:
@@ -219,20 +223,27 @@ def check_moe(device, dtype, seed=0, E=16, D=96, I=80) -> float:
     return max(errs)
 
 
-def check_moe_schedule() -> bool:
-    """The worst-case grid holds every routing: blocks needed <= max_blocks, for skewed and spread runs."""
-    from fastlfm.engine.kernels.moe import block_schedule, max_blocks
+def check_moe_schedule(device) -> bool:
+    """The worst-case grid holds every routing (blocks needed <= max_blocks, skewed and spread runs), and
+    the align kernel's sort and block table equal torch's sort and table (E not a power of two too)."""
+    from fastlfm.engine.kernels import moe
     from fastlfm.ops import sort_by_expert
 
     ok = True
     g = torch.Generator().manual_seed(0)
-    for E, k, T, bm in ((32, 4, 1, 16), (32, 4, 5, 16), (64, 4, 100, 16), (8, 2, 300, 64), (64, 8, 33, 16)):
+    for E, k, T, bm in ((32, 4, 1, 16), (32, 4, 5, 16), (64, 4, 100, 16), (8, 2, 300, 64), (64, 8, 33, 16),
+                        (40, 4, 77, 16), (64, 4, 1024, 16)):
         for ids in moe_cases(E, k, T, g).values():
-            _, ends = sort_by_expert(ids, E)
-            counts = torch.diff(ends.long(), prepend=torch.zeros(1, dtype=torch.long))
+            ids = ids.to(device)
+            order, ends = sort_by_expert(ids, E)
+            counts = torch.diff(ends.long(), prepend=torch.zeros(1, dtype=torch.long, device=device))
             need = int(((counts + bm - 1) // bm).sum())
-            expert, start = block_schedule(ends, T * k, bm)
-            ok &= need <= max_blocks(T * k, E, bm) == expert.numel() and int((expert >= 0).sum()) == need
+            expert, start = moe.block_schedule(ends, T * k, bm)
+            ok &= need <= moe.max_blocks(T * k, E, bm) == expert.numel() and int((expert >= 0).sum()) == need
+            got = moe.route_blocks(ids, E, bm)
+            live = expert >= 0  # a spare block's start is never read
+            ok &= all(torch.equal(a.long(), b.long()) for a, b in zip(got[:3], (order, ends, expert)))
+            ok &= torch.equal(got[3][live].long(), start[live].long())
     return ok
 
 
@@ -374,9 +385,10 @@ def main() -> int:
             good = all(e == e and e <= tol for e in errs)  # e == e: NaN fails
             ok &= good
             print(f"{name:24s} {str(dtype):15s} max rel err {max(errs):.2e} (tol {tol:.0e}) {'ok' if good else 'FAIL'}")
-    schedule_ok = check_moe_schedule()
+    schedule_ok = check_moe_schedule(args.device)
     ok &= schedule_ok
-    print(f"moe block schedule: worst-case grid holds every routing: {'ok' if schedule_ok else 'FAIL'}")
+    print(f"moe routing: worst-case grid holds every routing, align kernel = torch sort + table: "
+          f"{'ok' if schedule_ok else 'FAIL'}")
     if args.device == "cuda":
         time_attention_splits()
     for moe in (False, True):

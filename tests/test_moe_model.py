@@ -135,7 +135,7 @@ def test_routing_uses_bias_for_choice_only(pair):
 
 @pytest.mark.parametrize("tokens", [1, 6, 40])
 def test_grouped_experts_path(tokens, monkeypatch):
-    """ops.moe_swiglu_experts (sort by expert + two grouped GEMMs) against a token-by-token loop, with an
+    """ops.moe_swiglu_experts (sort by expert + two grouped GEMMs) against a pair-by-pair loop, with an
     expert that no token chooses and with every token on one expert; at inference it takes torch's
     grouped GEMM, never the per-expert fallback."""
     g = torch.Generator().manual_seed(tokens)
@@ -148,9 +148,9 @@ def test_grouped_experts_path(tokens, monkeypatch):
     scores[:, 2] = 2  # chosen by every token
     for ids in (unused, scores.topk(k, dim=-1).indices):
         weights = torch.rand(tokens, k, generator=g)
-        expected = torch.stack([sum(w * (down[e] @ (torch.nn.functional.silu(gate_up[e, :inter] @ x[t])
-                                                    * (gate_up[e, inter:] @ x[t])))
-                                    for e, w in zip(ids[t].tolist(), weights[t])) for t in range(tokens)])
+        expected = torch.stack([torch.stack([w * (down[e] @ (torch.nn.functional.silu(gate_up[e, :inter] @ x[t])
+                                                             * (gate_up[e, inter:] @ x[t])))
+                                             for e, w in zip(ids[t].tolist(), weights[t])]) for t in range(tokens)])
         # training (autograd): one GEMM per expert
         trained = ops.moe_swiglu_experts(x, ids, weights, gate_up.requires_grad_(), down)
         assert torch.allclose(trained, expected, atol=1e-4, rtol=1e-5)

@@ -174,13 +174,13 @@ def grouped_linear_per_expert(x: torch.Tensor, weight: torch.Tensor, ends: torch
 
 def moe_swiglu_experts(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor,
                        gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """Each token's weighted sum over its chosen experts of down[e] (SiLU(g) * u), [g | u] = gate_up[e] x.
+    """For each token and each of its k chosen experts: weight * down[e] (SiLU(g) * u), [g | u] = gate_up[e] x.
 
     x (T, D); expert_ids, expert_weights (T, k); gate_up (E, 2I, D) = [w1; w3] per expert; down (E, D, I).
-    The T*k (token, expert) pairs are sorted by expert on the device, each projection is one grouped
-    GEMM over all experts, and the weighted rows go back to their pairs and are summed per token.
-    Rounds where transformers' per-expert loop does (each GEMM, SiLU, * up, * weight); the sum over
-    the k experts is one reduction.
+    Returns (T, k, D); the MoE layer's output is its sum over k (left to the caller, so that a compiled
+    step fuses it with the residual add). The T*k (token, expert) pairs are sorted by expert on the
+    device, each projection is one grouped GEMM over all experts, and the weighted rows go back to their
+    pairs. Rounds where transformers' per-expert loop does (each GEMM, SiLU, * up, * weight).
     """
     T, k = expert_ids.shape
     order, ends = sort_by_expert(expert_ids, gate_up.shape[0])
@@ -188,5 +188,4 @@ def moe_swiglu_experts(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights
     gate, up = h.chunk(2, dim=-1)
     y = grouped_linear(F.silu(gate) * up, down, ends)  # (T*k, D)
     y = y * expert_weights.reshape(-1)[order, None].to(y.dtype)
-    pairs = torch.empty_like(y).index_copy_(0, order, y)  # back in (token, slot) order
-    return pairs.view(T, k, -1).sum(1)
+    return torch.empty_like(y).index_copy_(0, order, y).view(T, k, -1)  # back in (token, slot) order

@@ -83,7 +83,8 @@ class MixingContext:
     def moe_experts(self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor,
                     gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
         """The routed SwiGLU experts of an MoE layer (ops.moe_swiglu_experts): x (T, D), each token's
-        k expert ids and weights (T, k), stacked weights gate_up (E, 2I, D) and down (E, D, I)."""
+        k expert ids and weights (T, k), stacked weights gate_up (E, 2I, D) and down (E, D, I); returns
+        each (token, expert) pair's weighted output (T, k, D)."""
         return moe_swiglu_experts(x, expert_ids, expert_weights, gate_up, down)
 
 

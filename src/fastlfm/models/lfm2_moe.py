@@ -102,8 +102,9 @@ class Lfm2MoeBlock(nn.Module):
         u = norm(x) if norm is not None else x
         tokens = u.reshape(-1, u.shape[-1])
         expert_ids, weights = self.route(tokens)
-        y = (ctx or PLAIN_OPS).moe_experts(tokens, expert_ids, weights, self.experts.gate_up_proj,
-                                           self.experts.down_proj).view(u.shape)
+        per_expert = (ctx or PLAIN_OPS).moe_experts(tokens, expert_ids, weights, self.experts.gate_up_proj,
+                                                    self.experts.down_proj)  # (tokens, k, D)
+        y = per_expert.sum(1).view(u.shape)
         return y if residual is None else residual + y
 
 

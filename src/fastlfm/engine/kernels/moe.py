@@ -1,18 +1,22 @@
-"""MoE experts in two Triton kernels that a CUDA graph can hold (fixed grid, routing read on the device).
+"""MoE experts in Triton kernels that a CUDA graph can hold (fixed grid, routing read on the device).
 
-The contract is ops.moe_swiglu_experts: each token's weighted sum over its k chosen experts of
-down[e] (SiLU(g) * u), [g | u] = gate_up[e] x. The (token, expert) pairs are sorted by expert on
-the device (ops.sort_by_expert), and each expert's run of rows is cut into blocks of BLOCK_M rows.
-How many blocks an expert gets depends on the routing, which a captured graph cannot know, so the
-grid is the worst case for T*k pairs (`max_blocks`) and a small table, also built on the device,
-gives each block its expert and first row; blocks past the last one exit at once. An expert that
-no token chose has no block and costs nothing.
+The contract is ops.moe_swiglu_experts: for each token and each of its k chosen experts, weight *
+down[e] (SiLU(g) * u), [g | u] = gate_up[e] x, as (T, k, D) rows (the caller sums over k, which
+torch.compile fuses with the residual add). The (token, expert) pairs are sorted by expert, and each
+expert's run of rows is cut into blocks of BLOCK_M rows. How many blocks an expert gets depends on
+the routing, which a captured graph cannot know, so the grid is the worst case for T*k pairs
+(`max_blocks`) and a table built on the device gives each block its expert and first row; blocks
+past the last one exit at once. An expert that no token chose has no block and costs nothing.
 
+  align kernel (decode-sized steps, <= ALIGN_KERNEL_MAX_PAIRS pairs): the sort by expert (a stable
+    counting sort) and the block table in one single-program launch. A decode step runs this per
+    MoE layer, where torch's sort + searchsorted + table arithmetic would be some 25 small kernels.
+    Larger steps (prefill) sort with torch.
   gate_up kernel: one program per (block, BLOCK_N columns of I): the block's rows of x (gathered
     by token) times the expert's gate and up rows, both tiles in one K loop, then SiLU(g) * u
     into `inter`, still in expert order.
   down kernel: the block's rows of `inter` times the expert's down rows, times each pair's routing
-    weight, written to the pair's row (token * k + slot); the k rows of a token are summed after.
+    weight, written to the pair's row (token * k + slot).
 Values round where the reference rounds (each GEMM's output, SiLU, * up, * weight), so only the
 GEMMs' accumulation order differs. fp32 inputs use IEEE fp32 dots (no TF32).
 """
@@ -102,6 +106,63 @@ def _down_kernel(Inter, W, PairOut, RouteW, Order, BlockExpert, BlockStart, Ends
 POISON_BUFFERS = False
 
 
+@triton.jit
+def _align_kernel(ExpertIds, Order, Ends, BlockExpert, BlockStart, num_pairs, num_experts, num_blocks,
+                  BLOCK_M: tl.constexpr, EXPERTS: tl.constexpr, CHUNK: tl.constexpr):
+    """One program: the pairs' stable order by expert, each expert's run end, and the block table."""
+    e = tl.arange(0, EXPERTS)  # num_experts rounded up to a power of two
+    counts = tl.zeros([EXPERTS], tl.int32)
+    for c0 in range(0, num_pairs, CHUNK):
+        p = c0 + tl.arange(0, CHUNK)
+        ids = tl.load(ExpertIds + p, mask=p < num_pairs, other=-1)
+        counts += tl.sum((ids[:, None] == e[None, :]).to(tl.int32), 0)
+    ends = tl.cumsum(counts, 0)
+    tl.store(Ends + e, ends, mask=e < num_experts)
+    # Each pair's place: its expert's start + pairs of that expert before it (earlier chunks: `seen`;
+    # this chunk: an exclusive running count).
+    seen = ends - counts
+    for c0 in range(0, num_pairs, CHUNK):
+        p = c0 + tl.arange(0, CHUNK)
+        ids = tl.load(ExpertIds + p, mask=p < num_pairs, other=-1)
+        hit = (ids[:, None] == e[None, :]).to(tl.int32)
+        place = tl.sum(hit * (seen[None, :] + tl.cumsum(hit, 0) - hit), 1)
+        tl.store(Order + place, p, mask=p < num_pairs)
+        seen += tl.sum(hit, 0)
+    blocks = (counts + BLOCK_M - 1) // BLOCK_M
+    block_end = tl.cumsum(blocks, 0)
+    row_of_block0 = (ends - counts) - (block_end - blocks) * BLOCK_M  # first row of block b: this + b * BLOCK_M
+    for b0 in range(0, num_blocks, CHUNK):
+        b = b0 + tl.arange(0, CHUNK)
+        owner = tl.sum((block_end[None, :] <= b[:, None]).to(tl.int32), 1)  # experts whose blocks end before b
+        first = tl.sum(tl.where(e[None, :] == owner[:, None], row_of_block0[None, :], 0), 1) + b * BLOCK_M
+        live = owner < num_experts
+        tl.store(BlockExpert + b, tl.where(live, owner, -1), mask=b < num_blocks)
+        tl.store(BlockStart + b, tl.where(live, first, 0), mask=b < num_blocks)
+
+
+ALIGN_KERNEL_MAX_PAIRS = 4096  # decode steps up to 1024 sequences at top-4
+
+
+def route_blocks(expert_ids: torch.Tensor, num_experts: int, block_m: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(order, ends, block_expert, block_start): the pairs of expert_ids (T, k) sorted by expert (pair
+    indices), each expert's run end, and each block's expert (-1: spare) and first row."""
+    num_pairs = expert_ids.numel()
+    if num_pairs > ALIGN_KERNEL_MAX_PAIRS:
+        order, ends = sort_by_expert(expert_ids, num_experts)
+        return (order, ends, *block_schedule(ends, num_pairs, block_m))
+    dev = expert_ids.device
+    blocks = max_blocks(num_pairs, num_experts, block_m)
+    order = torch.empty(num_pairs, dtype=torch.int32, device=dev)
+    ends = torch.empty(num_experts, dtype=torch.int32, device=dev)
+    block_expert = torch.empty(blocks, dtype=torch.int32, device=dev)
+    block_start = torch.empty(blocks, dtype=torch.int32, device=dev)
+    padded = triton.next_power_of_2(num_experts)
+    _align_kernel[(1,)](expert_ids.reshape(-1), order, ends, block_expert, block_start, num_pairs, num_experts,
+                        blocks, BLOCK_M=block_m, EXPERTS=padded, CHUNK=max(16, 4096 // padded), num_warps=4)
+    return order, ends, block_expert, block_start
+
+
 def max_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
     """Blocks of block_m rows that T*k = num_pairs pairs can need, whatever the routing: each expert with
     c rows takes ceil(c / block_m) <= c // block_m + 1 blocks, and every block holds at least one row."""
@@ -140,9 +201,10 @@ def default_config(num_pairs: int) -> dict:
 
 def fused_moe(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor, gate_up: torch.Tensor,
               down: torch.Tensor, config: dict | None = None) -> torch.Tensor:
-    """ops.moe_swiglu_experts in two kernels. x (T, D) rows with unit stride; expert_ids, expert_weights
+    """ops.moe_swiglu_experts in Triton. x (T, D) rows with unit stride; expert_ids, expert_weights
     (T, k); gate_up (E, 2I, D), down (E, D, I), each expert's matrix row-major. `config`: BLOCK_M and
-    per-kernel BLOCK_N, BLOCK_K, num_warps, num_stages (default: `default_config`). Returns (T, D)."""
+    per-kernel BLOCK_N, BLOCK_K, num_warps, num_stages (default: `default_config`). Returns (T, k, D):
+    each pair's weighted expert output."""
     T, D = x.shape
     E, two_i, _ = gate_up.shape
     I = two_i // 2
@@ -155,11 +217,10 @@ def fused_moe(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.T
         raise ValueError("fused_moe: x and the expert weights need unit stride along their last dim")
     num_pairs = T * k
     if num_pairs == 0:
-        return x.new_zeros((T, D))
+        return x.new_zeros((T, k, D))
     cfg = config or default_config(num_pairs)
     block_m = cfg["BLOCK_M"]
-    order, ends = sort_by_expert(expert_ids, E)
-    block_expert, block_start = block_schedule(ends, num_pairs, block_m)
+    order, ends, block_expert, block_start = route_blocks(expert_ids, E, block_m)
     blocks = block_expert.numel()
     inter = x.new_empty((num_pairs, I))
     pair_out = x.new_empty((num_pairs, D))
@@ -173,4 +234,4 @@ def fused_moe(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.T
     _down_kernel[(blocks, triton.cdiv(D, dn["BLOCK_N"]))](
         inter, down, pair_out, expert_weights.reshape(-1).to(x.dtype), order, block_expert, block_start, ends,
         D, I, down.stride(0), down.stride(1), BLOCK_M=block_m, IEEE=ieee, **dn)
-    return pair_out.view(T, k, D).sum(1)
+    return pair_out.view(T, k, D)
