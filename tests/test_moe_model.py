@@ -242,3 +242,19 @@ def test_moe_config_without_layer_types_is_an_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="needs `layer_types`"):
         load_model(tmp_path)
+
+
+def test_bf16_model_keeps_fp32_expert_bias_and_routes_in_fp32(small_folder):
+    """The expert bias is a float32 buffer in any dtype (spec §5.2), and the choice of experts is made in
+    float32 from the bf16 weights: bf16 rounding of near-equal scores does not pick the experts."""
+    model = load_model(small_folder, dtype=torch.bfloat16)
+    block = model.model.layers[2].feed_forward
+    assert block.expert_bias.dtype == torch.float32 and block.gate.weight.dtype == torch.bfloat16
+    x = torch.randn(64, model.config.hidden_size, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    with torch.no_grad():
+        ids, weights = block.route(x)
+        scores = torch.sigmoid(x.float() @ block.gate.weight.float().t())
+        want = torch.topk(scores + block.expert_bias, model.config.num_experts_per_tok).indices
+        w = scores.gather(1, want)
+    assert torch.equal(ids, want)
+    assert weights.dtype == torch.bfloat16 and torch.equal(weights, (w / (w.sum(-1, keepdim=True) + 1e-6)).bfloat16())

@@ -116,6 +116,7 @@ def load_state_dict_into(model: torch.nn.Module, folder: Path, dtype: torch.dtyp
         name for name, p in model.named_parameters()}
     loaded: dict[str, torch.Tensor] = {}
     parts: dict[str, tuple[list[str], int]] = {}  # tensors loaded in parts: checkpoint names, values written
+    keep_fp32 = tuple(getattr(model, "keep_in_fp32", ()))  # name endings loaded as float32 whatever `dtype`
     unexpected = []
     for file in safetensors_files(folder):
         with safe_open(str(file), framework="pt", device="cpu") as f:
@@ -125,7 +126,8 @@ def load_state_dict_into(model: torch.nn.Module, folder: Path, dtype: torch.dtyp
                     if key not in expected:
                         unexpected.append(f"{key} (in {file.name})")
                         continue
-                    to_dtype = dtype if tensor.is_floating_point() else None
+                    to_dtype = (torch.float32 if keep_fp32 and key.endswith(keep_fp32) else dtype) \
+                        if tensor.is_floating_point() else None
                     if part:
                         if key in loaded and key not in parts:
                             raise CheckpointError(f"{file.name}: {name!r} is a part of {key!r}, which the "
@@ -212,7 +214,8 @@ class PretrainedMixin:
 
     A model class sets `config_class` and may define `sanitize(name, tensor)` to map
     checkpoint names to its modules, `checkpoint_tensors(name, tensor)` for the way back
-    (save_pretrained), and `reset_buffers(device)` on submodules whose
+    (save_pretrained), `keep_in_fp32` (name endings of tensors that stay float32 whatever the
+    dtype), and `reset_buffers(device)` on submodules whose
     non-persistent buffers must be rebuilt after loading on the meta device.
     """
 

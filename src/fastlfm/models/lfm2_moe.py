@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import ConfigError, Lfm2Config
@@ -86,15 +87,20 @@ class Lfm2MoeBlock(nn.Module):
             self.expert_bias = None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(tokens, D) -> chosen expert ids (tokens, k) and their weights (tokens, k)."""
-        logits = self.gate(x)
+        """(tokens, D) -> chosen expert ids (tokens, k) and their weights (tokens, k), in x's dtype.
+
+        In float32 throughout (logits, scores, bias, top-k, weights): in bf16, experts whose scores
+        differ by less than bf16's resolution (~0.004 near 0.5, common among 32-64 experts) would be
+        chosen by rounding, and the compiled engine and the eager model round differently.
+        (transformers rounds the logits and scores to the model dtype; in float32 the two agree.)"""
+        logits = F.linear(x.float(), self.gate.weight.float())
         scores = logits.sigmoid()
-        choice = scores if self.expert_bias is None else scores + self.expert_bias
+        choice = scores if self.expert_bias is None else scores + self.expert_bias.float()
         experts = choice.topk(self.top_k, dim=-1).indices
-        weights = scores.gather(1, experts).type_as(logits)
+        weights = scores.gather(1, experts)
         if self.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-6)
-        return experts, weights * self.scale
+        return experts, (weights * self.scale).to(x.dtype)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext | None = None, norm: nn.Module | None = None,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -114,6 +120,7 @@ _STACKED = re.compile(r"(.*\.experts)\.(gate_up_proj|down_proj)")
 
 class Lfm2MoeForCausalLM(Lfm2ForCausalLM):
     config_class = Lfm2MoeConfig
+    keep_in_fp32 = ("expert_bias",)  # a float32 buffer in the checkpoint (spec §5.2), whatever the dtype
 
     def __init__(self, config: Lfm2MoeConfig):
         def feed_forward(i: int) -> nn.Module:

@@ -231,8 +231,7 @@ def random_model(config: dict[str, Any], device: str | torch.device = "cpu", dty
             model = cls(cfg)
     finally:
         torch.set_default_dtype(default)
-    model.to_empty(device=device)
-    model.to(dtype)  # buffers too (the expert bias), as from_pretrained(dtype=...) leaves them
+    model.to_empty(device=device)  # parameters in `dtype`; buffers as the model made them (fp32 expert bias)
     gen = torch.Generator(device=device).manual_seed(seed)
     std = cfg.initializer_range
     with torch.no_grad():
