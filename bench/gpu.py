@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -465,11 +465,26 @@ def timed(fn):
 
 
 def free_device_memory():
+    """Drop what a deleted engine or model left: compiled graphs hold their tensors until dynamo forgets them."""
     import gc
 
+    torch._dynamo.reset()
     gc.collect()
     if DEV == "cuda":
         torch.cuda.empty_cache()
+
+
+def fp32_copy(model):
+    """The model's weights in float32 (the exact-arithmetic judge), made in place on the device: no bf16 copy."""
+    with torch.device("meta"):
+        model32 = type(model)(model.config)
+    model32.to_empty(device=DEV)
+    model32.load_state_dict(model.state_dict())  # copy_ converts bf16 -> fp32 tensor by tensor
+    for module in model32.modules():
+        if hasattr(module, "reset_buffers"):
+            module.reset_buffers(torch.device(DEV))
+    model32.tie_weights()
+    return model32.eval()
 
 
 def hf_moe_peer(model, config: dict):
@@ -509,9 +524,7 @@ def check_moe_correctness(engine, model, sizes: MoeSizes, notes, judge_fp32: boo
                 continue
             k = next(j for j, (a, b) in enumerate(zip(o.token_ids, ref)) if a != b)
             if judge_fp32 and model32 is None:
-                import copy
-
-                model32 = copy.deepcopy(model).float()
+                model32 = fp32_copy(model)
             if model32 is not None:
                 tie, margins = divergence(model32, ps[i], ref, ref_logits, k, o.token_ids[k])
                 (near_tie if tie else other).append((i, k, *margins))
@@ -526,6 +539,11 @@ def check_moe_correctness(engine, model, sizes: MoeSizes, notes, judge_fp32: boo
     del model32
     free_device_memory()
     return ok
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for both MoE kernels
+MOE_TILE_TRIALS = ((16, 32, 128, 4, 4), (16, 64, 128, 4, 3), (16, 16, 256, 4, 3), (32, 64, 128, 4, 3),
+                   (32, 32, 128, 4, 4), (64, 64, 64, 4, 3))
 
 
 def time_moe_layer(model, bw, notes, tokens=(1, 16, 128, 4096)) -> None:
@@ -543,19 +561,51 @@ def time_moe_layer(model, bw, notes, tokens=(1, 16, 128, 4096)) -> None:
         x = torch.randn(T, gate_up.shape[2], device=DEV, dtype=gate_up.dtype)
         with torch.no_grad():
             ids, w = block.route(x)
-        hit = int(ids.unique().numel())
-        times = {}
-        for label, fn in (("triton", lambda: fused_moe(x, ids, w, gate_up, down)),
-                          ("grouped_mm", lambda: moe_swiglu_experts(x, ids, w, gate_up, down))):
-            try:
-                times[label] = 1e3 * triton.testing.do_bench_cudagraph(fn)
-            except Exception as e:  # not capturable: plain launches
-                log(f"{label} at {T} tokens not graph-capturable ({type(e).__name__}); timing without a graph")
-                times[label] = 1e3 * triton.testing.do_bench(fn)
+            hit = int(ids.unique().numel())
+            triton_moe = lambda: fused_moe(x, ids, w, gate_up, down)  # noqa: E731
+            graph_us = 1e3 * triton.testing.do_bench_cudagraph(triton_moe)  # as in the engine's decode graphs
+            triton_us = 1e3 * triton.testing.do_bench(triton_moe)
+            # (grouped_mm is timed without a graph: it is not the engine's path, and a capture it cannot
+            # take would leave this process's CUDA state in doubt for the models after this one)
+            grouped_us = 1e3 * triton.testing.do_bench(lambda: moe_swiglu_experts(x, ids, w, gate_up, down))
         notes.append(f"MoE layer {tuple(gate_up.shape)} / {tuple(down.shape)}, {T} tokens ({hit} experts hit): "
-                     f"Triton {times['triton']:.1f} us, grouped_mm {times['grouped_mm']:.1f} us; weight-read floor "
-                     f"{1e6 * hit * per_expert / bw:.1f} us")
+                     f"Triton {graph_us:.1f} us in a CUDA graph, {triton_us:.1f} us launched; torch grouped_mm path "
+                     f"{grouped_us:.1f} us launched; weight-read floor {1e6 * hit * per_expert / bw:.1f} us")
         log(notes[-1])
+        if T in (1, 128):  # other tiles for the next session's tuning (kernels/moe.default_config is untuned)
+            tried = []
+            for bm, bn, bk, warps, stages in MOE_TILE_TRIALS:
+                tiles = dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+                cfg = dict(BLOCK_M=bm, gate_up=tiles, down=tiles)
+                try:
+                    us = 1e3 * triton.testing.do_bench_cudagraph(lambda: fused_moe(x, ids, w, gate_up, down, cfg))
+                    tried.append(f"M{bm} N{bn} K{bk} w{warps} s{stages}: {us:.1f}")
+                except Exception as e:  # e.g. out of shared memory
+                    tried.append(f"M{bm} N{bn} K{bk} w{warps} s{stages}: {type(e).__name__}")
+            notes.append(f"MoE layer, {T} tokens, other tiles (us, CUDA graph): " + "; ".join(tried))
+            log(notes[-1])
+
+
+def llm_throughput(model, config, engine_kw, reqs, params, name, notes) -> float:
+    """Output tok/s of LLM(model, tokenizer).generate(reqs) (warm: after a cold run of the same shapes)."""
+    from fastlfm.llm import LLM
+    from fastlfm.testing.tokenizer_files import write_tokenizer_files
+
+    tok_dir = Path(f"/tmp/fastlfm-moe-tokenizer-{config['vocab_size']}")
+    if not (tok_dir / "tokenizer.json").exists():
+        write_tokenizer_files(tok_dir, vocab_size=config["vocab_size"])
+    t = time.perf_counter()
+    llm = LLM(model, tokenizer=str(tok_dir), engine_options=engine_kw)
+    greedy = dict(temperature=0.0, ignore_eos=True)
+    llm.generate(reqs[:2], SamplingParams(max_new_tokens=4, **greedy))  # builds the engine (compile, graphs)
+    notes.append(f"{name}: LLM ready in {time.perf_counter() - t:.1f}s")
+    log(notes[-1])
+    llm.generate(reqs, params)  # cold run of these shapes
+    results, dt = timed(lambda: llm.generate(reqs, params))
+    assert all(len(r.token_ids) == params.max_new_tokens and isinstance(r.text, str) for r in results)
+    notes.append(f"{name}: LLM.generate throughput run {dt:.2f} s warm (text detokenized for every request)")
+    log(notes[-1])
+    return len(reqs) * params.max_new_tokens / dt
 
 
 def bench_moe_model(name, bw, flops, args, rows, notes) -> bool:
@@ -563,9 +613,7 @@ def bench_moe_model(name, bw, flops, args, rows, notes) -> bool:
     decode + TTFT, 100 x 1k/1k throughput through LLM.generate with the tokenizer attached and through
     the raw engine, prefill, memory; transformers on the same weights; limits from the weights the
     *active* experts read. LFM2-24B-A2B: batch 1, TTFT and memory only (--moe-full for all)."""
-    from fastlfm.llm import LLM
     from fastlfm.testing import random_model
-    from fastlfm.testing.tokenizer_files import write_tokenizer_files
 
     tiny = args.tiny
     sizes = TINY_MOE if tiny else MoeSizes()
@@ -582,10 +630,12 @@ def bench_moe_model(name, bw, flops, args, rows, notes) -> bool:
                         if ".experts." not in n) + (expert_b / model.dtype.itemsize) * k / E
     log(f"{name}: random {dtype} weights on {DEV} in {time.perf_counter() - t:.1f}s: {(dense_b + expert_b) / 1e9:.2f} GB, "
         f"active per token {(dense_b + expert_b * k / E) / 1e9:.2f} GB ({active_params / 1e9:.2f}B params)")
-    engine_kw = dict(max_num_seqs=args.max_num_seqs, max_model_len=sizes.max_model_len,
+    # batch 1 only (24B-A2B without --moe-full): a short ladder of decode graphs to capture and compile
+    engine_kw = dict(max_num_seqs=args.max_num_seqs if full else min(args.max_num_seqs, 8), max_model_len=sizes.max_model_len,
                      max_num_batched_tokens=sizes.batched_tokens, compile=args.compile and DEV == "cuda")
-    if DEV == "cuda":
-        engine_kw["gpu_memory_utilization"] = args.moe_gpu_memory_utilization
+    if DEV == "cuda":  # the weights + a KV pool of about args.moe_kv_gib (100 x 2k tokens of 8B-A1B: 2.4 GiB)
+        total = torch.cuda.get_device_properties(0).total_memory
+        engine_kw["gpu_memory_utilization"] = min(0.9, (dense_b + expert_b + args.moe_kv_gib * 2**30) / total)
 
     # raw engine (token ids in and out)
     t = time.perf_counter()
@@ -596,6 +646,8 @@ def bench_moe_model(name, bw, flops, args, rows, notes) -> bool:
     ok = check_moe_correctness(engine, model, sizes, notes, judge_fp32=not tiny and name == "LFM2-8B-A1B")
     if args.correctness_only:
         return ok
+    if DEV == "cuda":  # the peak of the measured runs (not of the fp32 judge's copy)
+        torch.cuda.reset_peak_memory_stats()
     p = prompts(1, sizes.b1_prompt, 2)[0]
     ttft, b1 = batch1_decode(engine, p, sizes.b1_new)
     floor_b1 = bw / (dense_b + expert_b * k / E)
@@ -642,21 +694,11 @@ def bench_moe_model(name, bw, flops, args, rows, notes) -> bool:
     # the user path: LLM.generate with the tokenizer attached
     thr_user = float("nan")
     if full:
-        tok_dir = Path(f"/tmp/fastlfm-moe-tokenizer-{config['vocab_size']}")
-        if not (tok_dir / "tokenizer.json").exists():
-            write_tokenizer_files(tok_dir, vocab_size=config["vocab_size"])
-        t = time.perf_counter()
-        llm = LLM(model, tokenizer=str(tok_dir), engine_options=engine_kw)
-        llm.generate(reqs[:2], SamplingParams(max_new_tokens=4, **greedy))  # builds the engine (compile, graphs)
-        notes.append(f"{name}: LLM ready in {time.perf_counter() - t:.1f}s")
-        log(notes[-1])
-        llm.generate(reqs, thr_params)  # cold run of these shapes
-        results, dt = timed(lambda: llm.generate(reqs, thr_params))
-        assert all(len(r.token_ids) == sizes.thr_new and isinstance(r.text, str) for r in results)
-        thr_user = n_out / dt
-        notes.append(f"{name}: LLM.generate throughput run {dt:.2f} s warm (text detokenized for every request)")
-        log(notes[-1])
-        del llm, results
+        try:
+            thr_user = llm_throughput(model, config, engine_kw, reqs, thr_params, name, notes)
+        except Exception as e:  # keep the run's other numbers
+            notes.append(f"{name}: LLM.generate throughput failed: {type(e).__name__}: {str(e)[:300]}")
+            log(notes[-1])
         free_device_memory()
 
     # transformers on the same weights
@@ -723,10 +765,11 @@ def main():
     ap.add_argument("--correctness-only", action="store_true", help="build each engine, check its tokens, stop")
     ap.add_argument("--hf-moe-tokens", type=int, default=32, help="new tokens per transformers generate() of an MoE model")
     ap.add_argument("--moe-full", action="store_true", help="LFM2-24B-A2B: also throughput and prefill")
-    ap.add_argument("--moe-gpu-memory-utilization", type=float, default=0.6)
+    ap.add_argument("--moe-kv-gib", type=float, default=24, help="MoE engines: GiB of memory for the KV pool + activations")
     ap.add_argument("--no-moe-kernel-ab", action="store_true", help="skip timing one MoE layer (Triton vs grouped_mm)")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the MoE benchmark (with --tiny)")
     ap.add_argument("--tiny", action="store_true", help="MoE models at a tiny width and workload (CPU smoke run)")
+    ap.add_argument("--table", default="gpu_table.md", help="file name of the table under $OUT")
     args = ap.parse_args()
     torch.manual_seed(0)
     if args.device != "cuda":  # smoke run: the code paths, not the speed
@@ -743,14 +786,22 @@ def main():
     all_ok = True
     for name in args.models:
         if name in MOE_MODELS:
-            all_ok &= bench_moe_model(name, bw, flops, args, rows, notes)
+            try:
+                all_ok &= bench_moe_model(name, bw, flops, args, rows, notes)
+            except Exception as e:  # the next model still runs (its memory: freed below)
+                import traceback
+
+                traceback.print_exc()
+                notes.append(f"{name}: FAILED: {type(e).__name__}: {str(e)[:300]}")
+                all_ok = False
+            free_device_memory()
         else:
             all_ok &= bench_model(name, bw, flops, args, rows, notes)
         # The table so far after each model: a run cut short at its time limit keeps what it measured.
         table = render_table(dev, bw, flops, args, rows, notes)
         print("\n" + table, flush=True)
         if os.environ.get("OUT"):
-            Path(os.environ["OUT"], "gpu_table.md").write_text(table + "\n")
+            Path(os.environ["OUT"], args.table).write_text(table + "\n")
     sys.exit(0 if all_ok else 1)
 
 

@@ -181,27 +181,30 @@ def block_schedule(ends: torch.Tensor, num_pairs: int, block_m: int) -> tuple[to
     expert = torch.searchsorted(block_ends, b, right=True)  # E past the last block
     e = expert.clamp(max=E - 1)
     first = starts[e] + (b - (block_ends[e] - blocks[e])) * block_m
-    return torch.where(expert < E, expert, -1).to(torch.int32), first.to(torch.int32)
+    live = expert < E
+    return torch.where(live, expert, -1).to(torch.int32), torch.where(live, first, 0).to(torch.int32)
 
 
-def default_config(num_pairs: int) -> dict:
-    """Tile sizes by the number of (token, expert) rows: decode steps stream expert weights past a few
-    rows each (narrow tiles, more programs), prefill steps are GEMMs (wider tiles)."""
-    if num_pairs <= 64:
-        tiles = dict(BLOCK_M=16, gate_up=dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=4),
-                     down=dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=4))
-    elif num_pairs <= 1024:
-        tiles = dict(BLOCK_M=16, gate_up=dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3),
-                     down=dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3))
-    else:
-        tiles = dict(BLOCK_M=64, gate_up=dict(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
-                     down=dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3))
-    return tiles
+def default_config(num_pairs: int, num_experts: int) -> dict:
+    """Tile sizes by the rows an expert gets on average. Decode steps stream each chosen expert's weights
+    past a few rows: narrow N tiles (more programs), and BLOCK_M large enough that an expert's rows fit
+    one block, so its weights are read once (LFM2-8B-A1B at batch 100: 12.5 rows per expert, 32-row
+    blocks). Prefill steps are GEMMs: wider tiles. (Untuned: bench/gpu.py times alternatives.)"""
+    rows = num_pairs / num_experts
+    if rows <= 2:
+        return dict(BLOCK_M=16, gate_up=dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=4),
+                    down=dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=4))
+    if rows <= 32:
+        block_m = 16 if rows <= 8 else 32
+        return dict(BLOCK_M=block_m, gate_up=dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3),
+                    down=dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3))
+    return dict(BLOCK_M=64, gate_up=dict(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
+                down=dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3))
 
 
 def fused_moe(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor, gate_up: torch.Tensor,
               down: torch.Tensor, config: dict | None = None) -> torch.Tensor:
-    """ops.moe_swiglu_experts in Triton. x (T, D) rows with unit stride; expert_ids, expert_weights
+    """ops.moe_swiglu_experts in Triton. x (T, D); expert_ids, expert_weights
     (T, k); gate_up (E, 2I, D), down (E, D, I), each expert's matrix row-major. `config`: BLOCK_M and
     per-kernel BLOCK_N, BLOCK_K, num_warps, num_stages (default: `default_config`). Returns (T, k, D):
     each pair's weighted expert output."""
@@ -213,12 +216,13 @@ def fused_moe(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.T
         raise ValueError(f"fused_moe: x {tuple(x.shape)}, experts {tuple(expert_ids.shape)} / "
                          f"{tuple(expert_weights.shape)}, gate_up {tuple(gate_up.shape)}, down {tuple(down.shape)} "
                          "do not fit together")
-    if x.stride(1) != 1 or gate_up.stride(2) != 1 or down.stride(2) != 1:
-        raise ValueError("fused_moe: x and the expert weights need unit stride along their last dim")
+    if gate_up.stride(2) != 1 or down.stride(2) != 1:
+        raise ValueError("fused_moe: the expert weights need unit stride along their last dim")
+    x = x if x.stride(1) == 1 else x.contiguous()
     num_pairs = T * k
     if num_pairs == 0:
         return x.new_zeros((T, k, D))
-    cfg = config or default_config(num_pairs)
+    cfg = config or default_config(num_pairs, E)
     block_m = cfg["BLOCK_M"]
     order, ends, block_expert, block_start = route_blocks(expert_ids, E, block_m)
     blocks = block_expert.numel()
