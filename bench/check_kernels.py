@@ -164,16 +164,99 @@ def check_qk_norm_rope(device, dtype, B=3, Hq=8, Hkv=2, d=64, seed=0) -> float:
     return max(rel_err(out_q, ref_q), rel_err(out_k, ref_k))
 
 
-def tiny_engine_case(device, dtype=torch.float32):
-    """A tiny LFM2, four prompts, and the eager model's greedy tokens for them (the reference)."""
+def moe_loop_reference(x, expert_ids, expert_weights, gate_up, down) -> torch.Tensor:
+    """The MoE experts pair by pair (independent of the kernels' sort and block schedule), rounding
+    where the model does: each projection, SiLU, * up, * weight. (T, k, D)."""
+    I = down.shape[2]
+    rows = []
+    for t in range(x.shape[0]):
+        per_slot = []
+        for e, w in zip(expert_ids[t].tolist(), expert_weights[t]):
+            h = gate_up[e] @ x[t]
+            per_slot.append((down[e] @ (torch.nn.functional.silu(h[:I]) * h[I:])) * w)
+        rows.append(torch.stack(per_slot))
+    return torch.stack(rows)
+
+
+def moe_cases(E, k, T, g):
+    """Routings for T tokens: random (distinct experts per token), an expert that no token chooses,
+    all tokens choosing the same expert (a run longer than a block)."""
+    random_ids = torch.rand(T, E, generator=g).topk(k, dim=-1).indices
+    scores = torch.rand(T, E, generator=g)
+    scores[:, 5] = -1  # expert 5: never chosen
+    unused = scores.topk(k, dim=-1).indices
+    scores = torch.rand(T, E, generator=g)
+    scores[:, 2] = 2  # expert 2: chosen by every token
+    same = scores.topk(k, dim=-1).indices
+    return {"random": random_ids, "unused expert": unused, "all on one expert": same}
+
+
+def check_moe(device, dtype, seed=0, E=16, D=96, I=80) -> float:
+    """The fused MoE kernels against a pair-by-pair loop, with each tile config of default_config: batch 1
+    and a few tokens (narrow tiles), 6 and 10 rows per expert (BLOCK_M 16 / 32), enough for the prefill
+    tiles (BLOCK_M 64), each with random routing, an unused expert and all tokens on one expert; then
+    more pairs than the align kernel takes (torch's sort). D and I are not multiples of the tiles."""
+    from fastlfm.engine.kernels import moe
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    gate_up, down = rnd(E, 2 * I, D) / D**0.5, rnd(E, D, I) / I**0.5
+    moe.POISON_BUFFERS = True
+    errs = []
+    try:
+        for T, k in ((1, 4), (7, 3), (24, 4), (40, 4), (300, 4), (moe.ALIGN_KERNEL_MAX_PAIRS // 4 + 5, 4)):
+            x = 2 * rnd(T, D)
+            cases = moe_cases(E, k, T, g)
+            if T * k > moe.ALIGN_KERNEL_MAX_PAIRS:
+                cases = {"random": cases["random"]}
+            for name, ids in cases.items():
+                ids = ids.to(device)
+                weights = torch.rand(T, k, generator=g).to(device=device, dtype=dtype)
+                out = moe.fused_moe(x, ids, weights, gate_up, down)
+                ref = moe_loop_reference(x, ids, weights, gate_up, down)
+                errs.append(rel_err(out, ref))
+                # every pair's row on its own: a wrong or missing row cannot hide in the norm
+                row_errs = ((out.double() - ref.double()).norm(dim=-1) / ref.double().norm(dim=-1)).max()
+                errs.append(float(row_errs) / 10)
+    finally:
+        moe.POISON_BUFFERS = False
+    return max(errs)
+
+
+def check_moe_schedule(device) -> bool:
+    """The worst-case grid holds every routing (blocks needed <= max_blocks, skewed and spread runs), and
+    the align kernel's sort and block table equal torch's sort and table (E not a power of two too)."""
+    from fastlfm.engine.kernels import moe
+    from fastlfm.ops import sort_by_expert
+
+    ok = True
+    g = torch.Generator().manual_seed(0)
+    for E, k, T, bm in ((32, 4, 1, 16), (32, 4, 5, 16), (64, 4, 100, 16), (8, 2, 300, 64), (64, 8, 33, 16),
+                        (40, 4, 77, 16), (64, 4, 1024, 16)):
+        for ids in moe_cases(E, k, T, g).values():
+            ids = ids.to(device)
+            order, ends = sort_by_expert(ids, E)
+            counts = torch.diff(ends.long(), prepend=torch.zeros(1, dtype=torch.long, device=device))
+            need = int(((counts + bm - 1) // bm).sum())
+            expert, start = moe.block_schedule(ends, T * k, bm)
+            ok &= need <= moe.max_blocks(T * k, E, bm) == expert.numel() and int((expert >= 0).sum()) == need
+            got = moe.route_blocks(ids, E, bm)
+            ok &= all(torch.equal(a.long(), b.long()) for a, b in zip(got, (order, ends, expert, start)))
+    return ok
+
+
+def tiny_engine_case(device, dtype=torch.float32, moe=False):
+    """A tiny LFM2 (`moe`: LFM2-MoE, 32 experts, top-4), four prompts, and the eager model's greedy
+    tokens for them (the reference)."""
     import tempfile
 
-    from fastlfm.models import Lfm2ForCausalLM
-    from fastlfm.testing import tiny_config, write_checkpoint
+    from fastlfm.models import load_model
+    from fastlfm.testing import tiny_config, tiny_moe_config, write_checkpoint
 
-    folder = write_checkpoint(tempfile.mkdtemp(), tiny_config("LFM2-350M", hidden=128, heads=4, kv_heads=2),
-                              tokenizer=False)
-    model = Lfm2ForCausalLM.from_pretrained(folder, dtype=dtype, device=device)
+    config = tiny_moe_config(hidden_size=128, num_experts=32, num_experts_per_tok=4, moe_intermediate_size=64) \
+        if moe else tiny_config("LFM2-350M", hidden=128, heads=4, kv_heads=2)
+    folder = write_checkpoint(tempfile.mkdtemp(), config, tokenizer=False)
+    model = load_model(folder, dtype=dtype, device=device)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(10, 1000, (n,), generator=g).tolist() for n in (5, 40, 1, 23)]
     refs = []
@@ -210,13 +293,13 @@ def run_engine(engine, prompts) -> list[list[int]]:
     return [o.token_ids for o in outs]
 
 
-def check_engine(device) -> bool:
+def check_engine(device, moe=False) -> bool:
     """The engine with its Triton path (fused kernels in decode and mixed steps, the fused
-    projections on every shape, chunked prefill, async scheduling) gives the eager model's
-    greedy tokens (fp32: exactly)."""
+    projections on every shape, chunked prefill, async scheduling; `moe`: the grouped MoE kernels
+    in every step) gives the eager model's greedy tokens (fp32: exactly)."""
     from fastlfm.engine import LLMEngine
 
-    model, prompts, refs = tiny_engine_case(device)
+    model, prompts, refs = tiny_engine_case(device, moe=moe)
     engine = LLMEngine(model, max_num_seqs=4, max_model_len=64, max_num_batched_tokens=16, block_size=16,
                        num_kv_blocks=32, async_scheduling=True, enforce_eager=device == "cpu")
     use_triton_path(engine.runner, model)
@@ -224,7 +307,7 @@ def check_engine(device) -> bool:
     return run_engine(engine, prompts) == refs and run_engine(engine, prompts[1:2]) == refs[1:2]
 
 
-def check_compiled_decode(device) -> bool:
+def check_compiled_decode(device, moe=False) -> bool:
     """torch.compile traces a whole decode step as one graph (the kernels are custom ops, so
     there is no break at the mixing calls), and the compiled step, replayed on the graph
     path's static buffers, gives the eager model's greedy tokens."""
@@ -233,7 +316,8 @@ def check_compiled_decode(device) -> bool:
     from fastlfm.engine import LLMEngine
     from fastlfm.engine.kernels import ops  # noqa: F401 (registers the custom ops)
 
-    model, prompts, refs = tiny_engine_case(device)
+    dynamo.reset()
+    model, prompts, refs = tiny_engine_case(device, moe=moe)
     engine = LLMEngine(model, max_num_seqs=4, max_model_len=64, max_num_batched_tokens=16, block_size=16,
                        num_kv_blocks=32, async_scheduling=True, enforce_eager=True)
     runner = engine.runner
@@ -245,13 +329,15 @@ def check_compiled_decode(device) -> bool:
                    torch.full((B,), runner.padding_slot, dtype=torch.long, device=device))
     with torch.inference_mode():
         explained = dynamo.explain(runner._decode_forward)(*step_inputs)
-    print(f"decode step under torch.compile: {explained.graph_count} graph(s), {explained.graph_break_count} "
+    print(f"{'MoE ' if moe else ''}decode step under torch.compile: {explained.graph_count} graph(s), "
+          f"{explained.graph_break_count} "
           f"break(s) {[str(b.reason)[:120] for b in explained.break_reasons][:3]}")
     dynamo.reset()
     runner.decode_forward = torch.compile(runner._decode_forward, dynamic=True)
     runner.capture_graphs(B)  # CUDA graphs on a GPU; eager replays of the same buffers on CPU
     same = run_engine(engine, prompts) == refs and run_engine(engine, prompts[1:2]) == refs[1:2]
-    print(f"compiled decode graphs: greedy tokens {'equal' if same else 'DIFFER from'} the eager model's")
+    print(f"{'MoE ' if moe else ''}compiled decode graphs: greedy tokens {'equal' if same else 'DIFFER from'} "
+          "the eager model's")
     return same and explained.graph_count == 1 and explained.graph_break_count == 0
 
 
@@ -290,20 +376,27 @@ def main() -> int:
         tol = 1e-5 if dtype == torch.float32 else 1e-2
         checks = [("gated conv decode", check_conv), ("paged attention decode", check_attention),
                   ("fused decode linear", check_fused_linear), ("in_proj + gated conv", check_in_proj_gated_conv),
-                  ("qk-norm + rope", check_qk_norm_rope)]
+                  ("qk-norm + rope", check_qk_norm_rope), ("moe experts (grouped)", check_moe)]
         checks += [(f"  history in {n} splits", lambda *a, n=n, **k: check_attention(*a, splits=n, **k)) for n in (2, 8)]
         for name, fn in checks:
             errs = [fn(args.device, dtype, seed=s) for s in range(3)]
             good = all(e == e and e <= tol for e in errs)  # e == e: NaN fails
             ok &= good
             print(f"{name:24s} {str(dtype):15s} max rel err {max(errs):.2e} (tol {tol:.0e}) {'ok' if good else 'FAIL'}")
+    schedule_ok = check_moe_schedule(args.device)
+    ok &= schedule_ok
+    print(f"moe routing: worst-case grid holds every routing, align kernel = torch sort + table: "
+          f"{'ok' if schedule_ok else 'FAIL'}")
     if args.device == "cuda":
         time_attention_splits()
-    same = check_engine(args.device)
-    ok &= same
-    print(f"engine (Triton path, fp32) greedy tokens {'equal' if same else 'DIFFER from'} the eager model's")
+    for moe in (False, True):
+        same = check_engine(args.device, moe=moe)
+        ok &= same
+        print(f"{'LFM2-MoE ' if moe else ''}engine (Triton path, fp32) greedy tokens "
+              f"{'equal' if same else 'DIFFER from'} the eager model's")
     if args.compile:
-        ok &= check_compiled_decode(args.device)
+        for moe in (False, True):
+            ok &= check_compiled_decode(args.device, moe=moe)
     return 0 if ok else 1
 
 

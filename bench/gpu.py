@@ -1,6 +1,8 @@
-"""GPU benchmark of the engine vs transformers on random bf16 weights (LFM2-1.2B / 350M shapes).
+"""GPU benchmark of the engine vs transformers on random bf16 weights (LFM2-1.2B / 350M shapes; LFM2-8B-A1B
+and LFM2-24B-A2B, the MoE models, with weights made on the GPU: bench_moe_model).
 
 Run on a CUDA machine from the repo root:  PYTHONPATH=src python bench/gpu.py [--models ...]
+CPU smoke run of the MoE benchmark:  PYTHONPATH=src python bench/gpu.py --device cpu --tiny --models LFM2-8B-A1B
 Prints one table (fastlfm and the transformers peer measured in the same run, each with its
 ratio to the hardware limit) and writes it to $OUT/gpu_table.md when $OUT is set.
 
@@ -14,6 +16,7 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,7 +24,7 @@ import torch
 from fastlfm.engine import LLMEngine
 from fastlfm.models import Lfm2ForCausalLM
 from fastlfm.sampling import SamplingParams
-from fastlfm.testing import real_config, write_checkpoint
+from fastlfm.testing import real_config, real_moe_config, write_checkpoint
 
 DEV = "cuda"
 
@@ -31,7 +34,8 @@ def log(*a):
 
 
 def sync_time():
-    torch.cuda.synchronize()
+    if DEV == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter()
 
 
@@ -234,11 +238,11 @@ def host_breakdown(engine, run) -> str:
             + f", other {1e3 * (total - sum(spent.values())) / n:.2f} ms")
 
 
-def batch1_decode(engine, prompt) -> tuple[float, float]:
-    """One request of 512 new tokens after a warm-up: (time to first token s, decode tok/s after it)."""
+def batch1_decode(engine, prompt, new=512) -> tuple[float, float]:
+    """One request of `new` tokens after a warm-up: (time to first token s, decode tok/s after it)."""
     greedy = dict(temperature=0.0, ignore_eos=True)
     engine.generate([prompt], SamplingParams(max_new_tokens=16, **greedy))  # warm-up
-    engine.add_request(prompt, SamplingParams(max_new_tokens=512, **greedy), "b1")
+    engine.add_request(prompt, SamplingParams(max_new_tokens=new, **greedy), "b1")
     t0 = sync_time()
     t_first = None
     while engine.has_unfinished():
@@ -246,7 +250,7 @@ def batch1_decode(engine, prompt) -> tuple[float, float]:
             if t_first is None and o.new_token_ids:
                 t_first = time.perf_counter()
     t_end = time.perf_counter()
-    return t_first - t0, 511 / (t_end - t_first)
+    return t_first - t0, (new - 1) / (t_end - t_first)
 
 
 def bench_model(name, bw, flops, args, rows, notes):
@@ -410,6 +414,344 @@ def bench_model(name, bw, flops, args, rows, notes):
     return ok
 
 
+# ----------------------------------------------------------------------------- LFM2-MoE (issue 17)
+MOE_MODELS = ("LFM2-8B-A1B", "LFM2-24B-A2B")
+
+
+@dataclass
+class MoeSizes:
+    """Workload of the MoE benchmark: the real one on a GPU, a tiny one for a CPU smoke run (--tiny)."""
+    b1_prompt: int = 128
+    b1_new: int = 512
+    thr_requests: int = 100
+    thr_prompt: int = 1024
+    thr_new: int = 1024
+    pre_requests: int = 32
+    pre_len: int = 2048
+    check_new: int = 32
+    max_model_len: int = 4096
+    batched_tokens: int = 16384
+
+
+TINY_MOE = MoeSizes(b1_prompt=16, b1_new=24, thr_requests=4, thr_prompt=24, thr_new=8, pre_requests=2, pre_len=48,
+                    check_new=6, max_model_len=128, batched_tokens=64)
+
+
+def moe_config(name: str, tiny: bool) -> dict:
+    """The released layout; --tiny: the same layer pattern, experts and top-k at a small width."""
+    if not tiny:
+        return real_moe_config(name)
+    return real_moe_config(name, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                           num_attention_heads=4, num_key_value_heads=2, torch_dtype="float32")
+
+
+def moe_weight_bytes(model) -> tuple[float, float, int, int]:
+    """(bytes of all non-expert weights, bytes of all expert weights, experts per layer, top-k); tied weights once."""
+    params = {id(p): (n, p) for n, p in model.named_parameters()}.values()
+    expert = sum(p.numel() * p.element_size() for n, p in params if ".experts." in n)
+    dense = sum(p.numel() * p.element_size() for n, p in params if ".experts." not in n)
+    return dense, expert, model.config.num_experts, model.config.num_experts_per_tok
+
+
+def experts_read_fraction(batch: int, num_experts: int, top_k: int) -> float:
+    """Expected fraction of a layer's experts that a decode step of `batch` tokens reads (uniform routing)."""
+    return 1.0 if batch > 1000 else 1 - (1 - top_k / num_experts) ** batch
+
+
+def timed(fn):
+    t = sync_time()
+    out = fn()
+    return out, sync_time() - t
+
+
+def free_device_memory():
+    """Drop what a deleted engine or model left: compiled graphs hold their tensors until dynamo forgets them."""
+    import gc
+
+    torch._dynamo.reset()
+    gc.collect()
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+
+
+def fp32_copy(model):
+    """The model's weights in float32 (the exact-arithmetic judge), made in place on the device: no bf16 copy."""
+    with torch.device("meta"):
+        model32 = type(model)(model.config)
+    model32.to_empty(device=DEV)
+    model32.load_state_dict(model.state_dict())  # copy_ converts bf16 -> fp32 tensor by tensor
+    for module in model32.modules():
+        if hasattr(module, "reset_buffers"):
+            module.reset_buffers(torch.device(DEV))
+    model32.tie_weights()
+    return model32.eval()
+
+
+def hf_moe_peer(model, config: dict):
+    """transformers' Lfm2MoeForCausalLM on the same weights (our tensors assigned: no second copy once built)."""
+    import transformers
+
+    cfg = transformers.AutoConfig.for_model(**config)
+    with torch.device(DEV):
+        hf = transformers.AutoModelForCausalLM.from_config(cfg, dtype=model.dtype)
+    ours = model.state_dict()
+    missing = set(hf.state_dict()) ^ set(ours)
+    if missing:
+        raise RuntimeError(f"parameter names differ from transformers {transformers.__version__}: {sorted(missing)[:6]}")
+    hf.load_state_dict(ours, assign=True, strict=True)
+    hf.tie_weights()
+    return hf.eval()
+
+
+@torch.no_grad()
+def check_moe_correctness(engine, model, sizes: MoeSizes, notes, judge_fp32: bool) -> bool:
+    """Engine greedy tokens vs the eager model's (the grouped_mm path): 8 prompts as one batch, then two
+    alone. A divergence is a near-tie if the fp32 model (`judge_fp32`: a float32 copy of the weights)
+    puts the two tokens closer than the bf16 rounding error at that step (gpu.py's `divergence`)."""
+    n_new = sizes.check_new
+    lens = [min(n, sizes.max_model_len - n_new - 1) for n in (17, 64, 128, 5, 300, 33, 250, 90)]
+    ps = [p[:n] for p, n in zip(prompts(8, max(lens), 1), lens)]
+    params = SamplingParams(max_new_tokens=n_new, temperature=0.0, ignore_eos=True)
+    refs = [eager_greedy(model, p, n_new) for p in ps]
+    model32 = None
+    ok = True
+    for what, runs in (("batch 8", [ps]), ("batch 1", [[p] for p in ps[:2]])):
+        outs = [o for run in runs for o in engine.generate(run, params)]
+        exact, near_tie, other = 0, [], []
+        for i, (o, (ref, ref_logits)) in enumerate(zip(outs, refs)):
+            if o.token_ids == ref:
+                exact += 1
+                continue
+            k = next(j for j, (a, b) in enumerate(zip(o.token_ids, ref)) if a != b)
+            if judge_fp32 and model32 is None:
+                model32 = fp32_copy(model)
+            if model32 is not None:
+                tie, margins = divergence(model32, ps[i], ref, ref_logits, k, o.token_ids[k])
+                (near_tie if tie else other).append((i, k, *margins))
+            else:
+                other.append((i, k))
+        judged = "diverged after a near-tie (seq, step, bf16 margin, fp32 margin, bf16 error)" if judge_fp32 \
+            else "(no fp32 judge for this model) diverged at (seq, step)"
+        notes.append(f"correctness ({what}): {exact}/{len(outs)} identical; {judged}: {near_tie or other}"
+                     + (f"; real mismatches: {other}" if judge_fp32 else ""))
+        log(notes[-1])
+        ok &= not (judge_fp32 and other)
+    del model32
+    free_device_memory()
+    return ok
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for both MoE kernels
+MOE_TILE_TRIALS = ((16, 32, 128, 4, 4), (16, 64, 128, 4, 3), (16, 16, 256, 4, 3), (32, 64, 128, 4, 3),
+                   (32, 32, 128, 4, 4), (64, 64, 64, 4, 3))
+
+
+def time_moe_layer(model, bw, notes, tokens=(1, 16, 128, 4096)) -> None:
+    """One MoE layer's experts at the real shape: the Triton kernels (graph-captured, as in a decode step)
+    vs the model's grouped_mm path, and the weight-read floor of the experts the routing chose."""
+    import triton.testing
+
+    from fastlfm.engine.kernels.moe import fused_moe
+    from fastlfm.ops import moe_swiglu_experts
+
+    block = next(l.feed_forward for l in model.model.layers if hasattr(l.feed_forward, "experts"))
+    gate_up, down = block.experts.gate_up_proj, block.experts.down_proj
+    per_expert = (gate_up[0].numel() + down[0].numel()) * gate_up.element_size()
+    for T in tokens:
+        x = torch.randn(T, gate_up.shape[2], device=DEV, dtype=gate_up.dtype)
+        with torch.no_grad():
+            ids, w = block.route(x)
+            hit = int(ids.unique().numel())
+            triton_moe = lambda: fused_moe(x, ids, w, gate_up, down)  # noqa: E731
+            graph_us = 1e3 * triton.testing.do_bench_cudagraph(triton_moe)  # as in the engine's decode graphs
+            triton_us = 1e3 * triton.testing.do_bench(triton_moe)
+            # (grouped_mm is timed without a graph: it is not the engine's path, and a capture it cannot
+            # take would leave this process's CUDA state in doubt for the models after this one)
+            grouped_us = 1e3 * triton.testing.do_bench(lambda: moe_swiglu_experts(x, ids, w, gate_up, down))
+        notes.append(f"MoE layer {tuple(gate_up.shape)} / {tuple(down.shape)}, {T} tokens ({hit} experts hit): "
+                     f"Triton {graph_us:.1f} us in a CUDA graph, {triton_us:.1f} us launched; torch grouped_mm path "
+                     f"{grouped_us:.1f} us launched; weight-read floor {1e6 * hit * per_expert / bw:.1f} us")
+        log(notes[-1])
+        if T in (1, 128):  # other tiles for the next session's tuning (kernels/moe.default_config is untuned)
+            tried = []
+            for bm, bn, bk, warps, stages in MOE_TILE_TRIALS:
+                tiles = dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+                cfg = dict(BLOCK_M=bm, gate_up=tiles, down=tiles)
+                try:
+                    us = 1e3 * triton.testing.do_bench_cudagraph(lambda: fused_moe(x, ids, w, gate_up, down, cfg))
+                    tried.append(f"M{bm} N{bn} K{bk} w{warps} s{stages}: {us:.1f}")
+                except Exception as e:  # e.g. out of shared memory
+                    tried.append(f"M{bm} N{bn} K{bk} w{warps} s{stages}: {type(e).__name__}")
+            notes.append(f"MoE layer, {T} tokens, other tiles (us, CUDA graph): " + "; ".join(tried))
+            log(notes[-1])
+
+
+def llm_throughput(model, config, engine_kw, reqs, params, name, notes) -> float:
+    """Output tok/s of LLM(model, tokenizer).generate(reqs) (warm: after a cold run of the same shapes)."""
+    from fastlfm.llm import LLM
+    from fastlfm.testing.tokenizer_files import write_tokenizer_files
+
+    tok_dir = Path(f"/tmp/fastlfm-moe-tokenizer-{config['vocab_size']}")
+    if not (tok_dir / "tokenizer.json").exists():
+        write_tokenizer_files(tok_dir, vocab_size=config["vocab_size"])
+    t = time.perf_counter()
+    llm = LLM(model, tokenizer=str(tok_dir), engine_options=engine_kw)
+    greedy = dict(temperature=0.0, ignore_eos=True)
+    llm.generate(reqs[:2], SamplingParams(max_new_tokens=4, **greedy))  # builds the engine (compile, graphs)
+    notes.append(f"{name}: LLM ready in {time.perf_counter() - t:.1f}s")
+    log(notes[-1])
+    llm.generate(reqs, params)  # cold run of these shapes
+    results, dt = timed(lambda: llm.generate(reqs, params))
+    assert all(len(r.token_ids) == params.max_new_tokens and isinstance(r.text, str) for r in results)
+    notes.append(f"{name}: LLM.generate throughput run {dt:.2f} s warm (text detokenized for every request)")
+    log(notes[-1])
+    return len(reqs) * params.max_new_tokens / dt
+
+
+def bench_moe_model(name, bw, flops, args, rows, notes) -> bool:
+    """LFM2-MoE at the real shape (random bf16 weights made on the GPU): engine correctness, batch-1
+    decode + TTFT, 100 x 1k/1k throughput through LLM.generate with the tokenizer attached and through
+    the raw engine, prefill, memory; transformers on the same weights; limits from the weights the
+    *active* experts read. LFM2-24B-A2B: batch 1, TTFT and memory only (--moe-full for all)."""
+    from fastlfm.testing import random_model
+
+    tiny = args.tiny
+    sizes = TINY_MOE if tiny else MoeSizes()
+    full = name == "LFM2-8B-A1B" or args.moe_full
+    greedy = dict(temperature=0.0, ignore_eos=True)
+    config = moe_config(name, tiny)
+    dtype = torch.float32 if tiny else torch.bfloat16
+    t = time.perf_counter()
+    if DEV == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    model = random_model(config, DEV, dtype)
+    dense_b, expert_b, E, k = moe_weight_bytes(model)
+    active_params = sum(p.numel() for n, p in {id(p): (n, p) for n, p in model.named_parameters()}.values()
+                        if ".experts." not in n) + (expert_b / model.dtype.itemsize) * k / E
+    log(f"{name}: random {dtype} weights on {DEV} in {time.perf_counter() - t:.1f}s: {(dense_b + expert_b) / 1e9:.2f} GB, "
+        f"active per token {(dense_b + expert_b * k / E) / 1e9:.2f} GB ({active_params / 1e9:.2f}B params)")
+    # batch 1 only (24B-A2B without --moe-full): a short ladder of decode graphs to capture and compile
+    engine_kw = dict(max_num_seqs=args.max_num_seqs if full else min(args.max_num_seqs, 8), max_model_len=sizes.max_model_len,
+                     max_num_batched_tokens=sizes.batched_tokens, compile=args.compile and DEV == "cuda")
+    if DEV == "cuda":  # the weights + a KV pool of about args.moe_kv_gib (100 x 2k tokens of 8B-A1B: 2.4 GiB)
+        total = torch.cuda.get_device_properties(0).total_memory
+        engine_kw["gpu_memory_utilization"] = min(0.9, (dense_b + expert_b + args.moe_kv_gib * 2**30) / total)
+
+    # raw engine (token ids in and out)
+    t = time.perf_counter()
+    engine = LLMEngine(model, **engine_kw)
+    notes.append(f"{name}: engine ready in {time.perf_counter() - t:.1f}s ({'graphs+compile' if engine_kw['compile'] else 'graphs' if DEV == 'cuda' else 'eager'}); "
+                 f"{engine.block_manager.num_blocks} KV blocks of {engine.block_manager.block_size}")
+    log(notes[-1])
+    ok = check_moe_correctness(engine, model, sizes, notes, judge_fp32=not tiny and name == "LFM2-8B-A1B")
+    if args.correctness_only:
+        return ok
+    if DEV == "cuda":  # the peak of the measured runs (not of the fp32 judge's copy)
+        torch.cuda.reset_peak_memory_stats()
+    p = prompts(1, sizes.b1_prompt, 2)[0]
+    ttft, b1 = batch1_decode(engine, p, sizes.b1_new)
+    floor_b1 = bw / (dense_b + expert_b * k / E)
+    if DEV == "cuda":
+        replay_ms = graph_replay_ms(engine.runner.graphs[1], 100)
+        notes.append(f"{name}: batch-1 step {1e3 / b1:.3f} ms wall, graph replay alone {replay_ms:.3f} ms, "
+                     f"active-weight read floor {1e3 / floor_b1:.3f} ms")
+        log(notes[-1])
+        if args.profile_decode:
+            notes.append(f"{name}: batch-1 graph replay, GPU time by kernel: "
+                         + kernel_profile(engine.runner.graphs[1].replay, name, "b1"))
+            log(notes[-1])
+    reqs = prompts(sizes.thr_requests, sizes.thr_prompt, 3)
+    n_out = sizes.thr_requests * sizes.thr_new
+    thr_params = SamplingParams(max_new_tokens=sizes.thr_new, **greedy)
+    thr_raw = pre = pre_grouped = float("nan")
+    if full:
+        _, cold = timed(lambda: engine.generate(reqs, thr_params))
+        outs, dt = timed(lambda: engine.generate(reqs, thr_params))
+        assert all(len(o.token_ids) == sizes.thr_new for o in outs)
+        thr_raw = n_out / dt
+        notes.append(f"{name}: raw-engine throughput run {dt:.2f} s warm, {cold:.2f} s cold")
+        log(notes[-1])
+        pre_reqs = prompts(sizes.pre_requests, sizes.pre_len, 4)
+        one = SamplingParams(max_new_tokens=1, **greedy)
+        engine.generate(pre_reqs[:2], one)
+        _, dt = timed(lambda: engine.generate(pre_reqs, one))
+        pre = sizes.pre_requests * sizes.pre_len / dt
+        if DEV == "cuda":  # A/B: the prefill's experts through torch's grouped GEMM instead of the Triton kernels
+            engine.runner.moe_backend = "grouped_mm"
+            engine.generate(pre_reqs[:2], one)
+            _, dt = timed(lambda: engine.generate(pre_reqs, one))
+            pre_grouped = sizes.pre_requests * sizes.pre_len / dt
+            engine.runner.moe_backend = "triton"
+            notes.append(f"{name}: prefill {sizes.pre_requests} x {sizes.pre_len}: experts in Triton {pre:,.0f} tok/s, "
+                         f"in torch grouped_mm {pre_grouped:,.0f} tok/s")
+            log(notes[-1])
+    engine.check_no_leaks()
+    kv_gb = sum(kc.numel() * kc.element_size() * 2 for kc, _ in engine.runner.kv_caches) / 2**30
+    peak = torch.cuda.max_memory_allocated() / 2**30 if DEV == "cuda" else float("nan")
+    del engine
+    free_device_memory()
+
+    # the user path: LLM.generate with the tokenizer attached
+    thr_user = float("nan")
+    if full:
+        try:
+            thr_user = llm_throughput(model, config, engine_kw, reqs, thr_params, name, notes)
+        except Exception as e:  # keep the run's other numbers
+            notes.append(f"{name}: LLM.generate throughput failed: {type(e).__name__}: {str(e)[:300]}")
+            log(notes[-1])
+        free_device_memory()
+
+    # transformers on the same weights
+    hf_b1 = hf_thr = hf_pre = float("nan")
+    if not args.no_hf:
+        try:
+            hf = hf_moe_peer(model, config)
+            log(f"transformers experts implementation: {getattr(hf.config, '_experts_implementation', None)}")
+            hf_b1 = hf_generate_tps(hf, 1, sizes.b1_prompt, args.hf_moe_tokens)
+            if full:
+                hf_thr = hf_generate_tps(hf, sizes.thr_requests, sizes.thr_prompt, args.hf_moe_tokens)
+                hf_pre = hf_prefill_tps(hf, sizes.pre_requests, sizes.pre_len)
+            del hf
+        except Exception as e:  # keep the run's own numbers
+            notes.append(f"{name}: transformers peer failed: {type(e).__name__}: {str(e)[:300]}")
+            log(notes[-1])
+        free_device_memory()
+
+    # limits: weight reads of the experts a step touches (+ the KV of the histories), bf16 FLOPs of the active params
+    kv_per_tok = (2 * sum(config["layer_types"][i] == "full_attention" for i in range(len(config["layer_types"])))
+                  * config["num_key_value_heads"] * (config["hidden_size"] // config["num_attention_heads"])
+                  * model.dtype.itemsize)
+    step_bytes = dense_b + expert_b * experts_read_fraction(sizes.thr_requests, E, k)
+    mean_hist = sizes.thr_prompt + sizes.thr_new // 2
+    thr_floor_s = sizes.thr_new * (step_bytes + sizes.thr_requests * mean_hist * kv_per_tok) / bw \
+        + 2 * active_params * n_out / flops
+    ttft_floor = (dense_b + expert_b * experts_read_fraction(sizes.b1_prompt, E, k)) / bw \
+        + 2 * active_params * sizes.b1_prompt / flops
+
+    def row(metric, ours, peer, limit, unit, goal=""):
+        rows.append((name, metric, ours, peer, limit, unit, goal))
+
+    is_8b = name == "LFM2-8B-A1B"
+    row(f"batch-1 decode ({sizes.b1_prompt} + {sizes.b1_new})", b1, hf_b1, floor_b1, "tok/s", ">= 600" if is_8b else "")
+    if full:
+        row(f"throughput {sizes.thr_requests} x ({sizes.thr_prompt} + {sizes.thr_new}), LLM.generate + tokenizer",
+            thr_user, hf_thr, n_out / thr_floor_s, "out tok/s", ">= 20000" if is_8b else "")
+        row(f"throughput {sizes.thr_requests} x ({sizes.thr_prompt} + {sizes.thr_new}), raw engine", thr_raw,
+            float("nan"), n_out / thr_floor_s, "out tok/s")
+        row(f"prefill {sizes.pre_requests} x {sizes.pre_len}", pre, hf_pre, flops / (2 * active_params), "tok/s")
+    row(f"TTFT batch 1 (prompt {sizes.b1_prompt})", ttft * 1e3, float("nan"), ttft_floor * 1e3, "ms")
+    if DEV == "cuda":
+        row("peak GPU memory (engine)", peak, float("nan"), torch.cuda.get_device_properties(0).total_memory / 2**30,
+            f"GiB (weights {(dense_b + expert_b) / 2**30:.1f}, KV pool {kv_gb:.1f})")
+    notes.append(f"{name}: transformers peer: generate() of {args.hf_moe_tokens} new tokens at batch 1 and at batch "
+                 f"{sizes.thr_requests} ({sizes.thr_prompt}-token prompts), experts as transformers chooses them")
+    if DEV == "cuda" and is_8b and not args.no_moe_kernel_ab:
+        time_moe_layer(model, bw, notes)
+    del model
+    free_device_memory()
+    return ok
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["LFM2-1.2B", "LFM2-350M"])
@@ -421,20 +763,45 @@ def main():
     ap.add_argument("--hf-b1-tokens", type=int, default=512)
     ap.add_argument("--hf-thr-tokens", type=int, default=64)
     ap.add_argument("--correctness-only", action="store_true", help="build each engine, check its tokens, stop")
+    ap.add_argument("--hf-moe-tokens", type=int, default=32, help="new tokens per transformers generate() of an MoE model")
+    ap.add_argument("--moe-full", action="store_true", help="LFM2-24B-A2B: also throughput and prefill")
+    ap.add_argument("--moe-kv-gib", type=float, default=24, help="MoE engines: GiB of memory for the KV pool + activations")
+    ap.add_argument("--no-moe-kernel-ab", action="store_true", help="skip timing one MoE layer (Triton vs grouped_mm)")
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the MoE benchmark (with --tiny)")
+    ap.add_argument("--tiny", action="store_true", help="MoE models at a tiny width and workload (CPU smoke run)")
+    ap.add_argument("--table", default="gpu_table.md", help="file name of the table under $OUT")
     args = ap.parse_args()
     torch.manual_seed(0)
-    dev = torch.cuda.get_device_name(0)
-    bw, flops = copy_bandwidth(), matmul_rate()
+    if args.device != "cuda":  # smoke run: the code paths, not the speed
+        global DEV
+        DEV = args.device
+        if not args.tiny or not set(args.models) <= set(MOE_MODELS):
+            ap.error("--device cpu runs only the MoE benchmark at --tiny size")
+        dev, bw, flops = f"{DEV} (smoke run)", 1e10, 1e11
+    else:
+        dev = torch.cuda.get_device_name(0)
+        bw, flops = copy_bandwidth(), matmul_rate()
     log(f"{dev}: copy {bw / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s; torch {torch.__version__}")
     rows, notes = [], []
     all_ok = True
     for name in args.models:
-        all_ok &= bench_model(name, bw, flops, args, rows, notes)
+        if name in MOE_MODELS:
+            try:
+                all_ok &= bench_moe_model(name, bw, flops, args, rows, notes)
+            except Exception as e:  # the next model still runs (its memory: freed below)
+                import traceback
+
+                traceback.print_exc()
+                notes.append(f"{name}: FAILED: {type(e).__name__}: {str(e)[:300]}")
+                all_ok = False
+            free_device_memory()
+        else:
+            all_ok &= bench_model(name, bw, flops, args, rows, notes)
         # The table so far after each model: a run cut short at its time limit keeps what it measured.
         table = render_table(dev, bw, flops, args, rows, notes)
         print("\n" + table, flush=True)
         if os.environ.get("OUT"):
-            Path(os.environ["OUT"], "gpu_table.md").write_text(table + "\n")
+            Path(os.environ["OUT"], args.table).write_text(table + "\n")
     sys.exit(0 if all_ok else 1)
 
 

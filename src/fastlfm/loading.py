@@ -102,31 +102,62 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def load_state_dict_into(model: torch.nn.Module, folder: Path, dtype: torch.dtype, device: torch.device,
-                         rename=None) -> None:
+                         rename=None, export=None) -> None:
     """Read safetensors (memory-mapped) into a model built on the meta device.
 
     `rename(name, tensor) -> list[(name, tensor)]` maps checkpoint names to module names
-    (the mlx-lm `sanitize` step). Shapes and names are checked against the model first.
+    (the mlx-lm `sanitize` step). An item may also be `(name, tensor, index)`: `tensor` is the
+    part `index` of the model tensor `name` (e.g. one expert of a layer's stacked experts), written
+    into place on `device`; the parts must cover it (`export`, the inverse of `rename`, names the
+    ones missing). Shapes and names are checked against the model first.
     """
     expected = {k: v for k, v in model.state_dict().items()}
     tied = {name for name, p in model.named_parameters(remove_duplicate=False)} - {
         name for name, p in model.named_parameters()}
     loaded: dict[str, torch.Tensor] = {}
+    parts: dict[str, tuple[list[str], int]] = {}  # tensors loaded in parts: checkpoint names, values written
+    keep_fp32 = tuple(getattr(model, "keep_in_fp32", ()))  # name endings loaded as float32 whatever `dtype`
     unexpected = []
     for file in safetensors_files(folder):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():
                 items = rename(name, f.get_tensor(name)) if rename else [(name, f.get_tensor(name))]
-                for key, tensor in items:
+                for key, tensor, *part in items:
                     if key not in expected:
                         unexpected.append(f"{key} (in {file.name})")
                         continue
+                    to_dtype = (torch.float32 if keep_fp32 and key.endswith(keep_fp32) else dtype) \
+                        if tensor.is_floating_point() else None
+                    if part:
+                        if key in loaded and key not in parts:
+                            raise CheckpointError(f"{file.name}: {name!r} is a part of {key!r}, which the "
+                                                  "checkpoint also holds whole")
+                        if key not in loaded:
+                            loaded[key] = torch.empty(expected[key].shape, dtype=to_dtype or tensor.dtype, device=device)
+                            parts[key] = ([], 0)
+                        target = loaded[key][part[0]]
+                        if tuple(tensor.shape) != tuple(target.shape):
+                            raise CheckpointError(
+                                f"{file.name}: tensor {name!r} has shape {tuple(tensor.shape)}, but the config "
+                                f"implies {tuple(target.shape)}")
+                        target.copy_(tensor)
+                        parts[key] = (parts[key][0] + [name], parts[key][1] + tensor.numel())
+                        continue
+                    if key in parts:
+                        raise CheckpointError(f"{file.name}: {key!r} is in the checkpoint whole and in parts")
                     if tuple(tensor.shape) != tuple(expected[key].shape):
                         raise CheckpointError(
                             f"{file.name}: tensor {key!r} has shape {tuple(tensor.shape)}, but the config "
                             f"implies {tuple(expected[key].shape)}"
                         )
-                    loaded[key] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
+                    loaded[key] = tensor.to(device=device, dtype=to_dtype)
+    for key, (names, count) in parts.items():
+        if count != loaded[key].numel():
+            missing = sorted({n for n, _ in export(key, expected[key])} - set(names)) if export else []
+            raise CheckpointError(
+                f"{folder}: {key!r} is loaded from parts, and they do not cover it ({count} of {loaded[key].numel()} "
+                f"values): " + (f"tensors missing from the checkpoint: {', '.join(missing[:10])}" if missing
+                                else "a part is missing or repeated"))
     if unexpected:
         raise CheckpointError(f"{folder}: tensors the model does not have: {', '.join(unexpected[:10])}"
                               + (f" (+{len(unexpected) - 10} more)" if len(unexpected) > 10 else ""))
@@ -145,10 +176,16 @@ def _own_storage(t: torch.Tensor) -> torch.Tensor:
 
 
 def save_safetensors(model: torch.nn.Module, folder: Path, skip: set[str] = frozenset(),
-                     max_shard_bytes: int = 5 * 2**30) -> None:
-    """Write model.safetensors (or shards + index), HF layout, tied weights stored once."""
+                     max_shard_bytes: int = 5 * 2**30, export=None) -> None:
+    """Write model.safetensors (or shards + index), HF layout, tied weights stored once.
+    `export(name, tensor) -> list[(name, tensor)]` maps a model tensor to the checkpoint's
+    (the inverse of `sanitize`; e.g. stacked experts back to one tensor per expert)."""
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: _own_storage(v.detach().contiguous().cpu()) for k, v in model.state_dict().items() if k not in skip}
+    tensors = {}
+    for k, v in model.state_dict().items():
+        if k not in skip:
+            for name, t in (export(k, v) if export else [(k, v)]):
+                tensors[name] = _own_storage(t.detach().contiguous().cpu())
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, t in tensors.items():
@@ -176,7 +213,9 @@ class PretrainedMixin:
     """`from_pretrained` / `save_pretrained` for fastlfm models (HF layout on disk).
 
     A model class sets `config_class` and may define `sanitize(name, tensor)` to map
-    checkpoint names to its modules and `reset_buffers(device)` on submodules whose
+    checkpoint names to its modules, `checkpoint_tensors(name, tensor)` for the way back
+    (save_pretrained), `keep_in_fp32` (name endings of tensors that stay float32 whatever the
+    dtype), and `reset_buffers(device)` on submodules whose
     non-persistent buffers must be rebuilt after loading on the meta device.
     """
 
@@ -197,7 +236,8 @@ class PretrainedMixin:
         device = resolve_device(device)
         with torch.device("meta"):
             model = cls(config)
-        load_state_dict_into(model, folder, torch_dtype, device, rename=getattr(model, "sanitize", None))
+        load_state_dict_into(model, folder, torch_dtype, device, rename=getattr(model, "sanitize", None),
+                             export=getattr(model, "checkpoint_tensors", None))
         for module in model.modules():
             if hasattr(module, "reset_buffers"):
                 module.reset_buffers(device)
@@ -212,6 +252,6 @@ class PretrainedMixin:
         folder.mkdir(parents=True, exist_ok=True)
         self.config.save(folder)
         tied = {n for n, _ in self.named_parameters(remove_duplicate=False)} - {n for n, _ in self.named_parameters()}
-        save_safetensors(self, folder, skip=tied)
+        save_safetensors(self, folder, skip=tied, export=getattr(self, "checkpoint_tensors", None))
         if self.generation_config:
             (folder / "generation_config.json").write_text(json.dumps(self.generation_config, indent=2))

@@ -129,3 +129,63 @@ def packed_causal_conv(
         old = state.gather(2, idx[:, None, :].expand(S, D, K - 1)).transpose(1, 2).to(v.dtype)
     new_state = torch.where((offs >= 0)[..., None], from_chunk, old).transpose(1, 2)
     return out, new_state
+
+
+# ----------------------------------------------------------------------------- MoE experts
+def sort_by_expert(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (token, slot) pairs of `expert_ids` (T, k) in expert order, found on the device (no host
+    sync): `order` (T*k,) lists pair indices (token * k + slot) expert by expert, and `ends` (E,) int32
+    is where each expert's run ends in that order (an expert no token chose has an empty run)."""
+    flat = expert_ids.reshape(-1)
+    order = flat.argsort(stable=True)
+    experts = torch.arange(num_experts, device=flat.device, dtype=flat.dtype)
+    ends = torch.searchsorted(flat[order], experts, right=True)
+    return order, ends.to(torch.int32)
+
+
+def _can_grouped_mm(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """torch's grouped GEMM: in torch >= 2.10, forward only (its CPU backward fails in 2.13), on CPU in any
+    float dtype (not under torch.compile, whose meta kernel takes bf16 only), on CUDA in bf16."""
+    if not hasattr(F, "grouped_mm") or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        return False
+    if x.device.type == "cpu":
+        return x.dtype == torch.bfloat16 or not torch.compiler.is_compiling()
+    return x.device.type == "cuda" and x.dtype == torch.bfloat16
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Rows of x (P, K) sorted by expert, each times its expert's weight (E, N, K) transposed: (P, N).
+    `ends` (E,) int32: where each expert's rows end (`sort_by_expert`). One grouped GEMM where torch
+    has one for the case (`_can_grouped_mm`), else `grouped_linear_per_expert`."""
+    if _can_grouped_mm(x, weight):
+        return F.grouped_mm(x, weight.transpose(1, 2), offs=ends)
+    return grouped_linear_per_expert(x, weight, ends)
+
+
+def grouped_linear_per_expert(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """`grouped_linear` as one GEMM per expert over offsets read to the host: the path for autograd
+    (training), CUDA fp32/fp16 and torch < 2.10. Inference on CPU and in bf16 on CUDA never takes it."""
+    out, start = [], 0
+    for e, end in enumerate(ends.tolist()):
+        out.append(x[start:end] @ weight[e].t())
+        start = end
+    return torch.cat(out)
+
+
+def moe_swiglu_experts(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor,
+                       gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """For each token and each of its k chosen experts: weight * down[e] (SiLU(g) * u), [g | u] = gate_up[e] x.
+
+    x (T, D); expert_ids, expert_weights (T, k); gate_up (E, 2I, D) = [w1; w3] per expert; down (E, D, I).
+    Returns (T, k, D); the MoE layer's output is its sum over k (left to the caller, so that a compiled
+    step fuses it with the residual add). The T*k (token, expert) pairs are sorted by expert on the
+    device, each projection is one grouped GEMM over all experts, and the weighted rows go back to their
+    pairs. Rounds where transformers' per-expert loop does (each GEMM, SiLU, * up, * weight).
+    """
+    T, k = expert_ids.shape
+    order, ends = sort_by_expert(expert_ids, gate_up.shape[0])
+    h = grouped_linear(x[order // k], gate_up, ends)  # (T*k, 2I), pairs in expert order
+    gate, up = h.chunk(2, dim=-1)
+    y = grouped_linear(F.silu(gate) * up, down, ends)  # (T*k, D)
+    y = y * expert_weights.reshape(-1)[order, None].to(y.dtype)
+    return torch.empty_like(y).index_copy_(0, order, y).view(T, k, -1)  # back in (token, slot) order

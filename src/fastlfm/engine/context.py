@@ -47,19 +47,21 @@ class PagedContext(MixingContext):
     Host data: `num_decode` leading rows of one token each, and for the other rows their
     token offsets, lengths and past lengths as Python ints (`host_chunks`). A decode step of one
     row runs the projections whose weight shape is in `fused_linear_shapes` through the fused
-    Triton kernels (a conv block's in_proj together with its conv step).
+    Triton kernels (a conv block's in_proj together with its conv step). `moe_kernel` (default:
+    `use_triton`): MoE experts through the fused Triton kernels, in every step.
     """
 
     def __init__(self, *, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], conv_states: torch.Tensor,
                  attn_index: dict[int, int], conv_index: dict[int, int], past: torch.Tensor,
                  lens: torch.Tensor, block_tables: torch.Tensor, conv_slots: torch.Tensor, num_tokens: int,
                  num_decode: int, host_chunks: list[tuple[int, int, int]] = (), use_triton: bool = False,
-                 fused_linear_shapes: frozenset[tuple[int, int]] = frozenset()):
+                 fused_linear_shapes: frozenset[tuple[int, int]] = frozenset(), moe_kernel: bool | None = None):
         self.kv_caches, self.conv_states = kv_caches, conv_states
         self.attn_index, self.conv_index = attn_index, conv_index
         self.block_tables, self.conv_slots = block_tables, conv_slots
         self.num_decode, self.host_chunks, self.use_triton = num_decode, list(host_chunks), use_triton
         self.fused_linear_shapes = fused_linear_shapes
+        self.moe_kernel = use_triton if moe_kernel is None else moe_kernel
         self.decode_only = num_decode == num_tokens
         self.block_size = kv_caches[0][0].shape[1] if kv_caches else 1
         device = past.device
@@ -163,6 +165,15 @@ class PagedContext(MixingContext):
             return None
         weight = proj if isinstance(proj, torch.Tensor) else proj.weight if can_fuse(proj) else None
         return weight if weight is not None and tuple(weight.shape) in self.fused_linear_shapes else None
+
+    # -- MoE experts -------------------------------------------------------------------
+    def moe_experts(self, x, expert_ids, expert_weights, gate_up, down):
+        if self.moe_kernel:
+            # Every step, decode (in the CUDA graph: a fixed grid, routing read on the device), prefill
+            # and mixed: the grouped kernels sort the tokens by expert on the device.
+            from .kernels import ops as kernel_ops
+            return kernel_ops.moe_experts_op(x, expert_ids, expert_weights, gate_up, down)
+        return super().moe_experts(x, expert_ids, expert_weights, gate_up, down)
 
     # -- short conv ---------------------------------------------------------------------
     def gated_short_conv(self, layer_idx, bcx, weight, bias):

@@ -40,6 +40,9 @@ class ModelRunner:
         self.block_size, self.num_blocks = block_size, num_blocks
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.use_triton = use_triton
+        # MoE experts with the Triton path: "triton" (kernels/moe.py, every step) or "grouped_mm" (torch's
+        # grouped GEMM, the model's own path; bench/gpu.py compares them on prefill).
+        self.moe_backend = "triton"
         # Batch-1 decode steps run these weight shapes through the fused projection kernel: the
         # shapes tuned faster than cuBLAS + the kernels it replaces on this GPU model (kernels/linear.py).
         self.fused_linear_shapes: frozenset[tuple[int, int]] = frozenset()
@@ -83,7 +86,8 @@ class ModelRunner:
                             conv_index=self.conv_index, past=past, lens=lens, block_tables=block_tables,
                             conv_slots=conv_slots, num_tokens=num_tokens, num_decode=num_decode,
                             host_chunks=host_chunks, use_triton=self.use_triton,
-                            fused_linear_shapes=self.fused_linear_shapes)
+                            fused_linear_shapes=self.fused_linear_shapes,
+                            moe_kernel=self.use_triton and self.moe_backend == "triton")
 
     def _to_device(self, data, dtype):
         return host_to_device(data, dtype, self.device)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..loading import PretrainedMixin
-from ..ops import apply_rope, causal_conv, packed_causal_conv, rms_norm, rope_cos_sin
+from ..ops import apply_rope, causal_conv, moe_swiglu_experts, packed_causal_conv, rms_norm, rope_cos_sin
 from .config import Lfm2Config
 
 
@@ -38,12 +38,14 @@ class ForwardContext(Protocol):
                          bias: torch.Tensor | None) -> torch.Tensor: ...
     def in_proj_gated_conv(self, layer_idx: int, x: torch.Tensor, in_proj: nn.Module, weight: torch.Tensor,
                            bias: torch.Tensor | None, *, norm: nn.Module | None = None) -> torch.Tensor: ...
+    def moe_experts(self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor,
+                    gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor: ...
 
 
 class MixingContext:
-    """Shared defaults: no padding to mask, projections and QK-norm + RoPE as plain ops, and the
-    conv block's gates around `short_conv`. A backend with fused kernels overrides `linear`,
-    `qk_norm_rope`, `gated_short_conv` or `in_proj_gated_conv`."""
+    """Shared defaults: no padding to mask, projections, QK-norm + RoPE and MoE experts as plain ops,
+    and the conv block's gates around `short_conv`. A backend with fused kernels overrides `linear`,
+    `qk_norm_rope`, `gated_short_conv`, `in_proj_gated_conv` or `moe_experts`."""
 
     def mask_padding(self, x):
         return x
@@ -76,6 +78,13 @@ class MixingContext:
         """The conv block up to out_proj: `gated_short_conv` of in_proj(norm(x)). One call, so that an
         engine can run a batch-1 decode step of it as one kernel."""
         return self.gated_short_conv(layer_idx, self.linear(x, in_proj, norm=norm), weight, bias)
+
+    def moe_experts(self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor,
+                    gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        """The routed SwiGLU experts of an MoE layer (ops.moe_swiglu_experts): x (T, D), each token's
+        k expert ids and weights (T, k), stacked weights gate_up (E, 2I, D) and down (E, D, I); returns
+        each (token, expert) pair's weighted output (T, k, D)."""
+        return moe_swiglu_experts(x, expert_ids, expert_weights, gate_up, down)
 
 
 PLAIN_OPS = MixingContext()  # `linear` for callers without a forward context
@@ -327,9 +336,7 @@ class Lfm2DecoderLayer(nn.Module):
             h = self.self_attn(h, cos, sin, ctx, norm=self.operator_norm, residual=h)
         else:
             h = self.conv(h, ctx, norm=self.operator_norm, residual=h)
-        if isinstance(self.feed_forward, Lfm2MLP):
-            return self.feed_forward(h, ctx, norm=self.ffn_norm, residual=h)
-        return h + self.feed_forward(self.ffn_norm(h))  # e.g. the MoE block
+        return self.feed_forward(h, ctx, norm=self.ffn_norm, residual=h)  # SwiGLU MLP or MoE block
 
 
 # ----------------------------------------------------------------------------- models
@@ -500,6 +507,8 @@ class Lfm2ForCausalLM(PretrainedMixin, nn.Module):
                     module.bias.zero_()
             elif isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
+            elif hasattr(module, "init_random_weights"):  # bare parameters, e.g. stacked MoE experts
+                module.init_random_weights(std, gen)
         pad = self.config.pad_token_id
         if pad is not None:
             self.model.embed_tokens.weight[pad].zero_()

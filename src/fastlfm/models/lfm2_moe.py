@@ -1,19 +1,28 @@
-"""LFM2-MoE (e.g. LFM2-8B-A1B): dense LFM2 with sparse feed-forward blocks (spec §7).
+"""LFM2-MoE (LFM2-8B-A1B, LFM2-24B-A2B): dense LFM2 with sparse feed-forward blocks (spec §7).
 
 Everything but the FFN of layers >= num_dense_layers is the dense model, so this file only
 adds the router + experts and plugs them into `Lfm2Model` through `make_feed_forward`.
+
+The experts of a layer are stacked, as transformers 5 holds them: `experts.gate_up_proj`
+(E, 2I, D) with each expert's [w1; w3], and `experts.down_proj` (E, D, I). The released
+checkpoints store one `experts.{e}.w1/w3/w2.weight` per expert; `sanitize` writes those into the
+stacked tensors at load time and `checkpoint_tensors` splits them again for save_pretrained.
+The experts' math is one call to the forward context (`ctx.moe_experts`): grouped GEMMs over
+the tokens sorted by expert on the device, or the engine's fused Triton kernels.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import ConfigError, Lfm2Config
-from .lfm2 import Lfm2ForCausalLM, Lfm2MLP, Lfm2Model
+from .lfm2 import PLAIN_OPS, ForwardContext, Lfm2ForCausalLM, Lfm2MLP, Lfm2Model
 
 
 @dataclass
@@ -48,6 +57,20 @@ class Lfm2MoeConfig(Lfm2Config):
                               f"({self.num_experts})")
 
 
+class Lfm2MoeExperts(nn.Module):
+    """The routed SwiGLU experts of one layer, stacked (transformers 5 names and layout)."""
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))  # [w1; w3]
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))  # w2
+
+    @torch.no_grad()
+    def init_random_weights(self, std: float, generator: torch.Generator | None) -> None:
+        for p in (self.gate_up_proj, self.down_proj):
+            p.copy_((torch.randn(p.shape, generator=generator) * std).to(p.dtype))
+
+
 class Lfm2MoeBlock(nn.Module):
     """Sigmoid router; the expert bias only chooses experts, the unbiased scores weight them."""
 
@@ -57,38 +80,47 @@ class Lfm2MoeBlock(nn.Module):
         self.norm_topk_prob = config.norm_topk_prob
         self.scale = config.routed_scaling_factor
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
-        self.experts = nn.ModuleList(
-            Lfm2MLP(config.hidden_size, config.moe_intermediate_size) for _ in range(config.num_experts)
-        )
+        self.experts = Lfm2MoeExperts(config.num_experts, config.hidden_size, config.moe_intermediate_size)
         if config.use_expert_bias:
             self.register_buffer("expert_bias", torch.zeros(config.num_experts, dtype=torch.float32))
         else:
             self.expert_bias = None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(tokens, D) -> chosen expert ids (tokens, k) and their weights (tokens, k)."""
-        logits = self.gate(x)
+        """(tokens, D) -> chosen expert ids (tokens, k) and their weights (tokens, k), in x's dtype.
+
+        In float32 throughout (logits, scores, bias, top-k, weights): in bf16, experts whose scores
+        differ by less than bf16's resolution (~0.004 near 0.5, common among 32-64 experts) would be
+        chosen by rounding, and the compiled engine and the eager model round differently.
+        (transformers rounds the logits and scores to the model dtype; in float32 the two agree.)"""
+        logits = F.linear(x.float(), self.gate.weight.float())
         scores = logits.sigmoid()
-        choice = scores if self.expert_bias is None else scores + self.expert_bias
+        choice = scores if self.expert_bias is None else scores + self.expert_bias.float()
         experts = choice.topk(self.top_k, dim=-1).indices
-        weights = scores.gather(1, experts).type_as(logits)
+        weights = scores.gather(1, experts)
         if self.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-6)
-        return experts, weights * self.scale
+        return experts, (weights * self.scale).to(x.dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        experts, weights = self.route(x)
-        out = torch.zeros_like(x)
-        for e in experts.unique().tolist():  # only the experts some token chose
-            token, slot = (experts == e).nonzero(as_tuple=True)
-            out.index_add_(0, token, (self.experts[e](x[token]) * weights[token, slot, None]).to(x.dtype))
-        return out.reshape(shape)
+    def forward(self, x: torch.Tensor, ctx: ForwardContext | None = None, norm: nn.Module | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """sum over each token's chosen experts of weight * expert(u), u = norm(x) (+ residual)."""
+        u = norm(x) if norm is not None else x
+        tokens = u.reshape(-1, u.shape[-1])
+        expert_ids, weights = self.route(tokens)
+        per_expert = (ctx or PLAIN_OPS).moe_experts(tokens, expert_ids, weights, self.experts.gate_up_proj,
+                                                    self.experts.down_proj)  # (tokens, k, D)
+        y = per_expert.sum(1).view(u.shape)
+        return y if residual is None else residual + y
+
+
+_PER_EXPERT = re.compile(r"(.*\.experts)\.(\d+)\.(w1|w3|w2)\.weight")
+_STACKED = re.compile(r"(.*\.experts)\.(gate_up_proj|down_proj)")
 
 
 class Lfm2MoeForCausalLM(Lfm2ForCausalLM):
     config_class = Lfm2MoeConfig
+    keep_in_fp32 = ("expert_bias",)  # a float32 buffer in the checkpoint (spec §5.2), whatever the dtype
 
     def __init__(self, config: Lfm2MoeConfig):
         def feed_forward(i: int) -> nn.Module:
@@ -98,14 +130,29 @@ class Lfm2MoeForCausalLM(Lfm2ForCausalLM):
 
         super().__init__(config, Lfm2Model(config, make_feed_forward=feed_forward))
 
-    def sanitize(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-        # Released checkpoints store one w1/w3/w2 per expert (our layout). transformers 5.x
-        # keeps them stacked in memory (gate_up_proj = [w1; w3], down_proj = w2); accept both.
-        if name.endswith(".experts.gate_up_proj"):
-            base = name[: -len("gate_up_proj")]
-            w1, w3 = tensor.chunk(2, dim=1)
-            return [(f"{base}{e}.{w}.weight", t[e]) for e in range(tensor.shape[0]) for w, t in (("w1", w1), ("w3", w3))]
-        if name.endswith(".experts.down_proj"):
-            base = name[: -len("down_proj")]
-            return [(f"{base}{e}.w2.weight", tensor[e]) for e in range(tensor.shape[0])]
-        return [(name, tensor)]
+    def sanitize(self, name: str, tensor: torch.Tensor) -> list[tuple]:
+        """A released checkpoint's per-expert w1 / w3 / w2 goes into its rows of the stacked
+        gate_up_proj / down_proj (loading.load_state_dict_into writes such parts in place);
+        transformers 5's stacked tensors load as they are."""
+        match = _PER_EXPERT.fullmatch(name)
+        if match is None:
+            return [(name, tensor)]
+        base, e, w = match.group(1), int(match.group(2)), match.group(3)
+        if e >= self.config.num_experts:
+            return [(name, tensor)]  # reported as a tensor the model does not have
+        if w == "w2":
+            return [(f"{base}.down_proj", tensor, e)]
+        inter = self.config.moe_intermediate_size
+        rows = slice(0, inter) if w == "w1" else slice(inter, 2 * inter)
+        return [(f"{base}.gate_up_proj", tensor, (e, rows))]
+
+    def checkpoint_tensors(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """save_pretrained writes the released layout: one w1 / w3 / w2 per expert."""
+        match = _STACKED.fullmatch(name)
+        if match is None:
+            return [(name, tensor)]
+        base = match.group(1)
+        if match.group(2) == "down_proj":
+            return [(f"{base}.{e}.w2.weight", t) for e, t in enumerate(tensor)]
+        w1, w3 = tensor.chunk(2, dim=1)
+        return [(f"{base}.{e}.{w}.weight", t[e]) for e in range(tensor.shape[0]) for w, t in (("w1", w1), ("w3", w3))]

@@ -122,6 +122,28 @@ def write_checkpoint(folder: str | Path, config: dict[str, Any] | None = None, s
     return folder
 
 
+# LFM2-MoE checkpoints. 8B-A1B: spec §2.2. 24B-A2B: its model card gives 40 layers (30 conv + 10
+# attention), 64 experts with top-4, the first 2 layers dense, hidden 2048, expert width 1536, vocab 65536;
+# its dense FFN width and attention layer indices were not collected: assumed 7168 (as 8B-A1B) and an
+# attention layer every 4 (which layers they are does not change the cost of a step).
+_MOE = {
+    "LFM2-8B-A1B": dict(layers=24, attn=[2, 6, 10, 14, 18, 21], experts=32, moe_ff=1792),
+    "LFM2-24B-A2B": dict(layers=40, attn=[2, 6, 10, 14, 18, 22, 26, 30, 34, 37], experts=64, moe_ff=1536),
+}
+
+
+def real_moe_config(name: str, **overrides: Any) -> dict[str, Any]:
+    """config.json (HF-native keys) of a released LFM2-MoE model (see _MOE for what is assumed)."""
+    spec = _MOE[name]
+    layer_types = ["full_attention" if i in spec["attn"] else "conv" for i in range(spec["layers"])]
+    cfg = tiny_moe_config(
+        vocab_size=65536, hidden_size=2048, intermediate_size=7168, moe_intermediate_size=spec["moe_ff"],
+        num_hidden_layers=spec["layers"], num_attention_heads=32, num_key_value_heads=8, num_dense_layers=2,
+        num_experts=spec["experts"], num_experts_per_tok=4, layer_types=layer_types, torch_dtype="bfloat16")
+    cfg.update(overrides)
+    return cfg
+
+
 def tiny_moe_config(**overrides: Any) -> dict[str, Any]:
     """An LFM2-8B-A1B-pattern config.json (HF-native keys) at a small width."""
     cfg = {
@@ -190,3 +212,40 @@ def write_vl_checkpoint(folder: str | Path, config: dict[str, Any] | None = None
 
         write_tokenizer_files(folder, vocab_size=config["text_config"]["vocab_size"])
     return folder
+
+
+def random_model(config: dict[str, Any], device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
+                 seed: int = 0):
+    """A model of `config` (a config.json dict) with random weights made directly on `device` in
+    `dtype`, with no checkpoint on disk and no float32 copy in host memory (benchmarks of the real
+    shapes: LFM2-24B-A2B is 48 GB in bf16). Values as `write_checkpoint`'s: N(0, initializer_range)
+    weights, norms 1 + N(0, 0.2), a small random expert bias."""
+    from ..models import MODEL_TYPES
+
+    cls = MODEL_TYPES[config.get("model_type", "lfm2")]
+    cfg = cls.config_class.from_dict(config)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = cls(cfg)
+    finally:
+        torch.set_default_dtype(default)
+    model.to_empty(device=device)  # parameters in `dtype`; buffers as the model made them (fp32 expert bias)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    std = cfg.initializer_range
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(1.0, 0.2, generator=gen)
+            else:
+                p.normal_(0.0, std, generator=gen)
+        for name, b in model.named_buffers():
+            if name.endswith("expert_bias"):
+                b.normal_(0.0, 0.1, generator=gen)
+    for module in model.modules():
+        if hasattr(module, "reset_buffers"):
+            module.reset_buffers(torch.device(device))
+    model.tie_weights()
+    model.generation_config = dict(GENERATION_CONFIG)
+    return model.eval()

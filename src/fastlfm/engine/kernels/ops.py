@@ -1,6 +1,6 @@
 """The decode kernels (paged attention, QK-norm + RoPE, the conv step, batch-1 projections and
-conv blocks) as torch custom ops, so that torch.compile traces a whole decode step as one graph:
-without them every mixing call is a graph break, and inductor cannot fuse across the breaks.
+conv blocks, MoE experts) as torch custom ops, so that torch.compile traces a whole decode step as
+one graph: without them every mixing call is a graph break, and inductor cannot fuse across the breaks.
 
 The ops write the KV cache / conv state in place without declaring it (`mutates_args=()`):
 a declared mutation of an input makes functionalization copy whole cache pools, and no
@@ -14,6 +14,7 @@ import torch
 
 from .conv import gated_conv_decode_step
 from .linear import fused_linear, in_proj_gated_conv
+from .moe import fused_moe
 from .qk_norm_rope import qk_norm_rope
 from .paged_attention import paged_decode_attention
 
@@ -72,3 +73,14 @@ def qk_norm_rope_op(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_
 @qk_norm_rope_op.register_fake
 def _(q, k, q_weight, k_weight, eps, cos, sin):
     return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+@torch.library.custom_op("fastlfm::moe_experts", mutates_args=())
+def moe_experts_op(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor, gate_up: torch.Tensor,
+                   down: torch.Tensor) -> torch.Tensor:
+    return fused_moe(x, expert_ids, expert_weights, gate_up, down)
+
+
+@moe_experts_op.register_fake
+def _(x, expert_ids, expert_weights, gate_up, down):
+    return x.new_empty((x.shape[0], expert_ids.shape[1], x.shape[1]))
