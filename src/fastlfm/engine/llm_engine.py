@@ -9,6 +9,7 @@ from typing import Any, Sequence as Seq
 
 import torch
 
+from ..cpu_linear import prepare_for_cpu
 from ..sampling import SamplingParams
 from . import multimodal
 from .block_manager import BlockManager
@@ -122,6 +123,8 @@ class LLMEngine:
                              f"{self.max_model_len} ({blocks_per_seq} blocks of {block_size}); lower max_model_len")
         self.block_manager = BlockManager(num_kv_blocks, block_size, max_num_seqs)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, self.max_num_batched_tokens)
+        if not on_cuda:  # projections pre-packed for oneDNN (a quantized model is kept as it is)
+            prepare_for_cpu(model)
         self.runner = ModelRunner(model, block_size=block_size, num_blocks=num_kv_blocks, num_conv_slots=max_num_seqs,
                                   max_model_len=self.max_model_len, max_num_seqs=max_num_seqs,
                                   use_cuda_graphs=on_cuda and not enforce_eager, use_triton=on_cuda,
