@@ -273,9 +273,12 @@ def _float_source(scheme: str | None, group_size: int) -> WeightSource:
 
 
 @torch.no_grad()
-def install_cpu_linears(model: nn.Module, source: WeightSource, head: Weight | None = None) -> None:
+def install_cpu_linears(model: nn.Module, source: WeightSource, head: Weight | None = None,
+                        dtype: torch.dtype | None = None) -> None:
     """Swap the projections of every LFM2 layer (and the LM head) for kernel modules, with weights
-    from `source(qualified module name, linear)`; q/k/v and w1/w3 are fused first."""
+    from `source(qualified module name, linear)`; q/k/v and w1/w3 are fused first. `head`: the
+    LM head's weight (int8: the tied embedding too, with outputs in `dtype`, default the
+    embedding's)."""
     from .models.lfm2 import Lfm2Attention, Lfm2MLP, Lfm2ShortConv
 
     def fuse(owner: nn.Module, prefix: str, names: list[str], attr: str) -> None:
@@ -309,7 +312,7 @@ def install_cpu_linears(model: nn.Module, source: WeightSource, head: Weight | N
         embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else _embed_tokens(model)
         tied = getattr(model.config, "tie_word_embeddings", False) or getattr(model.config, "tie_embedding", False)
         if isinstance(head, Int8Weight) and tied:
-            emb = Int8Embedding(head, embed.weight.dtype)
+            emb = Int8Embedding(head, dtype or embed.weight.dtype)
             _set_embed_tokens(model, emb)
             model.lm_head = emb.head()
         else:
@@ -463,7 +466,7 @@ def build_quantized_model(cls, config, floats: dict[str, torch.Tensor], qweights
             raise CheckpointError(f"tensor {name}.weight is missing from the checkpoint")
         return w.to(dtype)
 
-    install_cpu_linears(model, source, head)
+    install_cpu_linears(model, source, head, dtype)
     if qweights:
         raise CheckpointError(f"quantized tensors the model does not have: {', '.join(sorted(qweights)[:10])}")
     expected = {k: v for k, v in model.state_dict().items() if v.is_meta}

@@ -107,8 +107,9 @@ def config_from_gguf(reader, path: Path) -> dict[str, Any]:
         "num_key_value_heads": max(kv),
         "layer_types": ["full_attention" if n else "conv" for n in kv],
         "max_position_embeddings": int(_field(reader, "lfm2.context_length", 128000)),
-        "norm_eps": float(_field(reader, "lfm2.attention.layer_norm_rms_epsilon", 1e-5)),
-        "rope_theta": float(_field(reader, "lfm2.rope.freq_base", 1e6)),
+        # float32 in the file: 1e-5 reads back as 9.99999975e-06; 7 digits restore the written value
+        "norm_eps": float(f'{_field(reader, "lfm2.attention.layer_norm_rms_epsilon", 1e-5):.7g}'),
+        "rope_theta": float(f'{_field(reader, "lfm2.rope.freq_base", 1e6):.7g}'),
         "conv_L_cache": int(_field(reader, "lfm2.shortconv.l_cache", 3)),
         "conv_bias": any(n.endswith("shortconv.conv.bias") for n in names),
         "tie_word_embeddings": "output.weight" not in names,

@@ -208,6 +208,10 @@ class PretrainedMixin:
         return model.eval()
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
+        if getattr(self, "cpu_linears", None) is not None:
+            raise ValueError(f"this model's projections were swapped for CPU kernels ({self.cpu_linears}: "
+                             "fastlfm.cpu_linear, e.g. by an engine on the CPU); save the model loaded before that "
+                             "(quantized checkpoints: fastlfm.cpu_linear.save_quantized)")
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.config.save(folder)
