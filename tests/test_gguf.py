@@ -140,3 +140,13 @@ def test_gguf_metadata_matches_llama_cpp_layout(files):
     conv = next(t for t in reader.tensors if t.name == "blk.0.shortconv.conv.weight")
     assert conv.data.shape == (64, 3)  # stored 2-D
     json.dumps(fields["lfm2.attention.head_count_kv"])
+
+
+def test_engine_from_pretrained_and_serve_flag(files, tiny_ckpt):
+    from fastlfm.engine import LLMEngine
+    from fastlfm.server import build_parser
+
+    engine = LLMEngine.from_pretrained(str(files["Q4_0"]), max_num_seqs=2)
+    assert engine.tokenizer is not None and engine.model.cpu_linears == "int4"
+    assert LLMEngine.from_pretrained(str(tiny_ckpt), quantization="int8", max_num_seqs=2).model.cpu_linears == "int8"
+    assert build_parser().parse_args(["model", "--quantization", "int4"]).quantization == "int4"

@@ -139,12 +139,17 @@ class LLMEngine:
         self.generation_tokens_total = 0
 
     @classmethod
-    def from_pretrained(cls, model: str, *, device=None, dtype="auto", **engine_kwargs) -> "LLMEngine":
+    def from_pretrained(cls, model: str, *, device=None, dtype="auto", quantization: str | None = None,
+                        **engine_kwargs) -> "LLMEngine":
         from ..loading import resolve_model_dir
         from ..models import load_model
         from ..tokenizer import Tokenizer
 
-        lm = load_model(model, dtype=dtype, device=device)  # the class by model_type (LFM2, MoE, VL)
+        # the class by model_type (LFM2, MoE, VL); a GGUF file; quantization= for the CPU kernels
+        lm = load_model(model, dtype=dtype, device=device, quantization=quantization)
+        tok = lm.__dict__.get("_fastlfm_tokenizer")  # a GGUF file's own
+        if tok is not None:
+            return cls(lm, tok, **engine_kwargs)
         folder = resolve_model_dir(model)
         try:
             tok = Tokenizer.from_pretrained(folder)
