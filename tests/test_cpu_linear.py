@@ -152,3 +152,8 @@ def test_llm_quantization_argument_and_errors(tiny_ckpt):
         LLM(tiny_ckpt, quantization="int3")
     with pytest.raises(ValueError, match="swapped for CPU kernels"):
         llm.model.save_pretrained("/nonexistent/never-written")
+
+
+def test_packed_linear_fused_residual_add():
+    w, x, r = _weight(), torch.randn(1, 3, 128), torch.randn(1, 3, 96)
+    torch.testing.assert_close(PackedLinear(w).add_to(x, r), r + F.linear(x, w), rtol=1e-5, atol=1e-5)

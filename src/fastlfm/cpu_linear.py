@@ -161,6 +161,15 @@ class PackedLinear(CpuLinear):
         return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype).contiguous(), self.packed, None, "none",
                                                   [None], "")
 
+    def add_to(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual + x W^T in one oneDNN call (the sum is rounded once, in the weight's dtype)."""
+        if residual.dtype != self.dtype:
+            return residual + self(x)
+        rows = x.reshape(-1, self.in_features).to(self.dtype).contiguous()
+        res = residual.reshape(-1, self.out_features).contiguous()
+        y = torch.ops.mkldnn._linear_pointwise.binary(rows, res, self.packed, None, "add")
+        return y.view(residual.shape)
+
 
 class Int8Linear(CpuLinear):
     """int8 weight, one scale per output channel; bf16 activations in, the input's dtype out."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..cpu_linear import PackedLinear
 from ..models.lfm2 import MixingContext, RMSNorm, can_fuse
 from ..ops import packed_causal_conv
 
@@ -134,6 +135,14 @@ class PagedContext(MixingContext):
         Hkv, d = k.shape[1:]
         k_cache.view(-1, Hkv, d)[slots] = k
         v_cache.view(-1, Hkv, d)[slots] = v
+        if nd == 1 and q.device.type == "cpu":
+            # Batch-1 decode on the CPU: gather only the sequence's own blocks and attend over its
+            # whole history, no mask (reading the length is free on the host).
+            n = int(lens[0])
+            blocks = tables[0, :-(-n // self.block_size)].long()
+            kh = k_cache[blocks].flatten(0, 1)[:n].transpose(0, 1)[None]  # (1, Hkv, n, d)
+            vh = v_cache[blocks].flatten(0, 1)[:n].transpose(0, 1)[None]
+            return F.scaled_dot_product_attention(q.view(1, q.shape[1], 1, d), kh, vh, enable_gqa=True).view(q.shape)
         return paged_decode_attention_ref(q, k_cache, v_cache, tables, lens)
 
     def qk_norm_rope(self, q, k, q_norm, k_norm, cos, sin):
@@ -146,6 +155,13 @@ class PagedContext(MixingContext):
 
     # -- projections ---------------------------------------------------------------------
     def linear(self, x, proj, *, norm=None, silu_gate=False, residual=None):
+        if residual is not None and type(proj) is PackedLinear:  # CPU: oneDNN adds the residual
+            if norm is not None:
+                x = norm(x)
+            if silu_gate:
+                gate, up = x.chunk(2, dim=-1)
+                x = F.silu(gate) * up
+            return proj.add_to(x, residual)
         weight = self._fused_linear_weight(proj, norm)
         if weight is not None:
             from .kernels import ops as kernel_ops
