@@ -30,7 +30,7 @@ def ids():
 @pytest.fixture(scope="module")
 def files(tiny_ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("gguf")
-    return {t: write_gguf(tiny_ckpt, out / f"tiny-{t}.gguf", t) for t in ("F32", "BF16", "Q8_0", "Q4_0")}
+    return {t: write_gguf(tiny_ckpt, out / f"tiny-{t}.gguf", t) for t in ("F32", "F16", "BF16", "Q8_0", "Q4_0")}
 
 
 def test_f32_gguf_equals_safetensors(tiny_ckpt, files, ids):
@@ -40,6 +40,18 @@ def test_f32_gguf_equals_safetensors(tiny_ckpt, files, ids):
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "ffn_dim",
                 "layer_types", "rope_theta", "norm_eps", "conv_L_cache", "vocab_size", "tie_word_embeddings"):
         assert getattr(model.config, key) == getattr(ref.config, key), key
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=0, atol=0)
+
+
+def test_f16_gguf_is_exact_in_fp32(tiny_ckpt, files, ids):
+    ref = load_model(tiny_ckpt, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if p.dim() == 2:  # the file stores matrices in F16 (norms and the conv kernel in F32)
+                p.copy_(p.half().float())
+    model = load_model(files["F16"])
+    assert model.dtype == torch.float32
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=0, atol=0)
 

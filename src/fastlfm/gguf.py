@@ -227,7 +227,8 @@ def load_gguf(path: str | os.PathLike, dtype: str | torch.dtype | None = "auto",
     """(model, tokenizer) of an LFM2 GGUF file. A file whose projections are quantized loads
     onto the CPU int8 / int4 kernels (activations bf16 unless `dtype` says otherwise); a float
     file loads as float (`quantization` may quantize it at load, like a safetensors checkpoint).
-    `dtype="auto"`: float32 for F32 files, bfloat16 otherwise."""
+    `dtype="auto"`: float32 for F32 and F16 files (exact; "bfloat16" halves the memory), bfloat16
+    otherwise."""
     import gguf
 
     from .cpu_linear import QUANTIZATION_SCHEMES, build_quantized_model, prepare_for_cpu
@@ -246,7 +247,9 @@ def load_gguf(path: str | os.PathLike, dtype: str | torch.dtype | None = "auto",
         tensors[name] = t
     projection = {n for n in tensors if n.endswith("_proj.weight") or ".feed_forward.w" in n}
     quantized_file = any(not _is_float(tensors[n]) for n in projection)
-    file_dtype = torch.float32 if all(tensors[n].tensor_type == gguf.GGMLQuantizationType.F32 for n in projection) \
+    # F32 and F16 weights are exact in float32; BF16 and block-quantized files run in bf16.
+    exact_in_fp32 = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+    file_dtype = torch.float32 if all(tensors[n].tensor_type in exact_in_fp32 for n in projection) \
         else torch.bfloat16
     torch_dtype = file_dtype if dtype in (None, "auto") else resolve_dtype(dtype, None)
     device = resolve_device(device or "cpu")
