@@ -157,3 +157,30 @@ def test_llm_quantization_argument_and_errors(tiny_ckpt):
 def test_packed_linear_fused_residual_add():
     w, x, r = _weight(), torch.randn(1, 3, 128), torch.randn(1, 3, 96)
     torch.testing.assert_close(PackedLinear(w).add_to(x, r), r + F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_batch1_cpu_decode_path_matches_the_reference_model(tiny_ckpt):
+    """Batch-1 decode steps on the CPU (attention over the sequence's own blocks, the conv step in
+    place on its slot) give the greedy tokens of the plain fp32 model with its own cache; a second
+    request reuses the conv slot of the first (its state must start from zeros)."""
+    from fastlfm.engine import LLMEngine
+
+    ref = load_model(tiny_ckpt, dtype=torch.float32)
+    prompts = [[5, 9, 200, 31, 7, 400, 3, 3, 17, 99, 101, 5, 6, 7, 8, 9, 10, 11], [42]]  # [42]: a one-token row, past 0
+    expected = []
+    with torch.no_grad():
+        for p in prompts:
+            cache, ids, out = ref.make_cache(), torch.tensor([p]), []
+            for _ in range(20):
+                logp = ref(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1].log_softmax(-1)
+                t = int(logp.argmax())
+                out.append((t, float(logp[t])))
+                ids = torch.tensor([[t]])
+            expected.append(out)
+    engine = LLMEngine(load_model(tiny_ckpt, dtype=torch.float32), max_num_seqs=1, block_size=4)
+    params = SamplingParams(max_new_tokens=20, temperature=0.0, ignore_eos=True, logprobs=0)
+    for p, want in zip(prompts, expected):  # one at a time: every decode step is batch 1
+        out = engine.generate([p], params)[0]
+        assert out.token_ids == [t for t, _ in want]
+        got = torch.tensor([lp.logprob for lp in out.logprobs])
+        torch.testing.assert_close(got, torch.tensor([lp for _, lp in want]), rtol=0, atol=1e-5)

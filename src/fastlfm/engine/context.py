@@ -206,6 +206,8 @@ class PagedContext(MixingContext):
     def short_conv(self, layer_idx, v, weight, bias):
         pool = self.conv_states[self.conv_index[layer_idx]]  # (slots + 1, K-1, D)
         x = v[0]
+        if self.decode_only and x.shape[0] == 1 and x.device.type == "cpu":
+            return self._conv_step_in_place(pool[int(self.conv_slots[0])], x, weight, bias)[None]
         state = pool[self.conv_slots].masked_fill_(self.fresh[:, None, None], 0)  # (S, K-1, D)
         if self.decode_only:
             # One new input per row: out = sum_k w_k * (state ++ x)_k, then shift the state.
@@ -222,4 +224,22 @@ class PagedContext(MixingContext):
         out, new_state = packed_causal_conv(x, weight, bias, self.cu_seqlens, self.pos_in_chunk,
                                             self.seq_of_token, state.transpose(1, 2))
         pool[self.conv_slots] = new_state.transpose(1, 2).to(pool.dtype)
+        return out[None]
+
+    def _conv_step_in_place(self, state, x, weight, bias):
+        """Batch-1 decode on the CPU: the conv step on the slot's own state (K-1, D), read and
+        shifted in place (no gather, no concatenation); the same sums in the same order as the
+        batched path."""
+        if int(self.past[0]) == 0:  # a new sequence starts from zeros
+            state.zero_()
+        K = weight.shape[-1]
+        w = weight.view(-1, K).to(x.dtype)
+        out = x[0] * w[:, K - 1]
+        for lag in range(1, K):
+            out = out + state[K - 1 - lag].to(x.dtype) * w[:, K - 1 - lag]
+        if bias is not None:
+            out = out + bias.to(x.dtype)
+        for j in range(K - 2):  # ascending: each row is read before it is overwritten
+            state[j].copy_(state[j + 1])
+        state[K - 2].copy_(x[0])
         return out[None]
