@@ -10,7 +10,7 @@ whole rendered conversation, answer tokens only):
 - greedy agreement: generating up to 48 tokens per question (engine, greedy), the share of
   questions whose tokens equal fp32's exactly, and the task accuracy (exact match) of each.
 
-    python bench/quant_quality.py [--items 200]
+    python bench/quant_quality.py [--items 200] [--formats int8 "GGUF Q4_0" ...]
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--items", type=int, default=200)
+    ap.add_argument("--formats", nargs="*", default=None, help="names to run (the fp32 reference always runs)")
     args = ap.parse_args()
     torch.set_num_threads(2)
 
@@ -78,6 +79,8 @@ def main() -> None:
           "greedy sequences equal to fp32 | task accuracy |")
     print("|---|---|---|---|---|---|")
     for name, make in variants.items():
+        if args.formats and name != "fp32 (reference)" and name not in args.formats:
+            continue
         model = make()
         lp = answer_logprobs(model)
         toks = greedy(model)
