@@ -95,16 +95,23 @@ def llama_bench(llama: Path, gguf: Path, threads: int) -> tuple[float, float]:
 class FastlfmRunner:
     """One loaded LLM; `once()` = one greedy generation through its engine, steps timed."""
 
-    def __init__(self, source: str, dtype: str, quantization: str | None, threads: int):
+    def __init__(self, source: str, dtype: str, quantization: str | None, threads: int, unpacked: bool = False):
         import torch
 
+        import fastlfm.engine.llm_engine as llm_engine
         from fastlfm import LLM
 
         torch.set_num_threads(threads)
         t = time.perf_counter()
         self.llm = LLM(source, dtype=dtype, quantization=quantization, engine_options={"max_num_seqs": 8})
         self.load_s = time.perf_counter() - t
-        self.engine = self.llm.engine
+        prepare = llm_engine.prepare_for_cpu
+        if unpacked:  # A/B: the engine with torch's default nn.Linear path (no pre-packing)
+            llm_engine.prepare_for_cpu = lambda model: model
+        try:
+            self.engine = self.llm.engine
+        finally:
+            llm_engine.prepare_for_cpu = prepare
         gen = torch.Generator().manual_seed(1234)
         self.prompt = torch.randint(500, self.llm.model.config.vocab_size, (PROMPT,), generator=gen).tolist()
         self.steps: list[float] = []
@@ -191,6 +198,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--gguf", action="store_true", help="also run fastlfm on llama.cpp's Q8_0 / Q4_0 files")
     ap.add_argument("--no-cold-start", action="store_true")
+    ap.add_argument("--ab", action="store_true",
+                    help="also run fp32 / bf16 through the engine without pre-packing (torch's default linear)")
     ap.add_argument("--json", type=Path, default=None, help="append the raw samples here (JSON lines)")
     ap.add_argument("--quiet-limit", type=float, default=0.15,
                     help="before each timed pair, wait until the CPU is less busy than this (0-1)")
@@ -209,11 +218,13 @@ def main() -> int:
         folder, files = ensure_files(args.work, model, llama, [CLASSES[c][2] for c in args.classes])
         for cls in args.classes:
             dtype, quant, ltype = CLASSES[cls]
-            sources = [(f"fastlfm {cls}", str(folder), dtype, quant)]
+            sources = [(f"fastlfm {cls}", str(folder), dtype, quant, False)]
+            if args.ab and quant is None:
+                sources.append((f"fastlfm {cls}, not packed (before)", str(folder), dtype, quant, True))
             if args.gguf and quant is not None:
-                sources.append((f"fastlfm on {ltype}.gguf", str(files[ltype]), "auto", None))
-            for label, source, d, q in sources:
-                runner = FastlfmRunner(source, d, q, args.threads)
+                sources.append((f"fastlfm on {ltype}.gguf", str(files[ltype]), "auto", None, False))
+            for label, source, d, q, unpacked in sources:
+                runner = FastlfmRunner(source, d, q, args.threads, unpacked)
                 ours_pf, ours_dec, peer_pf, peer_dec, busy = [], [], [], [], []
                 for _ in range(args.repeats):  # interleaved: the same machine state for both
                     busy.append(wait_quiet(args.quiet_limit, args.max_wait))
