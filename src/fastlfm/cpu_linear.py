@@ -401,8 +401,9 @@ def save_quantized(model: nn.Module, folder: str | Path, scheme: str, group_size
     tensors: dict[str, torch.Tensor] = {}
     quantized: set[str] = set()
     head = getattr(model, "lm_head", None)
+    projections = _lfm2_projections(model)
     for name, module in model.named_modules():
-        if _plain(module) and (_is_lfm2_projection(model, name) or module is head):
+        if _plain(module) and (module in projections or module is head):
             w = quantize_int8(module.weight) if module is head else quantize(module.weight, scheme, group_size)
             tensors.update(_quantized_tensors(name, w))
             quantized.add(f"{name}.weight")
@@ -424,9 +425,14 @@ def save_quantized(model: nn.Module, folder: str | Path, scheme: str, group_size
         (folder / "generation_config.json").write_text(json.dumps(model.generation_config, indent=2))
 
 
-def _is_lfm2_projection(model: nn.Module, name: str) -> bool:
-    leaf = name.rsplit(".", 1)[-1]
-    return leaf in ("q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1", "w2", "w3") and ".layers." in f".{name}"
+def _lfm2_projections(model: nn.Module) -> set[nn.Module]:
+    """The projections `install_cpu_linears` swaps: those of LFM2 attention, conv and MLP blocks
+    (not, e.g., an LFM2-VL vision tower's)."""
+    from .models.lfm2 import Lfm2Attention, Lfm2MLP, Lfm2ShortConv
+
+    names = {Lfm2Attention: ("q_proj", "k_proj", "v_proj", "out_proj"), Lfm2ShortConv: ("in_proj", "out_proj"),
+             Lfm2MLP: ("w1", "w3", "w2")}
+    return {getattr(m, n) for m in model.modules() for kind, ns in names.items() if isinstance(m, kind) for n in ns}
 
 
 def read_quantized_weights(tensors: dict[str, torch.Tensor], config: dict) -> dict[str, QuantizedWeight]:
