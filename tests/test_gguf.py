@@ -5,19 +5,18 @@ the format's rounding. Oracle for block formats: the `gguf` package's de-quantiz
 
 import json
 
+import gguf  # a test dependency (pyproject's test extra): the format's reference reader and quantizers
 import numpy as np
 import pytest
 import torch
 
-gguf = pytest.importorskip("gguf")  # declared in the test extra; this only names the dependency
-
-from fastlfm import LLM  # noqa: E402
-from fastlfm.cpu_linear import Int4Linear, Int8Linear  # noqa: E402
-from fastlfm.gguf import LFM2_SPLIT_PATTERN  # noqa: E402
-from fastlfm.loading import CheckpointError  # noqa: E402
-from fastlfm.models import load_model  # noqa: E402
-from fastlfm.testing.gguf_files import gguf_name, write_gguf  # noqa: E402
-from fastlfm.tokenizer import Tokenizer  # noqa: E402
+from fastlfm import LLM
+from fastlfm.cpu_linear import Int4Linear, Int8Linear
+from fastlfm.gguf import LFM2_SPLIT_PATTERN
+from fastlfm.loading import CheckpointError
+from fastlfm.models import load_model
+from fastlfm.testing.gguf_files import gguf_name, write_gguf
+from fastlfm.tokenizer import Tokenizer
 
 TEXT = "Hello world, it's 2026!\n\n  def f(x):\treturn x**2 <|im_start|>user\nhi<|im_end|> ünïcödé 日本語 123456"
 
