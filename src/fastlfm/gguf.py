@@ -210,8 +210,8 @@ def _float(t) -> torch.Tensor:
     if t.tensor_type == kind.F16:
         return torch.from_numpy(np.array(t.data, dtype=np.float16))
     if t.tensor_type == kind.BF16:
-        raw = np.ascontiguousarray(t.data).view(np.int16).reshape(t.data.shape[0], -1)
-        return torch.from_numpy(raw.copy()).view(torch.bfloat16)
+        raw = np.ascontiguousarray(t.data).view(np.int16).reshape(tuple(int(n) for n in reversed(t.shape)))
+        return torch.from_numpy(raw.copy()).view(torch.bfloat16)  # ggml lists dims innermost first
     return _dequantized(t)
 
 
