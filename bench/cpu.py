@@ -1,142 +1,276 @@
-"""CPU benchmark: fastlfm generate() vs transformers generate() on the same weights.
+"""CPU benchmark: fastlfm vs llama.cpp in the same run, on the same weights, batch 1.
 
-LFM2-350M shapes with random weights (written once to a folder and reused), 2 threads,
-a 128-token prompt, 128 new tokens, greedy, eos ignored; batch 1 and 8; fp32 and bf16.
+For each model (LFM2-350M / LFM2-1.2B shapes, random bf16 weights written once) and each
+precision class (fastlfm fp32 / bf16 / int8 / int4 against llama.cpp F32 / BF16 / Q8_0 / Q4_0),
+the two runtimes alternate, repeat by repeat, so both see the same machine state:
 
-Both libraries run their own generate(). Each model's forward is wrapped to record when
-it is called: prefill = the first forward; decode = from the second forward call to the
-last one (so it includes sampling and each loop's own overhead), per token.
+- llama.cpp: `llama-bench -t THREADS -r 1` on GGUF files made from the same safetensors by
+  llama.cpp's converter (bench/convert_gguf.py) and llama-quantize (Q8_0 / Q4_0 from F32):
+  prefill = pp128 (`-p 128 -n 0`), decode = tg128 after a 128-token prompt (`-p 0 -n 128 -d 128`).
+- fastlfm: `LLM(folder, dtype=..., quantization=...)` (the public API; the checkpoint's full-size
+  tokenizer attached) and its engine, `llm.engine.generate([prompt ids], greedy, 128 new tokens)`
+  with `engine.step` timed: prefill = the first step (128-token prefill + first token),
+  decode = 127 / the other 127 steps. `--gguf` also runs fastlfm on llama.cpp's Q8_0 / Q4_0 files.
+- cold start (350M): a fresh `python -c` process, from its launch to the first token of
+  `LLM(folder, ...).generate(prompt, max_new_tokens=1)`.
 
-The machine this runs on is shared: other processes take a core now and then, and with 2
-threads every parallel region then waits. The two libraries alternate between repeats, and
-we report the fastest repeat of each (as timeit does: slower repeats measure interference,
-not the code), plus the median repeat for reference.
+Reported: the median of the repeats and the min-max spread, the ratio fastlfm / llama.cpp, the
+machine's CPU flags (lscpu) and load average. Building llama.cpp (the `llama-cpp-python` sdist
+vendors it):
 
-    python bench/cpu.py [--folder /tmp/fastlfm-bench-350m] [--repeats 3] [--dtypes fp32 bf16] [--batches 1 8]
+    pip download --no-binary :all: --no-deps llama-cpp-python==0.3.36 -d dl
+    tar xzf dl/llama_cpp_python-0.3.36.tar.gz && cp -r llama_cpp_python-0.3.36/vendor/llama.cpp LLAMA
+    cmake -S LLAMA -B LLAMA/build -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \\
+          -DLLAMA_OPENSSL=OFF -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \\
+          -DLLAMA_BUILD_SERVER=OFF
+    cmake --build LLAMA/build -j2 --target llama-bench llama-quantize
+
+    python bench/cpu.py --llama-cpp LLAMA [--work /tmp/fastlfm-cpu-bench] [--models LFM2-350M LFM2-1.2B]
+                        [--classes fp32 bf16 int8 int4] [--repeats 3] [--threads 2] [--gguf]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
+CLASSES = {  # fastlfm (dtype, quantization) -> llama.cpp type
+    "fp32": ("float32", None, "F32"),
+    "bf16": ("bfloat16", None, "BF16"),
+    "int8": ("bfloat16", "int8", "Q8_0"),
+    "int4": ("bfloat16", "int4", "Q4_0"),
+}
+PROMPT, NEW = 128, 128
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+def run(cmd: list[str], **kw) -> str:
+    res = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if res.returncode:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({res.returncode}):\n{res.stderr[-3000:]}")
+    return res.stdout
 
 
-def ensure_checkpoint(folder: Path) -> Path:
+def ensure_files(work: Path, model: str, llama: Path, types: list[str]) -> tuple[Path, dict[str, Path]]:
+    """The safetensors checkpoint (random bf16 weights, full-size tokenizer) and its GGUF files."""
+    import torch
+
+    from fastlfm.testing import real_config, write_checkpoint
+
+    folder = work / model.lower()
     if not (folder / "model.safetensors").is_file():
-        from fastlfm.testing import real_config, write_checkpoint
+        print(f"writing {model} to {folder}", file=sys.stderr, flush=True)
+        write_checkpoint(folder, real_config(model), dtype=torch.bfloat16, tokenizer=True)
+    files = {}
+    for t in types:
+        path = work / f"{model.lower()}-{t}.gguf"
+        if not path.is_file():
+            if t in ("F32", "BF16", "F16"):
+                run([sys.executable, str(Path(__file__).parent / "convert_gguf.py"), str(llama), str(folder),
+                     "--outtype", t.lower(), "--outfile", str(path)])
+            else:
+                f32 = work / f"{model.lower()}-F32.gguf"
+                if not f32.is_file():
+                    run([sys.executable, str(Path(__file__).parent / "convert_gguf.py"), str(llama), str(folder),
+                         "--outtype", "f32", "--outfile", str(f32)])
+                run([str(llama / "build/bin/llama-quantize"), str(f32), str(path), t, "2"])
+        files[t] = path
+    return folder, files
 
-        print(f"writing random LFM2-350M weights to {folder} ...", file=sys.stderr)
-        write_checkpoint(folder, real_config("LFM2-350M"), tokenizer=False)
-    return folder
+
+def llama_bench(llama: Path, gguf: Path, threads: int) -> tuple[float, float]:
+    """(prefill tok/s, decode tok/s) of one llama-bench repeat."""
+    exe = str(llama / "build/bin/llama-bench")
+    pp = json.loads(run([exe, "-m", str(gguf), "-t", str(threads), "-p", str(PROMPT), "-n", "0", "-r", "1", "-o", "json"]))
+    tg = json.loads(run([exe, "-m", str(gguf), "-t", str(threads), "-p", "0", "-n", str(NEW), "-d", str(PROMPT),
+                         "-r", "1", "-o", "json"]))
+    return pp[0]["avg_ts"], tg[0]["avg_ts"]
 
 
-class ForwardClock:
-    """Records the start and end time of every forward call of a module."""
+class FastlfmRunner:
+    """One loaded LLM; `once()` = one greedy generation through its engine, steps timed."""
 
-    def __init__(self, module: torch.nn.Module):
-        self.starts: list[float] = []
-        self.first_end: float | None = None
-        inner = module.forward
+    def __init__(self, source: str, dtype: str, quantization: str | None, threads: int, unpacked: bool = False):
+        import torch
 
-        def timed(*args, **kwargs):
-            self.starts.append(time.perf_counter())
-            out = inner(*args, **kwargs)
-            if self.first_end is None:
-                self.first_end = time.perf_counter()
+        import fastlfm.engine.llm_engine as llm_engine
+        from fastlfm import LLM
+
+        torch.set_num_threads(threads)
+        t = time.perf_counter()
+        self.llm = LLM(source, dtype=dtype, quantization=quantization, engine_options={"max_num_seqs": 8})
+        self.load_s = time.perf_counter() - t
+        prepare = llm_engine.prepare_for_cpu
+        if unpacked:  # A/B: the engine with torch's default nn.Linear path (no pre-packing)
+            llm_engine.prepare_for_cpu = lambda model: model
+        try:
+            self.engine = self.llm.engine
+        finally:
+            llm_engine.prepare_for_cpu = prepare
+        gen = torch.Generator().manual_seed(1234)
+        self.prompt = torch.randint(500, self.llm.model.config.vocab_size, (PROMPT,), generator=gen).tolist()
+        self.steps: list[float] = []
+        inner = self.engine.step
+
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            out = inner(*a, **k)
+            self.steps.append(time.perf_counter() - t0)
             return out
 
-        module.forward = timed
+        self.engine.step = timed
+        self.once(8)  # warm-up
 
-    def reset(self) -> None:
-        self.starts.clear()
-        self.first_end = None
+    def once(self, new: int = NEW) -> tuple[float, float]:
+        from fastlfm.sampling import SamplingParams
 
-    def prefill_s(self) -> float:
-        return self.first_end - self.starts[0]
-
-
-def run_fastlfm(model, ids, new_tokens):
-    model.generate(ids, max_new_tokens=new_tokens, do_sample=False, ignore_eos=True)
+        self.steps.clear()
+        out = self.engine.generate([self.prompt], SamplingParams(max_new_tokens=new, temperature=0.0, ignore_eos=True))
+        assert len(out[0].token_ids) == new and len(self.steps) == new, (len(out[0].token_ids), len(self.steps))
+        return PROMPT / self.steps[0], (new - 1) / sum(self.steps[1:])
 
 
-def run_transformers(model, ids, new_tokens):
-    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                   min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+def cold_start(source: str, dtype: str, quantization: str | None, threads: int) -> float:
+    """Seconds from launching a fresh Python process to the first generated token."""
+    code = ("import time, torch; torch.set_num_threads({t}); from fastlfm import LLM; "
+            "llm = LLM({s!r}, dtype={d!r}, quantization={q!r}); "
+            "out = llm.generate('Hello, how are you today?', max_new_tokens=1, ignore_eos=True); "
+            "print('TOKEN', time.time())").format(t=threads, s=source, d=dtype, q=quantization)
+    t = time.time()
+    out = run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    end = float(next(line for line in out.splitlines() if line.startswith("TOKEN")).split()[1])
+    return end - t
 
 
-def bench(folder: Path, dtype_name: str, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
-    import transformers
-
-    from fastlfm import Lfm2ForCausalLM
-
-    dtype = DTYPES[dtype_name]
-    ours = Lfm2ForCausalLM.from_pretrained(folder, dtype=dtype)
-    ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
-    ids = torch.randint(14, ours.config.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
-    runners = {"fastlfm": (ours, run_fastlfm), "transformers": (ref, run_transformers)}
-    clocks = {name: ForwardClock(m) for name, (m, _) in runners.items()}
-    prefill: dict[str, list[float]] = {n: [] for n in runners}
-    decode: dict[str, list[float]] = {n: [] for n in runners}  # seconds per decode step
-    with torch.inference_mode():
-        for name, (m, fn) in runners.items():  # warm-up
-            fn(m, ids, 4)
-        for _ in range(repeats):
-            for name, (m, fn) in runners.items():
-                clock = clocks[name]
-                clock.reset()
-                fn(m, ids, new_tokens)
-                assert len(clock.starts) == new_tokens, (name, len(clock.starts))
-                prefill[name].append(clock.prefill_s())
-                decode[name].append((clock.starts[-1] - clock.starts[1]) / (new_tokens - 2))
-    row = {"dtype": dtype_name, "batch": batch}
-    for name in runners:
-        row[f"{name}_prefill"] = batch * prompt_len / min(prefill[name])
-        row[f"{name}_decode"] = batch / min(decode[name])
-        row[f"{name}_decode_median"] = batch / statistics.median(decode[name])
-    del ours, ref
-    return row
+def cpu_busy(seconds: float) -> float:
+    """Share of the machine's CPU time that was busy over the next `seconds` (/proc/stat)."""
+    def sample():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v), v[3] + v[4]  # total, idle + iowait
+    t0, i0 = sample()
+    time.sleep(seconds)
+    t1, i1 = sample()
+    return 1 - (i1 - i0) / max(t1 - t0, 1)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--folder", type=Path, default=Path("/tmp/fastlfm-bench-350m"))
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--prompt", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
-    p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
-    args = p.parse_args(argv)
+def wait_quiet(limit: float, max_wait: float) -> float:
+    """Wait (up to `max_wait` s) until other processes leave the CPU < `limit` busy over 3 s (the
+    machine is shared; a timing run next to a busy neighbour measures the neighbour). Returns
+    the busy share last seen."""
+    deadline = time.time() + max_wait
+    busy = cpu_busy(3)
+    while busy > limit and time.time() < deadline:
+        busy = cpu_busy(3)
+    return busy
 
-    torch.set_num_threads(args.threads)
-    folder = ensure_checkpoint(args.folder)
-    load_before = os.getloadavg()[0]
-    rows = [bench(folder, d, b, args.prompt, args.new_tokens, args.repeats) for d in args.dtypes for b in args.batches]
-    load_after = os.getloadavg()[0]
 
-    print(f"\nLFM2-350M shapes, random weights, {args.threads} threads, prompt {args.prompt}, "
-          f"{args.new_tokens} new tokens, greedy; fastest of {args.repeats} runs (median in brackets); "
-          f"load average {load_before:.2f} before, {load_after:.2f} after")
-    print(f"torch {torch.__version__}, transformers {__import__('transformers').__version__}")
-    print()
-    head = ("| dtype | batch | prefill tok/s fastlfm | prefill tok/s transformers | ratio "
-            "| decode tok/s fastlfm | decode tok/s transformers | ratio |")
-    print(head)
-    print("|" + "---|" * 8)
+def spread(xs: list[float]) -> str:
+    return f"{statistics.median(xs):.1f} ({min(xs):.1f}-{max(xs):.1f})"
+
+
+def cpu_flags() -> str:
+    try:
+        info = run(["lscpu"])
+    except (OSError, RuntimeError):
+        return "lscpu unavailable"
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    flags = set(fields.get("Flags", "").split())
+    wanted = ["avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx_vnni",
+              "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8"]
+    name = fields.get("Model name", "?").strip()
+    return (f"{name}, {fields.get('CPU(s)', '?').strip()} CPUs, L3 {fields.get('L3 cache', '?').strip()}; flags: "
+            + ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in wanted))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--llama-cpp", type=Path, required=True, help="llama.cpp source dir with build/bin/llama-bench")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/fastlfm-cpu-bench"), help="checkpoints and GGUF files")
+    ap.add_argument("--models", nargs="+", default=["LFM2-350M", "LFM2-1.2B"])
+    ap.add_argument("--classes", nargs="+", default=list(CLASSES), choices=list(CLASSES))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--gguf", action="store_true", help="also run fastlfm on llama.cpp's Q8_0 / Q4_0 files")
+    ap.add_argument("--no-cold-start", action="store_true")
+    ap.add_argument("--ab", action="store_true",
+                    help="also run fp32 / bf16 through the engine without pre-packing (torch's default linear)")
+    ap.add_argument("--json", type=Path, default=None, help="append the raw samples here (JSON lines)")
+    ap.add_argument("--quiet-limit", type=float, default=0.15,
+                    help="before each timed pair, wait until the CPU is less busy than this (0-1)")
+    ap.add_argument("--max-wait", type=float, default=120, help="seconds to wait for a quiet CPU at most")
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    llama = args.llama_cpp.resolve()
+    import torch
+
+    print(f"# fastlfm vs llama.cpp, CPU, batch 1, {args.threads} threads, prompt {PROMPT}, {NEW} new tokens, greedy")
+    print(f"date {time.strftime('%Y-%m-%d %H:%M')}; torch {torch.__version__} (cpu capability "
+          f"{torch.backends.cpu.get_cpu_capability()}); {cpu_flags()}")
+    load0 = os.getloadavg()[0]
+    rows = []
+    for model in args.models:
+        folder, files = ensure_files(args.work, model, llama, [CLASSES[c][2] for c in args.classes])
+        for cls in args.classes:
+            dtype, quant, ltype = CLASSES[cls]
+            sources = [(f"fastlfm {cls}", str(folder), dtype, quant, False)]
+            if args.ab and quant is None:
+                sources.append((f"fastlfm {cls}, not packed (before)", str(folder), dtype, quant, True))
+            if args.gguf and quant is not None:
+                sources.append((f"fastlfm on {ltype}.gguf", str(files[ltype]), "auto", None, False))
+            for label, source, d, q, unpacked in sources:
+                runner = FastlfmRunner(source, d, q, args.threads, unpacked)
+                ours_pf, ours_dec, peer_pf, peer_dec, busy = [], [], [], [], []
+                for _ in range(args.repeats):  # interleaved: the same machine state for both
+                    busy.append(wait_quiet(args.quiet_limit, args.max_wait))
+                    p, t = llama_bench(llama, files[ltype], args.threads)
+                    peer_pf.append(p), peer_dec.append(t)
+                    p, t = runner.once()
+                    ours_pf.append(p), ours_dec.append(t)
+                row = dict(model=model, case=label, peer=f"llama.cpp {ltype}", load_s=runner.load_s, busy_before=busy,
+                           prefill=ours_pf, decode=ours_dec, peer_prefill=peer_pf, peer_decode=peer_dec)
+                rows.append(row)
+                print(f"{model} {label}: prefill {spread(ours_pf)} vs {spread(peer_pf)}; decode {spread(ours_dec)} vs "
+                      f"{spread(peer_dec)} tok/s (load {runner.load_s:.1f} s; CPU busy before each pair "
+                      f"{', '.join(f'{b:.0%}' for b in busy)})", file=sys.stderr, flush=True)
+                del runner
+                if args.json:
+                    with open(args.json, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+    cold = []
+    if not args.no_cold_start and "LFM2-350M" in args.models:
+        folder = args.work / "lfm2-350m"
+        for cls in [c for c in ("bf16", "int4") if c in args.classes]:
+            dtype, quant, _ = CLASSES[cls]
+            xs = []
+            for _ in range(args.repeats):
+                wait_quiet(args.quiet_limit, args.max_wait)
+                xs.append(cold_start(str(folder), dtype, quant, args.threads))
+            cold.append((cls, xs))
+    load1 = os.getloadavg()[0]
+
+    print(f"load average {load0:.2f} before, {load1:.2f} after; median of {args.repeats} interleaved repeats "
+          f"(min-max in brackets); each pair started once other processes left the CPU < {args.quiet_limit:.0%} busy "
+          f"(or after {args.max_wait:.0f} s; the busy shares seen are in the log)\n")
+    print("| model | fastlfm | peer | prefill tok/s fastlfm | prefill tok/s peer | ratio | decode tok/s fastlfm "
+          "| decode tok/s peer | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        f, t = r["fastlfm_decode_median"], r["transformers_decode_median"]
-        print(f"| {r['dtype']} | {r['batch']} | {r['fastlfm_prefill']:.0f} | {r['transformers_prefill']:.0f} | "
-              f"{r['fastlfm_prefill'] / r['transformers_prefill']:.2f}x | {r['fastlfm_decode']:.1f} ({f:.1f}) | "
-              f"{r['transformers_decode']:.1f} ({t:.1f}) | {r['fastlfm_decode'] / r['transformers_decode']:.2f}x "
-              f"({f / t:.2f}x) |")
+        pf = statistics.median(r["prefill"]) / statistics.median(r["peer_prefill"])
+        dec = statistics.median(r["decode"]) / statistics.median(r["peer_decode"])
+        print(f"| {r['model']} | {r['case']} | {r['peer']} | {spread(r['prefill'])} | {spread(r['peer_prefill'])} | "
+              f"{pf:.2f}x | {spread(r['decode'])} | {spread(r['peer_decode'])} | {dec:.2f}x |")
+    for r in rows:
+        if r["case"] == "fastlfm bf16":  # against the llama.cpp BF16 runs interleaved with it
+            print(f"\n{r['model']}: fastlfm bf16 prefill / llama.cpp BF16 prefill = "
+                  f"{statistics.median(r['prefill']) / statistics.median(r['peer_prefill']):.2f}x (goal >= 1.5x)")
+    for cls, xs in cold:
+        print(f"LFM2-350M cold start to first token, {cls}: {spread(xs)} s (goal < 2 s)")
     return 0
 
 

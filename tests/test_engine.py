@@ -277,7 +277,7 @@ def test_fused_projection_only_in_batch1_decode_of_tuned_plain_weights(model):
     assert ctx([4], 0)._fused_linear_weight(plain, None) is None  # prefill
 
 
-def test_conv_block_kernel_only_in_batch1_decode_of_a_tuned_in_proj(model, monkeypatch):
+def test_conv_block_kernel_only_in_batch1_decode_of_a_tuned_in_proj(tiny_ckpt, monkeypatch):
     """The engine's rule for its batch-1 conv block kernel (in_proj + conv step, a CUDA path: a
     stand-in for the kernel op records the calls): a batch-1 decode step whose in_proj shape is
     tuned, with a 3-tap conv without bias, and the kernel gets the layer's weights, norm and state;
@@ -297,6 +297,7 @@ def test_conv_block_kernel_only_in_batch1_decode_of_a_tuned_in_proj(model, monke
     stub.in_proj_gated_conv_op = fake_op
     monkeypatch.setitem(sys.modules, "fastlfm.engine.kernels.ops", stub)
     monkeypatch.setattr(kernels, "ops", stub, raising=False)
+    model = Lfm2ForCausalLM.from_pretrained(tiny_ckpt)  # plain nn.Linear layers (an LLMEngine on CPU packs them)
     runner = ModelRunner(model, block_size=4, num_blocks=16, num_conv_slots=3, max_model_len=32,
                          max_num_seqs=3, use_cuda_graphs=False, use_triton=False)
     layer_idx = next(iter(runner.conv_index))

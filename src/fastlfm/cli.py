@@ -35,9 +35,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="checkpoint folder, Hugging Face hub id, or 'demo'")
+    p.add_argument("model", help="checkpoint folder, Hugging Face hub id, LFM2 GGUF file, or 'demo'")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float16, float32")
+    p.add_argument("--quantization", choices=["int8", "int4"], default=None,
+                   help="weight-only quantization at load time (CPU): int8 per channel, int4 in groups of 32")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
@@ -123,15 +125,19 @@ def _load(args: argparse.Namespace):
     with tqdm(total=3, desc=f"Loading {args.model}", file=sys.stderr, disable=args.quiet,
               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n}/{total} [{elapsed}] {postfix}") as bar:
         bar.set_postfix_str(f"resolving {args.model}")
-        folder = resolve_model_dir(args.model)  # huggingface_hub shows its own download bars
+        from .gguf import is_gguf_file
+
+        # huggingface_hub shows its own download bars
+        source = args.model if is_gguf_file(args.model) else resolve_model_dir(args.model)
         bar.update()
         bar.set_postfix_str("reading weights")
-        from .generation import load_model
+        from .generation import load_model_and_tokenizer
 
-        model = load_model(folder, dtype=args.dtype, device=args.device)
+        model, tokenizer, _ = load_model_and_tokenizer(source, dtype=args.dtype, device=args.device,
+                                                       quantization=args.quantization)
         bar.update()
         bar.set_postfix_str("tokenizer")
-        llm = LLM(model)  # tokenizer (and LFM2-VL processor) from the same folder
+        llm = LLM(model, tokenizer=tokenizer)  # else the tokenizer (and LFM2-VL processor) of the folder
         bar.update()
         bar.set_postfix_str("ready")
     return llm

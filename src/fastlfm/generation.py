@@ -30,6 +30,7 @@ from .tokenizer import TextStream, Tokenizer
 
 __all__ = ["GenerationMixin", "GenerateDecoderOnlyOutput", "TextStreamer", "TextIteratorStreamer",
            "Lfm2ForCausalLM", "Lfm2MoeForCausalLM", "Lfm2VlForConditionalGeneration", "MODEL_TYPES", "load_model",
+           "load_model_and_tokenizer",
            "DEFAULT_ENGINE_OPTIONS"]
 
 # The engine a model builds for itself (generate(), LLM): room for a batch of 64 sequences.
@@ -291,6 +292,24 @@ MODEL_TYPES = {"lfm2": Lfm2ForCausalLM, "lfm2_moe": Lfm2MoeForCausalLM, "lfm2_vl
 
 
 def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = "auto",
-               device: str | torch.device | None = None, **kwargs: Any):
-    """Load any supported LFM2 checkpoint (hub id or folder) as a model with `generate()`."""
-    return models.load_model(name_or_path, dtype, device, model_types=MODEL_TYPES, **kwargs)
+               device: str | torch.device | None = None, quantization: str | None = None, **kwargs: Any):
+    """Load any supported LFM2 checkpoint (hub id, folder or GGUF file) as a model with `generate()`.
+    `quantization` ("int8" / "int4"): weight-only quantization at load time (CPU kernels)."""
+    return load_model_and_tokenizer(name_or_path, dtype, device, quantization, **kwargs)[0]
+
+
+def load_model_and_tokenizer(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = "auto",
+                             device: str | torch.device | None = None, quantization: str | None = None,
+                             **kwargs: Any) -> tuple[Any, Tokenizer | None, Any]:
+    """(model with `generate()`, the tokenizer a GGUF file carries or None, the checkpoint folder or
+    None): the folder holds the tokenizer files of a safetensors checkpoint."""
+    from .gguf import is_gguf_file, load_gguf
+    from .loading import resolve_model_dir
+
+    if is_gguf_file(name_or_path):
+        model, tokenizer = load_gguf(name_or_path, dtype=dtype, device=device, quantization=quantization,
+                                     cls=Lfm2ForCausalLM)
+        return model, tokenizer, None
+    folder = resolve_model_dir(name_or_path, kwargs.get("revision"), kwargs.get("local_files_only"))
+    model = models.load_model(folder, dtype, device, quantization=quantization, model_types=MODEL_TYPES, **kwargs)
+    return model, None, folder

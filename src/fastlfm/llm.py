@@ -72,6 +72,9 @@ class LLM:
     `tokenizer`: a `fastlfm.tokenizer.Tokenizer`, a folder, or None for the model's folder.
     Sampling defaults come from the checkpoint's generation_config.json (greedy unless it
     says otherwise); any call may pass a SamplingParams and/or HF-style keywords.
+    `quantization`: "int8" (per channel) or "int4" (groups of 32) weight-only quantization at load
+    time, for the CPU kernels (fastlfm.cpu_linear); `model` may also be an LFM2 GGUF file (its own
+    tokenizer is used).
     `engine_options`: keywords of the `fastlfm.engine.LLMEngine` every call runs on, e.g.
     {"max_num_seqs": 128}, {"compile": False} (on CUDA the decode step is compiled by
     default) or {"max_model_len": 8192}.
@@ -79,9 +82,9 @@ class LLM:
 
     def __init__(self, model: str | os.PathLike | torch.nn.Module, tokenizer: Any = None,
                  device: str | torch.device | None = None, dtype: str | torch.dtype | None = "auto",
-                 engine_options: dict[str, Any] | None = None):
+                 engine_options: dict[str, Any] | None = None, quantization: str | None = None):
         self.engine_options = _checked_engine_options(engine_options or {})
-        from .generation import load_model
+        from .generation import load_model_and_tokenizer
         from .loading import resolve_dtype, resolve_model_dir
         from .tokenizer import Tokenizer
 
@@ -91,13 +94,18 @@ class LLM:
                 model = model.to(dtype=resolve_dtype(dtype, None))
             if device is not None:
                 model = model.to(device=device)
+            if quantization is not None:
+                from .cpu_linear import prepare_for_cpu
+
+                prepare_for_cpu(model, quantization)
             self.model = model
             name = getattr(model, "name_or_path", None)
             if tokenizer is None and name is not None:
                 folder = resolve_model_dir(name, local_files_only=True)
-        else:
-            folder = resolve_model_dir(model)
-            self.model = load_model(folder, dtype=dtype, device=device)
+        else:  # a folder, hub id or GGUF file (which carries its own tokenizer)
+            self.model, own_tokenizer, folder = load_model_and_tokenizer(model, dtype, device, quantization)
+            if tokenizer is None:
+                tokenizer = own_tokenizer
         if tokenizer is None:
             if folder is None:
                 raise ValueError("pass tokenizer=... (the model was not loaded from a folder)")

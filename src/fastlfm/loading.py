@@ -247,7 +247,20 @@ class PretrainedMixin:
         model.name_or_path = str(name_or_path)
         return model.eval()
 
+    def train(self, mode: bool = True):
+        """nn.Module.train; a model whose projections an engine packed for the CPU kernels gets its
+        plain nn.Linear layers back first (trainable, exact weights)."""
+        if mode and getattr(self, "cpu_linears", None) is not None:
+            from .cpu_linear import restore_float_linears
+
+            restore_float_linears(self)
+        return super().train(mode)
+
     def save_pretrained(self, folder: str | os.PathLike) -> None:
+        if getattr(self, "cpu_linears", None) is not None:  # packed for the CPU kernels (an engine did it)
+            from .cpu_linear import restore_float_linears
+
+            restore_float_linears(self)  # quantized ones refuse: their float weights are gone
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.config.save(folder)

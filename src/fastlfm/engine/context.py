@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..cpu_linear import PackedLinear
 from ..models.lfm2 import MixingContext, RMSNorm, can_fuse
 from ..ops import packed_causal_conv
 
@@ -136,6 +137,14 @@ class PagedContext(MixingContext):
         Hkv, d = k.shape[1:]
         k_cache.view(-1, Hkv, d)[slots] = k
         v_cache.view(-1, Hkv, d)[slots] = v
+        if nd == 1 and q.device.type == "cpu":
+            # Batch-1 decode on the CPU: gather only the sequence's own blocks and attend over its
+            # whole history, no mask (reading the length is free on the host).
+            n = int(lens[0])
+            blocks = tables[0, :-(-n // self.block_size)].long()
+            kh = k_cache[blocks].flatten(0, 1)[:n].transpose(0, 1)[None]  # (1, Hkv, n, d)
+            vh = v_cache[blocks].flatten(0, 1)[:n].transpose(0, 1)[None]
+            return F.scaled_dot_product_attention(q.view(1, q.shape[1], 1, d), kh, vh, enable_gqa=True).view(q.shape)
         return paged_decode_attention_ref(q, k_cache, v_cache, tables, lens)
 
     def qk_norm_rope(self, q, k, q_norm, k_norm, cos, sin):
@@ -148,6 +157,13 @@ class PagedContext(MixingContext):
 
     # -- projections ---------------------------------------------------------------------
     def linear(self, x, proj, *, norm=None, silu_gate=False, residual=None):
+        if residual is not None and type(proj) is PackedLinear:  # CPU: oneDNN adds the residual
+            if norm is not None:
+                x = norm(x)
+            if silu_gate:
+                gate, up = x.chunk(2, dim=-1)
+                x = F.silu(gate) * up
+            return proj.add_to(x, residual)
         weight = self._fused_linear_weight(proj, norm)
         if weight is not None:
             from .kernels import ops as kernel_ops
@@ -201,6 +217,8 @@ class PagedContext(MixingContext):
     def short_conv(self, layer_idx, v, weight, bias):
         pool = self.conv_states[self.conv_index[layer_idx]]  # (slots + 1, K-1, D)
         x = v[0]
+        if self.decode_only and x.shape[0] == 1 and x.device.type == "cpu":
+            return self._conv_step_in_place(pool[int(self.conv_slots[0])], x, weight, bias)[None]
         state = pool[self.conv_slots].masked_fill_(self.fresh[:, None, None], 0)  # (S, K-1, D)
         if self.decode_only:
             # One new input per row: out = sum_k w_k * (state ++ x)_k, then shift the state.
@@ -217,4 +235,22 @@ class PagedContext(MixingContext):
         out, new_state = packed_causal_conv(x, weight, bias, self.cu_seqlens, self.pos_in_chunk,
                                             self.seq_of_token, state.transpose(1, 2))
         pool[self.conv_slots] = new_state.transpose(1, 2).to(pool.dtype)
+        return out[None]
+
+    def _conv_step_in_place(self, state, x, weight, bias):
+        """Batch-1 decode on the CPU: the conv step on the slot's own state (K-1, D), read and
+        shifted in place (no gather, no concatenation); the same sums in the same order as the
+        batched path."""
+        if int(self.past[0]) == 0:  # a new sequence starts from zeros
+            state.zero_()
+        K = weight.shape[-1]
+        w = weight.view(-1, K).to(x.dtype)
+        out = x[0] * w[:, K - 1]
+        for lag in range(1, K):
+            out = out + state[K - 1 - lag].to(x.dtype) * w[:, K - 1 - lag]
+        if bias is not None:
+            out = out + bias.to(x.dtype)
+        for j in range(K - 2):  # ascending: each row is read before it is overwritten
+            state[j].copy_(state[j + 1])
+        state[K - 2].copy_(x[0])
         return out[None]

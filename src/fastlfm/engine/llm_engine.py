@@ -15,6 +15,7 @@ from typing import Any, Sequence as Seq
 
 import torch
 
+from ..cpu_linear import prepare_for_cpu, prepared_for_cpu
 from ..sampling import SamplingParams, eos_token_ids
 from ..tokenizer import TextStream
 from . import multimodal
@@ -155,6 +156,11 @@ class LLMEngine:
         self.block_manager = BlockManager(num_kv_blocks, block_size, max_num_seqs)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, self.max_num_batched_tokens)
         self.compiled = on_cuda and not enforce_eager and (on_cuda if compile is None else bool(compile))
+        # CPU: projections pre-packed for oneDNN (a quantized model is kept as it is); the model's
+        # train() / save_pretrained() unpack them, and the next step packs them again.
+        self.packs_for_cpu = not on_cuda
+        if self.packs_for_cpu:
+            prepare_for_cpu(model)
         self.runner = ModelRunner(model, block_size=block_size, num_blocks=num_kv_blocks, num_conv_slots=max_num_seqs,
                                   max_model_len=self.max_model_len, max_num_seqs=max_num_seqs,
                                   use_cuda_graphs=on_cuda and not enforce_eager, use_triton=on_cuda,
@@ -177,12 +183,20 @@ class LLMEngine:
         self._ready: set[str] = set()  # request ids whose kept outputs are not empty
 
     @classmethod
-    def from_pretrained(cls, model: str, *, device=None, dtype="auto", **engine_kwargs) -> "LLMEngine":
+    def from_pretrained(cls, model: str, *, device=None, dtype="auto", quantization: str | None = None,
+                        **engine_kwargs) -> "LLMEngine":
+        """An engine over a checkpoint (hub id, folder or GGUF file) with its tokenizer (and LFM2-VL
+        processor); `quantization` ("int8" / "int4") for the CPU kernels."""
+        from ..gguf import is_gguf_file, load_gguf
         from ..loading import resolve_model_dir
         from ..models import load_model
         from ..tokenizer import Tokenizer
 
-        lm = load_model(model, dtype=dtype, device=device)  # the class by model_type (LFM2, MoE, VL)
+        if is_gguf_file(model):
+            lm, tok = load_gguf(model, dtype=dtype, device=device, quantization=quantization)
+            return cls(lm, tok, **engine_kwargs)
+        # the class by model_type (LFM2, MoE, VL)
+        lm = load_model(model, dtype=dtype, device=device, quantization=quantization)
         folder = resolve_model_dir(model)
         try:
             tok = Tokenizer.from_pretrained(folder)
@@ -349,6 +363,8 @@ class LLMEngine:
         progressed. With asynchronous scheduling those are the tokens of the previous step,
         read while this one runs; `has_unfinished()` stays true until the last is read."""
         self._apply_deferred()
+        if self.packs_for_cpu and not prepared_for_cpu(self.model):
+            prepare_for_cpu(self.model)
         self._busy = True
         try:
             return self._step()

@@ -463,13 +463,15 @@ class Lfm2ForCausalLM(PretrainedMixin, nn.Module):
     def make_cache(self) -> Lfm2Cache:
         return Lfm2Cache(self.config)
 
+    # The final norm's weight: it stays a float parameter when the projections and the head are
+    # swapped for packed or quantized CPU kernels (fastlfm.cpu_linear).
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.embedding_norm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return self.model.embedding_norm.weight.dtype
 
     def forward(
         self,

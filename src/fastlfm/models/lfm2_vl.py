@@ -299,13 +299,15 @@ class Lfm2VlForConditionalGeneration(PretrainedMixin, nn.Module):
         """Vision tower + projector: one (tokens, D_text) tensor per view, in order."""
         return self.model.get_image_features(pixel_values, pixel_attention_mask, spatial_shapes)
 
+    # The final norm's weight: it stays a float parameter when the projections and the head are
+    # swapped for packed or quantized CPU kernels (fastlfm.cpu_linear).
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.language_model.embedding_norm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return self.model.language_model.embedding_norm.weight.dtype
 
     def forward(
         self,

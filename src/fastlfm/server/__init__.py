@@ -20,7 +20,7 @@ __all__ = ["main", "build_parser"]
 
 def build_parser(prog: str = "fastlfm serve") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Serve an LFM2 model behind the OpenAI API.")
-    p.add_argument("model", help="local checkpoint folder or Hugging Face hub id")
+    p.add_argument("model", help="local checkpoint folder, Hugging Face hub id or LFM2 GGUF file")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: localhost only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("FASTLFM_API_KEY"),
@@ -33,6 +33,8 @@ def build_parser(prog: str = "fastlfm serve") -> argparse.ArgumentParser:
                    help="requests allowed to wait beyond --max-num-seqs before answering 429 (default 1024)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--dtype", default="auto", help="auto, bfloat16, float16, float32")
+    p.add_argument("--quantization", choices=["int8", "int4"], default=None,
+                   help="weight-only quantization at load time (CPU): int8 per channel, int4 in groups of 32")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="torch.compile the CUDA decode step (about a minute more at start-up; the speed "
                    "BENCHMARKS.md reports); --no-compile starts faster with CUDA graphs of the eager step")
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         engine = AsyncLLMEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
                                                 max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                                                compile=args.compile)
+                                                compile=args.compile, quantization=args.quantization)
         app = create_app(
             engine,
             args.served_model_name or [args.model],

@@ -1,0 +1,557 @@
+"""Linear layers for CPU inference, installed by a module swap at load time.
+
+Batch-1 decode on CPU is a chain of matrix-vector products, bound by how fast their kernel
+streams the weight. torch's default kernels (MKL sgemm, oneDNN bf16 without pre-packing)
+stream ~20 GB/s on a CPU that reads ~50 GB/s; the same products through oneDNN with a weight
+re-laid out once for the kernel (`torch.ops.mkldnn._reorder_linear_weight`) run near memory
+speed, and fewer bytes per weight go faster still. bench/cpu_kernels.py measures every
+candidate on every LFM2 decode shape (table in BENCHMARKS.md); this module installs the
+winners:
+
+- fp32 / bf16 weights: `PackedLinear`, oneDNN's packed linear (the packed weight also serves
+  prefill: oneDNN runs any row count on it).
+- int8, per output channel: `Int8Linear`, `aten._weight_int8pack_mm` (bf16 activations).
+- int4, group-wise (32 or 64 along the input): `Int4Linear`, `aten._weight_int4pack_mm_for_cpu`
+  (bf16 activations); w = (q - 8) * scale + zero per group, so GGUF Q4_0 (zero = 0) maps onto
+  it exactly.
+- the embedding and the tied LM head: `Int8Embedding` + an `Int8Linear` over the same int8
+  table (per-row scales are the head's per-output-channel scales).
+
+`prepare_for_cpu(model, quantization)` fuses q/k/v and w1/w3 first (as the engine does), then
+swaps each projection for its kernel module; the projections that now run fused are replaced
+by `FusedAway` markers, so the float weights are freed. The model code is unchanged: the
+layers call `ctx.linear(x, module)` / `module(x)` as before. Quantized weights are built from
+float weights (`quantize_int8` / `quantize_int4`), read from a saved quantized checkpoint
+(`save_quantized` / `load_quantized_state`) or from GGUF blocks (fastlfm.gguf).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+QUANTIZATION_SCHEMES = ("int8", "int4")
+QUANT_METHOD = "fastlfm"  # config.json "quantization_config.quant_method" of a saved quantized checkpoint
+_KERNEL_DTYPE = torch.bfloat16  # activations of the int8 / int4 kernels (their fp32 paths are ~10x slower)
+
+
+# ----------------------------------------------------------------------------- quantized weights
+@dataclass
+class Int8Weight:
+    """w[n, k] ~= q[n, k] * scale[n] (symmetric, per output channel)."""
+
+    q: torch.Tensor  # (N, K) int8
+    scale: torch.Tensor  # (N,) float32
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.q.float() * self.scale[:, None]
+
+
+@dataclass
+class Int4Weight:
+    """w[n, k] ~= (q[n, k] - 8) * scale[n, g] + zero[n, g] for k in group g = k // group_size,
+    q in 0..15 (one uint8 each in memory; two per byte on disk)."""
+
+    q: torch.Tensor  # (N, K) uint8
+    scale: torch.Tensor  # (N, K / group_size) float32
+    zero: torch.Tensor  # (N, K / group_size) float32
+    group_size: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        g = self.group_size
+        return (self.q.float() - 8) * self.scale.repeat_interleave(g, 1) + self.zero.repeat_interleave(g, 1)
+
+
+QuantizedWeight = Union[Int8Weight, Int4Weight]
+Weight = Union[torch.Tensor, Int8Weight, Int4Weight]
+
+
+def _kernel_exact(t: torch.Tensor) -> torch.Tensor:
+    """t rounded to the kernels' scale dtype (bf16), kept in fp32: codes are computed against the
+    scale the kernel will really use."""
+    return t.to(_KERNEL_DTYPE).float()
+
+
+def quantize_int8(w: torch.Tensor) -> Int8Weight:
+    w = w.detach().float()
+    scale = _kernel_exact(w.abs().amax(dim=1).clamp(min=1e-12) / 127)
+    return Int8Weight((w / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale)
+
+
+def quantize_int4(w: torch.Tensor, group_size: int = 32) -> Int4Weight:
+    """Asymmetric min/max per group: the 16 levels span [min, max] of the group."""
+    N, K = w.shape
+    if K % group_size:
+        raise ValueError(f"int4 group size {group_size} does not divide the input size {K}")
+    wg = w.detach().float().view(N, K // group_size, group_size)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    scale = _kernel_exact(((hi - lo) / 15).clamp(min=1e-12))
+    zero = _kernel_exact(lo + 8 * scale)
+    q = ((wg - zero[..., None]) / scale[..., None] + 8).round().clamp(0, 15).to(torch.uint8).view(N, K)
+    return Int4Weight(q, scale, zero, group_size)
+
+
+def quantize(w: torch.Tensor, scheme: str, group_size: int = 32) -> QuantizedWeight:
+    if scheme == "int8":
+        return quantize_int8(w)
+    if scheme == "int4":
+        return quantize_int4(w, group_size)
+    raise ValueError(f"unknown quantization {scheme!r}; use one of {', '.join(QUANTIZATION_SCHEMES)}")
+
+
+def concat_weights(weights: list[Weight]) -> Weight:
+    """One weight for projections that share an input (rows stacked), in any one format."""
+    first = weights[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat([w.detach() for w in weights])
+    if not all(type(w) is type(first) for w in weights):
+        raise TypeError("cannot fuse projections stored in different formats")
+    if isinstance(first, Int8Weight):
+        return Int8Weight(torch.cat([w.q for w in weights]), torch.cat([w.scale for w in weights]))
+    if any(w.group_size != first.group_size for w in weights):
+        raise TypeError("cannot fuse int4 projections with different group sizes")
+    return Int4Weight(*(torch.cat([getattr(w, f) for w in weights]) for f in ("q", "scale", "zero")),
+                      first.group_size)
+
+
+# ----------------------------------------------------------------------------- kernel modules
+class CpuLinear(nn.Module):
+    """Base: y = x W^T over the last axis of x, through `_mm` on 2-D rows."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        return self._mm(rows).view(*x.shape[:-1], self.out_features)
+
+    def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+class PackedLinear(CpuLinear):
+    """fp32 / bf16 weight in oneDNN's blocked layout (packed once; `_linear_pointwise` runs it for
+    any number of rows). Output equals F.linear's up to summation order."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__(weight.shape[1], weight.shape[0])
+        self.dtype = weight.dtype
+        # An opaque mkldnn tensor: kept as a plain attribute (not a buffer: no state_dict / .to()).
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1)
+
+    def _mm(self, x):
+        return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype).contiguous(), self.packed, None, "none",
+                                                  [None], "")
+
+    def add_to(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual + x W^T in one oneDNN call (the sum is rounded once, in the weight's dtype)."""
+        if residual.dtype != self.dtype:
+            return residual + self(x)
+        rows = x.reshape(-1, self.in_features).to(self.dtype).contiguous()
+        res = residual.reshape(-1, self.out_features).contiguous()
+        y = torch.ops.mkldnn._linear_pointwise.binary(rows, res, self.packed, None, "add")
+        return y.view(residual.shape)
+
+
+class Int8Linear(CpuLinear):
+    """int8 weight, one scale per output channel; bf16 activations in, the input's dtype out."""
+
+    def __init__(self, weight: Int8Weight):
+        super().__init__(weight.shape[1], weight.shape[0])
+        self.register_buffer("q", weight.q.contiguous())
+        self.register_buffer("scale", weight.scale.to(_KERNEL_DTYPE))
+
+    def _mm(self, x):
+        return torch.ops.aten._weight_int8pack_mm(x.to(_KERNEL_DTYPE).contiguous(), self.q, self.scale).to(x.dtype)
+
+
+class Int4Linear(CpuLinear):
+    """int4 weight in the layout of torch's CPU int4 kernel, scale and zero per group of inputs."""
+
+    def __init__(self, weight: Int4Weight):
+        super().__init__(weight.shape[1], weight.shape[0])
+        self.group_size = weight.group_size
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            weight.q.to(torch.int32).contiguous(), 1))
+        # (K / group, N, 2): [scale, zero] per group and output channel
+        self.register_buffer("scale_zero", torch.stack([weight.scale, weight.zero], -1).transpose(0, 1)
+                             .contiguous().to(_KERNEL_DTYPE))
+
+    def _mm(self, x):
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(_KERNEL_DTYPE).contiguous(), self.packed,
+                                                       self.group_size, self.scale_zero)
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", group_size={self.group_size}"
+
+
+class Int8Embedding(nn.Module):
+    """Embedding rows stored int8 with one scale per row; an `Int8Linear` over the same table is
+    the tied LM head."""
+
+    def __init__(self, weight: Int8Weight, dtype: torch.dtype):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = weight.shape
+        self.dtype = dtype
+        self.register_buffer("q", weight.q.contiguous())
+        self.register_buffer("scale", weight.scale.to(_KERNEL_DTYPE))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return (self.q[ids].to(self.dtype) * self.scale[ids, None].to(self.dtype))
+
+    def head(self) -> Int8Linear:
+        head = Int8Linear.__new__(Int8Linear)
+        CpuLinear.__init__(head, self.embedding_dim, self.num_embeddings)
+        head.register_buffer("q", self.q)  # shared, not copied
+        head.register_buffer("scale", self.scale)
+        return head
+
+
+class FusedAway(nn.Module):
+    """Marks a projection whose weight now lives in a fused kernel module (q/k/v in
+    `qkv_weight`, w1/w3 in `w13_weight`); the model never calls it once fused."""
+
+    def __init__(self, in_features: int, out_features: int, fused_into: str):
+        super().__init__()
+        self.in_features, self.out_features, self.fused_into = in_features, out_features, fused_into
+
+    def forward(self, x):
+        raise RuntimeError(f"this projection runs fused in `{self.fused_into}` (the model was prepared for CPU "
+                           "inference by fastlfm.cpu_linear.prepare_for_cpu)")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fused_into={self.fused_into}"
+
+
+def kernel_supports(weight: Weight) -> bool:
+    """Whether torch's CPU kernel takes this shape (int8: K % 32; int4: N % 16 and K % group)."""
+    N, K = weight.shape
+    if isinstance(weight, Int8Weight):
+        return K % 32 == 0  # other K crash or misbehave in torch 2.13's _weight_int8pack_mm
+    if isinstance(weight, Int4Weight):
+        return N % 16 == 0 and K % weight.group_size == 0
+    return True
+
+
+def make_linear(weight: Weight) -> nn.Module:
+    """The kernel module for a weight: packed fp32/bf16, int8 or int4. A shape the quantized
+    kernels do not take runs as bf16 (packed), de-quantized once."""
+    if isinstance(weight, torch.Tensor):
+        if weight.dtype in (torch.float32, torch.bfloat16):
+            return PackedLinear(weight)
+        lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        lin.weight = nn.Parameter(weight.detach(), requires_grad=False)
+        return lin
+    if not kernel_supports(weight):
+        return PackedLinear(weight.dequantize().to(_KERNEL_DTYPE))
+    return Int8Linear(weight) if isinstance(weight, Int8Weight) else Int4Linear(weight)
+
+
+# ----------------------------------------------------------------------------- the module swap
+def _plain(linear: nn.Module) -> bool:
+    """A bias-free nn.Linear (LoRA wrappers and biased layers keep their own path)."""
+    return type(linear) is nn.Linear and linear.bias is None
+
+
+WeightSource = Callable[[str, nn.Linear], Weight]
+
+
+def _float_source(scheme: str | None, group_size: int) -> WeightSource:
+    def source(name: str, linear: nn.Linear) -> Weight:
+        return linear.weight.detach() if scheme is None else quantize(linear.weight, scheme, group_size)
+    return source
+
+
+@torch.no_grad()
+def install_cpu_linears(model: nn.Module, source: WeightSource, head: Weight | None = None,
+                        dtype: torch.dtype | None = None) -> None:
+    """Swap the projections of every LFM2 layer (and the LM head) for kernel modules, with weights
+    from `source(qualified module name, linear)`; q/k/v and w1/w3 are fused first. `head`: the
+    LM head's weight (int8: the tied embedding too, with outputs in `dtype`, default the
+    embedding's)."""
+    from .models.lfm2 import Lfm2Attention, Lfm2MLP, Lfm2ShortConv
+
+    def fuse(owner: nn.Module, prefix: str, names: list[str], attr: str) -> None:
+        mods = [getattr(owner, n) for n in names]
+        if not all(_plain(m) for m in mods):
+            return
+        setattr(owner, attr, None)  # drop a previous fused float weight (fuse_projections) first
+        fused = make_linear(concat_weights([source(f"{prefix}{n}", m) for n, m in zip(names, mods)]))
+        for n, m in zip(names, mods):
+            setattr(owner, n, FusedAway(m.in_features, m.out_features, attr))
+        setattr(owner, attr, fused)
+
+    def swap(owner: nn.Module, prefix: str, name: str) -> None:
+        m = getattr(owner, name)
+        if _plain(m):
+            setattr(owner, name, make_linear(source(f"{prefix}{name}", m)))
+
+    for prefix, module in list(model.named_modules()):
+        prefix = f"{prefix}." if prefix else ""
+        if isinstance(module, Lfm2Attention):
+            fuse(module, prefix, ["q_proj", "k_proj", "v_proj"], "qkv_weight")
+            swap(module, prefix, "out_proj")
+        elif isinstance(module, Lfm2ShortConv):
+            swap(module, prefix, "in_proj")
+            swap(module, prefix, "out_proj")
+        elif isinstance(module, Lfm2MLP):
+            fuse(module, prefix, ["w1", "w3"], "w13_weight")
+            swap(module, prefix, "w2")
+    lm_head = getattr(model, "lm_head", None)
+    if head is not None:
+        embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else _embed_tokens(model)
+        tied = getattr(model.config, "tie_word_embeddings", False) or getattr(model.config, "tie_embedding", False)
+        if isinstance(head, Int8Weight) and tied:
+            emb = Int8Embedding(head, dtype or embed.weight.dtype)
+            _set_embed_tokens(model, emb)
+            model.lm_head = emb.head()
+        else:
+            model.lm_head = make_linear(head)
+    elif lm_head is not None and _plain(lm_head):
+        model.lm_head = make_linear(source("lm_head", lm_head))
+
+
+def _embed_tokens(model: nn.Module) -> nn.Module:
+    inner = model.model
+    return inner.embed_tokens if hasattr(inner, "embed_tokens") else inner.language_model.embed_tokens
+
+
+def _set_embed_tokens(model: nn.Module, module: nn.Module) -> None:
+    inner = model.model if hasattr(model.model, "embed_tokens") else model.model.language_model
+    inner.embed_tokens = module
+
+
+def prepared_for_cpu(model: nn.Module) -> bool:
+    return getattr(model, "cpu_linears", None) is not None
+
+
+@torch.no_grad()
+def prepare_for_cpu(model: nn.Module, quantization: str | None = None, group_size: int = 32) -> nn.Module:
+    """Make `model` (on the CPU) ready for fast inference, in place: fp32/bf16 projections
+    pre-packed for oneDNN, or weight-only int8 / int4 (`quantization`), with the embedding and
+    LM head int8 when quantized. Idempotent; the model can no longer be trained or saved with
+    `save_pretrained` afterwards (quantized checkpoints: `save_quantized`)."""
+    if quantization is not None and quantization not in QUANTIZATION_SCHEMES:
+        raise ValueError(f"unknown quantization {quantization!r}; use one of {', '.join(QUANTIZATION_SCHEMES)}")
+    if quantization == "int4" and group_size not in (32, 64, 128, 256):
+        raise ValueError(f"int4 group_size must be 32, 64, 128 or 256, got {group_size}")
+    if prepared_for_cpu(model):
+        if quantization is not None and model.cpu_linears != quantization:
+            raise ValueError(f"the model is already prepared as {model.cpu_linears!r}; load it again to "
+                             f"quantize it as {quantization!r}")
+        return model
+    device = next(model.parameters()).device
+    if device.type != "cpu":
+        raise ValueError(f"prepare_for_cpu: the model is on {device}; quantization and weight packing are "
+                         "CPU-only for now")
+    head = None
+    if quantization is not None:
+        lm_head = getattr(model, "lm_head", None)
+        if lm_head is not None and _plain(lm_head):
+            head = quantize_int8(lm_head.weight)  # int8 for the head (and the tied embedding) in both schemes
+    install_cpu_linears(model, _float_source(quantization, group_size), head)
+    model.cpu_linears = quantization or str(model.dtype).removeprefix("torch.")
+    return model
+
+
+@torch.no_grad()
+def restore_float_linears(model: nn.Module) -> nn.Module:
+    """Undo `prepare_for_cpu` on a float model: plain nn.Linear projections again (split out of the
+    fused ones), with the exact weights (oneDNN's reorder is lossless), tied head re-tied, so the
+    model can be trained and saved. A quantized model cannot be: its float weights are gone."""
+    if not prepared_for_cpu(model):
+        return model
+    if model.cpu_linears in QUANTIZATION_SCHEMES:
+        raise ValueError(f"this model's projections are quantized ({model.cpu_linears}); it cannot be trained or "
+                         "saved with save_pretrained (quantized checkpoints: fastlfm.cpu_linear.save_quantized)")
+
+    def linear(weight: torch.Tensor) -> nn.Linear:
+        m = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        m.weight = nn.Parameter(weight.contiguous())
+        return m
+
+    for module in list(model.modules()):
+        for attr, names in (("qkv_weight", ("q_proj", "k_proj", "v_proj")), ("w13_weight", ("w1", "w3"))):
+            fused = getattr(module, attr, None)
+            if isinstance(fused, PackedLinear) and all(isinstance(getattr(module, n), FusedAway) for n in names):
+                parts = fused.packed.to_dense().split([getattr(module, n).out_features for n in names])
+                setattr(module, attr, None)
+                for n, part in zip(names, parts):
+                    setattr(module, n, linear(part.clone()))
+        for name, child in list(module.named_children()):
+            if isinstance(child, PackedLinear):
+                setattr(module, name, linear(child.packed.to_dense()))
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    del model.cpu_linears
+    return model
+
+
+# ----------------------------------------------------------------------------- saved checkpoints
+def quantization_config(scheme: str, group_size: int) -> dict:
+    return {"quant_method": QUANT_METHOD, "scheme": scheme, "group_size": group_size if scheme == "int4" else None}
+
+
+def _quantized_tensors(name: str, w: QuantizedWeight) -> dict[str, torch.Tensor]:
+    if isinstance(w, Int8Weight):
+        return {f"{name}.qweight": w.q, f"{name}.scales": w.scale}
+    q = w.q
+    return {f"{name}.qweight": (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous(),  # two per byte, low nibble first
+            f"{name}.scales": w.scale, f"{name}.zeros": w.zero}
+
+
+@torch.no_grad()
+def save_quantized(model: nn.Module, folder: str | Path, scheme: str, group_size: int = 32) -> None:
+    """Write a quantized checkpoint of a float model (not yet prepared): the HF folder layout with
+    every projection as `<name>.qweight` + `.scales` (+ `.zeros` for int4) and
+    `quantization_config` in config.json. `load_model` reads it back without the float weights."""
+    from safetensors.torch import save_file
+
+    if prepared_for_cpu(model):
+        raise ValueError("save_quantized needs the float model (this one's weights are already packed/quantized)")
+    quantize(torch.zeros(1, 32), scheme, 32)  # validates the scheme name
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    quantized: set[str] = set()
+    head = getattr(model, "lm_head", None)
+    projections = _lfm2_projections(model)
+    for name, module in model.named_modules():
+        if _plain(module) and (module in projections or module is head):
+            w = quantize_int8(module.weight) if module is head else quantize(module.weight, scheme, group_size)
+            tensors.update(_quantized_tensors(name, w))
+            quantized.add(f"{name}.weight")
+    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    embed_name = next((n for n, p in model.named_parameters() if p is _embed_tokens(model).weight), None)
+    for name, t in model.state_dict().items():
+        if name in quantized or name in tied:
+            continue
+        if name == embed_name and "lm_head.weight" in quantized and getattr(model.config, "tie_word_embeddings", False):
+            continue  # the tied embedding is the head's int8 table
+        tensors[name] = t.detach().contiguous().clone()
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    model.config.save(folder)
+    cfg_path = folder / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["quantization_config"] = quantization_config(scheme, group_size)
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    if getattr(model, "generation_config", None):
+        (folder / "generation_config.json").write_text(json.dumps(model.generation_config, indent=2))
+
+
+def _lfm2_projections(model: nn.Module) -> set[nn.Module]:
+    """The projections `install_cpu_linears` swaps: those of LFM2 attention, conv and MLP blocks
+    (not, e.g., an LFM2-VL vision tower's)."""
+    from .models.lfm2 import Lfm2Attention, Lfm2MLP, Lfm2ShortConv
+
+    names = {Lfm2Attention: ("q_proj", "k_proj", "v_proj", "out_proj"), Lfm2ShortConv: ("in_proj", "out_proj"),
+             Lfm2MLP: ("w1", "w3", "w2")}
+    return {getattr(m, n) for m in model.modules() for kind, ns in names.items() if isinstance(m, kind) for n in ns}
+
+
+def read_quantized_weights(tensors: dict[str, torch.Tensor], config: dict) -> dict[str, QuantizedWeight]:
+    """`<name>.qweight/.scales/.zeros` of a saved quantized checkpoint -> {module name: weight}.
+    Removes the entries it consumed from `tensors`."""
+    qc = config.get("quantization_config") or {}
+    scheme, group_size = qc.get("scheme"), qc.get("group_size")
+    out: dict[str, QuantizedWeight] = {}
+    for key in [k for k in tensors if k.endswith(".qweight")]:
+        name = key[: -len(".qweight")]
+        q, scales = tensors.pop(key), tensors.pop(f"{name}.scales", None)
+        if scales is None:
+            raise ValueError(f"quantized checkpoint: {name}.qweight has no {name}.scales")
+        if q.dtype == torch.int8:
+            out[name] = Int8Weight(q, scales.float())
+            continue
+        zeros = tensors.pop(f"{name}.zeros", None)
+        if zeros is None or q.dtype != torch.uint8:
+            raise ValueError(f"quantized checkpoint: {name}.qweight is {q.dtype} without int8 storage or {name}.zeros")
+        unpacked = torch.stack([q & 15, q >> 4], -1).view(q.shape[0], -1)
+        g = unpacked.shape[1] // scales.shape[1]
+        if scheme == "int4" and group_size and g != group_size:
+            raise ValueError(f"quantized checkpoint: {name} has groups of {g}, config says {group_size}")
+        out[name] = Int4Weight(unpacked, scales.float(), zeros.float(), g)
+    return out
+
+
+@torch.no_grad()
+def build_quantized_model(cls, config, floats: dict[str, torch.Tensor], qweights: dict[str, QuantizedWeight],
+                          head: Weight | None, dtype: torch.dtype, scheme: str) -> nn.Module:
+    """A model of class `cls` built on the meta device and filled with quantized projections
+    (`qweights`, by module name), `head` for the LM head (the tied embedding too, when int8) and
+    float tensors for the rest (`floats`, by state-dict name; cast to `dtype`), on the CPU."""
+    from .loading import CheckpointError
+
+    with torch.device("meta"):
+        model = cls(config)
+
+    def source(name: str, linear: nn.Linear) -> Weight:
+        if name in qweights:
+            return qweights.pop(name)
+        w = floats.pop(f"{name}.weight", None)
+        if w is None and name == "lm_head":
+            w = floats.get(f"{_embed_name(model)}.weight")
+        if w is None:
+            raise CheckpointError(f"tensor {name}.weight is missing from the checkpoint")
+        return w.to(dtype)
+
+    install_cpu_linears(model, source, head, dtype)
+    if qweights:
+        raise CheckpointError(f"quantized tensors the model does not have: {', '.join(sorted(qweights)[:10])}")
+    expected = {k: v for k, v in model.state_dict().items() if v.is_meta}
+    missing = [k for k in expected if k not in floats]
+    unexpected = [k for k in floats if k not in expected]
+    if missing or unexpected:
+        raise CheckpointError("checkpoint does not fit the model: "
+                              + (f"missing {', '.join(missing[:10])}" if missing else "")
+                              + (f"; unexpected {', '.join(unexpected[:10])}" if unexpected else ""))
+    for k, v in floats.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise CheckpointError(f"tensor {k} has shape {tuple(v.shape)}, the config implies {tuple(expected[k].shape)}")
+    model.load_state_dict({k: v.to(dtype) for k, v in floats.items()}, strict=False, assign=True)
+    for module in model.modules():
+        if hasattr(module, "reset_buffers"):
+            module.reset_buffers(torch.device("cpu"))
+    model.cpu_linears = scheme
+    return model.eval()
+
+
+def _embed_name(model: nn.Module) -> str:
+    embed = _embed_tokens(model)
+    return next(n for n, m in model.named_modules() if m is embed)
+
+
+def load_quantized_checkpoint(cls, folder: Path, raw_config: dict, config, dtype: torch.dtype) -> nn.Module:
+    """A checkpoint written by `save_quantized` (config.json has quantization_config)."""
+    from .loading import safetensors_files
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for file in safetensors_files(folder):
+        tensors.update(load_file(str(file)))
+    qweights = read_quantized_weights(tensors, raw_config)
+    head = qweights.pop("lm_head", None)
+    model = build_quantized_model(cls, config, tensors, qweights, head, dtype,
+                                  raw_config["quantization_config"]["scheme"])
+    gen_path = folder / "generation_config.json"
+    model.generation_config = json.loads(gen_path.read_text()) if gen_path.is_file() else None
+    return model

@@ -1,0 +1,208 @@
+"""CPU kernel modules (fastlfm.cpu_linear): pre-packed fp32/bf16 and weight-only int8 / int4.
+
+Oracles: F.linear on the float weight, hand de-quantization (the scheme's formula), the fp32
+model with de-quantized weights (what the quantized model must compute, up to bf16
+activations), and the original fp32 model (the quantization error bound)."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastlfm.cpu_linear import (FusedAway, Int4Linear, Int8Embedding, Int8Linear, PackedLinear, prepare_for_cpu,
+                                quantize_int4, quantize_int8, save_quantized)
+from fastlfm.models import Lfm2ForCausalLM, load_model
+from fastlfm.sampling import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def fp32_model(tiny_ckpt):
+    return Lfm2ForCausalLM.from_pretrained(tiny_ckpt, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(10, 1000, (2, 17), generator=torch.Generator().manual_seed(3))
+
+
+def _weight(N=96, K=128, seed=0):
+    return torch.randn(N, K, generator=torch.Generator().manual_seed(seed)) * 0.05
+
+
+def test_packed_linear_matches_f_linear():
+    w, x = _weight(), torch.randn(3, 5, 128)
+    torch.testing.assert_close(PackedLinear(w)(x), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    wb, xb = w.bfloat16(), x.bfloat16()
+    torch.testing.assert_close(PackedLinear(wb)(xb).float(), F.linear(xb, wb).float(), rtol=2e-2, atol=2e-2)
+
+
+def test_int8_quantization_error_and_kernel():
+    w = _weight()
+    q = quantize_int8(w)
+    assert q.q.dtype == torch.int8 and q.scale.shape == (96,)
+    # Round to nearest: every weight within half a step of its row's scale.
+    assert ((q.dequantize() - w).abs() <= q.scale[:, None] / 2 + 1e-7).all()
+    x = torch.randn(4, 128)
+    ref = x.bfloat16().float() @ q.dequantize().t()  # the kernel's inputs: bf16 activations
+    torch.testing.assert_close(Int8Linear(q)(x), ref, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("group", [32, 64])
+def test_int4_quantization_error_and_kernel(group):
+    w = _weight(seed=1)
+    q = quantize_int4(w, group)
+    assert q.q.max() <= 15 and q.scale.shape == (96, 128 // group)
+    groups = (q.dequantize() - w).abs().view(96, -1, group)
+    assert (groups <= q.scale[..., None] / 2 + 1e-6).all()  # within half a step of the group's scale
+    x = torch.randn(4, 128)
+    ref = x.bfloat16().float() @ q.dequantize().t()
+    torch.testing.assert_close(Int4Linear(q)(x), ref, rtol=1e-2, atol=1e-2)
+
+
+def test_int8_embedding_and_tied_head_share_one_table():
+    w = _weight(64, 32)
+    emb = Int8Embedding(quantize_int8(w), torch.float32)
+    head = emb.head()
+    assert head.q.data_ptr() == emb.q.data_ptr()
+    ids = torch.tensor([[0, 5, 63]])
+    deq = quantize_int8(w).dequantize()
+    torch.testing.assert_close(emb(ids), deq[ids], rtol=0, atol=0)  # q * scale, exact in fp32
+    x = torch.randn(2, 32)
+    torch.testing.assert_close(head(x), x.bfloat16().float() @ deq.t(), rtol=1e-2, atol=1e-2)
+
+
+def test_packed_fp32_model_equals_plain(fp32_model, ids):
+    model = prepare_for_cpu(copy.deepcopy(fp32_model))
+    assert isinstance(model.model.layers[2].self_attn.qkv_weight, PackedLinear)
+    assert isinstance(model.model.layers[2].self_attn.q_proj, FusedAway)
+    assert isinstance(model.lm_head, PackedLinear) and model.dtype == torch.float32
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, fp32_model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def _dequantized_copy(model, scheme, group=32):
+    """The fp32 model with every projection replaced by its de-quantized weight (the oracle of
+    what the quantized model computes) and the head / embedding de-quantized from int8."""
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, m in ref.named_modules():
+            if isinstance(m, torch.nn.Linear) and name != "lm_head":
+                q = quantize_int8(m.weight) if scheme == "int8" else quantize_int4(m.weight, group)
+                m.weight.copy_(q.dequantize())
+        ref.model.embed_tokens.weight.copy_(quantize_int8(ref.model.embed_tokens.weight).dequantize())
+    return ref
+
+
+@pytest.mark.parametrize("scheme,rel_bound", [("int8", 0.05), ("int4", 0.3)])
+def test_quantized_model_logits(fp32_model, ids, scheme, rel_bound):
+    model = prepare_for_cpu(copy.deepcopy(fp32_model), scheme)
+    assert isinstance(model.lm_head, Int8Linear) and isinstance(model.model.embed_tokens, Int8Embedding)
+    kind = Int8Linear if scheme == "int8" else Int4Linear
+    assert isinstance(model.model.layers[0].feed_forward.w13_weight, kind)
+    with torch.no_grad():
+        got = model(ids).logits
+        oracle = _dequantized_copy(fp32_model, scheme)(ids).logits
+        exact = fp32_model(ids).logits
+    scale = exact.abs().max()
+    # The kernels compute the de-quantized model (bf16 activations are the only difference) ...
+    assert (got - oracle).abs().max() < 0.03 * scale
+    # ... and the quantization error against fp32 stays bounded.
+    assert (got - exact).abs().max() < rel_bound * scale
+
+
+def test_quantized_engine_tokens_match_the_same_model_stepwise(tiny_ckpt):
+    """The engine (paged KV, conv slots, chunked prefill) on an int4 model gives the tokens of that
+    model's own cache-free full forward, token by token."""
+    from fastlfm.engine import LLMEngine
+
+    model = load_model(tiny_ckpt, quantization="int4")
+    prompts = [[5, 9, 200, 31, 7, 400], [17] * 3]
+    engine = LLMEngine(model, max_num_seqs=4, max_num_batched_tokens=4)
+    outs = engine.generate(prompts, SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True))
+    for p, out in zip(prompts, outs):
+        seq = list(p)
+        with torch.no_grad():
+            for _ in range(6):
+                seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+        assert out.token_ids == seq[len(p):]
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_saved_quantized_checkpoint_round_trip(fp32_model, tiny_ckpt, ids, tmp_path, scheme):
+    save_quantized(fp32_model, tmp_path, scheme)
+    assert not any(p.name.endswith(".bin") for p in tmp_path.iterdir())
+    loaded = load_model(tmp_path)
+    in_memory = load_model(tiny_ckpt, quantization=scheme)
+    assert loaded.cpu_linears == scheme
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, in_memory(ids).logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="saved quantized as"):
+        load_model(tmp_path, quantization="int8" if scheme == "int4" else "int4")
+
+
+def test_llm_quantization_argument_and_errors(tiny_ckpt):
+    from fastlfm import LLM
+
+    llm = LLM(tiny_ckpt, quantization="int8")
+    assert llm.model.cpu_linears == "int8"
+    out = llm.generate("Hello", max_new_tokens=3, ignore_eos=True)
+    assert len(out[0].token_ids) == 3
+    with pytest.raises(ValueError, match="unknown quantization 'int3'"):
+        LLM(tiny_ckpt, quantization="int3")
+    with pytest.raises(ValueError, match="projections are quantized"):
+        llm.model.save_pretrained("/nonexistent/never-written")
+
+
+def test_a_model_packed_by_its_engine_still_saves_and_trains_exactly(tiny_ckpt, tmp_path):
+    """generate() on the CPU packs the projections for oneDNN in place; save_pretrained and train()
+    give the plain layers back with the same weights (the reorder is lossless), and the next
+    generate() packs them again."""
+    from fastlfm import Lfm2ForCausalLM
+
+    model = Lfm2ForCausalLM.from_pretrained(tiny_ckpt, dtype=torch.float32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.tensor([[1, 600, 700, 800]])
+    first = model.generate(ids, max_new_tokens=6)
+    assert model.cpu_linears == "float32"
+    model.save_pretrained(tmp_path)
+    assert not hasattr(model, "cpu_linears") and model.lm_head.weight is model.model.embed_tokens.weight
+    saved = load_model(tmp_path, dtype=torch.float32).state_dict()
+    assert saved.keys() == before.keys() and all(torch.equal(saved[k], before[k]) for k in before)
+    assert torch.equal(model.generate(ids, max_new_tokens=6), first) and model.cpu_linears == "float32"
+    model.train()
+    assert all(p.requires_grad for p in model.parameters())
+    assert model(ids, labels=ids).loss.isfinite()
+    assert all(torch.equal(model.state_dict()[k], before[k]) for k in before)
+
+
+def test_packed_linear_fused_residual_add():
+    w, x, r = _weight(), torch.randn(1, 3, 128), torch.randn(1, 3, 96)
+    torch.testing.assert_close(PackedLinear(w).add_to(x, r), r + F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_batch1_cpu_decode_path_matches_the_reference_model(tiny_ckpt):
+    """Batch-1 decode steps on the CPU (attention over the sequence's own blocks, the conv step in
+    place on its slot) give the greedy tokens of the plain fp32 model with its own cache; a second
+    request reuses the conv slot of the first (its state must start from zeros)."""
+    from fastlfm.engine import LLMEngine
+
+    ref = load_model(tiny_ckpt, dtype=torch.float32)
+    prompts = [[5, 9, 200, 31, 7, 400, 3, 3, 17, 99, 101, 5, 6, 7, 8, 9, 10, 11], [42]]  # [42]: a one-token row, past 0
+    expected = []
+    with torch.no_grad():
+        for p in prompts:
+            cache, ids, out = ref.make_cache(), torch.tensor([p]), []
+            for _ in range(20):
+                logp = ref(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1].log_softmax(-1)
+                t = int(logp.argmax())
+                out.append((t, float(logp[t])))
+                ids = torch.tensor([[t]])
+            expected.append(out)
+    engine = LLMEngine(load_model(tiny_ckpt, dtype=torch.float32), max_num_seqs=1, block_size=4)
+    params = SamplingParams(max_new_tokens=20, temperature=0.0, ignore_eos=True, logprobs=0)
+    for p, want in zip(prompts, expected):  # one at a time: every decode step is batch 1
+        out = engine.generate([p], params)[0]
+        assert out.token_ids == [t for t, _ in want]
+        got = torch.tensor([lp.logprob for lp in out.logprobs])
+        torch.testing.assert_close(got, torch.tensor([lp for _, lp in want]), rtol=0, atol=1e-5)
