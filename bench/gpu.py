@@ -259,6 +259,10 @@ def bench_model(name, bw, flops, args, rows, notes):
         t = time.perf_counter()
         write_checkpoint(folder, real_config(name), dtype=torch.bfloat16, tokenizer=False)
         log(f"{name}: wrote checkpoint in {time.perf_counter() - t:.1f}s")
+    if not (folder / "tokenizer.json").exists():  # the full-size byte-level test tokenizer (65,536 ids)
+        from fastlfm.testing.tokenizer_files import write_tokenizer_files
+
+        write_tokenizer_files(folder, vocab_size=real_config(name)["vocab_size"])
     model = Lfm2ForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device=DEV)
     params = {id(p): p for p in model.parameters()}
     weight_bytes = sum(p.numel() * p.element_size() for p in params.values())
@@ -388,7 +392,11 @@ def bench_model(name, bw, flops, args, rows, notes):
         engine.check_no_leaks()
     del runner
     del engine
-    torch.cuda.empty_cache()
+    del model
+    free_device_memory()
+    user = bench_user_paths(name, folder, args, notes, raw_thr=thr)
+    if args.start_time and name == "LFM2-1.2B":
+        engine_start_times(name, folder, notes)
 
     # transformers peer, same weights
     hf_b1 = hf_thr = hf_pre = float("nan")
@@ -409,9 +417,109 @@ def bench_model(name, bw, flops, args, rows, notes):
     row("TTFT batch 1 (prompt 128)", ttft * 1e3, float("nan"), ttft_floor * 1e3, "ms")
     row("peak GPU memory (engine)", peak, float("nan"), torch.cuda.get_device_properties(0).total_memory / 2**30,
         f"GiB (KV pool {kv_gb:.1f})")
-    del model
-    torch.cuda.empty_cache()
+    goals = USER_GOALS.get(name, {})
+    for metric, (value, peer) in user.items():
+        row(metric, value, {"b1": hf_b1, "thr": hf_thr}[peer], floor_tps if peer == "b1" else thr_limit,
+            "tok/s" if peer == "b1" else "out tok/s", goals.get(metric, ""))
     return ok
+
+
+# ----------------------------------------------------------------------------- user paths (issue 14)
+USER_GOALS = {
+    "LFM2-1.2B": {"LLM.chat, one conversation (512 new)": ">= 1000", "model.generate, one prompt (512 new)": ">= 900",
+                  "LLM.generate 100 x (1024 + 1024), tokenizer attached": ">= 40000, within 5% of the raw engine"},
+    "LFM2-350M": {"LLM.chat, one conversation (512 new)": ">= 2000"},
+}
+
+
+def bench_user_paths(name, folder, args, notes, raw_thr: float) -> dict[str, tuple[float, str]]:
+    """What users run, as they call it, with the checkpoint's full-size tokenizer attached: LLM.chat on one
+    conversation, model.generate on one prompt (the same engine, shared), LLM.generate on 100 x 1k/1k.
+    Returns {metric: (tok/s, which transformers row is its peer)}."""
+    from fastlfm import LLM
+
+    greedy = dict(temperature=0.0, ignore_eos=True)
+    t = sync_time()
+    llm = LLM(str(folder), dtype="bfloat16", device=DEV,
+              engine_options=dict(max_num_seqs=args.max_num_seqs, max_model_len=4096, max_num_batched_tokens=16384,
+                                  gpu_memory_utilization=0.3, compile=args.compile))
+    loaded = sync_time() - t
+    messages = [{"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": "Write a long story about a lighthouse keeper and a storm."}]
+    llm.chat(messages, max_new_tokens=16, **greedy)  # builds the engine: compile + CUDA graphs
+    ready = sync_time() - t
+    notes.append(f"{name}: LLM(folder) loaded in {loaded:.1f} s, first chat (engine built, compiled, graphs "
+                 f"captured) done after {ready:.1f} s")
+    log(notes[-1])
+    out = {}
+    t = sync_time()
+    res = llm.chat(messages, max_new_tokens=512, **greedy)
+    dt = sync_time() - t
+    assert len(res.token_ids) == 512 and isinstance(res.text, str)
+    out["LLM.chat, one conversation (512 new)"] = (512 / dt, "b1")
+    ids = torch.tensor([llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)], device=DEV)
+    llm.model.generate(ids, max_new_tokens=16, do_sample=False)  # warm-up of the shared engine
+    t = sync_time()
+    gen = llm.model.generate(ids, max_new_tokens=512, do_sample=False, ignore_eos=True)
+    dt = sync_time() - t
+    assert gen.shape[1] == ids.shape[1] + 512
+    out["model.generate, one prompt (512 new)"] = (512 / dt, "b1")
+    if name == "LFM2-1.2B" or args.tiny:
+        reqs = prompts(100, 1024, 3) if not args.tiny else [[t % 1000 + 14 for t in r] for r in prompts(4, 24, 3)]
+        params = SamplingParams(max_new_tokens=1024 if not args.tiny else 8, **greedy)
+        llm.generate(reqs, params)  # cold run of these shapes, as for the raw engine
+        t = sync_time()
+        results = llm.generate(reqs, params)
+        dt = sync_time() - t
+        assert all(len(r.token_ids) == params.max_new_tokens and isinstance(r.text, str) for r in results)
+        thr = len(reqs) * params.max_new_tokens / dt
+        out["LLM.generate 100 x (1024 + 1024), tokenizer attached"] = (thr, "thr")
+        notes.append(f"{name}: LLM.generate 100 x 1k/1k with the text of every request: {thr:,.0f} tok/s, "
+                     f"{thr / raw_thr:.3f} of the raw engine's {raw_thr:,.0f} in the same run")
+        log(notes[-1])
+    for metric, (value, _) in out.items():
+        log(f"{name}: {metric}: {value:,.0f} tok/s")
+    llm.engine.check_no_leaks()
+    del llm, res, gen
+    free_device_memory()
+    return out
+
+
+_START_SCRIPT = """
+import sys, time, torch
+t0 = time.perf_counter()
+from fastlfm import LLM
+llm = LLM(sys.argv[1], dtype="bfloat16", device="cuda", engine_options=dict(max_num_seqs=128, max_model_len=4096,
+          gpu_memory_utilization=0.3))
+t1 = time.perf_counter()
+llm.chat([{"role": "user", "content": "Hi"}], max_new_tokens=8, temperature=0.0, ignore_eos=True)
+torch.cuda.synchronize()
+print(f"START {t1 - t0:.2f} {time.perf_counter() - t0:.2f}", flush=True)
+"""
+
+
+def engine_start_times(name, folder, notes) -> None:
+    """Seconds from `python` to the first chat reply (model load, engine build, torch.compile, CUDA graphs), in a
+    fresh process with empty compile caches, then again in another fresh process with the caches the first one
+    left (inductor's FX graph / autograd caches and Triton's kernel cache, on disk)."""
+    import subprocess
+    import tempfile
+
+    cache = tempfile.mkdtemp(prefix="fastlfm-compile-cache-")
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": f"{cache}/inductor", "TRITON_CACHE_DIR": f"{cache}/triton"}
+    times = []
+    for run in ("empty caches", "warm caches"):
+        p = subprocess.run([sys.executable, "-c", _START_SCRIPT, str(folder)], env=env, capture_output=True,
+                           text=True, timeout=400)
+        line = next((ln for ln in p.stdout.splitlines() if ln.startswith("START ")), None)
+        if line is None:
+            notes.append(f"{name}: engine start ({run}) failed: {p.stderr[-400:]}")
+            log(notes[-1])
+            return
+        load_s, total_s = map(float, line.split()[1:])
+        times.append(f"{run}: {total_s:.1f} s to the first reply ({load_s:.1f} s of it import + load)")
+    notes.append(f"{name}: engine start in a fresh process, " + "; ".join(times) + " (goal: second start < 20 s)")
+    log(notes[-1])
 
 
 # ----------------------------------------------------------------------------- LFM2-MoE (issue 17)
@@ -770,6 +878,7 @@ def main():
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the MoE benchmark (with --tiny)")
     ap.add_argument("--tiny", action="store_true", help="MoE models at a tiny width and workload (CPU smoke run)")
     ap.add_argument("--table", default="gpu_table.md", help="file name of the table under $OUT")
+    ap.add_argument("--start-time", action="store_true", help="LFM2-1.2B: engine start in fresh processes (cold/warm caches)")
     args = ap.parse_args()
     torch.manual_seed(0)
     if args.device != "cuda":  # smoke run: the code paths, not the speed

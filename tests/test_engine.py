@@ -402,3 +402,24 @@ def greedy_reference(model, prompt, n):
             out.append(t)
             ids = torch.tensor([[t]])
     return out
+
+
+def test_async_engine_merges_what_a_slow_consumer_missed(model, prompts, reference):
+    """A consumer that falls behind gets the outputs it missed as one (their ids, text and
+    logprobs in order), so a slow client costs one SSE event, not one per token."""
+    params = SamplingParams(max_new_tokens=NEW, temperature=0.0, ignore_eos=True, logprobs=0)
+
+    async def main():
+        engine = AsyncLLMEngine(LLMEngine(model, max_num_seqs=4, max_model_len=64))
+        got = []
+        async for out in engine.generate(prompts[1], params, "slow"):
+            got.append(out)
+            await asyncio.sleep(0.05)  # the engine thread runs ahead meanwhile
+        await engine.shutdown()
+        return got, engine
+
+    got, engine = asyncio.run(main())
+    assert [t for o in got for t in o.new_token_ids] == reference[1]
+    assert [lp.token_id for o in got for lp in o.logprobs] == reference[1]
+    assert len(got) < NEW and got[-1].finished and got[-1].token_ids == reference[1]
+    engine.engine.check_no_leaks()

@@ -58,9 +58,17 @@ class AsyncLLMEngine:
             self._submissions.append((list(prompt_token_ids), params, request_id, image_inputs))
             self._wake.notify()
         finished = False
+        held = None  # an error that arrived behind outputs not yet handed out
         try:
             while True:
-                item = await queue.get()
+                item, held = (held, None) if held is not None else (await queue.get(), None)
+                # A consumer that fell behind gets what it missed as one output (one SSE event, not many).
+                while not isinstance(item, BaseException) and not item.finished and not queue.empty():
+                    later = queue.get_nowait()
+                    if isinstance(later, BaseException):
+                        held = later
+                        break
+                    item = item.merged(later)
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
@@ -101,16 +109,25 @@ class AsyncLLMEngine:
             self._wake.notify()
 
     def _deliver(self, request_id: str, item) -> None:
-        stream = self._streams.get(request_id)
-        if stream is None:
-            return
-        if isinstance(item, BaseException) or item.finished:
-            self._streams.pop(request_id, None)
-        loop, queue = stream
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:  # the consumer's loop is closed
-            pass
+        self._deliver_all([(request_id, item)])
+
+    def _deliver_all(self, items: list[tuple[str, Any]]) -> None:
+        """Hand (request id, output or exception) pairs to their streams: one callback per event
+        loop for all of them (a step of 100 requests wakes the loop once, not 100 times)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for request_id, item in items:
+            stream = self._streams.get(request_id)
+            if stream is None:
+                continue
+            if isinstance(item, BaseException) or item.finished:
+                self._streams.pop(request_id, None)
+            loop, queue = stream
+            by_loop.setdefault(loop, []).append((queue, item))
+        for loop, puts in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, puts)
+            except RuntimeError:  # the consumer's loop is closed
+                pass
 
     def _run(self) -> None:
         engine = self.engine
@@ -140,8 +157,7 @@ class AsyncLLMEngine:
                 for out in engine.failed_outputs:
                     self._deliver(out.request_id, e)
                 continue
-            for out in outputs:
-                self._deliver(out.request_id, out.error if out.error is not None else out)
+            self._deliver_all([(out.request_id, out.error if out.error is not None else out) for out in outputs])
         for rid in list(engine.requests):
             self._deliver(rid, engine.abort(rid))
 
@@ -150,3 +166,8 @@ class AsyncLLMEngine:
         items = list(q)
         q.clear()
         return items
+
+
+def _put_all(puts: list[tuple[asyncio.Queue, Any]]) -> None:
+    for queue, item in puts:
+        queue.put_nowait(item)

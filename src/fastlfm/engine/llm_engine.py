@@ -72,6 +72,12 @@ class RequestOutput:
     def num_generated_tokens(self) -> int:
         return self.num_tokens - self.num_prompt_tokens
 
+    def merged(self, later: "RequestOutput") -> "RequestOutput":
+        """This output and a later one of the same request as one output (what both added)."""
+        lp = None if self.logprobs is None else self.logprobs + (later.logprobs or [])
+        return replace(later, new_token_ids=self.new_token_ids + later.new_token_ids,
+                       new_text=self.new_text + later.new_text, logprobs=lp)
+
 
 @dataclass
 class StepInFlight:
