@@ -27,6 +27,12 @@ vendors it):
 
     python bench/cpu.py --llama-cpp LLAMA [--work /tmp/fastlfm-cpu-bench] [--models LFM2-350M LFM2-1.2B]
                         [--classes fp32 bf16 int8 int4] [--repeats 3] [--threads 2] [--gguf]
+
+One decoding loop (issue 14), A/B: `--one-loop-ab [COMMIT]` (no llama.cpp needed) runs
+`LLM(folder, dtype).generate(one prompt of 128 ids, 128 new tokens)` through this checkout (the
+engine) and through COMMIT's source (default 54557df: the last commit whose single-prompt path
+was the separate HF-style loop over Lfm2Cache), each in its own process, interleaved repeat by
+repeat; decode tok/s = 127 / (time of 128 new tokens - time of 1).
 """
 
 from __future__ import annotations
@@ -188,9 +194,62 @@ def cpu_flags() -> str:
             + ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in wanted))
 
 
+_ONE_PROMPT = """
+import sys, time, torch
+torch.set_num_threads(int(sys.argv[3]))
+from fastlfm import LLM
+llm = LLM(sys.argv[1], dtype=sys.argv[2])
+prompt = torch.randint(500, llm.model.config.vocab_size, (128,), generator=torch.Generator().manual_seed(0)).tolist()
+kw = dict(do_sample=False, ignore_eos=True)
+llm.generate([prompt], max_new_tokens=4, **kw)  # warm-up
+t = time.perf_counter(); llm.generate([prompt], max_new_tokens=1, **kw); first = time.perf_counter() - t
+t = time.perf_counter(); r = llm.generate([prompt], max_new_tokens=128, **kw); total = time.perf_counter() - t
+assert len(r[0].token_ids) == 128
+print(f"RESULT {128 / first:.2f} {127 / (total - first):.2f}")
+"""
+
+
+def one_loop_ab(work: Path, models: list[str], classes: list[str], commit: str, repeats: int, threads: int,
+                quiet_limit: float, max_wait: float) -> list[str]:
+    """Batch 1 through LLM.generate: this checkout (the engine) vs COMMIT's single-prompt loop, interleaved."""
+    import torch
+
+    from fastlfm.testing import real_config, write_checkpoint
+
+    repo = Path(__file__).resolve().parent.parent
+    old_src = work / f"src-{commit}"
+    if not old_src.exists():
+        archive = subprocess.run(["git", "-C", str(repo), "archive", commit, "src"], capture_output=True, check=True)
+        old_src.mkdir(parents=True)
+        subprocess.run(["tar", "-x", "-C", str(old_src)], input=archive.stdout, check=True)
+    srcs = {"engine (this checkout)": str(repo / "src"), f"single-prompt loop ({commit})": str(old_src / "src")}
+    lines = ["| model | dtype | path | prefill tok/s (128-token prompt + first token) | decode tok/s |", "|---|---|---|---|---|"]
+    for model in models:
+        folder = work / model.lower()
+        if not (folder / "config.json").exists():
+            write_checkpoint(folder, real_config(model), dtype=torch.bfloat16)
+        for cls in classes:
+            dtype = CLASSES[cls][0]
+            got: dict[str, list[tuple[float, float]]] = {k: [] for k in srcs}
+            for _ in range(repeats):
+                for label, src in srcs.items():
+                    wait_quiet(quiet_limit, max_wait)
+                    out = run([sys.executable, "-c", _ONE_PROMPT, str(folder), dtype, str(threads)],
+                              env={**os.environ, "PYTHONPATH": src})
+                    pf, dec = map(float, next(ln for ln in out.splitlines() if ln.startswith("RESULT")).split()[1:])
+                    got[label].append((pf, dec))
+            for label, xs in got.items():
+                lines.append(f"| {model} | {dtype} | {label} | {spread([x[0] for x in xs])} | "
+                             f"{spread([x[1] for x in xs])} |")
+                print(lines[-1], file=sys.stderr, flush=True)
+    return lines
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--llama-cpp", type=Path, required=True, help="llama.cpp source dir with build/bin/llama-bench")
+    ap.add_argument("--llama-cpp", type=Path, help="llama.cpp source dir with build/bin/llama-bench")
+    ap.add_argument("--one-loop-ab", nargs="?", const="54557df", default=None, metavar="COMMIT",
+                    help="only the A/B of batch-1 LLM.generate: the engine vs COMMIT's single-prompt loop")
     ap.add_argument("--work", type=Path, default=Path("/tmp/fastlfm-cpu-bench"), help="checkpoints and GGUF files")
     ap.add_argument("--models", nargs="+", default=["LFM2-350M", "LFM2-1.2B"])
     ap.add_argument("--classes", nargs="+", default=list(CLASSES), choices=list(CLASSES))
@@ -206,6 +265,14 @@ def main() -> int:
     ap.add_argument("--max-wait", type=float, default=120, help="seconds to wait for a quiet CPU at most")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.one_loop_ab:
+        print(f"# batch-1 LLM.generate on the CPU, {args.threads} threads, prompt {PROMPT}, {NEW} new tokens, greedy; "
+              f"{time.strftime('%Y-%m-%d %H:%M')}; {cpu_flags()}; median (min-max) of {args.repeats} interleaved repeats\n")
+        print("\n".join(one_loop_ab(args.work, args.models, [c for c in args.classes if c in ("fp32", "bf16")],
+                                    args.one_loop_ab, args.repeats, args.threads, args.quiet_limit, args.max_wait)))
+        return 0
+    if args.llama_cpp is None:
+        ap.error("--llama-cpp is required (except with --one-loop-ab)")
     llama = args.llama_cpp.resolve()
     import torch
 
