@@ -301,7 +301,7 @@ def check_engine(device, moe=False) -> bool:
 
     model, prompts, refs = tiny_engine_case(device, moe=moe)
     engine = LLMEngine(model, max_num_seqs=4, max_model_len=64, max_num_batched_tokens=16, block_size=16,
-                       num_kv_blocks=32, async_scheduling=True, enforce_eager=device == "cpu")
+                       num_kv_blocks=32, async_scheduling=True, enforce_eager=device == "cpu", compile=False, pack_cpu_weights=False)
     use_triton_path(engine.runner, model)
     # the batch, then one prompt alone (batch-1 decode steps: the fused projections)
     return run_engine(engine, prompts) == refs and run_engine(engine, prompts[1:2]) == refs[1:2]
@@ -319,7 +319,7 @@ def check_compiled_decode(device, moe=False) -> bool:
     dynamo.reset()
     model, prompts, refs = tiny_engine_case(device, moe=moe)
     engine = LLMEngine(model, max_num_seqs=4, max_model_len=64, max_num_batched_tokens=16, block_size=16,
-                       num_kv_blocks=32, async_scheduling=True, enforce_eager=True)
+                       num_kv_blocks=32, async_scheduling=True, enforce_eager=True, pack_cpu_weights=False)
     runner = engine.runner
     use_triton_path(runner, model)
     B = 4

@@ -283,7 +283,7 @@ def bench_model(name, bw, flops, args, rows, notes):
         gc.collect()
         torch.cuda.empty_cache()
         engine = LLMEngine(model, max_num_seqs=args.max_num_seqs, max_model_len=4096,
-                           max_num_batched_tokens=16384, gpu_memory_utilization=0.3)
+                           max_num_batched_tokens=16384, gpu_memory_utilization=0.3, compile=False)
         mode = "graphs"
     log(f"{name}: engine ready in {time.perf_counter() - t:.1f}s ({mode}); "
         f"{engine.block_manager.num_blocks} KV blocks of {engine.block_manager.block_size}")

@@ -206,7 +206,7 @@ def main():
     except Exception as e:  # keep the run useful if inductor fails on this machine
         log(f"compile failed ({type(e).__name__}: {str(e)[:300]}); falling back to eager graphs")
         torch._dynamo.reset()
-        engine = LLMEngine(model, tok, **kw)
+        engine = LLMEngine(model, tok, compile=False, **kw)
         mode = "graphs"
     log(f"engine ready in {time.perf_counter() - t:.1f}s ({mode})")
 

@@ -116,6 +116,8 @@ class LLMEngine:
     `max_num_seqs` full-length sequences on CPU; `block_size` tokens per KV block.
     `compile` (default: on CUDA) runs the decode step through torch.compile before its CUDA
     graphs are captured; inductor's on-disk caches make a second start of the same model fast.
+    `pack_cpu_weights` (CPU): the projections run pre-packed for oneDNN (fastlfm.cpu_linear; the
+    model is changed in place, and its train() / save_pretrained() change it back).
 
     Asynchronous scheduling (`async_scheduling`, on by default on CUDA): a step is launched
     before the previous step's sampled ids reach the host. They feed the new step on the
@@ -140,7 +142,7 @@ class LLMEngine:
                  max_num_batched_tokens: int | None = None, block_size: int | None = None,
                  num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.85,
                  enforce_eager: bool = False, compile: bool | None = None, async_scheduling: bool | None = None,
-                 processor=None, max_vision_views: int = 32):
+                 processor=None, max_vision_views: int = 32, pack_cpu_weights: bool = True):
         self.model = model
         self.config = model.config
         self.tokenizer = tokenizer
@@ -164,7 +166,7 @@ class LLMEngine:
         self.compiled = on_cuda and not enforce_eager and (on_cuda if compile is None else bool(compile))
         # CPU: projections pre-packed for oneDNN (a quantized model is kept as it is); the model's
         # train() / save_pretrained() unpack them, and the next step packs them again.
-        self.packs_for_cpu = not on_cuda
+        self.packs_for_cpu = not on_cuda and pack_cpu_weights
         if self.packs_for_cpu:
             prepare_for_cpu(model)
         self.runner = ModelRunner(model, block_size=block_size, num_blocks=num_kv_blocks, num_conv_slots=max_num_seqs,
