@@ -394,7 +394,15 @@ def bench_model(name, bw, flops, args, rows, notes):
     del engine
     del model
     free_device_memory()
-    user = bench_user_paths(name, folder, args, notes, raw_thr=thr)
+    try:
+        user = bench_user_paths(name, folder, args, notes, raw_thr=thr)
+    except Exception as e:  # the raw engine's rows still make the table
+        import traceback
+
+        traceback.print_exc()
+        notes.append(f"{name}: user paths FAILED: {type(e).__name__}: {str(e)[:300]}")
+        user, ok = {}, False
+        free_device_memory()
     if args.start_time and name == "LFM2-1.2B":
         engine_start_times(name, folder, notes)
 

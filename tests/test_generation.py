@@ -388,3 +388,17 @@ def test_conversation_stream_and_reset(llm):
     conv.reset()
     assert conv.messages == [] and conv.send("Hi") == conv.last_result.text
     assert conv.last_result.token_ids == first
+
+
+def test_model_generate_and_llm_share_one_engine(ckpt, tok):
+    """LLM(model, engine_options=...) and model.generate() run on one engine (one cache pool):
+    generate() without options takes the engine as it is; explicit different options rebuild it."""
+    model = Lfm2ForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    llm = LLM(model, tokenizer=tok, engine_options={"max_num_seqs": 3, "max_model_len": 96})
+    engine = llm.engine
+    llm.chat([{"role": "user", "content": "Hi"}], max_new_tokens=4)
+    model.generate(torch.tensor([[1, 600, 700]]), max_new_tokens=4)
+    llm.generate(["a", "b"], max_new_tokens=4)
+    assert llm.engine is engine and model.get_engine() is engine and engine.max_num_seqs == 3
+    rebuilt = model.get_engine(max_num_seqs=2)
+    assert rebuilt is not engine and rebuilt.max_num_seqs == 2 and model.get_engine() is rebuilt

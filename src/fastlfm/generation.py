@@ -58,17 +58,19 @@ class GenerationMixin:
 
     def get_engine(self, tokenizer: Tokenizer | None = None, processor: Any = None,
                    **options: Any) -> LLMEngine:
-        """The engine over this model; `options` are `LLMEngine`'s keywords (the kept engine is
-        rebuilt when they differ from the ones it was built with)."""
-        options = {**DEFAULT_ENGINE_OPTIONS, **options}
+        """The engine over this model. `options` are `LLMEngine`'s keywords: without them the kept
+        engine is returned whatever it was built with; with them, it is rebuilt if they differ."""
         engine = self._engine
-        if engine is None or options != self._engine_options or engine.device != self.device \
+        wanted = {**DEFAULT_ENGINE_OPTIONS, **options}
+        if engine is None or (options and wanted != self._engine_options) or engine.device != self.device \
                 or engine.model.dtype != self.dtype:
-            if engine is not None and engine.has_unfinished():
-                raise RuntimeError("the model's engine still runs requests; finish them before changing it")
-            self._engine = None  # free the old cache pool before the new one is allocated
-            engine = LLMEngine(self, tokenizer, processor=processor, **options)
-            self._engine, self._engine_options = engine, options
+            if engine is not None:
+                if engine.has_unfinished():
+                    raise RuntimeError("the model's engine still runs requests; finish them before changing it")
+                self._engine = engine = None
+                _release_device_memory(self.device)  # the old cache pool, before the new one is sized
+            engine = LLMEngine(self, tokenizer, processor=processor, **wanted)
+            self._engine, self._engine_options = engine, wanted
         if engine.tokenizer is None and tokenizer is not None:
             engine.tokenizer = tokenizer
         if engine.processor is None and processor is not None:
@@ -150,6 +152,14 @@ class GenerationMixin:
         tail = torch.tensor([o + [fill] * (width - len(o)) for o in outs], dtype=ids.dtype).reshape(len(outs), width)
         sequences = torch.cat([ids, tail.to(ids.device)], dim=1)
         return GenerateDecoderOnlyOutput(sequences) if return_dict else sequences
+
+
+def _release_device_memory(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _prompt_rows(input_ids: Any, attention_mask: Any, pad_id: int | None, config: Any
