@@ -887,6 +887,7 @@ def main():
     ap.add_argument("--tiny", action="store_true", help="MoE models at a tiny width and workload (CPU smoke run)")
     ap.add_argument("--table", default="gpu_table.md", help="file name of the table under $OUT")
     ap.add_argument("--start-time", action="store_true", help="LFM2-1.2B: engine start in fresh processes (cold/warm caches)")
+    ap.add_argument("--start-only", action="store_true", help="only the engine start times of the models, then stop")
     args = ap.parse_args()
     torch.manual_seed(0)
     if args.device != "cuda":  # smoke run: the code paths, not the speed
@@ -901,6 +902,13 @@ def main():
     log(f"{dev}: copy {bw / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s; torch {torch.__version__}")
     rows, notes = [], []
     all_ok = True
+    if args.start_only:
+        for name in args.models:
+            folder = Path(f"/tmp/ckpt-{name}")
+            if not (folder / "config.json").exists():
+                write_checkpoint(folder, real_config(name), dtype=torch.bfloat16)
+            engine_start_times(name, folder, notes)
+        return
     for name in args.models:
         if name in MOE_MODELS:
             try:

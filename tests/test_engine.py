@@ -423,3 +423,16 @@ def test_async_engine_merges_what_a_slow_consumer_missed(model, prompts, referen
     assert [lp.token_id for o in got for lp in o.logprobs] == reference[1]
     assert len(got) < NEW and got[-1].finished and got[-1].token_ids == reference[1]
     engine.engine.check_no_leaks()
+
+
+def test_lazy_graphs_are_captured_mid_run_keeping_the_ids_in_flight(model, prompts, reference):
+    """Lazy capture (the CUDA default): a batch size gets its graph when a step first needs it,
+    in the middle of an asynchronous run, and the capture's warm-up must not clobber the ids of the
+    step in flight (kept in g_greedy): the tokens equal the reference."""
+    engine = LLMEngine(model, async_scheduling=True, max_num_seqs=8, max_model_len=64, block_size=4)
+    engine.runner.capture_graphs(8, lazy=True)
+    assert engine.runner.graphs == {}
+    outs = run_staggered(engine, prompts, arrive_at=[0, 0, 2, 3, 7])
+    assert [o.token_ids for o in outs] == reference
+    assert len(engine.runner.graphs) >= 2  # sizes captured as they came
+    engine.check_no_leaks()

@@ -116,6 +116,9 @@ class LLMEngine:
     `max_num_seqs` full-length sequences on CPU; `block_size` tokens per KV block.
     `compile` (default: on CUDA) runs the decode step through torch.compile before its CUDA
     graphs are captured; inductor's on-disk caches make a second start of the same model fast.
+    `lazy_graphs` (CUDA): each decode batch size is compiled and captured as a CUDA graph when a
+    step first needs it, so the first request is answered after batch 1 alone; with False every
+    size is captured at start (a server: no client waits on a compile mid-run).
     `pack_cpu_weights` (CPU): the projections run pre-packed for oneDNN (fastlfm.cpu_linear; the
     model is changed in place, and its train() / save_pretrained() change it back).
 
@@ -142,7 +145,8 @@ class LLMEngine:
                  max_num_batched_tokens: int | None = None, block_size: int | None = None,
                  num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.85,
                  enforce_eager: bool = False, compile: bool | None = None, async_scheduling: bool | None = None,
-                 processor=None, max_vision_views: int = 32, pack_cpu_weights: bool = True):
+                 processor=None, max_vision_views: int = 32, pack_cpu_weights: bool = True,
+                 lazy_graphs: bool = True):
         self.model = model
         self.config = model.config
         self.tokenizer = tokenizer
@@ -172,7 +176,7 @@ class LLMEngine:
         self.runner = ModelRunner(model, block_size=block_size, num_blocks=num_kv_blocks, num_conv_slots=max_num_seqs,
                                   max_model_len=self.max_model_len, max_num_seqs=max_num_seqs,
                                   use_cuda_graphs=on_cuda and not enforce_eager, use_triton=on_cuda,
-                                  compile=self.compiled, max_vision_views=max_vision_views)
+                                  compile=self.compiled, max_vision_views=max_vision_views, lazy_graphs=lazy_graphs)
         self.eos_token_ids = eos_token_ids(self.generation_config, self.config.eos_token_id,
                                            tokenizer.eos_token_id if tokenizer is not None else None)
         self.async_scheduling = on_cuda if async_scheduling is None else bool(async_scheduling)

@@ -32,7 +32,8 @@ class EagerReplay:
 class ModelRunner:
     def __init__(self, model, *, block_size: int, num_blocks: int, num_conv_slots: int,
                  max_model_len: int, max_num_seqs: int, use_cuda_graphs: bool, use_triton: bool,
-                 max_graph_batch_size: int = 256, compile: bool = False, max_vision_views: int = 32):
+                 max_graph_batch_size: int = 256, compile: bool = False, max_vision_views: int = 32,
+                 lazy_graphs: bool = False):
         self.model = model
         fuse_projections(model)  # q/k/v and w1/w3 as one GEMM each
         cfg = model.config
@@ -65,6 +66,7 @@ class ModelRunner:
         self.conv_states = torch.zeros((len(conv), num_conv_slots + 1, K - 1, cfg.hidden_size),
                                        dtype=self.dtype, device=self.device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graph_sizes: list[int] = []  # the decode batch sizes that run as graphs (capture_graphs)
         # torch.compile (inductor) fuses the eager elementwise chains of the decode step
         # (RMSNorm, QK-norm + RoPE, gates, SiLU*mul); the CUDA graph then removes launch gaps.
         self.decode_forward = self._decode_forward
@@ -78,7 +80,7 @@ class ModelRunner:
                     setattr(_dynamo.config, name, 1024)
             self.decode_forward = torch.compile(self._decode_forward, dynamic=True)
         if use_cuda_graphs:
-            self.capture_graphs(min(max_num_seqs, max_graph_batch_size, num_conv_slots))
+            self.capture_graphs(min(max_num_seqs, max_graph_batch_size, num_conv_slots), lazy=lazy_graphs)
 
     # -- metadata ---------------------------------------------------------------------
     def _context(self, past, lens, block_tables, conv_slots, num_tokens, num_decode, host_chunks=()):
@@ -103,7 +105,7 @@ class ModelRunner:
         can be launched before that step's ids reach the host."""
         seqs, counts = batch.seqs, batch.num_tokens
         sample_rows = [i for i, (s, n) in enumerate(zip(seqs, counts)) if s.num_computed_tokens + n == s.num_tokens]
-        if self.graphs and batch.num_decode == len(seqs) and len(seqs) <= self.graph_sizes[-1] \
+        if self.graph_sizes and batch.num_decode == len(seqs) and len(seqs) <= self.graph_sizes[-1] \
                 and not has_image_rows(seqs, counts):
             logits, greedy_ids = self._run_graph(seqs, sample_rows, in_flight)
             if len(sample_rows) < len(seqs):  # a 1-token prompt chunk rode along as a decode row
@@ -146,16 +148,15 @@ class ModelRunner:
         return None
 
     @torch.inference_mode()
-    def capture_graphs(self, max_bs: int) -> None:
+    def capture_graphs(self, max_bs: int, lazy: bool = False) -> None:
+        """Decode graphs for the batch sizes of the ladder up to `max_bs`: all now, or (`lazy`) each
+        one when a step first needs it, so an engine answers its first request after compiling
+        and capturing batch 1 alone (a compile per new shape happens mid-run instead)."""
         self.graph_sizes = graph_batch_sizes(max_bs)
         dev = self.device
         # Each graph's inputs are the rows of one buffer, [ids | past | conv slots | in-flight row]
         # (`_run_graph`), so a step lands them with one host-to-device copy and no kernel.
         self.g_inputs: dict[int, torch.Tensor] = {}
-        for bs in self.graph_sizes:
-            self.g_inputs[bs] = torch.zeros((4, bs), dtype=torch.long, device=dev)
-            self.g_inputs[bs][2:].fill_(self.padding_slot)
-            self.g_inputs[bs][3].fill_(-1)
         self.g_lens = torch.ones(max_bs, dtype=torch.long, device=dev)
         # Every graph leaves its rows' greedy ids here, where the next graph step finds the tokens
         # still in flight (ids sampled any other way are copied in first).
@@ -168,28 +169,47 @@ class ModelRunner:
                                       dtype=torch.int32, device=dev)
         self._table_uploaded: list[tuple[list[int], int] | None] = [None] * self.padding_slot
         self.g_logits: dict[int, torch.Tensor] = {}
-        pool = None
-        graphs = {}
-        for bs in reversed(self.graph_sizes):
-            def run(bs=bs):
-                ids, past, slots, in_flight_rows = self.g_inputs[bs].unbind(0)
-                tables = self.slot_tables.index_select(0, slots)
-                return self.decode_forward(ids, past, self.g_lens[:bs], tables, slots, in_flight_rows, self.g_greedy)
-            if dev.type != "cuda":  # tests: the same static buffers, replayed eagerly
-                self.g_logits[bs] = run()
-                graphs[bs] = EagerReplay(run, self.g_logits[bs])
-                continue
-            run()  # warm-up (Triton compilation, cuBLAS handles) outside the capture
-            torch.cuda.synchronize()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
-                self.g_logits[bs] = run()
-            pool = g.pool() if pool is None else pool
-            graphs[bs] = g
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        self.graphs = graphs
-        # Rows written during capture went to the padding block/slot only; nothing to undo.
+        self.graphs = {}
+        self._graph_pool = None
+        if not lazy:
+            for bs in reversed(self.graph_sizes):  # largest first: the smaller ones fit in its pool
+                self._capture(bs)
+
+    @torch.inference_mode()
+    def _capture(self, bs: int):
+        """Compile (if the step is compiled) and capture the decode graph of batch size `bs`. Its
+        warm-up and capture write only the padding block and slot, and g_greedy, which may hold the
+        ids of a step in flight: those are kept. Graphs share one memory pool; each graph's output
+        stays referenced (g_logits), so no later capture reuses it."""
+        dev = self.device
+        inputs = torch.zeros((4, bs), dtype=torch.long, device=dev)
+        inputs[2:].fill_(self.padding_slot)
+        inputs[3].fill_(-1)
+        self.g_inputs[bs] = inputs
+
+        def run():
+            ids, past, slots, in_flight_rows = inputs.unbind(0)
+            tables = self.slot_tables.index_select(0, slots)
+            return self.decode_forward(ids, past, self.g_lens[:bs], tables, slots, in_flight_rows, self.g_greedy)
+
+        if dev.type != "cuda":  # tests: the same static buffers, replayed eagerly
+            in_flight = self.g_greedy.clone()
+            self.g_logits[bs] = run()
+            self.g_greedy.copy_(in_flight)
+            graph = self.graphs[bs] = EagerReplay(run, self.g_logits[bs])
+            return graph
+        torch.cuda.synchronize()  # the step in flight has written its ids
+        in_flight = self.g_greedy.clone()
+        run()  # warm-up (compilation, Triton specialisations, cuBLAS handles) outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            self.g_logits[bs] = run()
+        self._graph_pool = graph.pool() if self._graph_pool is None else self._graph_pool
+        self.g_greedy.copy_(in_flight)
+        torch.cuda.synchronize()
+        self.graphs[bs] = graph
+        return graph
 
     def _decode_forward(self, ids, past, lens, tables, slots, in_flight_rows=None, greedy_ids=None):
         """One token per row; returns the logits. The graph path passes `greedy_ids`, the ids of the
@@ -207,6 +227,7 @@ class ModelRunner:
     def _run_graph(self, seqs, sample_rows: list[int], in_flight) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(seqs)
         bs = self._padded_size(n)
+        graph = self.graphs.get(bs) or self._capture(bs)  # before the inputs land: a capture overwrites them
         pad = bs - n
         # One host-to-device copy straight into the graph's inputs: [ids | past | slots | the row of
         # each in-flight id in the step in flight, else -1]. An in-flight id goes up as 0; the graph
@@ -225,7 +246,7 @@ class ModelRunner:
         if cells:
             staged = self._to_device(cells + blocks, torch.long)
             self.slot_tables.view(-1).index_copy_(0, staged[:len(cells)], staged[len(cells):].int())
-        self.graphs[bs].replay()
+        graph.replay()
         return self.g_logits[bs][:n], self.g_greedy[:n]
 
     def _new_table_cells(self, seqs: list[Sequence]) -> tuple[list[int], list[int]]:

@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         engine = AsyncLLMEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
                                                 max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                                                compile=args.compile, quantization=args.quantization)
+                                                compile=args.compile, quantization=args.quantization,
+                                                lazy_graphs=False)  # every graph before the first client
         app = create_app(
             engine,
             args.served_model_name or [args.model],
