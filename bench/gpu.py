@@ -100,34 +100,40 @@ def divergence(model32, prompt, ref, ref_logits, k, token) -> tuple[bool, tuple]
 
 
 @torch.no_grad()
-def check_correctness(engine, model, folder, log_rows):
+def check_correctness(engine, model, notes, judge=None, n_new: int = 32, max_len: int | None = None) -> bool:
     """Engine greedy tokens vs the eager model's: 8 prompts as one batch, then the first two alone
     (batch-1 decode steps, which take the fused projection kernels where they are tuned). Where a
-    sequence diverges, the fp32 model judges whether the step was a near-tie (`divergence`)."""
-    ps = [p[:n] for p, n in zip(prompts(8, 300, 1), (17, 64, 128, 5, 300, 33, 250, 90))]
-    n_new = 32
+    sequence diverges, the fp32 model (`judge()` builds it: the same weights in float32) judges whether
+    the step was a near-tie (`divergence`); without a judge a divergence is only reported."""
+    lens = [n if max_len is None else min(n, max_len - n_new - 1) for n in (17, 64, 128, 5, 300, 33, 250, 90)]
+    ps = [p[:n] for p, n in zip(prompts(8, max(lens), 1), lens)]
     params = SamplingParams(max_new_tokens=n_new, temperature=0.0, ignore_eos=True)
     refs = [eager_greedy(model, p, n_new) for p in ps]
     model32 = None
     ok = True
     for what, runs in (("batch 8", [ps]), ("batch 1", [[p] for p in ps[:2]])):
         outs = [o for run in runs for o in engine.generate(run, params)]
-        exact, near_tie, bad = 0, [], []
+        exact, near_tie, other = 0, [], []
         for i, (o, (ref, ref_logits)) in enumerate(zip(outs, refs)):
             if o.token_ids == ref:
                 exact += 1
                 continue
             k = next(j for j, (a, b) in enumerate(zip(o.token_ids, ref)) if a != b)
-            if model32 is None:
-                model32 = Lfm2ForCausalLM.from_pretrained(folder, dtype=torch.float32, device=DEV)
-            tie, margins = divergence(model32, ps[i], ref, ref_logits, k, o.token_ids[k])
-            (near_tie if tie else bad).append((i, k, *margins))
-        log_rows.append(f"correctness ({what}): {exact}/{len(outs)} identical; diverged after a near-tie "
-                        f"(seq, step, bf16 margin, fp32 margin, bf16 error): {near_tie}; real mismatches: {bad}")
-        log(log_rows[-1])
-        ok &= not bad
+            if judge is not None and model32 is None:
+                model32 = judge()
+            if model32 is not None:
+                tie, margins = divergence(model32, ps[i], ref, ref_logits, k, o.token_ids[k])
+                (near_tie if tie else other).append((i, k, *margins))
+            else:
+                other.append((i, k))
+        judged = "diverged after a near-tie (seq, step, bf16 margin, fp32 margin, bf16 error)" if judge is not None \
+            else "(no fp32 judge for this model) diverged at (seq, step)"
+        notes.append(f"correctness ({what}): {exact}/{len(outs)} identical; {judged}: {near_tie if judge else other}"
+                     + (f"; real mismatches: {other}" if judge is not None else ""))
+        log(notes[-1])
+        ok &= not (judge is not None and other)
     del model32
-    torch.cuda.empty_cache()
+    free_device_memory()
     return ok
 
 
@@ -287,7 +293,8 @@ def bench_model(name, bw, flops, args, rows, notes):
         mode = "graphs"
     log(f"{name}: engine ready in {time.perf_counter() - t:.1f}s ({mode}); "
         f"{engine.block_manager.num_blocks} KV blocks of {engine.block_manager.block_size}")
-    ok = check_correctness(engine, model, folder, notes)
+    ok = check_correctness(engine, model, notes,
+                           judge=lambda: Lfm2ForCausalLM.from_pretrained(folder, dtype=torch.float32, device=DEV))
     if args.correctness_only:
         return ok
     greedy = dict(temperature=0.0, ignore_eos=True)
@@ -619,44 +626,6 @@ def hf_moe_peer(model, config: dict):
     return hf.eval()
 
 
-@torch.no_grad()
-def check_moe_correctness(engine, model, sizes: MoeSizes, notes, judge_fp32: bool) -> bool:
-    """Engine greedy tokens vs the eager model's (the grouped_mm path): 8 prompts as one batch, then two
-    alone. A divergence is a near-tie if the fp32 model (`judge_fp32`: a float32 copy of the weights)
-    puts the two tokens closer than the bf16 rounding error at that step (gpu.py's `divergence`)."""
-    n_new = sizes.check_new
-    lens = [min(n, sizes.max_model_len - n_new - 1) for n in (17, 64, 128, 5, 300, 33, 250, 90)]
-    ps = [p[:n] for p, n in zip(prompts(8, max(lens), 1), lens)]
-    params = SamplingParams(max_new_tokens=n_new, temperature=0.0, ignore_eos=True)
-    refs = [eager_greedy(model, p, n_new) for p in ps]
-    model32 = None
-    ok = True
-    for what, runs in (("batch 8", [ps]), ("batch 1", [[p] for p in ps[:2]])):
-        outs = [o for run in runs for o in engine.generate(run, params)]
-        exact, near_tie, other = 0, [], []
-        for i, (o, (ref, ref_logits)) in enumerate(zip(outs, refs)):
-            if o.token_ids == ref:
-                exact += 1
-                continue
-            k = next(j for j, (a, b) in enumerate(zip(o.token_ids, ref)) if a != b)
-            if judge_fp32 and model32 is None:
-                model32 = fp32_copy(model)
-            if model32 is not None:
-                tie, margins = divergence(model32, ps[i], ref, ref_logits, k, o.token_ids[k])
-                (near_tie if tie else other).append((i, k, *margins))
-            else:
-                other.append((i, k))
-        judged = "diverged after a near-tie (seq, step, bf16 margin, fp32 margin, bf16 error)" if judge_fp32 \
-            else "(no fp32 judge for this model) diverged at (seq, step)"
-        notes.append(f"correctness ({what}): {exact}/{len(outs)} identical; {judged}: {near_tie or other}"
-                     + (f"; real mismatches: {other}" if judge_fp32 else ""))
-        log(notes[-1])
-        ok &= not (judge_fp32 and other)
-    del model32
-    free_device_memory()
-    return ok
-
-
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for both MoE kernels
 MOE_TILE_TRIALS = ((16, 32, 128, 4, 4), (16, 64, 128, 4, 3), (16, 16, 256, 4, 3), (32, 64, 128, 4, 3),
                    (32, 32, 128, 4, 4), (64, 64, 64, 4, 3))
@@ -759,7 +728,8 @@ def bench_moe_model(name, bw, flops, args, rows, notes) -> bool:
     notes.append(f"{name}: engine ready in {time.perf_counter() - t:.1f}s ({'graphs+compile' if engine_kw['compile'] else 'graphs' if DEV == 'cuda' else 'eager'}); "
                  f"{engine.block_manager.num_blocks} KV blocks of {engine.block_manager.block_size}")
     log(notes[-1])
-    ok = check_moe_correctness(engine, model, sizes, notes, judge_fp32=not tiny and name == "LFM2-8B-A1B")
+    ok = check_correctness(engine, model, notes, judge=(lambda: fp32_copy(model)) if not tiny and name == "LFM2-8B-A1B" else None,
+                           n_new=sizes.check_new, max_len=sizes.max_model_len)
     if args.correctness_only:
         return ok
     if DEV == "cuda":  # the peak of the measured runs (not of the fp32 judge's copy)

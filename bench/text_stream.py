@@ -47,27 +47,27 @@ def per_token_us(run, ids: list[int], budget_s: float) -> float:
     return float("inf") if done < len(ids) else 1e6 * dt / len(ids)
 
 
-def ours(tok):
+def runner(make, add, finish=None, check_every: int = 16):
+    """A timed run over ids: a fresh stream from `make()`, `add(stream, id)` per id, then
+    `finish(stream)`; it gives up (returning how far it got) once past its deadline."""
     def run(ids, deadline):
-        s = TextStream(tok)
+        stream = make()
         for k, i in enumerate(ids):
-            s.add(i)
-            if k % 256 == 0 and time.perf_counter() > deadline:
+            add(stream, i)
+            if k % check_every == 0 and time.perf_counter() > deadline:
                 return k
-        s.finish()
+        if finish is not None:
+            finish(stream)
         return len(ids)
     return run
+
+
+def ours(tok):
+    return runner(lambda: TextStream(tok), TextStream.add, TextStream.finish, check_every=256)
 
 
 def decode_stream(tok):
-    def run(ids, deadline):
-        s = DecodeStream(skip_special_tokens=True)
-        for k, i in enumerate(ids):
-            s.step(tok.backend, i)
-            if k % 16 == 0 and time.perf_counter() > deadline:
-                return k
-        return len(ids)
-    return run
+    return runner(lambda: DecodeStream(skip_special_tokens=True), lambda s, i: s.step(tok.backend, i))
 
 
 def old_detokenizer(tok, commit: str):
@@ -79,16 +79,8 @@ def old_detokenizer(tok, commit: str):
     spec = importlib.util.spec_from_file_location("old_tokenizer", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-
-    def run(ids, deadline):
-        d = module.IncrementalDetokenizer(tok)
-        for k, i in enumerate(ids):
-            d.add(i)
-            if k % 16 == 0 and time.perf_counter() > deadline:
-                return k
-        d.flush()
-        return len(ids)
-    return run
+    detok = module.IncrementalDetokenizer
+    return runner(lambda: detok(tok), detok.add, detok.flush)
 
 
 def main() -> int:

@@ -21,3 +21,18 @@ def async_scheduling(request):
     scheduled (sync), and the next step launched first with the ids fed on the device (async,
     the CUDA default)."""
     return request.param
+
+
+@pytest.fixture(scope="module")
+def model(tiny_ckpt):
+    """The tiny checkpoint's model (fastlfm.models: no generate()), for engine tests."""
+    from fastlfm.models import Lfm2ForCausalLM
+
+    return Lfm2ForCausalLM.from_pretrained(tiny_ckpt)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    """Prompts of mixed lengths (a one-token one, one longer than a prefill chunk of the tests)."""
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(10, 1000, (n,), generator=g).tolist() for n in (5, 19, 1, 37, 12)]

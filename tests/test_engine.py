@@ -12,19 +12,9 @@ from fastlfm.engine.model_runner import ModelRunner
 from fastlfm.models import Lfm2ForCausalLM
 from fastlfm.models.lfm2 import RMSNorm
 from fastlfm.sampling import SamplingParams
+from fastlfm.testing import greedy_reference
 
 NEW = 8
-
-
-@pytest.fixture(scope="module")
-def model(tiny_ckpt):
-    return Lfm2ForCausalLM.from_pretrained(tiny_ckpt)
-
-
-@pytest.fixture(scope="module")
-def prompts():
-    g = torch.Generator().manual_seed(0)
-    return [torch.randint(10, 1000, (n,), generator=g).tolist() for n in (5, 19, 1, 37, 12)]
 
 
 @pytest.fixture(scope="module")
@@ -391,17 +381,6 @@ def test_text_and_stop_strings(tiny_ckpt, async_scheduling):
         if stop not in free[i].text:
             assert outs[i].token_ids == free[i].token_ids and outs[i].text == free[i].text
     engine.check_no_leaks()
-
-
-def greedy_reference(model, prompt, n):
-    """Greedy continuation, one token at a time over the model's own cache (no engine)."""
-    with torch.no_grad():
-        cache, ids, out = model.make_cache(), torch.tensor([prompt]), []
-        for _ in range(n):
-            t = int(model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1].argmax())
-            out.append(t)
-            ids = torch.tensor([[t]])
-    return out
 
 
 def test_async_engine_merges_what_a_slow_consumer_missed(model, prompts, reference):

@@ -11,32 +11,15 @@ import torch
 
 from fastlfm.engine import LLMEngine
 from fastlfm.engine.sequence import SequenceStatus
-from fastlfm.models import Lfm2ForCausalLM
 from fastlfm.sampling import SamplingParams
+from fastlfm.testing import greedy_reference
 
 NEW = 8
 GREEDY = SamplingParams(max_new_tokens=NEW, temperature=0.0, ignore_eos=True)
 
 
-@pytest.fixture(scope="module")
-def model(tiny_ckpt):
-    return Lfm2ForCausalLM.from_pretrained(tiny_ckpt)
-
-
-@pytest.fixture(scope="module")
-def prompts():
-    g = torch.Generator().manual_seed(0)
-    return [torch.randint(10, 1000, (n,), generator=g).tolist() for n in (5, 19, 1, 37, 12)]
-
-
 def greedy(model, prompt, n=NEW):
-    with torch.no_grad():
-        cache, ids, out = model.make_cache(), torch.tensor([prompt]), []
-        for _ in range(n):
-            t = int(model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1].argmax())
-            out.append(t)
-            ids = torch.tensor([[t]])
-    return out
+    return greedy_reference(model, prompt, n)
 
 
 @pytest.fixture(scope="module")

@@ -25,17 +25,8 @@ import torch
 
 from .cpu_linear import Int4Weight, Int8Weight, QuantizedWeight, quantize_int8
 from .loading import CheckpointError
+from .tokenizer import LFM2_SPLIT_PATTERN  # GGUF pre-type "lfm2"
 
-#: The Llama-3-style split regex of LFM2's pre-tokenizer (spec §6.1), GGUF pre-type "lfm2".
-LFM2_SPLIT_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"
-    r"|[^\r\n\p{L}\p{N}]?\p{L}+"
-    r"|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+"
-    r"|\s+(?!\S)"
-    r"|\s+"
-)
 _LLAMA3_PRE_TYPES = {"lfm2", "llama3", "llama-bpe", "llama-v3", "default"}
 
 _BLOCK_NAMES = {  # GGUF block tensor -> HF module (attention and conv layers)

@@ -41,6 +41,18 @@ _REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 
 
+#: The Llama-3-style split regex of LFM2's pre-tokenizer (spec §6.1), used with behaviour "isolated".
+LFM2_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"
+    r"|[^\r\n\p{L}\p{N}]?\p{L}+"
+    r"|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+"
+    r"|\s+(?!\S)"
+    r"|\s+"
+)
+
+
 class ChatTemplateError(ValueError):
     """Raised by a chat template's ``raise_exception(...)`` (also a ``ValueError``)."""
 

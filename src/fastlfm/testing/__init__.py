@@ -249,3 +249,15 @@ def random_model(config: dict[str, Any], device: str | torch.device = "cpu", dty
     model.tie_weights()
     model.generation_config = dict(GENERATION_CONFIG)
     return model.eval()
+
+
+def greedy_reference(model, prompt: list[int], n: int) -> list[int]:
+    """The oracle of the engine tests: greedy continuation of one prompt, one token at a time over
+    the model's own cache (no engine, no batching, no paging)."""
+    with torch.no_grad():
+        cache, ids, out = model.make_cache(), torch.tensor([prompt], device=model.device), []
+        for _ in range(n):
+            t = int(model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1].argmax())
+            out.append(t)
+            ids = torch.tensor([[t]], device=model.device)
+    return out

@@ -19,6 +19,8 @@ import os
 import random
 from pathlib import Path
 
+from ..tokenizer import LFM2_SPLIT_PATTERN
+
 __all__ = [
     "SPECIAL_TOKEN_IDS",
     "SPECIAL_TOKENS",
@@ -39,15 +41,7 @@ PAD_TOKEN = "<|pad|>"
 MIN_VOCAB_SIZE = 1024
 
 #: Llama-3-style pre-tokenizer split regex (spec §6.1), used with behaviour "isolated".
-SPLIT_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"
-    r"|[^\r\n\p{L}\p{N}]?\p{L}+"
-    r"|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+"
-    r"|\s+(?!\S)"
-    r"|\s+"
-)
+SPLIT_PATTERN = LFM2_SPLIT_PATTERN
 
 
 def _build_special_tokens() -> list[str]:
