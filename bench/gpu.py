@@ -717,7 +717,8 @@ def bench_moe_model(name, bw, flops, args, rows, notes) -> bool:
         f"active per token {(dense_b + expert_b * k / E) / 1e9:.2f} GB ({active_params / 1e9:.2f}B params)")
     # batch 1 only (24B-A2B without --moe-full): a short ladder of decode graphs to capture and compile
     engine_kw = dict(max_num_seqs=args.max_num_seqs if full else min(args.max_num_seqs, 8), max_model_len=sizes.max_model_len,
-                     max_num_batched_tokens=sizes.batched_tokens, compile=args.compile and DEV == "cuda")
+                     max_num_batched_tokens=sizes.batched_tokens, compile=args.compile and DEV == "cuda",
+                     pack_cpu_weights=False)  # (CPU smoke run) plain nn.Linear: the transformers peer takes the same state dict
     if DEV == "cuda":  # the weights + a KV pool of about args.moe_kv_gib (100 x 2k tokens of 8B-A1B: 2.4 GiB)
         total = torch.cuda.get_device_properties(0).total_memory
         engine_kw["gpu_memory_utilization"] = min(0.9, (dense_b + expert_b + args.moe_kv_gib * 2**30) / total)
