@@ -404,6 +404,34 @@ def test_async_engine_merges_what_a_slow_consumer_missed(model, prompts, referen
     engine.engine.check_no_leaks()
 
 
+def test_async_engine_holds_tokens_of_many_streams_until_the_interval(model, prompts, reference):
+    """Above `stream_every_step` live streams, a request's tokens after its first are held and merged
+    until `stream_interval_s` passed (here: never before the end), so each stream gets its first
+    token at once and the rest in its final output; nothing is lost or reordered."""
+    params = SamplingParams(max_new_tokens=NEW, temperature=0.0, ignore_eos=True, logprobs=0)
+
+    async def main():
+        engine = AsyncLLMEngine(LLMEngine(model, max_num_seqs=4, max_model_len=64), stream_every_step=0,
+                                stream_interval_s=3600)
+
+        async def collect(i):
+            return [o async for o in engine.generate(prompts[i], params, f"r{i}")]
+
+        got = await asyncio.gather(*(collect(i) for i in range(3)))
+        await engine.shutdown()
+        return got, engine
+
+    got, engine = asyncio.run(main())
+    for outs, ref in zip(got, reference):
+        assert [len(o.new_token_ids) for o in outs] == [1, NEW - 1] and outs[-1].finished
+        assert [t for o in outs for t in o.new_token_ids] == ref == outs[-1].token_ids
+        assert [lp.token_id for o in outs for lp in o.logprobs] == ref
+    assert engine._held == {} and engine._last_sent == {}
+    engine.engine.check_no_leaks()
+    with pytest.raises(ValueError, match="stream_interval_s"):
+        AsyncLLMEngine(engine.engine, stream_interval_s=-1)
+
+
 def test_lazy_graphs_are_captured_mid_run_keeping_the_ids_in_flight(model, prompts, reference):
     """Lazy capture (the CUDA default): a batch size gets its graph when a step first needs it,
     in the middle of an asynchronous run, and the capture's warm-up must not clobber the ids of the

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 
+from ..engine.async_engine import DEFAULT_STREAM_INTERVAL_S, STREAM_EVERY_STEP
 from .http import (DEFAULT_BODY_TIMEOUT, DEFAULT_HEADER_TIMEOUT, DEFAULT_KEEP_ALIVE_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
                    DEFAULT_SHUTDOWN_TIMEOUT)
 
@@ -63,6 +64,10 @@ def build_parser(prog: str = "fastlfm serve") -> argparse.ArgumentParser:
     limits.add_argument("--shutdown-timeout", type=float, default=DEFAULT_SHUTDOWN_TIMEOUT,
                         help=f"on SIGTERM, seconds in-flight requests may finish (default {DEFAULT_SHUTDOWN_TIMEOUT:g}); "
                              "then they are aborted and the server exits")
+    p.add_argument("--stream-interval-ms", type=float, default=DEFAULT_STREAM_INTERVAL_S * 1000,
+                   help=f"with more than {STREAM_EVERY_STEP} streams, each stream's tokens are sent at most every MS "
+                        f"milliseconds, merged (default {DEFAULT_STREAM_INTERVAL_S * 1000:g}; 0: every token); "
+                        "fewer events leave the GIL to the engine")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p
 
@@ -78,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("image_fetch_timeout", "header_timeout", "body_timeout", "keep_alive_timeout", "shutdown_timeout"):
         if not getattr(args, flag) > 0:
             build_parser().error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if not args.stream_interval_ms >= 0:
+        build_parser().error(f"--stream-interval-ms must be >= 0, got {args.stream_interval_ms}")
 
     from ..engine import AsyncLLMEngine
     from .app import DEFAULT_MAX_QUEUE_LEN, create_app
@@ -88,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         engine = AsyncLLMEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
                                                 max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                                                 compile=args.compile, quantization=args.quantization,
+                                                stream_interval_s=args.stream_interval_ms / 1000,
                                                 lazy_graphs=False)  # every graph before the first client
         app = create_app(
             engine,
