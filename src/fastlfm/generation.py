@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import queue
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -90,6 +90,12 @@ class GenerationMixin:
         pixel_values / pixel_attention_mask / spatial_shapes. Features transformers has and
         fastlfm does not (beam search, output_scores, ...) raise a ValueError naming them.
         """
+        if isinstance(inputs, Mapping):  # a tokenizer's or processor's BatchEncoding, passed whole
+            clash = sorted(set(inputs) & set(kwargs))
+            if clash:
+                raise ValueError(f"generate() got {', '.join(clash)} both in its first argument and as keywords")
+            kwargs.update(inputs)
+            inputs = None
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
         if input_ids is None:
             raise ValueError("generate() needs input_ids (the prompt token ids)")
@@ -102,9 +108,13 @@ class GenerationMixin:
                 raise ValueError(f"{key} is not supported by fastlfm's generate()")
         gen_defaults = self.generation_config or {}
         if generation_config is not None:
-            kwargs["generation_config"] = generation_config
-            gen_defaults = generation_config.to_dict() if hasattr(generation_config, "to_dict") \
-                else dict(generation_config)
+            # transformers: what the given config sets replaces the model's; what it leaves unset falls back to it
+            given = generation_config.to_diff_dict() if hasattr(generation_config, "to_diff_dict") else \
+                generation_config.to_dict() if hasattr(generation_config, "to_dict") else dict(generation_config)
+            gen_defaults = {**gen_defaults, **given}
+            kwargs["generation_config"] = gen_defaults
+            if given.get("max_length") is not None and given.get("max_new_tokens") is None:
+                kwargs.setdefault("max_length", given["max_length"])
         pad_id = kwargs.pop("pad_token_id", None)
         if pad_id is None:
             pad_id = gen_defaults.get("pad_token_id", self.config.pad_token_id)
