@@ -19,6 +19,7 @@ import transformers
 
 import fastlfm
 from fastlfm.sampling import SamplingParams
+from fastlfm.testing import tiny_moe_config, write_checkpoint
 
 BASIC = r'''from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -385,6 +386,8 @@ def test_auto_classes_dispatch_on_model_type(paths, vl_folder, tmp_path):
     assert isinstance(fastlfm.AutoModelForImageTextToText.from_pretrained(vl_folder),
                       fastlfm.Lfm2VlForConditionalGeneration)
     assert isinstance(fastlfm.AutoProcessor.from_pretrained(text), type(fastlfm.AutoTokenizer.from_pretrained(text)))
+    moe = write_checkpoint(tmp_path / "moe", tiny_moe_config(), tokenizer=False)
+    assert isinstance(fastlfm.AutoModelForCausalLM.from_pretrained(moe), fastlfm.Lfm2MoeForCausalLM)
     with pytest.raises(fastlfm.CheckpointError, match=r"config.json: model_type 'lfm2' is not one AutoModelForVision2Seq"):
         fastlfm.AutoModelForVision2Seq.from_pretrained(text)
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')

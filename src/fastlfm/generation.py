@@ -82,10 +82,13 @@ class GenerationMixin:
                  ) -> torch.Tensor | GenerateDecoderOnlyOutput:
         """Generate continuations of a batch of prompts; returns prompt + new ids (B, T + new).
 
-        Keywords as in transformers: `input_ids`, `attention_mask` (left padding), sampling
+        `inputs` may also be a tokenizer's or processor's BatchEncoding (input_ids, attention_mask,
+        image tensors), as `generate(**inputs)` passes them. Keywords as in transformers:
+        `input_ids`, `attention_mask` (left padding), sampling
         settings (max_new_tokens, max_length, do_sample, temperature, top_k, top_p, min_p,
         repetition_penalty, eos_token_id, stop_strings with tokenizer=, seed, ...; defaults
-        from the checkpoint's generation_config.json), `generation_config`, `streamer` (one
+        from the checkpoint's generation_config.json), `generation_config` (fastlfm's or
+        transformers' GenerationConfig, or a dict: its values replace the model's, keywords win), `streamer` (one
         prompt), `pad_token_id`, `return_dict_in_generate`, and for LFM2-VL the processor's
         pixel_values / pixel_attention_mask / spatial_shapes. Features transformers has and
         fastlfm does not (beam search, output_scores, ...) raise a ValueError naming them.

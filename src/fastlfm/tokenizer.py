@@ -164,7 +164,8 @@ def _normalise_messages(messages: Any) -> list[dict]:
     for i, message in enumerate(messages):
         if isinstance(message, (list, tuple)):
             raise ValueError(
-                f"messages[{i}] is a list: batched conversations are not supported, pass one conversation at a time"
+                f"messages[{i}] is a list: pass one conversation (a list of message dicts) or a batch of them "
+                "(a list of conversations), not a mix"
             )
         if not isinstance(message, Mapping):
             if dataclasses.is_dataclass(message) or callable(getattr(message, "model_dump", None)):
