@@ -276,6 +276,12 @@ def test_generation_config_keywords_and_fallbacks_match_transformers(basic):
             expected = ref["model"].generate(ids, generation_config=ref_config, **kwargs)
         assert torch.equal(got, expected), (ours_config, kwargs)
     assert ours["model"].generation_config.eos_token_id == ref["model"].generation_config.eos_token_id == 7
+    got = ours["model"].generate(ids, generation_config=fastlfm.GenerationConfig(return_dict_in_generate=True,
+                                                                                 max_new_tokens=4))
+    with torch.no_grad():
+        expected = ref["model"].generate(ids, generation_config=transformers.GenerationConfig(
+            return_dict_in_generate=True, max_new_tokens=4))
+    assert torch.equal(got.sequences, expected.sequences)
     # a transformers GenerationConfig works too
     got = ours["model"].generate(ids, generation_config=transformers.GenerationConfig(max_new_tokens=7))
     assert got.shape[1] == ids.shape[1] + 7

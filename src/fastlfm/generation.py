@@ -105,7 +105,7 @@ class GenerationMixin:
         attention_mask = kwargs.pop("attention_mask", None)
         images = {k: kwargs.pop(k) for k in IMAGE_KEYS if k in kwargs}
         tokenizer = kwargs.pop("tokenizer", None)
-        return_dict = bool(kwargs.pop("return_dict_in_generate", False))
+        return_dict = kwargs.pop("return_dict_in_generate", None)
         for key in ("output_attentions", "output_hidden_states"):
             if kwargs.pop(key, False):
                 raise ValueError(f"{key} is not supported by fastlfm's generate()")
@@ -118,6 +118,8 @@ class GenerationMixin:
             kwargs["generation_config"] = gen_defaults
             if given.get("max_length") is not None and given.get("max_new_tokens") is None:
                 kwargs.setdefault("max_length", given["max_length"])
+        if return_dict is None:  # the keyword wins over the generation config
+            return_dict = bool(gen_defaults.get("return_dict_in_generate", False))
         pad_id = kwargs.pop("pad_token_id", None)
         if pad_id is None:
             pad_id = gen_defaults.get("pad_token_id", self.config.pad_token_id)
