@@ -570,7 +570,7 @@ def bench_dense_smoke(name, args, rows, notes) -> bool:
     transformers batch-1 peer of 16 tokens (the code paths, not the speed)."""
     folder = Path(f"/tmp/ckpt-{name}-tiny")
     if not (folder / "config.json").exists():
-        write_checkpoint(folder, tiny_config(name))
+        write_checkpoint(folder, tiny_config(name, vocab_size=real_config(name)["vocab_size"]))  # full-size tokenizer
     user = bench_user_paths(name, folder, args, notes, raw_thr=float("nan"))
     user.update(bench_guide(name, folder, notes))
     hf_b1 = float("nan") if args.no_hf else hf_generate_tps(hf_peer(folder), 1, 128, 16)
