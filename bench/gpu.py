@@ -2,7 +2,8 @@
 and LFM2-24B-A2B, the MoE models, with weights made on the GPU: bench_moe_model).
 
 Run on a CUDA machine from the repo root:  PYTHONPATH=src python bench/gpu.py [--models ...]
-CPU smoke run of the MoE benchmark:  PYTHONPATH=src python bench/gpu.py --device cpu --tiny --models LFM2-8B-A1B
+CPU smoke runs:  PYTHONPATH=src python bench/gpu.py --device cpu --tiny --models LFM2-8B-A1B  (the MoE benchmark)
+                 PYTHONPATH=src python bench/gpu.py --device cpu --tiny --models LFM2-1.2B    (user paths + guide)
 Prints one table (fastlfm and the transformers peer measured in the same run, each with its
 ratio to the hardware limit) and writes it to $OUT/gpu_table.md when $OUT is set.
 
@@ -24,7 +25,7 @@ import torch
 from fastlfm.engine import LLMEngine
 from fastlfm.models import Lfm2ForCausalLM
 from fastlfm.sampling import SamplingParams
-from fastlfm.testing import real_config, real_moe_config, write_checkpoint
+from fastlfm.testing import real_config, real_moe_config, tiny_config, write_checkpoint
 
 DEV = "cuda"
 
@@ -137,9 +138,14 @@ def check_correctness(engine, model, notes, judge=None, n_new: int = 32, max_len
     return ok
 
 
+def bench_dtype() -> str:
+    """bf16 on the GPU; float32 for the CPU smoke runs (bf16 matmuls are slow on CPUs without bf16 units)."""
+    return "bfloat16" if DEV == "cuda" else "float32"
+
+
 def hf_peer(folder):
     from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(DEV).eval()
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, bench_dtype())).to(DEV).eval()
 
 
 def hf_generate_tps(hf, batch, prompt_len, new):
@@ -403,6 +409,7 @@ def bench_model(name, bw, flops, args, rows, notes):
     free_device_memory()
     try:
         user = bench_user_paths(name, folder, args, notes, raw_thr=thr)
+        user.update(bench_guide(name, folder, notes))
     except Exception as e:  # the raw engine's rows still make the table
         import traceback
 
@@ -432,11 +439,16 @@ def bench_model(name, bw, flops, args, rows, notes):
     row("TTFT batch 1 (prompt 128)", ttft * 1e3, float("nan"), ttft_floor * 1e3, "ms")
     row("peak GPU memory (engine)", peak, float("nan"), torch.cuda.get_device_properties(0).total_memory / 2**30,
         f"GiB (KV pool {kv_gb:.1f})")
+    user_rows(name, user, rows, hf_b1, hf_thr, floor_tps, thr_limit)
+    return ok
+
+
+def user_rows(name, user, rows, hf_b1, hf_thr, floor_tps, thr_limit) -> None:
+    """The user paths' rows: peer "b1" is transformers' batch-1 generate, "thr" its batch-100 one."""
     goals = USER_GOALS.get(name, {})
     for metric, (value, peer) in user.items():
-        row(metric, value, {"b1": hf_b1, "thr": hf_thr}[peer], floor_tps if peer == "b1" else thr_limit,
-            "tok/s" if peer == "b1" else "out tok/s", goals.get(metric, ""))
-    return ok
+        rows.append((name, metric, value, {"b1": hf_b1, "thr": hf_thr}[peer], floor_tps if peer == "b1" else thr_limit,
+                     "tok/s" if peer == "b1" else "out tok/s", goals.get(metric, "")))
 
 
 # ----------------------------------------------------------------------------- user paths (issue 14)
@@ -445,6 +457,9 @@ USER_GOALS = {
                   "LLM.generate 100 x (1024 + 1024), tokenizer attached": ">= 40000, within 5% of the raw engine"},
     "LFM2-350M": {"LLM.chat, one conversation (512 new)": ">= 2000"},
 }
+GUIDE_GENERATE = "guide example: AutoModelForCausalLM + apply_chat_template + model.generate (512 new)"
+GUIDE_PIPELINE = "guide example: pipeline('text-generation') on a chat (512 new)"
+USER_GOALS["LFM2-1.2B"].update({GUIDE_GENERATE: ">= 900", GUIDE_PIPELINE: ">= 900"})
 
 
 def bench_user_paths(name, folder, args, notes, raw_thr: float) -> dict[str, tuple[float, str]]:
@@ -455,9 +470,9 @@ def bench_user_paths(name, folder, args, notes, raw_thr: float) -> dict[str, tup
 
     greedy = dict(temperature=0.0, ignore_eos=True)
     t = sync_time()
-    llm = LLM(str(folder), dtype="bfloat16", device=DEV,
+    llm = LLM(str(folder), dtype=bench_dtype(), device=DEV,
               engine_options=dict(max_num_seqs=args.max_num_seqs, max_model_len=4096, max_num_batched_tokens=16384,
-                                  gpu_memory_utilization=0.3, compile=args.compile))
+                                  gpu_memory_utilization=0.3, compile=args.compile and DEV == "cuda"))
     loaded = sync_time() - t
     messages = [{"role": "system", "content": "You are a helpful assistant."},
                 {"role": "user", "content": "Write a long story about a lighthouse keeper and a storm."}]
@@ -498,6 +513,69 @@ def bench_user_paths(name, folder, args, notes, raw_thr: float) -> dict[str, tup
     del llm, res, gen
     free_device_memory()
     return out
+
+
+def bench_guide(name, folder, notes) -> dict[str, tuple[float, str]]:
+    """Liquid AI's transformers guide as its users run it on fastlfm (its code with `from fastlfm import`): the
+    basic example (AutoModelForCausalLM with device_map="auto", torch_dtype="bfloat16" (bench_dtype), AutoTokenizer,
+    apply_chat_template(return_tensors="pt"), model.generate) and the pipeline call, each with the model's own
+    engine (default options) and the full-size tokenizer. Timed after a first call that builds the engine
+    (its time is in the notes). The random weights would soon draw an eos: ignore_eos=True, fastlfm's keyword,
+    keeps 512 new tokens (the guide's max_new_tokens); the pipeline samples, as transformers' does by default."""
+    from fastlfm import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    model_id = str(folder)
+    t = sync_time()
+    model = AutoModelForCausalLM.from_pretrained(model_id, device_map="auto", torch_dtype=bench_dtype())
+    tokenizer = AutoTokenizer.from_pretrained(model_id)
+    input_ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is C. elegans?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        tokenize=True,
+    ).to(model.device)
+    model.generate(input_ids, max_new_tokens=16)  # the first call builds the engine (compile, CUDA graphs)
+    first = sync_time() - t
+    t = sync_time()
+    output = model.generate(input_ids, max_new_tokens=512, ignore_eos=True)
+    dt = sync_time() - t
+    response = tokenizer.decode(output[0][len(input_ids[0]):], skip_special_tokens=True)
+    assert output.shape[1] == input_ids.shape[1] + 512 and isinstance(response, str)
+    out = {GUIDE_GENERATE: (512 / dt, "b1")}
+    del model, output
+    free_device_memory()
+
+    t = sync_time()
+    generator = pipeline("text-generation", model_id, torch_dtype="auto", device_map="auto")
+    messages = [{"role": "user", "content": "Give me a short introduction to large language models."}]
+    generator(messages, max_new_tokens=16)  # builds the engine
+    first_pipeline = sync_time() - t
+    t = sync_time()
+    messages = generator(messages, max_new_tokens=512, ignore_eos=True)[0]["generated_text"]
+    dt = sync_time() - t
+    assert [m["role"] for m in messages] == ["user", "assistant"]
+    out[GUIDE_PIPELINE] = (512 / dt, "b1")
+    notes.append(f"{name}: guide example: load + first generate (engine built) {first:.1f} s, pipeline(...) + first "
+                 f"call {first_pipeline:.1f} s")
+    log(notes[-1])
+    for metric, (value, _) in out.items():
+        log(f"{name}: {metric}: {value:,.0f} tok/s")
+    del generator
+    free_device_memory()
+    return out
+
+
+def bench_dense_smoke(name, args, rows, notes) -> bool:
+    """--device cpu --tiny with a dense model: the user paths and the guide's example at a tiny width, with a
+    transformers batch-1 peer of 16 tokens (the code paths, not the speed)."""
+    folder = Path(f"/tmp/ckpt-{name}-tiny")
+    if not (folder / "config.json").exists():
+        write_checkpoint(folder, tiny_config(name, vocab_size=real_config(name)["vocab_size"]))  # full-size tokenizer
+    user = bench_user_paths(name, folder, args, notes, raw_thr=float("nan"))
+    user.update(bench_guide(name, folder, notes))
+    hf_b1 = float("nan") if args.no_hf else hf_generate_tps(hf_peer(folder), 1, 128, 16)
+    user_rows(name, user, rows, hf_b1, float("nan"), float("nan"), float("nan"))
+    return True
 
 
 _START_SCRIPT = """
@@ -854,8 +932,8 @@ def main():
     ap.add_argument("--moe-full", action="store_true", help="LFM2-24B-A2B: also throughput and prefill")
     ap.add_argument("--moe-kv-gib", type=float, default=24, help="MoE engines: GiB of memory for the KV pool + activations")
     ap.add_argument("--no-moe-kernel-ab", action="store_true", help="skip timing one MoE layer (Triton vs grouped_mm)")
-    ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the MoE benchmark (with --tiny)")
-    ap.add_argument("--tiny", action="store_true", help="MoE models at a tiny width and workload (CPU smoke run)")
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke run (with --tiny): MoE benchmark, dense user paths")
+    ap.add_argument("--tiny", action="store_true", help="models at a tiny width and workload (CPU smoke run)")
     ap.add_argument("--table", default="gpu_table.md", help="file name of the table under $OUT")
     ap.add_argument("--start-time", action="store_true", help="LFM2-1.2B: engine start in fresh processes (cold/warm caches)")
     ap.add_argument("--start-only", action="store_true", help="only the engine start times of the models, then stop")
@@ -864,8 +942,8 @@ def main():
     if args.device != "cuda":  # smoke run: the code paths, not the speed
         global DEV
         DEV = args.device
-        if not args.tiny or not set(args.models) <= set(MOE_MODELS):
-            ap.error("--device cpu runs only the MoE benchmark at --tiny size")
+        if not args.tiny:
+            ap.error("--device cpu is a smoke run at --tiny size")
         dev, bw, flops = f"{DEV} (smoke run)", 1e10, 1e11
     else:
         dev = torch.cuda.get_device_name(0)
@@ -891,6 +969,8 @@ def main():
                 notes.append(f"{name}: FAILED: {type(e).__name__}: {str(e)[:300]}")
                 all_ok = False
             free_device_memory()
+        elif DEV != "cuda":
+            all_ok &= bench_dense_smoke(name, args, rows, notes)
         else:
             all_ok &= bench_model(name, bw, flops, args, rows, notes)
         # The table so far after each model: a run cut short at its time limit keeps what it measured.

@@ -15,6 +15,38 @@ def tiny_ckpt(tmp_path_factory):
     return write_checkpoint(tmp_path_factory.mktemp("lfm2-350m-tiny"), tiny_config("LFM2-350M"))
 
 
+@pytest.fixture(scope="session")
+def wandering_ckpt(tmp_path_factory):
+    """A tiny checkpoint with a larger init scale than training uses: greedy outputs of the random
+    model wander over the vocabulary instead of repeating one token, so parity checks have teeth."""
+    from fastlfm.testing import tiny_config, write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("wandering"), tiny_config("LFM2-350M", initializer_range=0.2))
+
+
+@pytest.fixture(scope="session")
+def vl_folder(tmp_path_factory):
+    """A tiny LFM2-VL checkpoint (random weights, the LFM2 tokenizer)."""
+    from fastlfm.testing import write_vl_checkpoint
+
+    return write_vl_checkpoint(tmp_path_factory.mktemp("vl-gen"))
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory):
+    """Two PNG files of random pixels: 300x200 (tiled into views) and 64x64."""
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("imgs")
+    gen = torch.Generator().manual_seed(0)
+    paths = []
+    for name, (w, h) in {"a.png": (300, 200), "b.png": (64, 64)}.items():
+        pixels = (torch.rand(h, w, 3, generator=gen) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / name)
+        paths.append(str(folder / name))
+    return paths
+
+
 @pytest.fixture(params=[False, True], ids=["sync", "async"])
 def async_scheduling(request):
     """Every engine test runs both ways: each step's ids read back before the next step is

@@ -12,14 +12,12 @@ import pytest
 import torch
 import transformers
 
-from fastlfm.testing import tiny_config, write_checkpoint
-
 SCRIPT = Path(sys.executable).with_name("fastlfm")
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return write_checkpoint(tmp_path_factory.mktemp("cli"), tiny_config("LFM2-350M", initializer_range=0.2))
+def ckpt(wandering_ckpt):
+    return wandering_ckpt
 
 
 @pytest.fixture(scope="module")

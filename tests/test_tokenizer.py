@@ -453,7 +453,8 @@ def test_no_chat_template(tmp_path, tok_dir):
         (["hi"], r"messages\[0\]"),
         ([{"role": "user", "content": "a"}, {"content": "no role"}], r"messages\[1\].*role"),
         ([{"role": 3, "content": "a"}], "role"),
-        ([[{"role": "user", "content": "a"}]], "batched"),
+        ([{"role": "user", "content": "a"}, [{"role": "user", "content": "b"}]], r"messages\[1\] is a list.*not a mix"),
+        ([[{"role": "user", "content": "a"}], "hi"], "list of message dicts"),  # a batch with a bad conversation
     ],
 )
 def test_bad_message_shapes(tok, messages, match):

@@ -7,27 +7,8 @@ import sys
 import pytest
 import torch
 import transformers
-from PIL import Image
 
 from fastlfm.llm import LLM
-from fastlfm.testing import write_vl_checkpoint
-
-
-@pytest.fixture(scope="module")
-def vl_folder(tmp_path_factory):
-    return write_vl_checkpoint(tmp_path_factory.mktemp("vl-gen"))
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("imgs")
-    gen = torch.Generator().manual_seed(0)
-    paths = []
-    for name, (w, h) in {"a.png": (300, 200), "b.png": (64, 64)}.items():
-        pixels = (torch.rand(h, w, 3, generator=gen) * 255).to(torch.uint8).numpy()
-        Image.fromarray(pixels).save(folder / name)
-        paths.append(str(folder / name))
-    return paths
 
 
 def messages_for(paths, text="Compare them"):

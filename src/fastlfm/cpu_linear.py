@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .sampling import GenerationConfig
+
 QUANTIZATION_SCHEMES = ("int8", "int4")
 QUANT_METHOD = "fastlfm"  # config.json "quantization_config.quant_method" of a saved quantized checkpoint
 _KERNEL_DTYPE = torch.bfloat16  # activations of the int8 / int4 kernels (their fp32 paths are ~10x slower)
@@ -553,5 +555,6 @@ def load_quantized_checkpoint(cls, folder: Path, raw_config: dict, config, dtype
     model = build_quantized_model(cls, config, tensors, qweights, head, dtype,
                                   raw_config["quantization_config"]["scheme"])
     gen_path = folder / "generation_config.json"
-    model.generation_config = json.loads(gen_path.read_text()) if gen_path.is_file() else None
+    model.generation_config = GenerationConfig.from_dict(json.loads(gen_path.read_text())) if gen_path.is_file() \
+        else None
     return model

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import queue
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -82,29 +82,44 @@ class GenerationMixin:
                  ) -> torch.Tensor | GenerateDecoderOnlyOutput:
         """Generate continuations of a batch of prompts; returns prompt + new ids (B, T + new).
 
-        Keywords as in transformers: `input_ids`, `attention_mask` (left padding), sampling
+        `inputs` may also be a tokenizer's or processor's BatchEncoding (input_ids, attention_mask,
+        image tensors), as `generate(**inputs)` passes them. Keywords as in transformers:
+        `input_ids`, `attention_mask` (left padding), sampling
         settings (max_new_tokens, max_length, do_sample, temperature, top_k, top_p, min_p,
         repetition_penalty, eos_token_id, stop_strings with tokenizer=, seed, ...; defaults
-        from the checkpoint's generation_config.json), `generation_config`, `streamer` (one
+        from the checkpoint's generation_config.json), `generation_config` (fastlfm's or
+        transformers' GenerationConfig, or a dict: its values replace the model's, keywords win), `streamer` (one
         prompt), `pad_token_id`, `return_dict_in_generate`, and for LFM2-VL the processor's
         pixel_values / pixel_attention_mask / spatial_shapes. Features transformers has and
         fastlfm does not (beam search, output_scores, ...) raise a ValueError naming them.
         """
+        if isinstance(inputs, Mapping):  # a tokenizer's or processor's BatchEncoding, passed whole
+            clash = sorted(set(inputs) & set(kwargs))
+            if clash:
+                raise ValueError(f"generate() got {', '.join(clash)} both in its first argument and as keywords")
+            kwargs.update(inputs)
+            inputs = None
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
         if input_ids is None:
             raise ValueError("generate() needs input_ids (the prompt token ids)")
         attention_mask = kwargs.pop("attention_mask", None)
         images = {k: kwargs.pop(k) for k in IMAGE_KEYS if k in kwargs}
         tokenizer = kwargs.pop("tokenizer", None)
-        return_dict = bool(kwargs.pop("return_dict_in_generate", False))
+        return_dict = kwargs.pop("return_dict_in_generate", None)
         for key in ("output_attentions", "output_hidden_states"):
             if kwargs.pop(key, False):
                 raise ValueError(f"{key} is not supported by fastlfm's generate()")
         gen_defaults = self.generation_config or {}
         if generation_config is not None:
-            kwargs["generation_config"] = generation_config
-            gen_defaults = generation_config.to_dict() if hasattr(generation_config, "to_dict") \
-                else dict(generation_config)
+            # transformers: what the given config sets replaces the model's; what it leaves unset falls back to it
+            given = generation_config.to_diff_dict() if hasattr(generation_config, "to_diff_dict") else \
+                generation_config.to_dict() if hasattr(generation_config, "to_dict") else dict(generation_config)
+            gen_defaults = {**gen_defaults, **given}
+            kwargs["generation_config"] = gen_defaults
+            if given.get("max_length") is not None and given.get("max_new_tokens") is None:
+                kwargs.setdefault("max_length", given["max_length"])
+        if return_dict is None:  # the keyword wins over the generation config
+            return_dict = bool(gen_defaults.get("return_dict_in_generate", False))
         pad_id = kwargs.pop("pad_token_id", None)
         if pad_id is None:
             pad_id = gen_defaults.get("pad_token_id", self.config.pad_token_id)

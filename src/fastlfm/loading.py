@@ -11,6 +11,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .sampling import GenerationConfig
+
 CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
            "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "half": torch.float16,
@@ -243,7 +245,8 @@ class PretrainedMixin:
                 module.reset_buffers(device)
         model.tie_weights()
         gen_path = folder / "generation_config.json"
-        model.generation_config = json.loads(gen_path.read_text()) if gen_path.is_file() else None
+        model.generation_config = GenerationConfig.from_dict(json.loads(gen_path.read_text())) if gen_path.is_file() \
+            else None
         model.name_or_path = str(name_or_path)
         return model.eval()
 

@@ -42,7 +42,7 @@ import torch
 from .ops import host_to_device
 
 __all__ = ["SamplingParams", "SamplingTensors", "SamplerOutput", "sample", "apply_penalties", "filter_logits",
-           "resolve_params", "eos_token_ids", "MIN_TEMPERATURE"]
+           "resolve_params", "eos_token_ids", "GenerationConfig", "MIN_TEMPERATURE"]
 
 #: Temperatures below this are greedy (argmax), whatever `do_sample` says. Below it a draw is the
 #: argmax unless two logits are within ~1e-5 of each other, and dividing float32 logits by a smaller
@@ -199,7 +199,97 @@ _HF_ALIASES = {"eos_token_id": "stop_token_ids", "stop": "stop_strings", "max_to
 # padded with the model's pad id).
 _HF_NO_OPS = {"use_cache", "pad_token_id", "bos_token_id"}
 # transformers keywords for features fastlfm does not have: refused unless they ask for nothing.
-_HF_UNSUPPORTED = {"num_beams": 1, "num_return_sequences": 1, "output_scores": False, "output_logits": False}
+_HF_UNSUPPORTED = {"num_beams": 1, "num_return_sequences": 1, "output_scores": False, "output_logits": False,
+                   "num_beam_groups": 1, "min_new_tokens": 0, "min_length": 0, "no_repeat_ngram_size": 0,
+                   "typical_p": 1.0, "penalty_alpha": None, "length_penalty": 1.0, "early_stopping": False,
+                   "diversity_penalty": 0.0, "bad_words_ids": None, "suppress_tokens": None,
+                   "begin_suppress_tokens": None, "sequence_bias": None, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
+                   "max_time": None, "assistant_model": None, "prompt_lookup_num_tokens": None,
+                   "output_attentions": False, "output_hidden_states": False}
+# generation_config.json bookkeeping that is not a setting.
+_HF_META = {"transformers_version", "_from_model_config", "_commit_hash"}
+
+
+def _refuse_unsupported(values: dict[str, Any], where: str = "") -> None:
+    for k, neutral in _HF_UNSUPPORTED.items():
+        if values.get(k) not in (None, neutral):
+            raise ValueError(f"{where}{k}={values[k]!r} is not supported by fastlfm (only {k}={neutral!r})")
+
+
+class GenerationConfig(dict):
+    """transformers' `GenerationConfig`, for the settings fastlfm's generate() implements.
+
+        GenerationConfig(do_sample=True, temperature=0.3, min_p=0.15, repetition_penalty=1.05, max_new_tokens=512)
+
+    A dict of the values that were set, with attribute access (unset attributes read transformers'
+    defaults). As `generate(generation_config=...)` its values replace the model's (what it leaves
+    unset falls back to the model's generation_config.json, as in transformers) and keywords
+    override both. Names fastlfm does not know, and features it does not implement (num_beams=4,
+    ...), raise ValueError when set here; a checkpoint's file keeps unknown names unread.
+    """
+
+    # transformers' defaults, read for unset attributes.
+    _DEFAULTS: dict[str, Any] = {"max_length": 20, "max_new_tokens": None, "do_sample": False, "temperature": 1.0,
+                                 "top_k": 50, "top_p": 1.0, "min_p": None, "repetition_penalty": 1.0,
+                                 "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
+                                 "stop_strings": None, "use_cache": True, "return_dict_in_generate": False,
+                                 **_HF_UNSUPPORTED}
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__()
+        self.update(kwargs)
+
+    @classmethod
+    def known_names(cls) -> set[str]:
+        return ({f.name for f in fields(SamplingParams)} | set(_HF_ALIASES) | _HF_NO_OPS | set(cls._DEFAULTS)
+                | _HF_META)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        values = dict(*args, **kwargs)
+        unknown = sorted(set(values) - self.known_names())
+        if unknown:
+            raise ValueError(f"GenerationConfig: unknown or unsupported parameter(s) {', '.join(unknown)}")
+        _refuse_unsupported(values, "GenerationConfig: ")
+        super().update(values)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> GenerationConfig:
+        """A checkpoint's generation_config.json: names fastlfm does not know are kept but not read
+        (loading a checkpoint does not fail on them); unsupported features are refused by generate()."""
+        config = cls()
+        dict.update(config, {k: v for k, v in values.items() if k not in _HF_META})
+        return config
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: Any, config_file_name: str = "generation_config.json") -> GenerationConfig:
+        import json
+
+        from .loading import resolve_model_dir
+
+        path = resolve_model_dir(name_or_path) / config_file_name
+        if not path.is_file():
+            raise ValueError(f"{path} does not exist")
+        return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self)
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        """The values that were set (transformers: those that differ from the defaults)."""
+        return dict(self)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self:
+            return self[name]
+        if name in self._DEFAULTS:
+            return self._DEFAULTS[name]
+        raise AttributeError(f"GenerationConfig has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self.update({name: value})
+
+    def __repr__(self) -> str:
+        return f"GenerationConfig({', '.join(f'{k}={v!r}' for k, v in self.items())})"
 
 
 def resolve_params(
@@ -224,6 +314,7 @@ def resolve_params(
     if "generation_config" in kwargs:
         gc = kwargs.pop("generation_config")
         defaults = gc.to_dict() if hasattr(gc, "to_dict") else dict(gc or {})
+        _refuse_unsupported(defaults, "generation_config: ")
         if defaults.get("eos_token_id") is not None:
             kwargs.setdefault("eos_token_id", defaults["eos_token_id"])
     overrides = {_HF_ALIASES.get(k, k): v for k, v in kwargs.items()}

@@ -26,7 +26,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Tokenizer", "TextStream", "ChatTemplateError", "render_chat_template"]
+__all__ = ["Tokenizer", "TextStream", "ChatTemplateError", "BatchEncoding", "render_chat_template"]
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -51,6 +51,28 @@ LFM2_SPLIT_PATTERN = (
     r"|\s+(?!\S)"
     r"|\s+"
 )
+
+
+class BatchEncoding(dict):
+    """What transformers' tokenizers and processors return: `input_ids`, `attention_mask` (and a
+    processor's image tensors) as a dict with attribute access and `.to(device)`, so it can be
+    passed on as `generate(**inputs)` or `generate(inputs)`."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def to(self, device: Any) -> "BatchEncoding":
+        """The tensors moved to `device` (other values as they are), as transformers does."""
+        return BatchEncoding({k: v.to(device) if hasattr(v, "to") and hasattr(v, "device") else v
+                              for k, v in self.items()})
+
+
+def is_conversation_batch(conversation: Any) -> bool:
+    """A list of conversations (each a list of messages), as transformers tells them apart."""
+    return isinstance(conversation, (list, tuple)) and bool(conversation) and isinstance(conversation[0], (list, tuple))
 
 
 class ChatTemplateError(ValueError):
@@ -142,7 +164,8 @@ def _normalise_messages(messages: Any) -> list[dict]:
     for i, message in enumerate(messages):
         if isinstance(message, (list, tuple)):
             raise ValueError(
-                f"messages[{i}] is a list: batched conversations are not supported, pass one conversation at a time"
+                f"messages[{i}] is a list: pass one conversation (a list of message dicts) or a batch of them "
+                "(a list of conversations), not a mix"
             )
         if not isinstance(message, Mapping):
             if dataclasses.is_dataclass(message) or callable(getattr(message, "model_dump", None)):
@@ -398,6 +421,9 @@ class Tokenizer:
             )
 
         self.split_special_tokens = False
+        # Batches are padded on the left: what decoder-only generation needs (transformers' default,
+        # "right", makes generate() continue after the padding).
+        self.padding_side = "left"
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -655,6 +681,51 @@ class Tokenizer:
             ids = list(ids)
         return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def batch_decode(self, sequences: Iterable[Any], skip_special_tokens: bool = False) -> list[str]:
+        """``decode`` of each row (a (B, T) tensor or a list of id lists)."""
+        return [self.decode(row, skip_special_tokens=skip_special_tokens) for row in sequences]
+
+    def __call__(self, text: str | Sequence[str], add_special_tokens: bool = True, padding: bool | str = False,
+                 return_tensors: str | None = None) -> BatchEncoding:
+        """transformers' ``tokenizer(text)``: ``input_ids`` and ``attention_mask`` of one text or a batch
+        (``padding=True`` pads on ``padding_side``; ``return_tensors="pt"`` gives tensors)."""
+        batched = not isinstance(text, str)
+        rows = self.encode_batch(list(text), add_special_tokens) if batched else [self.encode(text, add_special_tokens)]
+        return self.pad_rows(rows, batched, padding, return_tensors)
+
+    def pad_rows(self, rows: list[list[int]], batched: bool = True, padding: bool | str = False,
+                 return_tensors: str | None = None) -> BatchEncoding:
+        """Token id rows as transformers returns them: padded on ``padding_side`` with the pad id when
+        ``padding`` (True / "longest"), as (B, T) tensors with ``return_tensors="pt"`` (rows of
+        different lengths need padding), one unbatched row as a flat list."""
+        if return_tensors not in (None, "pt"):
+            raise ValueError(f"return_tensors={return_tensors!r} is not supported (fastlfm returns torch tensors: 'pt')")
+        if padding not in (False, None, True, "longest", "do_not_pad"):
+            raise ValueError(f"padding={padding!r} is not supported (True / 'longest' or False)")
+        width = max(map(len, rows))
+        masks = [[1] * len(r) for r in rows]
+        if padding in (True, "longest") and any(len(r) < width for r in rows):
+            if self.pad_token_id is None:
+                raise ValueError(f"{self.name_or_path or 'this tokenizer'} has no pad token, so it cannot pad a batch")
+            if self.padding_side not in ("left", "right"):
+                raise ValueError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
+            left = self.padding_side == "left"
+            fill = [[self.pad_token_id] * (width - len(r)) for r in rows]
+            zeros = [[0] * (width - len(r)) for r in rows]
+            rows = [f + r if left else r + f for f, r in zip(fill, rows)]
+            masks = [z + m if left else m + z for z, m in zip(zeros, masks)]
+        if return_tensors == "pt":
+            import torch
+
+            if any(len(r) != width for r in rows):
+                raise ValueError(f"rows of different lengths {sorted(set(map(len, rows)))} cannot be one tensor: "
+                                 "pass padding=True")
+            return BatchEncoding(input_ids=torch.tensor(rows, dtype=torch.long),
+                                 attention_mask=torch.tensor(masks, dtype=torch.long))
+        if not batched:
+            return BatchEncoding(input_ids=rows[0], attention_mask=masks[0])
+        return BatchEncoding(input_ids=rows, attention_mask=masks)
+
     # ---------------------------------------------------------------- chat template
     def get_chat_template(self, chat_template: str | None = None, tools: Any = None) -> str:
         """The template source to use: ``chat_template`` (a template or the name of one of the
@@ -694,9 +765,16 @@ class Tokenizer:
         *,
         documents: Sequence[Mapping[str, Any]] | None = None,
         continue_final_message: bool | str = False,
+        return_tensors: str | None = None,
+        return_dict: bool = False,
+        padding: bool | str = False,
         **extra_template_vars: Any,
-    ) -> list[int] | str:
+    ) -> Any:
         """Render ``messages`` with the chat template; return ids (``tokenize=True``) or text.
+
+        As transformers 4.57: a list of conversations renders each (a batch); ``return_tensors="pt"``
+        gives a (B, T) tensor (``padding=True`` pads a batch on ``padding_side``, left by default),
+        ``return_dict=True`` a `BatchEncoding` of ``input_ids`` and ``attention_mask``.
 
         The named special tokens (``bos_token`` ...) are template variables, overridden by
         ``extra_template_vars``.  Tokenising the rendered text adds no special tokens (the
@@ -704,18 +782,26 @@ class Tokenizer:
         """
         template = self.get_chat_template(chat_template, tools)
         template_vars = {**self.special_tokens_map, **extra_template_vars}
-        text = render_chat_template(
-            template,
-            messages,
-            tools=tools,
-            documents=documents,
-            add_generation_prompt=add_generation_prompt,
-            continue_final_message=continue_final_message,
-            **template_vars,
-        )
+        batched = is_conversation_batch(messages)
+        texts = [
+            render_chat_template(
+                template,
+                conversation,
+                tools=tools,
+                documents=documents,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                **template_vars,
+            )
+            for conversation in (messages if batched else [messages])
+        ]
         if not tokenize:
-            return text
-        return self.encode(text, add_special_tokens=False)
+            return texts if batched else texts[0]
+        rows = [self.encode(text, add_special_tokens=False) for text in texts]
+        if return_tensors is None and not return_dict and not padding:
+            return rows if batched else rows[0]
+        encoded = self.pad_rows(rows, batched, padding, return_tensors)
+        return encoded if return_dict else encoded["input_ids"]
 
     def __repr__(self) -> str:
         return (
