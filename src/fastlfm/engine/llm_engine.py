@@ -17,6 +17,7 @@ import torch
 
 from ..cpu_linear import prepare_for_cpu, prepared_for_cpu
 from ..sampling import SamplingParams, eos_token_ids
+from ..structured import GrammarCache, advance as grammar_advance, fill_bitmask, unpack_bitmask
 from ..tokenizer import TextStream
 from . import multimodal
 from .block_manager import BlockManager
@@ -182,6 +183,8 @@ class LLMEngine:
         self.async_scheduling = on_cuda if async_scheduling is None else bool(async_scheduling)
         self.in_flight: StepInFlight | None = None
         self.num_history_requests = 0  # live requests whose sampling needs their token history
+        self.num_grammar_requests = 0  # live requests under a grammar (structured output)
+        self._grammars = None  # fastlfm.structured.GrammarCache, made by the first constrained request
         self.requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self.prompt_tokens_total = 0
@@ -273,6 +276,7 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         text_stream = self._text_stream(params, detokenize)
+        grammar = self.grammars.matcher(params) if params.constrained else None
         if continue_from is None:
             seq = Sequence(request_id, prompt, params)
             seq.keep_cache = keep_cache
@@ -290,14 +294,24 @@ class LLMEngine:
         seq.max_num_tokens = min(seq.num_prompt_tokens + _max_new(params), self.max_model_len)
         seq.plain_greedy = _is_plain_greedy(params)
         seq.text_stream = text_stream
+        seq.grammar = grammar
         self.requests[request_id] = seq
         self.num_history_requests += _needs_history(params)
+        self.num_grammar_requests += grammar is not None
         if continue_from is None:
             self.scheduler.add(seq)
         else:
             self.scheduler.resume(seq)
         self.prompt_tokens_total += len(prompt)
         return seq
+
+    @property
+    def grammars(self):
+        """The compiled grammars of structured output (`fastlfm.structured.GrammarCache`); the
+        server compiles a request's grammar here before adding it, off its event loop."""
+        if self._grammars is None:
+            self._grammars = GrammarCache(self.tokenizer, self.config.vocab_size, self.eos_token_ids)
+        return self._grammars
 
     def _text_stream(self, params: SamplingParams, detokenize: bool) -> TextStream | None:
         if detokenize and self.tokenizer is not None:
@@ -359,6 +373,9 @@ class LLMEngine:
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.requests.pop(seq.request_id, None)
         self.num_history_requests -= _needs_history(seq.params)
+        if seq.grammar is not None:
+            self.num_grammar_requests -= 1
+            seq.grammar = None
         seq.in_flight_row = None
         multimodal.release(seq)
         while seq.token_ids and seq.token_ids[-1] == IN_FLIGHT:  # a token it will never get
@@ -391,7 +408,15 @@ class LLMEngine:
         if self.in_flight is not None and (not self.async_scheduling or self.num_history_requests):
             outputs += self._process(self._take_in_flight())
         batch = self.scheduler.schedule()
-        launched = self._launch(batch) if not batch.is_empty else None
+        launched = None
+        if not batch.is_empty:
+            rows, logits, greedy_ids = self._forward(batch)
+            seqs = [batch.seqs[i] for i in rows]
+            if self.in_flight is not None and self.num_grammar_requests and any(s.grammar is not None for s in seqs):
+                # A grammar's mask depends on the token in flight: read that step's tokens now, while
+                # the device runs this forward, so the matchers have taken them before we sample.
+                outputs += self._process(self._take_in_flight())
+            launched = self._launch(seqs, logits, greedy_ids) if seqs else None
         if self.in_flight is not None:
             outputs += self._process(self._take_in_flight())
         self.in_flight = launched
@@ -418,19 +443,24 @@ class LLMEngine:
         step, self.in_flight = self.in_flight, None
         return step
 
-    def _launch(self, batch) -> StepInFlight | None:
+    def _forward(self, batch) -> tuple[list[int], torch.Tensor | None, torch.Tensor | None]:
+        """Launch the batch's forward: the rows that sample, their logits and (graph step) greedy ids."""
         prev = self.in_flight.token_ids if self.in_flight is not None else None
         rows, logits, greedy_ids = self.runner.execute(batch, prev)
         for seq, n in zip(batch.seqs, batch.num_tokens):
             seq.num_computed_tokens += n
             if seq.image_embeds is not None:  # prompt done: its image features move to host memory
                 multimodal.after_step(seq)
-        if not rows:
-            return None
-        seqs = [batch.seqs[i] for i in rows]
+        return rows, logits, greedy_ids
+
+    def _launch(self, seqs: list[Sequence], logits: torch.Tensor, greedy_ids: torch.Tensor | None) -> StepInFlight:
+        """Sample one token per row and start copying them to the host."""
         token_ids, extra = self._sample(logits, seqs, greedy_ids)
         entries = []
         for j, seq in enumerate(seqs):
+            if seq.is_finished:  # ended by the tokens read since the forward (a grammar batch): discarded
+                entries.append((seq, -1, -1))
+                continue
             entries.append((seq, len(seq.token_ids), seq.turn))
             seq.token_ids.append(IN_FLIGHT)
             seq.in_flight_row = j
@@ -462,6 +492,8 @@ class LLMEngine:
             [s.token_ids[: s.num_prompt_tokens] for s in seqs] if needs_history else None,
             [s.output_token_ids for s in seqs] if needs_history else None,
             logits.shape[-1], logits.device, steps=[s.num_output_tokens for s in seqs])
+        if self.num_grammar_requests:
+            tensors.allowed = self._grammar_mask(seqs, logits)
         out = sample(logits.float(), tensors)
         if out.logprobs is None:
             return out.token_ids, []
@@ -469,6 +501,16 @@ class LLMEngine:
         if out.top_token_ids is not None:
             extra += [out.top_token_ids, out.top_logprobs]
         return out.token_ids, extra
+
+    def _grammar_mask(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor | None:
+        """(rows, V) bool on the device: what each row's grammar allows next (all for rows without
+        one), from bits filled on the CPU while the forward runs; None if no row has a grammar."""
+        rows = [(s.grammar, j) for j, s in enumerate(seqs) if s.grammar is not None]
+        if not rows:
+            return None
+        on_cuda = logits.device.type == "cuda"
+        bits = fill_bitmask(self.grammars, rows, len(seqs), pin=on_cuda)
+        return unpack_bitmask(bits.to(logits.device, non_blocking=on_cuda), logits.shape[-1])
 
     def _process(self, step: StepInFlight) -> list[RequestOutput]:
         """Read a step's sampled ids back, append them, check stops, build the outputs."""
@@ -504,7 +546,10 @@ class LLMEngine:
         """The finish reason (or None) after `tok`, and the text it releases."""
         p = seq.params
         reason = None
-        if not p.ignore_eos and (tok in self.eos_token_ids or tok in p.stop_token_ids):
+        is_eos = tok in self.eos_token_ids or tok in p.stop_token_ids
+        if seq.grammar is not None and grammar_advance(seq.grammar, tok):  # the grammar is complete
+            reason = "eos" if is_eos else "stop"
+        elif not p.ignore_eos and is_eos:
             reason = "eos"
         elif index + 1 >= seq.max_num_tokens:
             reason = "length"
@@ -657,4 +702,4 @@ def _needs_history(p) -> bool:
 
 
 def _is_plain_greedy(p) -> bool:
-    return not p.sampling and p.logprobs is None and not p.logit_bias and not _needs_history(p)
+    return not p.sampling and p.logprobs is None and not p.logit_bias and not _needs_history(p) and not p.constrained
