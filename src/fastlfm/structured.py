@@ -50,11 +50,11 @@ def _llguidance():
 
 
 def constraint_of(params: Any) -> tuple[str, str] | None:
-    """(kind, text) of a SamplingParams' constraint, None without one. The text is canonical
-    (sorted keys) so equal schemas share one compiled grammar."""
+    """(kind, text) of a SamplingParams' constraint, None without one: the cache key, so equal
+    constraints share one compiled grammar (a schema's key order is kept: it orders the output)."""
     if params.json_schema is not None:
         schema = params.json_schema
-        text = schema if isinstance(schema, str) else json.dumps(schema, sort_keys=True)
+        text = schema if isinstance(schema, str) else json.dumps(schema)
         return "json_schema", text
     if params.regex is not None:
         return "regex", params.regex
@@ -119,7 +119,10 @@ class GrammarCache:
                 self._templates.move_to_end(key)
                 return template
         llg = self._setup()
-        template = llg.LLMatcher(self._ll_tokenizer, _grammar(llg, kind, text), log_level=0)
+        try:
+            template = llg.LLMatcher(self._ll_tokenizer, _grammar(llg, kind, text), log_level=0)
+        except (TypeError, RuntimeError) as e:  # documented not to raise; a safety net for a 400
+            raise ValueError(f"invalid {kind}: {e}") from None
         if template.is_error():
             raise ValueError(f"invalid {kind}: {template.get_error()}")
         with self._lock:
@@ -140,7 +143,9 @@ class GrammarCache:
 def advance(matcher: Any, token_id: int) -> bool:
     """Feed a sampled token to a request's matcher; True when the grammar is complete (nothing may
     follow). Raises ValueError if the grammar rejects it (that request is aborted)."""
-    if not matcher.consume_token(token_id):
+    # An errored matcher (a rejected token, a parser limit hit) stays errored and may still
+    # "accept" the eos its empty mask lets through: check the state, not only the return value.
+    if not matcher.consume_token(token_id) or matcher.is_error():
         raise ValueError(f"the grammar rejected token {token_id}: {matcher.get_error()}")
     return matcher.is_stopped()
 
