@@ -509,7 +509,7 @@ class LLMEngine:
         if not rows:
             return None
         on_cuda = logits.device.type == "cuda"
-        bits = fill_bitmask(self.grammars, rows, len(seqs), pin=on_cuda)
+        bits = fill_bitmask(rows, len(seqs), self.config.vocab_size, pin=on_cuda)
         return unpack_bitmask(bits.to(logits.device, non_blocking=on_cuda), logits.shape[-1])
 
     def _process(self, step: StepInFlight) -> list[RequestOutput]:
