@@ -259,16 +259,23 @@ def batch1_decode(engine, prompt, new=512) -> tuple[float, float]:
     return t_first - t0, (new - 1) / (t_end - t_first)
 
 
-def bench_model(name, bw, flops, args, rows, notes):
+def bench_checkpoint(name) -> Path:
+    """/tmp/ckpt-NAME: random bf16 weights of the model's real shape, with the full-size byte-level test
+    tokenizer (65,536 ids); written once."""
     folder = Path(f"/tmp/ckpt-{name}")
     if not (folder / "config.json").exists():
         t = time.perf_counter()
         write_checkpoint(folder, real_config(name), dtype=torch.bfloat16, tokenizer=False)
         log(f"{name}: wrote checkpoint in {time.perf_counter() - t:.1f}s")
-    if not (folder / "tokenizer.json").exists():  # the full-size byte-level test tokenizer (65,536 ids)
+    if not (folder / "tokenizer.json").exists():
         from fastlfm.testing.tokenizer_files import write_tokenizer_files
 
         write_tokenizer_files(folder, vocab_size=real_config(name)["vocab_size"])
+    return folder
+
+
+def bench_model(name, bw, flops, args, rows, notes):
+    folder = bench_checkpoint(name)
     model = Lfm2ForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device=DEV)
     params = {id(p): p for p in model.parameters()}
     weight_bytes = sum(p.numel() * p.element_size() for p in params.values())

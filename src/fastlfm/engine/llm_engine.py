@@ -483,8 +483,11 @@ class LLMEngine:
         logprobs] when a row asks for logprobs. `greedy_ids`: the argmax, if the step computed it."""
         from ..sampling import SamplingTensors, sample
 
+        allowed = self._grammar_mask(seqs, logits) if self.num_grammar_requests else None
         if all(s.plain_greedy for s in seqs):
-            return (greedy_ids if greedy_ids is not None else logits.argmax(-1)), []
+            if allowed is None:
+                return (greedy_ids if greedy_ids is not None else logits.argmax(-1)), []
+            return logits.masked_fill(~allowed, float("-inf")).argmax(-1), []  # greedy under grammars
         params = [s.params for s in seqs]
         needs_history = any(_needs_history(p) for p in params)
         tensors = SamplingTensors.from_requests(
@@ -492,8 +495,7 @@ class LLMEngine:
             [s.token_ids[: s.num_prompt_tokens] for s in seqs] if needs_history else None,
             [s.output_token_ids for s in seqs] if needs_history else None,
             logits.shape[-1], logits.device, steps=[s.num_output_tokens for s in seqs])
-        if self.num_grammar_requests:
-            tensors.allowed = self._grammar_mask(seqs, logits)
+        tensors.allowed = allowed
         out = sample(logits.float(), tensors)
         if out.logprobs is None:
             return out.token_ids, []
@@ -702,4 +704,5 @@ def _needs_history(p) -> bool:
 
 
 def _is_plain_greedy(p) -> bool:
-    return not p.sampling and p.logprobs is None and not p.logit_bias and not _needs_history(p) and not p.constrained
+    """The token is the argmax (of the logits a grammar allows, if the request has one)."""
+    return not p.sampling and p.logprobs is None and not p.logit_bias and not _needs_history(p)
