@@ -145,6 +145,40 @@ def test_mixed_batch_keeps_unconstrained_tokens(llm):
             jsonschema.validate(json.loads(m.text), schema)
 
 
+def test_graph_steps_and_preemption(tiny_ckpt, async_scheduling):
+    """Decode graphs (replayed eagerly on the CPU) with the ids of a masked step fed back on the device,
+    and preemption (recompute from prompt + outputs) while grammars hold their parse state."""
+    from fastlfm.engine import LLMEngine
+    from fastlfm.tokenizer import Tokenizer
+
+    def run(constrained: bool):
+        engine = LLMEngine.from_pretrained(tiny_ckpt, device="cpu", dtype="float32", async_scheduling=async_scheduling,
+                                           max_num_seqs=4, max_model_len=96, num_kv_blocks=30, block_size=4,
+                                           max_num_batched_tokens=16)
+        engine.runner.capture_graphs(4)
+        run_graph = engine.runner._run_graph
+        engine.runner._run_graph = lambda seqs, *a: (graph_rows.extend(s.grammar is not None for s in seqs),
+                                                     run_graph(seqs, *a))[1]
+        plain = SamplingParams(max_new_tokens=40, do_sample=False, ignore_eos=True)
+        schema = SCHEMAS["array_of_objects"]
+        params = [SamplingParams(max_new_tokens=80, do_sample=False, json_schema=schema) if constrained and i % 2
+                  else plain for i in range(len(PROMPTS))]
+        outs = engine.generate(PROMPTS, params)
+        engine.check_no_leaks()
+        return engine, outs
+
+    graph_rows = []
+    engine, outs = run(constrained=True)
+    assert engine.scheduler.num_preemptions > 0 and any(graph_rows)  # constrained rows ran in graph steps
+    _, reference = run(constrained=False)
+    for i, (o, ref) in enumerate(zip(outs, reference)):
+        if i % 2:
+            assert o.finish_reason in ("stop", "eos"), o.text
+            jsonschema.validate(json.loads(o.text), SCHEMAS["array_of_objects"])
+        else:
+            assert o.token_ids == ref.token_ids
+
+
 def test_grammar_ends_the_request_despite_ignore_eos(llm_sync):
     r = llm_sync.generate("Hi", max_new_tokens=300, ignore_eos=True, choice=["alpha", "beta"])[0]
     assert r.text in ("alpha", "beta") and r.finish_reason in ("stop", "eos")
