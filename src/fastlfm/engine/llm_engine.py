@@ -129,7 +129,10 @@ class LLMEngine:
     and output handling overlap the forward. A sequence that stops on eos or a stop string
     costs one discarded row in the following step. Requests with repetition/presence/
     frequency penalties need their full history on the host, so while one is live the
-    engine runs synchronously.
+    engine runs synchronously. Requests under a grammar (structured output) need their last
+    token before their next one is sampled, not before the forward: when a step holds one, its
+    forward is launched first, the step in flight is read and processed while the device runs it
+    (the grammars advance), their token masks are filled, and then the step samples.
 
     Failures: an exception inside `step()` (a bug, CUDA OOM, KeyboardInterrupt) aborts the
     requests that step had taken on, frees their cache and re-raises; `failed_outputs` lists
