@@ -230,6 +230,36 @@ def test_grammars_compile_once_per_schema(llm_sync):
     assert cache.compile(SamplingParams(regex="a+")) is not a
 
 
+def test_mask_never_allows_special_or_padding_ids(llm_sync):
+    """Inside a JSON string: the allowed ids are exactly the tokens whose bytes may stand there
+    (checked by hand from the byte table); no special token, no id past the tokenizer (a model
+    vocabulary padded beyond it)."""
+    from fastlfm.structured import GrammarCache, fill_bitmask, unpack_bitmask
+
+    tok = llm_sync.tokenizer
+    vocab = tok.vocab_size + 64
+    cache = GrammarCache(tok, vocab, {7})
+    matcher = cache.matcher(SamplingParams(json_schema={"type": "string"}))
+    assert matcher.consume_token(tok.encode('"', add_special_tokens=False)[0])
+    allowed = unpack_bitmask(fill_bitmask([(matcher, 0)], 1, vocab, pin=False), vocab)[0]
+    assert not allowed[tok.vocab_size:].any()
+    assert not allowed[sorted(tok.special_token_ids)].any()
+
+    def plain_string_bytes(b: bytes) -> bool:  # no quote, backslash or control byte (DEL too): a literal run
+        return bool(b) and all(c >= 0x20 and c not in (0x22, 0x5C, 0x7F) for c in b)
+
+    table, checked = tok.token_bytes, 0
+    for i in range(tok.vocab_size):
+        if i not in tok.special_token_ids and plain_string_bytes(table[i]):
+            try:  # a token of whole UTF-8 characters (a partial one may not continue every string)
+                table[i].decode()
+            except UnicodeDecodeError:
+                continue
+            assert allowed[i], (i, table[i])
+            checked += 1
+    assert checked > 200
+
+
 def test_missing_library_names_the_extra(tiny_ckpt, monkeypatch):
     from fastlfm.engine import LLMEngine
 
