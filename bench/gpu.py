@@ -203,7 +203,8 @@ def kernel_profile(fn, name, tag, reps=10) -> str:
 
 def host_breakdown(engine, run) -> str:
     """Wall time of `run()` split into the engine's parts: scheduling, launching (metadata,
-    graph launch, sampling), output processing, and waiting for a step's ids (GPU-bound time)."""
+    graph launch, sampling; with grammars, their masks), output processing, and waiting for a
+    step's ids (GPU-bound time)."""
     from fastlfm.engine import llm_engine
 
     spent = dict(schedule=0.0, launch=0.0, process=0.0, wait=0.0)
@@ -219,10 +220,11 @@ def host_breakdown(engine, run) -> str:
         return wrapper
 
     fetch = llm_engine.StepInFlight.fetch
-    saved = engine.scheduler.schedule, engine._launch, engine._process
+    saved = engine.scheduler.schedule, engine._forward, engine._launch, engine._process
     engine.scheduler.schedule = timed("schedule", saved[0])
-    engine._launch = timed("launch", saved[1])
-    engine._process = timed("process", saved[2])
+    engine._forward = timed("launch", saved[1])
+    engine._launch = timed("launch", saved[2])
+    engine._process = timed("process", saved[3])
     llm_engine.StepInFlight.fetch = timed("wait", fetch)
     step = engine.step
 
@@ -235,7 +237,7 @@ def host_breakdown(engine, run) -> str:
         run()
     finally:
         total = time.perf_counter() - t
-        engine.scheduler.schedule, engine._launch, engine._process = saved
+        engine.scheduler.schedule, engine._forward, engine._launch, engine._process = saved
         llm_engine.StepInFlight.fetch = fetch
         del engine.step
     spent["process"] -= spent["wait"]  # fetch runs inside _process
