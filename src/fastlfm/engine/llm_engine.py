@@ -88,11 +88,17 @@ class StepInFlight:
     token_ids: torch.Tensor                # (rows,) on the device: input of the next step
     host: list[torch.Tensor]               # ids [, logprobs, top ids, top logprobs] being copied
     event: torch.cuda.Event | None         # recorded after the copies (CUDA)
+    fetched: list[list] | None = None      # the host lists, once read
+    # Structured output: row -> whether its grammar is complete after its token (or the grammar's
+    # error), once the grammars have taken this step's tokens (LLMEngine._feed_grammars).
+    grammar_results: dict[int, bool | Exception] | None = None
 
     def fetch(self) -> list[list]:
-        if self.event is not None:
-            self.event.synchronize()  # waits for this step's copies only, not for later steps
-        return [t.tolist() for t in self.host]
+        if self.fetched is None:
+            if self.event is not None:
+                self.event.synchronize()  # waits for this step's copies only, not for later steps
+            self.fetched = [t.tolist() for t in self.host]
+        return self.fetched
 
 
 @dataclass
@@ -131,8 +137,9 @@ class LLMEngine:
     frequency penalties need their full history on the host, so while one is live the
     engine runs synchronously. Requests under a grammar (structured output) need their last
     token before their next one is sampled, not before the forward: when a step holds one, its
-    forward is launched first, the step in flight is read and processed while the device runs it
-    (the grammars advance), their token masks are filled, and then the step samples.
+    forward is launched first, the grammars take the tokens of the step in flight and their token
+    masks are filled while the device runs it, then the step samples; the rest of the processing
+    (text, stops, outputs) follows as usual.
 
     Failures: an exception inside `step()` (a bug, CUDA OOM, KeyboardInterrupt) aborts the
     requests that step had taken on, frees their cache and re-raises; `failed_outputs` lists
@@ -416,9 +423,9 @@ class LLMEngine:
             rows, logits, greedy_ids = self._forward(batch)
             seqs = [batch.seqs[i] for i in rows]
             if self.in_flight is not None and self.num_grammar_requests and any(s.grammar is not None for s in seqs):
-                # A grammar's mask depends on the token in flight: read that step's tokens now, while
-                # the device runs this forward, so the matchers have taken them before we sample.
-                outputs += self._process(self._take_in_flight())
+                # A grammar's mask depends on the token in flight: the grammars take that step's tokens
+                # now, while the device runs this forward (the rest of their processing comes after).
+                self._feed_grammars(self.in_flight)
             launched = self._launch(seqs, logits, greedy_ids) if seqs else None
         if self.in_flight is not None:
             outputs += self._process(self._take_in_flight())
@@ -461,9 +468,6 @@ class LLMEngine:
         token_ids, extra = self._sample(logits, seqs, greedy_ids)
         entries = []
         for j, seq in enumerate(seqs):
-            if seq.is_finished:  # ended by the tokens read since the forward (a grammar batch): discarded
-                entries.append((seq, -1, -1))
-                continue
             entries.append((seq, len(seq.token_ids), seq.turn))
             seq.token_ids.append(IN_FLIGHT)
             seq.in_flight_row = j
@@ -510,17 +514,34 @@ class LLMEngine:
     def _grammar_mask(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor | None:
         """(rows, V) bool on the device: what each row's grammar allows next (all for rows without
         one), from bits filled on the CPU while the forward runs; None if no row has a grammar."""
-        rows = [(s.grammar, j) for j, s in enumerate(seqs) if s.grammar is not None]
+        # A grammar that is complete or failed gets no mask: its request ends with the step in flight.
+        rows = [(s.grammar, j) for j, s in enumerate(seqs)
+                if s.grammar is not None and not s.grammar.is_stopped() and not s.grammar.is_error()]
         if not rows:
             return None
         on_cuda = logits.device.type == "cuda"
         bits = fill_bitmask(rows, len(seqs), self.config.vocab_size, pin=on_cuda)
         return unpack_bitmask(bits.to(logits.device, non_blocking=on_cuda), logits.shape[-1])
 
+    def _feed_grammars(self, step: StepInFlight) -> dict[int, bool | Exception]:
+        """The grammars of the step's constrained rows take their tokens (once per step)."""
+        if step.grammar_results is None:
+            results = step.grammar_results = {}
+            if self.num_grammar_requests:
+                token_ids = step.fetch()[0]
+                for j, (seq, _, turn) in enumerate(step.entries):
+                    if seq.grammar is not None and not seq.is_finished and seq.turn == turn:
+                        try:
+                            results[j] = grammar_advance(seq.grammar, token_ids[j])
+                        except ValueError as e:  # a rejected token: this request alone fails
+                            results[j] = e
+        return step.grammar_results
+
     def _process(self, step: StepInFlight) -> list[RequestOutput]:
         """Read a step's sampled ids back, append them, check stops, build the outputs."""
         host = step.fetch()
         token_ids = host[0]
+        grammar_results = self._feed_grammars(step)
         outputs = []
         for j, (seq, index, turn) in enumerate(step.entries):
             if seq.is_finished or seq.turn != turn:  # aborted or stopped already: a discarded row
@@ -536,7 +557,7 @@ class LLMEngine:
                 new_lp = [TokenLogprob(tok, host[1][j], top)]
                 seq.logprobs.extend(new_lp)
             try:
-                reason, new_text = self._advance(seq, tok, index)
+                reason, new_text = self._advance(seq, tok, index, grammar_results.get(j))
             except Exception as e:  # this request's own output failed (its text, say): it alone ends
                 self._finish(seq, "abort")
                 outputs.append(self._output(seq, [tok], new_lp, upto=index + 1, error=e))
@@ -547,12 +568,16 @@ class LLMEngine:
         self.generation_tokens_total += len(outputs)  # one token each
         return outputs
 
-    def _advance(self, seq: Sequence, tok: int, index: int) -> tuple[str | None, str]:
-        """The finish reason (or None) after `tok`, and the text it releases."""
+    def _advance(self, seq: Sequence, tok: int, index: int, grammar: bool | Exception | None = None
+                 ) -> tuple[str | None, str]:
+        """The finish reason (or None) after `tok`, and the text it releases. `grammar`: whether the
+        request's grammar is complete after `tok` (its error, if it rejected it)."""
+        if isinstance(grammar, Exception):
+            raise grammar
         p = seq.params
         reason = None
         is_eos = tok in self.eos_token_ids or tok in p.stop_token_ids
-        if seq.grammar is not None and grammar_advance(seq.grammar, tok):  # the grammar is complete
+        if grammar:  # nothing may follow
             reason = "eos" if is_eos else "stop"
         elif not p.ignore_eos and is_eos:
             reason = "eos"
