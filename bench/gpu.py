@@ -209,7 +209,8 @@ def kernel_profile(fn, name, tag, reps=10) -> str:
 
 def host_breakdown(engine, run) -> str:
     """Wall time of `run()` split into the engine's parts: scheduling, launching (metadata,
-    graph launch, sampling), output processing, and waiting for a step's ids (GPU-bound time)."""
+    graph launch, sampling; with grammars, their masks), output processing, and waiting for a
+    step's ids (GPU-bound time)."""
     from fastlfm.engine import llm_engine
 
     spent = dict(schedule=0.0, launch=0.0, process=0.0, wait=0.0)
@@ -225,10 +226,11 @@ def host_breakdown(engine, run) -> str:
         return wrapper
 
     fetch = llm_engine.StepInFlight.fetch
-    saved = engine.scheduler.schedule, engine._launch, engine._process
+    saved = engine.scheduler.schedule, engine._forward, engine._launch, engine._process
     engine.scheduler.schedule = timed("schedule", saved[0])
-    engine._launch = timed("launch", saved[1])
-    engine._process = timed("process", saved[2])
+    engine._forward = timed("launch", saved[1])
+    engine._launch = timed("launch", saved[2])
+    engine._process = timed("process", saved[3])
     llm_engine.StepInFlight.fetch = timed("wait", fetch)
     step = engine.step
 
@@ -241,7 +243,7 @@ def host_breakdown(engine, run) -> str:
         run()
     finally:
         total = time.perf_counter() - t
-        engine.scheduler.schedule, engine._launch, engine._process = saved
+        engine.scheduler.schedule, engine._forward, engine._launch, engine._process = saved
         llm_engine.StepInFlight.fetch = fetch
         del engine.step
     spent["process"] -= spent["wait"]  # fetch runs inside _process
@@ -265,16 +267,23 @@ def batch1_decode(engine, prompt, new=512) -> tuple[float, float]:
     return t_first - t0, (new - 1) / (t_end - t_first)
 
 
-def bench_model(name, bw, flops, args, rows, notes):
+def bench_checkpoint(name) -> Path:
+    """/tmp/ckpt-NAME: random bf16 weights of the model's real shape, with the full-size byte-level test
+    tokenizer (65,536 ids); written once."""
     folder = Path(f"/tmp/ckpt-{name}")
     if not (folder / "config.json").exists():
         t = time.perf_counter()
         write_checkpoint(folder, real_config(name), dtype=torch.bfloat16, tokenizer=False)
         log(f"{name}: wrote checkpoint in {time.perf_counter() - t:.1f}s")
-    if not (folder / "tokenizer.json").exists():  # the full-size byte-level test tokenizer (65,536 ids)
+    if not (folder / "tokenizer.json").exists():
         from fastlfm.testing.tokenizer_files import write_tokenizer_files
 
         write_tokenizer_files(folder, vocab_size=real_config(name)["vocab_size"])
+    return folder
+
+
+def bench_model(name, bw, flops, args, rows, notes):
+    folder = bench_checkpoint(name)
     model = Lfm2ForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device=DEV)
     params = {id(p): p for p in model.parameters()}
     weight_bytes = sum(p.numel() * p.element_size() for p in params.values())

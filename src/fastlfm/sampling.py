@@ -11,6 +11,7 @@ penalties, which transformers does not have):
   1. logit_bias                  (added to the raw logits)
   2. repetition_penalty          (prompt + generated tokens: positive logits / p, negative * p)
   3. presence / frequency        (generated tokens only: - presence * [count > 0] - frequency * count)
+     grammar mask                (structured output: tokens the row's grammar forbids -> -inf)
   -- greedy rows take the argmax here; sampling rows go on --
   4. temperature                 (logits / T)
   5. top_k                       (keep logits >= the k-th largest; ties at the k-th are kept)
@@ -60,6 +61,10 @@ class SamplingParams:
     engine always adds; `ignore_eos` ignores both. `logprobs`: None = none; n >= 0 = the
     chosen token's logprob plus the top n. Text: `skip_special_tokens` leaves special tokens
     out of the text, except `keep_special_token_ids` (e.g. tool-call markers a server parses).
+    Structured output (fastlfm.structured; one of): `json_schema` (a JSON schema, a dict or its JSON
+    text; `{"type": "object"}` = any JSON object), `regex`, `choice` (the output is one of these
+    strings). The request ends when the grammar is complete ("eos" if it ended on an eos token,
+    else "stop"), `ignore_eos` notwithstanding.
     """
 
     max_new_tokens: int = 256
@@ -79,6 +84,9 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
     keep_special_token_ids: list[int] = field(default_factory=list)
+    json_schema: dict[str, Any] | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
 
     @property
     def sampling(self) -> bool:
@@ -139,7 +147,22 @@ class SamplingParams:
                     raise bad("logit_bias", f"token id {tok!r} is not in [0, {vocab_size or 'vocab_size'})")
                 if not isinstance(b, (int, float)) or isinstance(b, bool) or math.isnan(b):
                     raise bad("logit_bias", f"bias for token {tok} must be a number, got {b!r}")
+        constraints = [n for n in ("json_schema", "regex", "choice") if getattr(self, n) is not None]
+        if len(constraints) > 1:
+            raise bad(constraints[1], f"only one of json_schema, regex and choice may be set (got {constraints})")
+        if self.json_schema is not None and not isinstance(self.json_schema, (dict, str)):
+            raise bad("json_schema", "must be a JSON schema: a dict or its JSON text")
+        if self.regex is not None and not (isinstance(self.regex, str) and self.regex):
+            raise bad("regex", "must be a non-empty string")
+        if self.choice is not None and (isinstance(self.choice, str) or not self.choice
+                                        or not all(isinstance(c, str) and c for c in self.choice)):
+            raise bad("choice", "must be a non-empty list of non-empty strings")
         return self
+
+    @property
+    def constrained(self) -> bool:
+        """Whether a grammar constrains the output (json_schema, regex or choice)."""
+        return self.json_schema is not None or self.regex is not None or self.choice is not None
 
     # -- construction from HF-style settings -------------------------------------------
     _GENERATION_CONFIG_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
@@ -419,6 +442,7 @@ class SamplingTensors:
     any_repetition: bool
     any_presence_frequency: bool
     num_logprobs: int | None  # max over rows of params.logprobs, None if no row asks
+    allowed: torch.Tensor | None = None  # (B, V) bool: the tokens a grammar allows (structured output)
 
     @property
     def batch_size(self) -> int:
@@ -535,7 +559,8 @@ class SamplerOutput:
 
 
 def apply_penalties(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
-    """Steps 1-3: logit_bias, repetition penalty, presence/frequency penalties (float32)."""
+    """Steps 1-3: logit_bias, repetition penalty, presence/frequency penalties (float32), then the
+    grammar's token mask (structured output: disallowed tokens -> -inf)."""
     if t.logit_bias is not None:
         logits = logits + t.logit_bias
     if t.any_repetition:
@@ -545,6 +570,8 @@ def apply_penalties(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     if t.any_presence_frequency:
         c = t.output_counts
         logits = logits - c * t.frequency_penalty[:, None] - (c > 0).to(logits.dtype) * t.presence_penalty[:, None]
+    if t.allowed is not None:
+        logits = logits.masked_fill(~t.allowed, float("-inf"))
     return logits
 
 

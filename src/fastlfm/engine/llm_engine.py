@@ -17,6 +17,7 @@ import torch
 
 from ..cpu_linear import prepare_for_cpu, prepared_for_cpu
 from ..sampling import SamplingParams, eos_token_ids
+from ..structured import GrammarCache, advance as grammar_advance, fill_bitmask, unpack_bitmask
 from ..tokenizer import TextStream
 from . import multimodal
 from .block_manager import BlockManager
@@ -87,11 +88,17 @@ class StepInFlight:
     token_ids: torch.Tensor                # (rows,) on the device: input of the next step
     host: list[torch.Tensor]               # ids [, logprobs, top ids, top logprobs] being copied
     event: torch.cuda.Event | None         # recorded after the copies (CUDA)
+    fetched: list[list] | None = None      # the host lists, once read
+    # Structured output: row -> whether its grammar is complete after its token (or the grammar's
+    # error), once the grammars have taken this step's tokens (LLMEngine._feed_grammars).
+    grammar_results: dict[int, bool | Exception] | None = None
 
     def fetch(self) -> list[list]:
-        if self.event is not None:
-            self.event.synchronize()  # waits for this step's copies only, not for later steps
-        return [t.tolist() for t in self.host]
+        if self.fetched is None:
+            if self.event is not None:
+                self.event.synchronize()  # waits for this step's copies only, not for later steps
+            self.fetched = [t.tolist() for t in self.host]
+        return self.fetched
 
 
 @dataclass
@@ -128,7 +135,11 @@ class LLMEngine:
     and output handling overlap the forward. A sequence that stops on eos or a stop string
     costs one discarded row in the following step. Requests with repetition/presence/
     frequency penalties need their full history on the host, so while one is live the
-    engine runs synchronously.
+    engine runs synchronously. Requests under a grammar (structured output) need their last
+    token before their next one is sampled, not before the forward: when a step holds one, its
+    forward is launched first, the grammars take the tokens of the step in flight and their token
+    masks are filled while the device runs it, then the step samples; the rest of the processing
+    (text, stops, outputs) follows as usual.
 
     Failures: an exception inside `step()` (a bug, CUDA OOM, KeyboardInterrupt) aborts the
     requests that step had taken on, frees their cache and re-raises; `failed_outputs` lists
@@ -182,6 +193,8 @@ class LLMEngine:
         self.async_scheduling = on_cuda if async_scheduling is None else bool(async_scheduling)
         self.in_flight: StepInFlight | None = None
         self.num_history_requests = 0  # live requests whose sampling needs their token history
+        self.num_grammar_requests = 0  # live requests under a grammar (structured output)
+        self._grammars = None  # fastlfm.structured.GrammarCache, made by the first constrained request
         self.requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self.prompt_tokens_total = 0
@@ -273,6 +286,7 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         text_stream = self._text_stream(params, detokenize)
+        grammar = self.grammars.matcher(params) if params.constrained else None
         if continue_from is None:
             seq = Sequence(request_id, prompt, params)
             seq.keep_cache = keep_cache
@@ -290,14 +304,24 @@ class LLMEngine:
         seq.max_num_tokens = min(seq.num_prompt_tokens + _max_new(params), self.max_model_len)
         seq.plain_greedy = _is_plain_greedy(params)
         seq.text_stream = text_stream
+        seq.grammar = grammar
         self.requests[request_id] = seq
         self.num_history_requests += _needs_history(params)
+        self.num_grammar_requests += grammar is not None
         if continue_from is None:
             self.scheduler.add(seq)
         else:
             self.scheduler.resume(seq)
         self.prompt_tokens_total += len(prompt)
         return seq
+
+    @property
+    def grammars(self):
+        """The compiled grammars of structured output (`fastlfm.structured.GrammarCache`); the
+        server compiles a request's grammar here before adding it, off its event loop."""
+        if self._grammars is None:
+            self._grammars = GrammarCache(self.tokenizer, self.config.vocab_size, self.eos_token_ids)
+        return self._grammars
 
     def _text_stream(self, params: SamplingParams, detokenize: bool) -> TextStream | None:
         if detokenize and self.tokenizer is not None:
@@ -359,6 +383,9 @@ class LLMEngine:
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.requests.pop(seq.request_id, None)
         self.num_history_requests -= _needs_history(seq.params)
+        if seq.grammar is not None:
+            self.num_grammar_requests -= 1
+            seq.grammar = None
         seq.in_flight_row = None
         multimodal.release(seq)
         while seq.token_ids and seq.token_ids[-1] == IN_FLIGHT:  # a token it will never get
@@ -391,7 +418,15 @@ class LLMEngine:
         if self.in_flight is not None and (not self.async_scheduling or self.num_history_requests):
             outputs += self._process(self._take_in_flight())
         batch = self.scheduler.schedule()
-        launched = self._launch(batch) if not batch.is_empty else None
+        launched = None
+        if not batch.is_empty:
+            rows, logits, greedy_ids = self._forward(batch)
+            seqs = [batch.seqs[i] for i in rows]
+            if self.in_flight is not None and self.num_grammar_requests and any(s.grammar is not None for s in seqs):
+                # A grammar's mask depends on the token in flight: the grammars take that step's tokens
+                # now, while the device runs this forward (the rest of their processing comes after).
+                self._feed_grammars(self.in_flight)
+            launched = self._launch(seqs, logits, greedy_ids) if seqs else None
         if self.in_flight is not None:
             outputs += self._process(self._take_in_flight())
         self.in_flight = launched
@@ -418,16 +453,18 @@ class LLMEngine:
         step, self.in_flight = self.in_flight, None
         return step
 
-    def _launch(self, batch) -> StepInFlight | None:
+    def _forward(self, batch) -> tuple[list[int], torch.Tensor | None, torch.Tensor | None]:
+        """Launch the batch's forward: the rows that sample, their logits and (graph step) greedy ids."""
         prev = self.in_flight.token_ids if self.in_flight is not None else None
         rows, logits, greedy_ids = self.runner.execute(batch, prev)
         for seq, n in zip(batch.seqs, batch.num_tokens):
             seq.num_computed_tokens += n
             if seq.image_embeds is not None:  # prompt done: its image features move to host memory
                 multimodal.after_step(seq)
-        if not rows:
-            return None
-        seqs = [batch.seqs[i] for i in rows]
+        return rows, logits, greedy_ids
+
+    def _launch(self, seqs: list[Sequence], logits: torch.Tensor, greedy_ids: torch.Tensor | None) -> StepInFlight:
+        """Sample one token per row and start copying them to the host."""
         token_ids, extra = self._sample(logits, seqs, greedy_ids)
         entries = []
         for j, seq in enumerate(seqs):
@@ -453,8 +490,11 @@ class LLMEngine:
         logprobs] when a row asks for logprobs. `greedy_ids`: the argmax, if the step computed it."""
         from ..sampling import SamplingTensors, sample
 
+        allowed = self._grammar_mask(seqs, logits) if self.num_grammar_requests else None
         if all(s.plain_greedy for s in seqs):
-            return (greedy_ids if greedy_ids is not None else logits.argmax(-1)), []
+            if allowed is None:
+                return (greedy_ids if greedy_ids is not None else logits.argmax(-1)), []
+            return logits.masked_fill(~allowed, float("-inf")).argmax(-1), []  # greedy under grammars
         params = [s.params for s in seqs]
         needs_history = any(_needs_history(p) for p in params)
         tensors = SamplingTensors.from_requests(
@@ -462,6 +502,7 @@ class LLMEngine:
             [s.token_ids[: s.num_prompt_tokens] for s in seqs] if needs_history else None,
             [s.output_token_ids for s in seqs] if needs_history else None,
             logits.shape[-1], logits.device, steps=[s.num_output_tokens for s in seqs])
+        tensors.allowed = allowed
         out = sample(logits.float(), tensors)
         if out.logprobs is None:
             return out.token_ids, []
@@ -470,10 +511,37 @@ class LLMEngine:
             extra += [out.top_token_ids, out.top_logprobs]
         return out.token_ids, extra
 
+    def _grammar_mask(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor | None:
+        """(rows, V) bool on the device: what each row's grammar allows next (all for rows without
+        one), from bits filled on the CPU while the forward runs; None if no row has a grammar."""
+        # A grammar that is complete or failed gets no mask: its request ends with the step in flight.
+        rows = [(s.grammar, j) for j, s in enumerate(seqs)
+                if s.grammar is not None and not s.grammar.is_stopped() and not s.grammar.is_error()]
+        if not rows:
+            return None
+        on_cuda = logits.device.type == "cuda"
+        bits = fill_bitmask(rows, len(seqs), self.config.vocab_size, pin=on_cuda)
+        return unpack_bitmask(bits.to(logits.device, non_blocking=on_cuda), logits.shape[-1])
+
+    def _feed_grammars(self, step: StepInFlight) -> dict[int, bool | Exception]:
+        """The grammars of the step's constrained rows take their tokens (once per step)."""
+        if step.grammar_results is None:
+            results = step.grammar_results = {}
+            if self.num_grammar_requests:
+                token_ids = step.fetch()[0]
+                for j, (seq, _, turn) in enumerate(step.entries):
+                    if seq.grammar is not None and not seq.is_finished and seq.turn == turn:
+                        try:
+                            results[j] = grammar_advance(seq.grammar, token_ids[j])
+                        except ValueError as e:  # a rejected token: this request alone fails
+                            results[j] = e
+        return step.grammar_results
+
     def _process(self, step: StepInFlight) -> list[RequestOutput]:
         """Read a step's sampled ids back, append them, check stops, build the outputs."""
         host = step.fetch()
         token_ids = host[0]
+        grammar_results = self._feed_grammars(step)
         outputs = []
         for j, (seq, index, turn) in enumerate(step.entries):
             if seq.is_finished or seq.turn != turn:  # aborted or stopped already: a discarded row
@@ -489,7 +557,7 @@ class LLMEngine:
                 new_lp = [TokenLogprob(tok, host[1][j], top)]
                 seq.logprobs.extend(new_lp)
             try:
-                reason, new_text = self._advance(seq, tok, index)
+                reason, new_text = self._advance(seq, tok, index, grammar_results.get(j))
             except Exception as e:  # this request's own output failed (its text, say): it alone ends
                 self._finish(seq, "abort")
                 outputs.append(self._output(seq, [tok], new_lp, upto=index + 1, error=e))
@@ -500,11 +568,18 @@ class LLMEngine:
         self.generation_tokens_total += len(outputs)  # one token each
         return outputs
 
-    def _advance(self, seq: Sequence, tok: int, index: int) -> tuple[str | None, str]:
-        """The finish reason (or None) after `tok`, and the text it releases."""
+    def _advance(self, seq: Sequence, tok: int, index: int, grammar: bool | Exception | None = None
+                 ) -> tuple[str | None, str]:
+        """The finish reason (or None) after `tok`, and the text it releases. `grammar`: whether the
+        request's grammar is complete after `tok` (its error, if it rejected it)."""
+        if isinstance(grammar, Exception):
+            raise grammar
         p = seq.params
         reason = None
-        if not p.ignore_eos and (tok in self.eos_token_ids or tok in p.stop_token_ids):
+        is_eos = tok in self.eos_token_ids or tok in p.stop_token_ids
+        if grammar:  # nothing may follow
+            reason = "eos" if is_eos else "stop"
+        elif not p.ignore_eos and is_eos:
             reason = "eos"
         elif index + 1 >= seq.max_num_tokens:
             reason = "length"
@@ -657,4 +732,5 @@ def _needs_history(p) -> bool:
 
 
 def _is_plain_greedy(p) -> bool:
+    """The token is the argmax (of the logits a grammar allows, if the request has one)."""
     return not p.sampling and p.logprobs is None and not p.logit_bias and not _needs_history(p)

@@ -51,6 +51,9 @@ class Sequence:
         # scheduler gives it no more steps.
         self.in_flight_row: int | None = None
         self.awaiting_finish = False
+        # Structured output: the request's grammar matcher (fastlfm.structured), advanced by
+        # each token the engine reads back.
+        self.grammar = None
         # Filled by the engine's output processing (the text stream, logprobs).
         self.text_stream = None
         self.logprobs: list = []

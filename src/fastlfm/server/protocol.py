@@ -19,7 +19,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 # Fields that may also arrive nested in a literal "extra_body" object (top level wins).
-EXTRA_BODY_FIELDS = ("top_k", "min_p", "repetition_penalty", "ignore_eos", "stop_token_ids", "min_tokens")
+EXTRA_BODY_FIELDS = ("top_k", "min_p", "repetition_penalty", "ignore_eos", "stop_token_ids", "min_tokens",
+                     "guided_json", "guided_regex", "guided_choice")
 
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 
@@ -51,6 +52,20 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class _SamplingFields(_Request):
     """Fields shared by chat and text completions."""
 
@@ -72,6 +87,11 @@ class _SamplingFields(_Request):
     repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)
     ignore_eos: bool = False
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    # Structured output: OpenAI's response_format, or one of vLLM's guided_* extras.
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: NonEmptyStr | None = None
+    guided_choice: list[NonEmptyStr] | None = Field(None, min_length=1)
 
     @property
     def stop_list(self) -> list[str]:
@@ -147,11 +167,6 @@ class NamedToolChoice(BaseModel):
     function: NamedFunction
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
-    type: str
-
-
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1, description="Deprecated OpenAI name of max_completion_tokens")
@@ -161,7 +176,6 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[ChatTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    response_format: ResponseFormat | None = None
     # vLLM extras for the chat template.
     add_generation_prompt: bool = True
     continue_final_message: bool = False

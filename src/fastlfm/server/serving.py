@@ -213,6 +213,7 @@ class OpenAIServing:
         self.max_model_len = int(engine.max_model_len)
         self.generation_config = dict(engine.generation_config or {})
         self.vocab_size = _model_vocab_size(engine)
+        self.grammars = getattr(engine, "engine", engine).grammars  # structured output (compiled lazily)
         # Tool calls are parsed from text that keeps these two special tokens (if the tokenizer has them).
         self.tool_markers = [self.tokenizer.token_to_id(TOOL_CALL_START), self.tokenizer.token_to_id(TOOL_CALL_END)]
         self.supports_tools = None not in self.tool_markers
@@ -256,6 +257,9 @@ class OpenAIServing:
             overrides["stop_strings"] = req.stop_list
         if req.ignore_eos:
             overrides["ignore_eos"] = True
+        constraint = _constraint(req)
+        if constraint is not None:
+            overrides[constraint[0]] = constraint[1]
         if num_logprobs is not None:
             overrides["logprobs"] = num_logprobs
         if req.logit_bias:
@@ -273,11 +277,17 @@ class OpenAIServing:
             params = SamplingParams.from_generation_config(self.generation_config, **overrides)
             if req.stop_token_ids:
                 params = params.merged(stop_token_ids=[*params.stop_token_ids, *req.stop_token_ids])
-            return params.validate(self.vocab_size)
+            params.validate(self.vocab_size)
         except ValueError as e:
             m = re.search(r"parameter (\w+)=", str(e))
             param = _PARAM_NAMES.get(m.group(1), m.group(1)) if m else None
             raise bad_request(str(e), param=param) from None
+        if constraint is not None:
+            try:  # compiled now, off the event loop; the engine finds it in its cache
+                self.grammars.compile(params)
+            except ValueError as e:
+                raise bad_request(str(e), param=constraint[2]) from None
+        return params
 
     def _max_new_tokens(self, requested: int | None, prompt_len: int, what: str) -> int:
         room = self.max_model_len - prompt_len
@@ -475,9 +485,6 @@ class OpenAIServing:
         if req.continue_final_message and req.add_generation_prompt:
             raise bad_request("continue_final_message requires add_generation_prompt to be false",
                               param="continue_final_message")
-        if req.response_format is not None and req.response_format.type != "text":
-            raise bad_request(f"response_format type {req.response_format.type!r} needs constrained decoding, which "
-                              "fastlfm does not implement; only 'text' is supported", param="response_format")
         choice = req.tool_choice
         if choice is not None and not isinstance(choice, str) or choice == "required":
             raise bad_request("tool_choice 'required' and named functions need constrained decoding, which fastlfm "
@@ -798,6 +805,29 @@ class OpenAIServing:
         finally:
             self._count_aborted(states)
         yield SSE_DONE
+
+
+def _constraint(req) -> tuple[str, Any, str] | None:
+    """(SamplingParams field, value, request parameter) of a request's structured output, if any."""
+    found = []
+    fmt = req.response_format
+    if fmt is not None and fmt.type == "json_object":
+        found.append(("json_schema", {"type": "object"}, "response_format"))
+    elif fmt is not None and fmt.type == "json_schema":
+        if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+            raise bad_request("response_format of type 'json_schema' needs json_schema.schema (a JSON schema object)",
+                              param="response_format")
+        found.append(("json_schema", fmt.json_schema.schema_, "response_format"))
+    if req.guided_json is not None:
+        found.append(("json_schema", req.guided_json, "guided_json"))
+    if req.guided_regex is not None:
+        found.append(("regex", req.guided_regex, "guided_regex"))
+    if req.guided_choice is not None:
+        found.append(("choice", list(req.guided_choice), "guided_choice"))
+    if len(found) > 1:
+        raise bad_request(f"only one of response_format (json), guided_json, guided_regex and guided_choice may be "
+                          f"given; got {', '.join(f[2] for f in found)}", param=found[1][2])
+    return found[0] if found else None
 
 
 def _stream_error(e: Exception) -> tuple[int, dict]:

@@ -1,0 +1,353 @@
+"""Structured output (fastlfm.structured): json_schema / regex / choice through the engine, LLM and
+the OpenAI server.
+
+Oracles: the `jsonschema` validator and `json` (outputs must parse and validate), `re.fullmatch`,
+the choice list, and properties: the fixture model is random, so its unconstrained output is not
+JSON (asserted), and unconstrained requests get the same greedy tokens whether constrained ones
+share their batches or not.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+import httpx
+import jsonschema
+import pytest
+import torch
+
+from fastlfm import LLM
+from fastlfm.sampling import SamplingParams
+from fastlfm.server.app import create_app
+from server_helpers import cpu_engine, openai_client, running_server
+
+PROMPTS = ["Hello there", "1, 2, 3,", "The weather today", "{", "Write JSON:"]
+
+SCHEMAS = {
+    "nested_object": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 12},
+            "address": {"type": "object",
+                        "properties": {"city": {"type": "string", "maxLength": 10},
+                                       "zip": {"type": "integer", "minimum": 10000, "maximum": 99999}},
+                        "required": ["city", "zip"], "additionalProperties": False},
+        },
+        "required": ["name", "address"], "additionalProperties": False,
+    },
+    "enums": {
+        "type": "object",
+        "properties": {"color": {"enum": ["red", "green", "blue"]}, "size": {"enum": [1, 2, "XL", None]}},
+        "required": ["color", "size"], "additionalProperties": False,
+    },
+    "array_bounds": {
+        "type": "array", "items": {"type": "string", "maxLength": 6}, "minItems": 2, "maxItems": 4,
+    },
+    "number_bounds": {
+        "type": "object",
+        "properties": {"age": {"type": "integer", "minimum": 18, "maximum": 65},
+                       "score": {"type": "number", "minimum": -1.5, "exclusiveMaximum": 2.5, "multipleOf": 0.25},
+                       "flag": {"type": "boolean"}},
+        "required": ["age", "score", "flag"], "additionalProperties": False,
+    },
+    "strings": {
+        "type": "object",
+        "properties": {"code": {"type": "string", "pattern": "^[A-Z]{2}[0-9]{3}$"},
+                       "note": {"type": "string", "minLength": 2, "maxLength": 8}},
+        "required": ["code", "note"], "additionalProperties": False,
+    },
+    "array_of_objects": {
+        "type": "array", "minItems": 1, "maxItems": 3,
+        "items": {"type": "object", "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 9},
+                                                  "tags": {"type": "array", "items": {"enum": ["a", "b"]},
+                                                           "maxItems": 2}},
+                  "required": ["id", "tags"], "additionalProperties": False},
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def llm_sync(tiny_ckpt):
+    return LLM(tiny_ckpt, device="cpu", dtype="float32", engine_options={"async_scheduling": False})
+
+
+@pytest.fixture(scope="module")
+def llm_async(tiny_ckpt):
+    return LLM(tiny_ckpt, device="cpu", dtype="float32", engine_options={"async_scheduling": True})
+
+
+@pytest.fixture
+def llm(async_scheduling, llm_sync, llm_async):
+    return llm_async if async_scheduling else llm_sync
+
+
+def _special_ids(llm) -> set[int]:
+    return set(llm.tokenizer.special_token_ids)
+
+
+def test_unconstrained_output_is_not_json(llm_sync):
+    """The property the other tests rely on: without a grammar the random model writes no JSON."""
+    for r in llm_sync.generate(PROMPTS, max_new_tokens=40):
+        with pytest.raises(ValueError):
+            json.loads(r.text)
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
+def test_json_schema_outputs_validate(llm, name, sampled):
+    schema = SCHEMAS[name]
+    kwargs = {"temperature": 1.0, "seed": 11} if sampled else {}
+    results = llm.generate(PROMPTS, max_new_tokens=200, json_schema=schema, **kwargs)
+    for r in results:
+        assert r.finish_reason in ("stop", "eos"), (r.finish_reason, r.text)
+        jsonschema.validate(json.loads(r.text), schema)
+        # no special token (they are never part of grammar text), except an eos that ended it
+        body = r.token_ids[:-1] if r.finish_reason == "eos" else r.token_ids
+        assert not set(body) & _special_ids(llm), r.token_ids
+    llm.engine.check_no_leaks()
+
+
+def test_json_object_regex_and_choice(llm):
+    # any object: keys and values are unbounded, so some random-model outputs run to the length limit
+    objs = llm.generate(PROMPTS, max_new_tokens=120, json_schema={"type": "object"})
+    finished = [r for r in objs if r.finish_reason in ("stop", "eos")]
+    assert len(finished) >= 3, [(r.finish_reason, r.text) for r in objs]
+    for r in objs:
+        assert r.text.startswith("{")
+    for r in finished:
+        assert isinstance(json.loads(r.text), dict)
+    pattern = r"(\+33|0)[1-9]( [0-9]{2}){4}"
+    for r in llm.generate(PROMPTS, max_new_tokens=40, regex=pattern):
+        assert re.fullmatch(pattern, r.text), r.text
+        assert r.finish_reason in ("stop", "eos")
+    choices = ["yes", "no", 'maybe "later"', "ünïcode ✓"]
+    seen = set()
+    for seed in range(8):
+        for r in llm.generate(PROMPTS[:2], max_new_tokens=20, choice=choices, temperature=1.0, seed=seed):
+            assert r.text in choices and r.finish_reason in ("stop", "eos")
+            seen.add(r.text)
+    assert len(seen) >= 2  # sampling reaches more than one choice: the mask is not a fixed answer
+
+
+def test_mixed_batch_keeps_unconstrained_tokens(llm):
+    """Constrained rows change nothing for the unconstrained rows of the same steps (greedy)."""
+    alone = llm.generate(PROMPTS, max_new_tokens=24, ignore_eos=True)
+    schema = SCHEMAS["nested_object"]
+    params = [llm.sampling_params(max_new_tokens=24, ignore_eos=True) if i % 2 == 0
+              else llm.sampling_params(max_new_tokens=200, json_schema=schema) for i in range(len(PROMPTS))]
+    mixed = llm.generate(PROMPTS, params)
+    for i, (a, m) in enumerate(zip(alone, mixed)):
+        if i % 2 == 0:
+            assert m.token_ids == a.token_ids
+        else:
+            jsonschema.validate(json.loads(m.text), schema)
+
+
+def test_graph_steps_and_preemption(tiny_ckpt, async_scheduling):
+    """Decode graphs (replayed eagerly on the CPU) with the ids of a masked step fed back on the device,
+    and preemption (recompute from prompt + outputs) while grammars hold their parse state."""
+    from fastlfm.engine import LLMEngine
+    from fastlfm.tokenizer import Tokenizer
+
+    def run(constrained: bool):
+        engine = LLMEngine.from_pretrained(tiny_ckpt, device="cpu", dtype="float32", async_scheduling=async_scheduling,
+                                           max_num_seqs=4, max_model_len=96, num_kv_blocks=30, block_size=4,
+                                           max_num_batched_tokens=16)
+        engine.runner.capture_graphs(4)
+        run_graph = engine.runner._run_graph
+        engine.runner._run_graph = lambda seqs, *a: (graph_rows.extend(s.grammar is not None for s in seqs),
+                                                     run_graph(seqs, *a))[1]
+        plain = SamplingParams(max_new_tokens=40, do_sample=False, ignore_eos=True)
+        schema = SCHEMAS["array_of_objects"]
+        params = [SamplingParams(max_new_tokens=80, do_sample=False, json_schema=schema) if constrained and i % 2
+                  else plain for i in range(len(PROMPTS))]
+        outs = engine.generate(PROMPTS, params)
+        engine.check_no_leaks()
+        return engine, outs
+
+    graph_rows = []
+    engine, outs = run(constrained=True)
+    assert engine.scheduler.num_preemptions > 0 and any(graph_rows)  # constrained rows ran in graph steps
+    _, reference = run(constrained=False)
+    for i, (o, ref) in enumerate(zip(outs, reference)):
+        if i % 2:
+            assert o.finish_reason in ("stop", "eos"), o.text
+            jsonschema.validate(json.loads(o.text), SCHEMAS["array_of_objects"])
+        else:
+            assert o.token_ids == ref.token_ids
+
+
+def test_grammar_ends_the_request_despite_ignore_eos(llm_sync):
+    r = llm_sync.generate("Hi", max_new_tokens=300, ignore_eos=True, choice=["alpha", "beta"])[0]
+    assert r.text in ("alpha", "beta") and r.finish_reason in ("stop", "eos")
+
+
+def test_grammar_error_aborts_only_its_request(tiny_ckpt):
+    from fastlfm.engine import LLMEngine
+
+    engine = LLMEngine.from_pretrained(tiny_ckpt, device="cpu", dtype="float32")
+    schema = SCHEMAS["enums"]
+    good = engine.add_request("Hello", SamplingParams(max_new_tokens=100, do_sample=False, json_schema=schema))
+    bad = engine.add_request("Hello", SamplingParams(max_new_tokens=100, do_sample=False, json_schema=schema))
+    bad.grammar.consume_token(engine.tokenizer.encode("]", add_special_tokens=False)[0])  # a JSON object cannot start so
+    assert bad.grammar.is_error()
+    finals = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                finals[out.request_id] = out
+    assert finals[bad.request_id].finish_reason == "abort"
+    assert "grammar rejected" in str(finals[bad.request_id].error)
+    assert finals[good.request_id].finish_reason in ("stop", "eos")
+    jsonschema.validate(json.loads(finals[good.request_id].text), schema)
+    engine.check_no_leaks()
+
+
+def test_bad_constraints_are_refused_by_name(llm_sync):
+    with pytest.raises(ValueError, match="invalid json_schema: .*objekt"):
+        llm_sync.generate("x", json_schema={"type": "objekt"})
+    with pytest.raises(ValueError, match="invalid json_schema: .*minimum"):
+        llm_sync.generate("x", json_schema={"type": "integer", "minimum": 5, "maximum": 2})
+    with pytest.raises(ValueError, match="invalid regex"):
+        llm_sync.generate("x", regex="([a-z")
+    with pytest.raises(ValueError, match="only one of json_schema, regex and choice"):
+        llm_sync.generate("x", regex="a", choice=["a"])
+    with pytest.raises(ValueError, match="choice"):
+        llm_sync.generate("x", choice=[])
+    with pytest.raises(ValueError, match="at most"):
+        llm_sync.generate("x", choice=["x" * 1000] * 100)
+    llm_sync.engine.check_no_leaks()
+
+
+def test_grammars_compile_once_per_schema(llm_sync):
+    cache = llm_sync.engine.grammars
+    a = cache.compile(SamplingParams(json_schema={"type": "object", "required": ["a"]}))
+    b = cache.compile(SamplingParams(json_schema={"type": "object", "required": ["a"]}))
+    c = cache.compile(SamplingParams(json_schema=json.dumps({"type": "object", "required": ["a"]})))  # its text
+    assert a is b and a is c
+    assert cache.compile(SamplingParams(regex="a+")) is not a
+
+
+def test_mask_never_allows_special_or_padding_ids(llm_sync):
+    """Inside a JSON string: the allowed ids are exactly the tokens whose bytes may stand there
+    (checked by hand from the byte table); no special token, no id past the tokenizer (a model
+    vocabulary padded beyond it)."""
+    from fastlfm.structured import GrammarCache, fill_bitmask, unpack_bitmask
+
+    tok = llm_sync.tokenizer
+    vocab = tok.vocab_size + 64
+    cache = GrammarCache(tok, vocab, {7})
+    matcher = cache.matcher(SamplingParams(json_schema={"type": "string"}))
+    assert matcher.consume_token(tok.encode('"', add_special_tokens=False)[0])
+    allowed = unpack_bitmask(fill_bitmask([(matcher, 0)], 1, vocab, pin=False), vocab)[0]
+    assert not allowed[tok.vocab_size:].any()
+    assert not allowed[sorted(tok.special_token_ids)].any()
+
+    def plain_string_bytes(b: bytes) -> bool:  # no quote, backslash or control byte (DEL too): a literal run
+        return bool(b) and all(c >= 0x20 and c not in (0x22, 0x5C, 0x7F) for c in b)
+
+    table, checked = tok.token_bytes, 0
+    for i in range(tok.vocab_size):
+        if i not in tok.special_token_ids and plain_string_bytes(table[i]):
+            try:  # a token of whole UTF-8 characters (a partial one may not continue every string)
+                table[i].decode()
+            except UnicodeDecodeError:
+                continue
+            assert allowed[i], (i, table[i])
+            checked += 1
+    assert checked > 200
+
+
+def test_missing_library_names_the_extra(tiny_ckpt, monkeypatch):
+    from fastlfm.engine import LLMEngine
+
+    engine = LLMEngine.from_pretrained(tiny_ckpt, device="cpu", dtype="float32")
+    monkeypatch.setitem(sys.modules, "llguidance", None)  # import llguidance -> ImportError
+    with pytest.raises(ValueError, match=r'pip install "fastlfm\[structured\]"'):
+        engine.add_request("x", SamplingParams(regex="a+"))
+    out = engine.generate(["x"], SamplingParams(max_new_tokens=3))  # plain requests still work
+    assert len(out[0].token_ids) == 3
+
+
+# ----------------------------------------------------------------------------- server
+
+
+@pytest.fixture(scope="module")
+def base_url(tiny_ckpt):
+    with cpu_engine(tiny_ckpt, max_num_seqs=8, max_model_len=512) as eng:
+        with running_server(create_app(eng, "tiny")) as url:
+            yield url
+
+
+@pytest.fixture(scope="module")
+def client(base_url):
+    return openai_client(base_url, timeout=60)
+
+
+def _chat_stream_text(stream) -> tuple[str, str]:
+    text, finish = "", None
+    for chunk in stream:
+        for ch in chunk.choices:
+            text += ch.delta.content or ""
+            finish = ch.finish_reason or finish
+    return text, finish
+
+
+def test_server_response_format_json_schema(client):
+    schema = SCHEMAS["number_bounds"]
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}}
+    messages = [{"role": "user", "content": "Describe a person"}]
+    r = client.chat.completions.create(model="tiny", messages=messages, response_format=fmt, max_tokens=200,
+                                       temperature=0)
+    text = r.choices[0].message.content
+    jsonschema.validate(json.loads(text), schema)
+    assert r.choices[0].finish_reason == "stop"
+    streamed, finish = _chat_stream_text(client.chat.completions.create(
+        model="tiny", messages=messages, response_format=fmt, max_tokens=200, temperature=0, stream=True))
+    assert streamed == text and finish == "stop"
+    # json_object on a text completion (LLM.generate ends this greedy prompt's object: test above)
+    r = client.completions.create(model="tiny", prompt="1, 2, 3,", max_tokens=120, temperature=0,
+                                  extra_body={"response_format": {"type": "json_object"}})
+    assert r.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(r.choices[0].text), dict)
+    plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=40, temperature=0)
+    with pytest.raises(ValueError):
+        json.loads(plain.choices[0].message.content)
+
+
+def test_server_guided_extras(client):
+    r = client.completions.create(model="tiny", prompt="Pick one:", max_tokens=20,
+                                  extra_body={"guided_choice": ["left", "right"]})
+    assert r.choices[0].text in ("left", "right")
+    r = client.completions.create(model="tiny", prompt="Date:", max_tokens=30, stream=False,
+                                  extra_body={"guided_regex": r"20[0-9]{2}-(0[1-9]|1[0-2])-[0-3][0-9]"})
+    assert re.fullmatch(r"20[0-9]{2}-(0[1-9]|1[0-2])-[0-3][0-9]", r.choices[0].text)
+    schema = SCHEMAS["array_bounds"]
+    stream = client.completions.create(model="tiny", prompt="List:", max_tokens=100, stream=True,
+                                       extra_body={"guided_json": schema})
+    text = "".join(c.choices[0].text for c in stream if c.choices)
+    jsonschema.validate(json.loads(text), schema)
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "?"}], max_tokens=100,
+                                       extra_body={"extra_body": {"guided_json": json.dumps(schema)}})
+    jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+
+
+@pytest.mark.parametrize("body, param, message", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}}},
+     "response_format", "objekt"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format", "schema"),
+    ({"guided_regex": "([a-z"}, "guided_regex", "regex"),
+    ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice", "only one"),
+    ({"response_format": {"type": "json_object"}, "guided_json": {"type": "object"}}, "guided_json", "only one"),
+    ({"response_format": {"type": "xml"}}, "response_format.type", None),
+])
+def test_server_bad_structured_requests_are_400(base_url, body, param, message):
+    r = httpx.post(base_url + "/v1/chat/completions", timeout=30, json={
+        "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, **body})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param, err
+    if message is not None:
+        assert message in err["message"], err
