@@ -46,9 +46,19 @@ def run(engine, prompts, ids=None):
         out for out in engine.generate(prompts, GREEDY)]
 
 
-def engine_for(model, async_scheduling, **kw):
+@pytest.fixture(params=["sync", "async", "graph"])
+def async_scheduling(request):
+    """Each test runs synchronously, asynchronously, and asynchronously on the graph decode path
+    (replayed eagerly on CPU), where snapshots at block ends are copied out after the replay."""
+    return request.param
+
+
+def engine_for(model, kind, **kw):
     kw = {"max_num_seqs": 4, "max_model_len": 96, "block_size": BS, **kw}
-    return LLMEngine(model, async_scheduling=async_scheduling, **kw)
+    engine = LLMEngine(model, async_scheduling=kind != "sync", **kw)
+    if kind == "graph":
+        engine.runner.capture_graphs(engine.max_num_seqs)
+    return engine
 
 
 def test_shared_system_prompt(model, async_scheduling):
@@ -201,6 +211,37 @@ def test_sessions_share_and_keep_working(model, async_scheduling):
     assert out3.token_ids == greedy_reference(model, history, NEW)
     assert out3.num_cached_tokens == (len(history) - len(more2) - 1) // BS * BS
     engine.release(s)
+    engine.check_no_leaks()
+
+
+class Boom(Exception):
+    pass
+
+
+@pytest.mark.parametrize("at_call", [2, 3, 5])
+def test_a_failed_step_while_blocks_are_shared_leaks_nothing(model, async_scheduling, at_call):
+    """A step fails while requests share cached blocks: they are aborted, no reference is lost or
+    dropped twice, the blocks of the failed step are not cached, and the engine goes on exactly."""
+    prompts = [SYSTEM + tokens(5 + i, 50 + i) for i in range(3)]
+    refs = [greedy_reference(model, p, NEW) for p in prompts]
+    engine = engine_for(model, async_scheduling, max_num_batched_tokens=16)
+    engine.generate([SYSTEM + [3]], GREEDY)
+    execute, calls = engine.runner.execute, [0]
+
+    def failing(*args):
+        calls[0] += 1
+        if calls[0] == at_call:
+            raise Boom("device lost")
+        return execute(*args)
+
+    engine.runner.execute = failing
+    with pytest.raises(Boom):
+        engine.generate(prompts, GREEDY)
+    engine.runner.execute = execute
+    assert not engine.requests and not engine.has_unfinished()
+    engine.check_no_leaks()
+    outs = engine.generate(prompts, GREEDY)
+    assert [o.token_ids for o in outs] == refs and all(o.num_cached_tokens >= 16 for o in outs)
     engine.check_no_leaks()
 
 
