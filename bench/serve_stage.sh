@@ -18,14 +18,7 @@ WORK=$(mktemp -d /tmp/fastlfm-serve.XXXX)
 SERVE_MODELS=${SERVE_MODELS:-LFM2-350M LFM2-1.2B}
 RELIABILITY_MODELS=${RELIABILITY_MODELS:-LFM2-1.2B}
 LIMITS="--max-request-bytes 16777216 --header-timeout 5 --body-timeout 10"
-export PYTHONPATH=${PYTHONPATH:-src} PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        || { echo "installing the server wheels failed"; exit 1; }
-    export PYTHONPATH=$PYTHONPATH:/tmp/site
-fi
-python3 -c "import fastapi, uvicorn, pydantic; print('fastapi', fastapi.__version__, 'uvicorn', uvicorn.__version__, 'pydantic', pydantic.VERSION)" \
-    || { echo "the server's packages are missing: run bench/server_wheels.sh before the call and carry .whl"; exit 1; }
+source bench/server_env.sh || exit 1
 rc=0
 for model in $SERVE_MODELS; do
     label=$(basename "$model")
