@@ -270,7 +270,7 @@ def test_block_manager_hashes_chain_and_leak_checks():
     bm.register(a)
     # the chain: the same block content after another first block has another hash
     b = make_seq([9, 9, 3, 4, 5], "b")
-    assert bm.block_hashes(b, 4)[1] != a.block_hashes[1] and bm.match_prefix(b).num_tokens == 0
+    assert bm.num_hashed(b, 4) == 2 and b.block_hashes[1] != a.block_hashes[1] and bm.match_prefix(b).num_tokens == 0
     c = make_seq([1, 2, 3, 4, 7], "c")
     hit = bm.match_prefix(c)  # block 0 has no snapshot: the hit is both blocks, ending at block 1
     assert (hit.blocks, hit.snapshot, hit.num_tokens) == (a.block_table[:2], snap, 4)
@@ -292,9 +292,10 @@ def test_image_digest_separates_same_tokens():
     bm = BlockManager(num_blocks=4, block_size=2, num_conv_slots=1, num_snapshots=1)
     x, y = make_seq([5, 5, 5, 1]), make_seq([5, 5, 5, 1], "y")
     x.image_keys, y.image_keys = [(0, 2, b"a")], [(0, 2, b"b")]
-    assert bm.block_hashes(x, 4)[0] != bm.block_hashes(y, 4)[0]
     z = make_seq([5, 5, 5, 1], "z")
     z.image_keys = [(2, 2, b"b")]  # an image only in the second block: the first block is text alone
     plain = make_seq([5, 5, 5, 1], "p")
-    assert bm.block_hashes(z, 4)[0] == bm.block_hashes(plain, 4)[0]
-    assert bm.block_hashes(z, 4)[1] != bm.block_hashes(plain, 4)[1]
+    for s in (x, y, z, plain):
+        assert bm.num_hashed(s, 4) == 2
+    assert x.block_hashes[0] != y.block_hashes[0]
+    assert z.block_hashes[0] == plain.block_hashes[0] and z.block_hashes[1] != plain.block_hashes[1]

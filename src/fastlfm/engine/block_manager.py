@@ -104,24 +104,23 @@ class BlockManager:
         return max(0, self.blocks_for(num_tokens) - len(seq.block_table))
 
     # -- hashing --------------------------------------------------------------------------
-    def block_hashes(self, seq: Sequence, num_tokens: int) -> list[bytes]:
-        """The chain hashes of `seq`'s full blocks within its first `num_tokens` tokens, up to the
-        first block holding a token still in flight (computed once per block, kept on `seq`)."""
+    def num_hashed(self, seq: Sequence, num_tokens: int) -> int:
+        """How many of `seq`'s full blocks within its first `num_tokens` tokens have their chain
+        hash in `seq.block_hashes` (up to the first block holding a token still in flight), hashing
+        those not hashed yet: each block is hashed once."""
         hashes, bs, tokens = seq.block_hashes, self.block_size, seq.token_ids
         num_blocks = min(num_tokens, len(tokens)) // bs
-        if len(hashes) >= num_blocks:
-            return hashes[:num_blocks]
         for i in range(len(hashes), num_blocks):
             block = tokens[i * bs:(i + 1) * bs]
             if IN_FLIGHT in block:
-                break
+                return i
             h = hashlib.blake2b(hashes[-1] if hashes else b"", digest_size=16)
             h.update(array("q", block).tobytes())
             for first, last, digest in seq.image_keys:  # the images whose features sit in this block
                 if first < (i + 1) * bs and last >= i * bs:
                     h.update(digest)
             hashes.append(h.digest())
-        return hashes
+        return num_blocks
 
     # -- prefix lookup and admission ------------------------------------------------------
     def match_prefix(self, seq: Sequence) -> PrefixHit:
@@ -131,7 +130,8 @@ class BlockManager:
         if not self.caching:
             return NO_HIT
         best, blocks, snapshot = 0, [], None
-        for i, h in enumerate(self.block_hashes(seq, seq.num_tokens - 1)):
+        for i in range(self.num_hashed(seq, seq.num_tokens - 1)):
+            h = seq.block_hashes[i]
             block = self._cached.get(h)
             if block is None:
                 break
@@ -195,9 +195,11 @@ class BlockManager:
         a step), binding the snapshots taken at their ends."""
         if not self.caching:
             return
-        hashes = self.block_hashes(seq, seq.num_computed_tokens)
-        for i in range(seq.num_registered_blocks, len(hashes)):
-            h, block = hashes[i], seq.block_table[i]
+        if min(seq.num_computed_tokens, seq.num_tokens) < (seq.num_registered_blocks + 1) * self.block_size:
+            return  # no new full block (most steps: O(1))
+        n = self.num_hashed(seq, seq.num_computed_tokens)
+        for i in range(seq.num_registered_blocks, n):
+            h, block = seq.block_hashes[i], seq.block_table[i]
             if h not in self._cached:
                 self._cached[h] = block
                 self._hash_of[block] = h
@@ -208,15 +210,15 @@ class BlockManager:
                     self._free_snapshots.append(snapshot)
                 else:
                     self._snapshots[h] = snapshot
-        seq.num_registered_blocks = max(seq.num_registered_blocks, len(hashes))
+        seq.num_registered_blocks = max(seq.num_registered_blocks, n)
 
     def wants_snapshot(self, seq: Sequence, block_index: int) -> bool:
         """Whether a step that ends block `block_index` of `seq` should snapshot the conv state:
         not when the cache already has the snapshot of that block's tokens."""
         if not self.caching:
             return False
-        hashes = self.block_hashes(seq, (block_index + 1) * self.block_size)
-        return len(hashes) <= block_index or hashes[block_index] not in self._snapshots
+        known = self.num_hashed(seq, (block_index + 1) * self.block_size) > block_index
+        return not known or seq.block_hashes[block_index] not in self._snapshots
 
     def new_snapshot(self, seq: Sequence, block_index: int) -> int | None:
         """A snapshot id for the conv state at the end of block `block_index` of `seq` (written by
