@@ -99,6 +99,22 @@ def test_prefix_ending_mid_block_and_the_last_token_recomputed(model, async_sche
     engine.check_no_leaks()
 
 
+@pytest.mark.parametrize("budget", [3, 5])
+def test_snapshots_inside_chunks_that_start_off_the_block_grid(model, async_scheduling, budget):
+    """Chunks of 3 (or 5) tokens over blocks of 4: block ends fall 1 or 2 tokens into a chunk (the
+    conv state there mixes the step's start state with its inputs), inside it, or at its end (the
+    slot's state after the step). Later prompts that diverge right after each block end resume
+    from those snapshots and still give the reference tokens."""
+    base = tokens(22, 11)
+    engine = engine_for(model, async_scheduling, max_num_batched_tokens=budget)
+    assert engine.generate([base], GREEDY)[0].token_ids == greedy_reference(model, base, NEW)
+    for k in (4, 8, 12, 16, 20):
+        prompt = base[:k] + [7, 7, 7]
+        out = engine.generate([prompt], GREEDY)[0]
+        assert (out.token_ids, out.num_cached_tokens) == (greedy_reference(model, prompt, NEW), k)
+    engine.check_no_leaks()
+
+
 def test_multi_turn_reuses_the_previous_turn_including_its_answer(model, async_scheduling):
     """Turn k+1's prompt is turn k's prompt + its answer + a new message, sent as a new request
     (as a server client does): the blocks of the answer (filled by decode steps) are reused too."""

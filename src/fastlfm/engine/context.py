@@ -51,8 +51,9 @@ class PagedContext(MixingContext):
     Triton kernels (a conv block's in_proj together with its conv step). `moe_kernel` (default:
     `use_triton`): MoE experts through the fused Triton kernels, in every step.
     `conv_snapshots` (prefix caching, eager steps): (snapshot pool (conv layers, snapshots, K-1, D),
-    snapshot ids (M,), rows (M*(K-1),) of [row states ++ conv inputs]): conv states at block ends
-    inside prefill chunks, copied out as the conv layers run.
+    snapshot ids (M,), rows (M*(K-1),) of the step's conv inputs, None or (those of the rows that lie
+    before their chunk, their rows in the (S*(K-1)) row states)): conv states at block ends inside
+    prefill chunks, copied out as the conv layers run.
     """
 
     def __init__(self, *, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], conv_states: torch.Tensor,
@@ -240,10 +241,13 @@ class PagedContext(MixingContext):
         out, new_state = packed_causal_conv(x, weight, bias, self.cu_seqlens, self.pos_in_chunk,
                                             self.seq_of_token, state.transpose(1, 2))
         if self.conv_snapshots is not None:
-            snapshots, ids, rows = self.conv_snapshots
-            inputs = torch.cat((state.flatten(0, 1).to(x.dtype), x))
-            taken = inputs.index_select(0, rows).view(ids.shape[0], state.shape[1], x.shape[-1])
-            snapshots[self.conv_index[layer_idx]].index_copy_(0, ids, taken.to(snapshots.dtype))
+            snapshots, ids, rows, before = self.conv_snapshots
+            taken = x.index_select(0, rows)
+            if before is not None:  # rows before their chunk's start come from the row's state
+                dst, src = before
+                taken.index_copy_(0, dst, state.flatten(0, 1).index_select(0, src).to(x.dtype))
+            snapshots[self.conv_index[layer_idx]].index_copy_(
+                0, ids, taken.view(ids.shape[0], state.shape[1], x.shape[-1]).to(snapshots.dtype))
         pool[self.conv_slots] = new_state.transpose(1, 2).to(pool.dtype)
         return out[None]
 

@@ -162,22 +162,27 @@ class ModelRunner:
         dst.index_copy_(1, index[:len(pairs)], src.index_select(1, index[len(pairs):]))
 
     def _snapshot_rows(self, inside: list[tuple[int, int, int]], past: list[int], last_index: list[int],
-                       counts: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """For snapshots at block ends inside prefill chunks: (the snapshot pool, ids, and for each
-        the K-1 rows of [row states (S*(K-1)) ++ the step's conv inputs (N)] that are the conv
-        state there: the inputs just before the position, from the row's state where the chunk
-        has fewer)."""
+                       counts: list[int]):
+        """For snapshots at block ends inside prefill chunks: the snapshot pool, their ids, and the
+        K-1 conv inputs just before each position (the conv state there): rows of the step's packed
+        inputs, or (only when a chunk started fewer than K-1 tokens before the position) rows of
+        the row states (S*(K-1)) the step started from."""
         if not inside:
             return None
         keep = self.conv_states.shape[2]  # K-1
-        num_rows = len(past)
-        rows = []
+        rows, dst, src = [], [], []
         for row, pos, _ in inside:
             start, first = past[row], last_index[row] + 1 - counts[row]  # chunk start, its first packed index
             for p in range(pos - keep, pos):
-                rows.append(num_rows * keep + first + p - start if p >= start else row * keep + keep - (start - p))
+                if p >= start:
+                    rows.append(first + p - start)
+                else:
+                    dst.append(len(rows))
+                    src.append(row * keep + keep - (start - p))
+                    rows.append(0)
         ids = self._to_device([snap for *_, snap in inside], torch.long)
-        return self.conv_snapshots, ids, self._to_device(rows, torch.long)
+        before = self._to_device(dst + src, torch.long).split(len(dst)) if dst else None
+        return self.conv_snapshots, ids, self._to_device(rows, torch.long), before
 
     # -- CUDA graphs for decode ---------------------------------------------------------
     def _padded_size(self, bs: int) -> int | None:

@@ -111,8 +111,9 @@ class Scheduler:
             seq.num_computed_tokens = hit.num_tokens
             if seq.num_cached_tokens is None:  # the turn's first admission (not a recompute) is what usage reports
                 seq.num_cached_tokens = hit.num_tokens
-                self.num_prefix_queries += seq.num_prompt_tokens
-                self.num_prefix_hits += hit.num_tokens
+                if bm.caching:
+                    self.num_prefix_queries += seq.num_prompt_tokens
+                    self.num_prefix_hits += hit.num_tokens
             if hit.snapshot is not None:
                 restores.append((seq.conv_slot, hit.snapshot))
             self.waiting.popleft()
