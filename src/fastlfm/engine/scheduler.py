@@ -137,6 +137,8 @@ class Scheduler:
         bs, plan = bm.block_size, []
         for row, (seq, n) in enumerate(rows):
             start = seq.num_computed_tokens
+            if (start + n) // bs == start // bs:  # no block ends in this chunk (most decode rows)
+                continue
             for end in range((start // bs + 1) * bs, start + n + 1, bs):
                 if bm.wants_snapshot(seq, end // bs - 1):
                     snapshot = bm.new_snapshot(seq, end // bs - 1)
