@@ -303,8 +303,12 @@ def check_engine(device, moe=False) -> bool:
     engine = LLMEngine(model, max_num_seqs=4, max_model_len=64, max_num_batched_tokens=16, block_size=16,
                        num_kv_blocks=32, async_scheduling=True, enforce_eager=device == "cpu", compile=False, pack_cpu_weights=False)
     use_triton_path(engine.runner, model)
-    # the batch, then one prompt alone (batch-1 decode steps: the fused projections)
-    return run_engine(engine, prompts) == refs and run_engine(engine, prompts[1:2]) == refs[1:2]
+    # the batch, then one prompt alone (batch-1 decode steps: the fused projections), which resumes
+    # from the prefix cache: 32 of its 40 tokens, the conv state restored from a snapshot
+    same = run_engine(engine, prompts) == refs and run_engine(engine, prompts[1:2]) == refs[1:2]
+    hits = engine.scheduler.num_prefix_hits
+    print(f"{'MoE ' if moe else ''}engine: {hits} prompt tokens served from the prefix cache (32 expected)")
+    return same and hits == 32
 
 
 def check_compiled_decode(device, moe=False) -> bool:

@@ -109,7 +109,8 @@ class FastlfmRunner:
 
         torch.set_num_threads(threads)
         t = time.perf_counter()
-        self.llm = LLM(source, dtype=dtype, quantization=quantization, engine_options={"max_num_seqs": 8})
+        self.llm = LLM(source, dtype=dtype, quantization=quantization, engine_options={"max_num_seqs": 8,
+                       "enable_prefix_caching": False})  # runs repeat their prompts: measure work, not cache hits
         self.load_s = time.perf_counter() - t
         prepare = llm_engine.prepare_for_cpu
         if unpacked:  # A/B: the engine with torch's default nn.Linear path (no pre-packing)
@@ -198,7 +199,7 @@ _ONE_PROMPT = """
 import sys, time, torch
 torch.set_num_threads(int(sys.argv[3]))
 from fastlfm import LLM
-llm = LLM(sys.argv[1], dtype=sys.argv[2])
+llm = LLM(sys.argv[1], dtype=sys.argv[2], engine_options={"enable_prefix_caching": False})
 prompt = torch.randint(500, llm.model.config.vocab_size, (128,), generator=torch.Generator().manual_seed(0)).tolist()
 kw = dict(do_sample=False, ignore_eos=True)
 llm.generate([prompt], max_new_tokens=4, **kw)  # warm-up

@@ -5,12 +5,15 @@
 # its table), the text engine benchmark (bench/gpu.py), LFM2-VL (bench/vl.py), the OpenAI server
 # over HTTP (bench/serve_stage.sh: bench/serve.py and bench/reliability.py; it needs the server's
 # wheels: run `bash bench/server_wheels.sh` here first and carry .whl), and LFM2-MoE (stage "moe":
-# bench/gpu.py --models $MOE_MODELS, table in moe_table.md; MOE_ARGS adds options), and structured
+# bench/gpu.py --models $MOE_MODELS, table in moe_table.md; MOE_ARGS adds options), structured
 # output (stage "structured": bench/structured.py, JSON schema vs unconstrained decode tok/s, table in
-# structured_table.md; llguidance comes from .whl like the server's packages).
-# STAGES picks a subset ("kernels gemm gpu vl serve structured" by default; "moe" only when named); each stage
-# runs under its own time limit (KERNELS_S, GEMM_S, GPU_S, VL_S, SERVE_S, MOE_S, STRUCTURED_S seconds) so one slow
-# stage cannot eat a whole device call. Every stage runs; the exit status says whether any failed.
+# structured_table.md; llguidance comes from .whl like the server's packages), and prefix caching
+# (stage "prefix": bench/prefix_cache.py on $PREFIX_MODEL, LFM2-1.2B by default: 64 conversations x 10
+# turns with a 2k-token shared system prompt, served with and without the cache; PREFIX_ARGS adds
+# options; the server wheels as for "serve").
+# STAGES picks a subset ("kernels gemm gpu vl serve structured" by default; "moe" and "prefix" only when named);
+# each stage runs under its own time limit (KERNELS_S, GEMM_S, GPU_S, VL_S, SERVE_S, STRUCTURED_S, MOE_S, PREFIX_S
+# seconds) so one slow stage cannot eat a whole device call. Every stage runs; the exit status says whether any failed.
 # Logs and tables go to $OUT (or /tmp/fastlfm-out).
 set -uo pipefail
 OUT=${OUT:-/tmp/fastlfm-out}; mkdir -p "$OUT"; export OUT
@@ -33,4 +36,9 @@ run_stage serve "${SERVE_S:-480}" bash bench/serve_stage.sh
 run_stage structured "${STRUCTURED_S:-300}" bash -c 'source bench/wheels_env.sh && python3 bench/structured.py'
 # shellcheck disable=SC2086
 run_stage moe "${MOE_S:-480}" python3 bench/gpu.py --models ${MOE_MODELS:-LFM2-8B-A1B LFM2-24B-A2B} --table moe_table.md ${MOE_ARGS:-}
+# Both servers with --no-compile: each starts in seconds instead of a minute (CUDA graphs of the eager
+# step), the same for both runs; the comparison is of prefill work.
+# shellcheck disable=SC2016,SC2086
+run_stage prefix "${PREFIX_S:-300}" bash -c 'source bench/server_env.sh && python3 bench/prefix_cache.py \
+    "${PREFIX_MODEL:-LFM2-1.2B}" --server-args=--no-compile '"${PREFIX_ARGS:-}"
 exit $rc

@@ -293,7 +293,8 @@ def bench_model(name, bw, flops, args, rows, notes):
     t = time.perf_counter()
     try:
         engine = LLMEngine(model, max_num_seqs=args.max_num_seqs, max_model_len=4096,
-                           max_num_batched_tokens=16384, gpu_memory_utilization=0.3, compile=args.compile)
+                           max_num_batched_tokens=16384, gpu_memory_utilization=0.3, compile=args.compile,
+                           enable_prefix_caching=False)  # runs repeat their prompts: measure work, not cache hits
         mode = "graphs+compile" if args.compile else "graphs"
     except Exception as e:  # keep the run useful if inductor fails on this machine
         log(f"compile failed ({type(e).__name__}: {str(e)[:300]}); falling back to eager graphs")
@@ -304,7 +305,8 @@ def bench_model(name, bw, flops, args, rows, notes):
         gc.collect()
         torch.cuda.empty_cache()
         engine = LLMEngine(model, max_num_seqs=args.max_num_seqs, max_model_len=4096,
-                           max_num_batched_tokens=16384, gpu_memory_utilization=0.3, compile=False)
+                           max_num_batched_tokens=16384, gpu_memory_utilization=0.3, compile=False,
+                           enable_prefix_caching=False)
         mode = "graphs"
     log(f"{name}: engine ready in {time.perf_counter() - t:.1f}s ({mode}); "
         f"{engine.block_manager.num_blocks} KV blocks of {engine.block_manager.block_size}")
@@ -481,7 +483,8 @@ def bench_user_paths(name, folder, args, notes, raw_thr: float) -> dict[str, tup
     t = sync_time()
     llm = LLM(str(folder), dtype=bench_dtype(), device=DEV,
               engine_options=dict(max_num_seqs=args.max_num_seqs, max_model_len=4096, max_num_batched_tokens=16384,
-                                  gpu_memory_utilization=0.3, compile=args.compile and DEV == "cuda"))
+                                  gpu_memory_utilization=0.3, compile=args.compile and DEV == "cuda",
+                                  enable_prefix_caching=False))  # warm-ups repeat the measured prompts
     loaded = sync_time() - t
     messages = [{"role": "system", "content": "You are a helpful assistant."},
                 {"role": "user", "content": "Write a long story about a lighthouse keeper and a storm."}]
@@ -805,7 +808,8 @@ def bench_moe_model(name, bw, flops, args, rows, notes) -> bool:
     # batch 1 only (24B-A2B without --moe-full): a short ladder of decode graphs to capture and compile
     engine_kw = dict(max_num_seqs=args.max_num_seqs if full else min(args.max_num_seqs, 8), max_model_len=sizes.max_model_len,
                      max_num_batched_tokens=sizes.batched_tokens, compile=args.compile and DEV == "cuda",
-                     pack_cpu_weights=False)  # (CPU smoke run) plain nn.Linear: the transformers peer takes the same state dict
+                     pack_cpu_weights=False,  # (CPU smoke run) plain nn.Linear: the transformers peer takes the same state dict
+                     enable_prefix_caching=False)  # runs repeat their prompts: measure work, not cache hits
     if DEV == "cuda":  # the weights + a KV pool of about args.moe_kv_gib (100 x 2k tokens of 8B-A1B: 2.4 GiB)
         total = torch.cuda.get_device_properties(0).total_memory
         engine_kw["gpu_memory_utilization"] = min(0.9, (dense_b + expert_b + args.moe_kv_gib * 2**30) / total)

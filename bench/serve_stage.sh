@@ -18,10 +18,7 @@ WORK=$(mktemp -d /tmp/fastlfm-serve.XXXX)
 SERVE_MODELS=${SERVE_MODELS:-LFM2-350M LFM2-1.2B}
 RELIABILITY_MODELS=${RELIABILITY_MODELS:-LFM2-1.2B}
 LIMITS="--max-request-bytes 16777216 --header-timeout 5 --body-timeout 10"
-export PYTHONPATH=${PYTHONPATH:-src} PYTHONUNBUFFERED=1
-source bench/wheels_env.sh || exit 1
-python3 -c "import fastapi, uvicorn, pydantic; print('fastapi', fastapi.__version__, 'uvicorn', uvicorn.__version__, 'pydantic', pydantic.VERSION)" \
-    || { echo "the server's packages are missing: run bench/server_wheels.sh before the call and carry .whl"; exit 1; }
+source bench/server_env.sh || exit 1
 rc=0
 for model in $SERVE_MODELS; do
     label=$(basename "$model")

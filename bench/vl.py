@@ -197,7 +197,7 @@ def main():
     rows, notes = [], []
     t = time.perf_counter()
     kw = dict(max_num_seqs=max(64, args.batch), max_model_len=1024, max_num_batched_tokens=16384,
-              max_vision_views=args.batch)
+              max_vision_views=args.batch, enable_prefix_caching=False)  # runs repeat their prompts
     if on_cuda:
         kw.update(gpu_memory_utilization=0.3)
     try:

@@ -63,3 +63,29 @@ def test_bench_serve_small_scale_on_cpu(tmp_path):
     table = (out / "serve_ckpt.md").read_text()
     assert table.startswith("### fastlfm serve over HTTP") and "| 3 | 3/3 |" in table
     assert table.strip() in proc.stdout
+
+
+def test_prefix_cache_bench_small_scale_on_cpu(tmp_path):
+    """bench/prefix_cache.py with tiny sizes: both server runs complete every turn; the cached
+    tokens the clients were told of equal the server's counted hits, the uncached server reports
+    none, and the later turns of the cached run find at least the shared system prompt's blocks
+    (block size 16 on CPU)."""
+    folder = write_checkpoint(tmp_path / "ckpt", tiny_config(vocab_size=65536))
+    out = tmp_path / "out"
+    convs, turns, system_len = 3, 3, 64
+    cmd = [sys.executable, "bench/prefix_cache.py", str(folder), "--device", "cpu", "--dtype", "float32",
+           "--conversations", str(convs), "--turns", str(turns), "--system-len", str(system_len), "--user-len", "8",
+           "--output-len", "4", "--output-dir", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = json.loads((out / "prefix_cache.json").read_text())
+    on, off = report["runs"]["on"], report["runs"]["off"]
+    for run in (on, off):
+        assert (run["requests"], run["completed"], run["failed"]) == (convs * turns, convs * turns, 0)
+        assert run["server_metrics"]["fastlfm_generation_tokens_total"] == convs * turns * 4
+    later = convs * (turns - 1)
+    hits = on["server_metrics"]["fastlfm_prefix_cache_hits_total"]
+    assert hits == pytest.approx(later * on["later_cached_tokens_mean"] + convs * on["first_cached_tokens_mean"])
+    assert on["later_cached_tokens_mean"] >= system_len // 16 * 16
+    assert off["later_cached_tokens_mean"] == 0 and "fastlfm_prefix_cache_hits_total" not in off["server_metrics"]
+    assert "Goal (issue 18)" in (out / "prefix_cache.md").read_text()

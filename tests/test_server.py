@@ -551,6 +551,39 @@ def test_metrics_endpoint(client, base_url, engine):
     assert m["fastlfm_request_success_total{finished_reason=length}"] >= 1
 
 
+def test_prefix_cache_usage_and_metrics(client, base_url, engine, hf_tokenizer, hf_model):
+    """Requests sharing a system prompt: the later ones report the shared block-aligned start as
+    `prompt_tokens_details.cached_tokens` (chat and completions, streamed usage too), answer as
+    transformers does, and /metrics counts the hits."""
+    bs = engine.engine.block_manager.block_size
+    system = {"role": "system", "content": "You answer questions about otters, rivers and the moon, briefly. " * 3}
+    convs = [[system, {"role": "user", "content": q}] for q in ("Where do otters sleep?", "Is the moon a river?")]
+    ids = [hf_prompt_ids(hf_tokenizer, c) for c in convs]
+    common = next(i for i, (a, b) in enumerate(zip(*ids)) if a != b)
+    before = parse_metrics(httpx.get(base_url + "/metrics").text)
+    kwargs = {"model": MODEL, "max_tokens": 5, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    first = client.chat.completions.create(messages=convs[0], **kwargs)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    second = client.chat.completions.create(messages=convs[1], **kwargs)
+    assert second.usage.prompt_tokens == len(ids[1])
+    assert second.usage.prompt_tokens_details.cached_tokens == common // bs * bs > 0
+    assert second.choices[0].message.content == hf_tokenizer.decode(hf_greedy(hf_model, ids[1], 5)[:5],
+                                                                    skip_special_tokens=True)
+    *_, usage, _ = collect_chat_stream(client.chat.completions.create(
+        messages=convs[0], stream=True, stream_options={"include_usage": True}, **kwargs))
+    assert usage.prompt_tokens_details.cached_tokens == (len(ids[0]) - 1) // bs * bs  # all but the last token
+    comp = client.completions.create(prompt=ids[1], **kwargs)
+    assert comp.usage.prompt_tokens_details.cached_tokens == (len(ids[1]) - 1) // bs * bs
+    after = parse_metrics(httpx.get(base_url + "/metrics").text)
+    hits = after["fastlfm_prefix_cache_hits_total"] - before["fastlfm_prefix_cache_hits_total"]
+    queries = after["fastlfm_prefix_cache_queries_total"] - before["fastlfm_prefix_cache_queries_total"]
+    assert hits == common // bs * bs + (len(ids[0]) - 1) // bs * bs + (len(ids[1]) - 1) // bs * bs
+    assert queries == 2 * len(ids[0]) + 2 * len(ids[1])
+    assert after["fastlfm_prefix_cache_hit_rate"] == pytest.approx(
+        after["fastlfm_prefix_cache_hits_total"] / after["fastlfm_prefix_cache_queries_total"])
+    assert wait_idle(engine).kv_blocks_used == 0
+
+
 def test_serve_cli(monkeypatch, capsys):
     from fastlfm.server import build_parser, main
 
@@ -564,6 +597,8 @@ def test_serve_cli(monkeypatch, capsys):
     monkeypatch.setenv("FASTLFM_API_KEY", "from-env")
     assert build_parser().parse_args(["m"]).api_key == "from-env"
     assert build_parser().parse_args(["m"]).compile and not build_parser().parse_args(["m", "--no-compile"]).compile
+    assert build_parser().parse_args(["m"]).prefix_caching
+    assert not build_parser().parse_args(["m", "--no-prefix-caching"]).prefix_caching
     assert main(["/nonexistent/checkpoint", "--device", "cpu"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("fastlfm serve: error:") and "/nonexistent/checkpoint" in err and "\n" not in err

@@ -280,3 +280,33 @@ def test_llm_chat_batch_runs_images_on_the_engine(folder, hf_model):
     # one conversation still runs on the single-model path and agrees
     assert llm.chat(convs[0], max_new_tokens=NEW, ignore_eos=True).token_ids == results[0].token_ids
     llm.engine.check_no_leaks()
+
+
+def test_prefix_cache_keys_blocks_by_image_content(model, hf_model, folder, requests, reference, counted,
+                                                   async_scheduling):
+    """Images are part of the prefix: the same image and text again reuse the blocks over its
+    features (the vision tower is not run again when all of them are cached); the same token
+    ids with other pixels reuse only the text before the image, and answer for the new image."""
+    views, _ = counted
+    engine = LLMEngine(model, max_num_seqs=4, max_model_len=320, block_size=8, async_scheduling=async_scheduling)
+    ids, images = requests[0]
+    positions = [p for p, t in enumerate(ids) if t == model.config.image_token_id]
+    first = engine.generate([ids], GREEDY, image_inputs=[images])[0]
+    assert first.token_ids == reference[0] and first.num_cached_tokens == 0
+    assert views == [1]
+    again = engine.generate([ids], GREEDY, image_inputs=[images])[0]
+    assert again.token_ids == reference[0]
+    assert again.num_cached_tokens == (len(ids) - 1) // 8 * 8 > positions[-1]
+    assert views == [1]  # every feature position was cached: no encode
+
+    proc = Lfm2VlProcessor.from_pretrained(folder, Tokenizer.from_pretrained(folder))
+    enc = proc.apply_chat_template(user(image(300, 200, 99), "Describe this."))
+    other = {k: enc[k] for k in IMAGE_KEYS}
+    assert enc["input_ids"][0] == ids and not torch.equal(other["pixel_values"], images["pixel_values"])
+    ref = hf_model.generate(input_ids=torch.tensor([ids]), **other, max_new_tokens=NEW, min_new_tokens=NEW,
+                            do_sample=False)[0, len(ids):].tolist()
+    out = engine.generate([ids], GREEDY, image_inputs=[other])[0]
+    assert out.token_ids == ref != reference[0]
+    assert out.num_cached_tokens == positions[0] // 8 * 8  # the text before the image only
+    assert views == [1, 1]
+    engine.check_no_leaks()

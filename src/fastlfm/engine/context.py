@@ -50,19 +50,25 @@ class PagedContext(MixingContext):
     row runs the projections whose weight shape is in `fused_linear_shapes` through the fused
     Triton kernels (a conv block's in_proj together with its conv step). `moe_kernel` (default:
     `use_triton`): MoE experts through the fused Triton kernels, in every step.
+    `conv_snapshots` (prefix caching, eager steps): (snapshot pool (conv layers, snapshots, K-1, D),
+    snapshot ids (M,), rows (M*(K-1),) of the step's conv inputs, None or (those of the rows that lie
+    before their chunk, their rows in the (S*(K-1)) row states)): conv states at block ends inside
+    prefill chunks, copied out as the conv layers run.
     """
 
     def __init__(self, *, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], conv_states: torch.Tensor,
                  attn_index: dict[int, int], conv_index: dict[int, int], past: torch.Tensor,
                  lens: torch.Tensor, block_tables: torch.Tensor, conv_slots: torch.Tensor, num_tokens: int,
                  num_decode: int, host_chunks: list[tuple[int, int, int]] = (), use_triton: bool = False,
-                 fused_linear_shapes: frozenset[tuple[int, int]] = frozenset(), moe_kernel: bool | None = None):
+                 fused_linear_shapes: frozenset[tuple[int, int]] = frozenset(), moe_kernel: bool | None = None,
+                 conv_snapshots: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
         self.kv_caches, self.conv_states = kv_caches, conv_states
         self.attn_index, self.conv_index = attn_index, conv_index
         self.block_tables, self.conv_slots = block_tables, conv_slots
         self.num_decode, self.host_chunks, self.use_triton = num_decode, list(host_chunks), use_triton
         self.fused_linear_shapes = fused_linear_shapes
         self.moe_kernel = use_triton if moe_kernel is None else moe_kernel
+        self.conv_snapshots = conv_snapshots
         self.decode_only = num_decode == num_tokens
         self.block_size = kv_caches[0][0].shape[1] if kv_caches else 1
         device = past.device
@@ -234,6 +240,14 @@ class PagedContext(MixingContext):
             return out[None]
         out, new_state = packed_causal_conv(x, weight, bias, self.cu_seqlens, self.pos_in_chunk,
                                             self.seq_of_token, state.transpose(1, 2))
+        if self.conv_snapshots is not None:
+            snapshots, ids, rows, before = self.conv_snapshots
+            taken = x.index_select(0, rows)
+            if before is not None:  # rows before their chunk's start come from the row's state
+                dst, src = before
+                taken.index_copy_(0, dst, state.flatten(0, 1).index_select(0, src).to(x.dtype))
+            snapshots[self.conv_index[layer_idx]].index_copy_(
+                0, ids, taken.view(ids.shape[0], state.shape[1], x.shape[-1]).to(snapshots.dtype))
         pool[self.conv_slots] = new_state.transpose(1, 2).to(pool.dtype)
         return out[None]
 

@@ -58,6 +58,7 @@ class RequestOutput:
     text_stream: TextStream | None = field(default=None, repr=False)
     num_chars: int = 0               # characters of the text released when this output was made
     error: BaseException | None = None
+    num_cached_tokens: int = 0       # prompt tokens served from the prefix cache (or a session's own cache)
 
     @property
     def text(self) -> str:
@@ -113,6 +114,9 @@ class EngineStats:
     generation_tokens_total: int
     num_preemptions: int = 0
     num_parked_sessions: int = 0
+    prefix_cache_queries: int = 0    # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0       # of those, tokens found cached
+    kv_blocks_cached: int = 0        # blocks registered in the prefix cache (in use or evictable)
 
 
 class LLMEngine:
@@ -150,6 +154,12 @@ class LLMEngine:
     engine/multimodal.py); `processor` (an `Lfm2VlProcessor`, loaded by `from_pretrained`)
     is kept for callers that build such requests (the server); `max_vision_views` caps the
     image views one vision-tower call encodes.
+
+    Prefix caching (`enable_prefix_caching`, on by default): full KV blocks are shared between
+    requests whose tokens (and images) start the same way, and kept after use until their room
+    is needed; the conv state where a reused prefix ends comes from one of `num_conv_snapshots`
+    snapshots (default: a quarter of `num_kv_blocks`, at least `max_num_seqs`); see
+    engine/block_manager.py. Outputs report `num_cached_tokens`.
     """
 
     def __init__(self, model, tokenizer=None, *, max_num_seqs: int = 256, max_model_len: int | None = None,
@@ -157,7 +167,7 @@ class LLMEngine:
                  num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.85,
                  enforce_eager: bool = False, compile: bool | None = None, async_scheduling: bool | None = None,
                  processor=None, max_vision_views: int = 32, pack_cpu_weights: bool = True,
-                 lazy_graphs: bool = True):
+                 lazy_graphs: bool = True, enable_prefix_caching: bool = True, num_conv_snapshots: int | None = None):
         self.model = model
         self.config = model.config
         self.tokenizer = tokenizer
@@ -171,12 +181,19 @@ class LLMEngine:
         self.max_num_batched_tokens = max_num_batched_tokens or (16384 if on_cuda else 2048)
         blocks_per_seq = -(-self.max_model_len // block_size)
         if num_kv_blocks is None:
-            num_kv_blocks = self._blocks_from_memory(block_size, gpu_memory_utilization) if on_cuda \
-                else max_num_seqs * blocks_per_seq
+            num_kv_blocks = self._blocks_from_memory(block_size, gpu_memory_utilization, enable_prefix_caching) \
+                if on_cuda else max_num_seqs * blocks_per_seq
         if num_kv_blocks < blocks_per_seq:
             raise ValueError(f"num_kv_blocks={num_kv_blocks} cannot hold one sequence of max_model_len="
                              f"{self.max_model_len} ({blocks_per_seq} blocks of {block_size}); lower max_model_len")
-        self.block_manager = BlockManager(num_kv_blocks, block_size, max_num_seqs)
+        if not enable_prefix_caching:
+            num_conv_snapshots = 0
+        elif num_conv_snapshots is None:
+            num_conv_snapshots = max(num_kv_blocks // 4, max_num_seqs)
+        elif num_conv_snapshots < 1:
+            raise ValueError(f"num_conv_snapshots must be >= 1 with prefix caching, got {num_conv_snapshots} "
+                             "(enable_prefix_caching=False turns the cache off)")
+        self.block_manager = BlockManager(num_kv_blocks, block_size, max_num_seqs, num_conv_snapshots)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, self.max_num_batched_tokens)
         self.compiled = on_cuda and not enforce_eager and (on_cuda if compile is None else bool(compile))
         # CPU: projections pre-packed for oneDNN (a quantized model is kept as it is); the model's
@@ -187,7 +204,8 @@ class LLMEngine:
         self.runner = ModelRunner(model, block_size=block_size, num_blocks=num_kv_blocks, num_conv_slots=max_num_seqs,
                                   max_model_len=self.max_model_len, max_num_seqs=max_num_seqs,
                                   use_cuda_graphs=on_cuda and not enforce_eager, use_triton=on_cuda,
-                                  compile=self.compiled, max_vision_views=max_vision_views, lazy_graphs=lazy_graphs)
+                                  compile=self.compiled, max_vision_views=max_vision_views, lazy_graphs=lazy_graphs,
+                                  num_conv_snapshots=num_conv_snapshots)
         self.eos_token_ids = eos_token_ids(self.generation_config, self.config.eos_token_id,
                                            tokenizer.eos_token_id if tokenizer is not None else None)
         self.async_scheduling = on_cuda if async_scheduling is None else bool(async_scheduling)
@@ -233,10 +251,13 @@ class LLMEngine:
             engine_kwargs.setdefault("processor", Lfm2VlProcessor.from_pretrained(folder, tok))
         return cls(lm, tok, **engine_kwargs)
 
-    def _blocks_from_memory(self, block_size: int, utilization: float) -> int:
+    def _blocks_from_memory(self, block_size: int, utilization: float, prefix_caching: bool) -> int:
         cfg = self.config
         n_attn = sum(cfg.is_attention_layer(i) for i in range(cfg.num_hidden_layers))
         per_block = 2 * n_attn * block_size * cfg.num_key_value_heads * cfg.head_dim * self.model.dtype.itemsize
+        if prefix_caching:  # one conv-state snapshot per four blocks (the default num_conv_snapshots)
+            n_conv = cfg.num_hidden_layers - n_attn
+            per_block += n_conv * (cfg.conv_L_cache - 1) * cfg.hidden_size * self.model.dtype.itemsize / 4
         free, total = torch.cuda.mem_get_info(self.device)
         # Leave room for activations of a full token budget (MLP intermediates dominate) + logits.
         activations = self.max_num_batched_tokens * (cfg.hidden_size * 12 + 2 * cfg.intermediate_size) * 2 \
@@ -291,6 +312,8 @@ class LLMEngine:
             seq = Sequence(request_id, prompt, params)
             seq.keep_cache = keep_cache
             seq.image_inputs, seq.image_positions = images, image_positions
+            if images is not None and self.block_manager.caching:
+                seq.image_keys = multimodal.image_keys(self.config, images, image_positions)
         else:
             seq = continue_from
             if not (seq.keep_cache and seq.is_finished):
@@ -299,7 +322,7 @@ class LLMEngine:
             seq.token_ids.extend(prompt)
             seq.num_prompt_tokens = len(seq.token_ids)
             seq.turn += 1
-            seq.finish_reason, seq.logprobs = None, []
+            seq.finish_reason, seq.logprobs, seq.num_cached_tokens = None, [], None
             seq.in_flight_row, seq.awaiting_finish = None, False
         seq.max_num_tokens = min(seq.num_prompt_tokens + _max_new(params), self.max_model_len)
         seq.plain_greedy = _is_plain_greedy(params)
@@ -362,6 +385,7 @@ class LLMEngine:
                 or n > len(seq.token_ids) - 1:
             return False
         del seq.token_ids[len(seq.token_ids) - n:]
+        del seq.block_hashes[len(seq.token_ids) // self.block_manager.block_size:]
         return True
 
     def release_later(self, seq: Sequence) -> None:
@@ -380,7 +404,7 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or self.in_flight is not None
 
-    def _finish(self, seq: Sequence, reason: str) -> None:
+    def _finish(self, seq: Sequence, reason: str, cache: bool = True) -> None:
         self.requests.pop(seq.request_id, None)
         self.num_history_requests -= _needs_history(seq.params)
         if seq.grammar is not None:
@@ -394,7 +418,7 @@ class LLMEngine:
             self.scheduler.park(seq, reason)
         else:
             seq.keep_cache = False  # an aborted session is over: its cache may be half-updated
-            self.scheduler.finish(seq, reason)
+            self.scheduler.finish(seq, reason, cache=cache)
 
     # -- the step -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -432,6 +456,9 @@ class LLMEngine:
         self.in_flight = launched
         if launched is not None and not self.async_scheduling:
             outputs += self._process(self._take_in_flight())
+        for seq in batch.seqs:  # the blocks this step filled, now that their tokens are known
+            if seq.status is SequenceStatus.RUNNING:
+                self.block_manager.register(seq)
         return outputs
 
     def _recover(self, error: BaseException) -> None:
@@ -444,7 +471,7 @@ class LLMEngine:
         self.failed_outputs = []
         for seq in failed:
             seq.keep_cache = False
-            self._finish(seq, "abort")
+            self._finish(seq, "abort", cache=False)
             self.failed_outputs.append(self._output(seq, [], [], error=error))
         # Cache taken by a sequence that the failure left in no queue goes back too.
         self.block_manager.reclaim([*self.scheduler.running, *self.scheduler.waiting, *self.scheduler.parked])
@@ -603,6 +630,7 @@ class LLMEngine:
             num_tokens=len(seq.token_ids) if upto is None else upto, all_token_ids=seq.token_ids,
             logprobs=list(new_lp) if seq.params.logprobs is not None else None,
             text_stream=stream, num_chars=stream.num_chars if stream is not None else 0, error=error,
+            num_cached_tokens=seq.num_cached_tokens or 0,
         )
 
     # -- synchronous API ----------------------------------------------------------------
@@ -652,9 +680,11 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         bm = self.block_manager
-        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), bm.num_used_blocks,
+        sched = self.scheduler
+        return EngineStats(len(sched.running), len(sched.waiting), bm.num_used_blocks,
                            bm.num_blocks, bm.num_used_slots, bm.num_conv_slots, self.prompt_tokens_total,
-                           self.generation_tokens_total, self.scheduler.num_preemptions, len(self.scheduler.parked))
+                           self.generation_tokens_total, sched.num_preemptions, len(sched.parked),
+                           sched.num_prefix_queries, sched.num_prefix_hits, bm.num_cached_blocks)
 
     def check_no_leaks(self) -> None:
         """Raise unless the only cache handed out is that of parked sessions."""

@@ -33,7 +33,7 @@ class ModelRunner:
     def __init__(self, model, *, block_size: int, num_blocks: int, num_conv_slots: int,
                  max_model_len: int, max_num_seqs: int, use_cuda_graphs: bool, use_triton: bool,
                  max_graph_batch_size: int = 256, compile: bool = False, max_vision_views: int = 32,
-                 lazy_graphs: bool = False):
+                 lazy_graphs: bool = False, num_conv_snapshots: int = 0):
         self.model = model
         fuse_projections(model)  # q/k/v and w1/w3 as one GEMM each
         cfg = model.config
@@ -65,6 +65,9 @@ class ModelRunner:
         K = cfg.conv_L_cache
         self.conv_states = torch.zeros((len(conv), num_conv_slots + 1, K - 1, cfg.hidden_size),
                                        dtype=self.dtype, device=self.device)
+        # Prefix caching: conv states at block ends of cached prefixes (block_manager.py).
+        self.conv_snapshots = torch.zeros((len(conv), num_conv_snapshots, K - 1, cfg.hidden_size),
+                                          dtype=self.dtype, device=self.device) if num_conv_snapshots else None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_sizes: list[int] = []  # the decode batch sizes that run as graphs (capture_graphs)
         # torch.compile (inductor) fuses the eager elementwise chains of the decode step
@@ -83,13 +86,14 @@ class ModelRunner:
             self.capture_graphs(min(max_num_seqs, max_graph_batch_size, num_conv_slots), lazy=lazy_graphs)
 
     # -- metadata ---------------------------------------------------------------------
-    def _context(self, past, lens, block_tables, conv_slots, num_tokens, num_decode, host_chunks=()):
+    def _context(self, past, lens, block_tables, conv_slots, num_tokens, num_decode, host_chunks=(), snapshots=None):
         return PagedContext(kv_caches=self.kv_caches, conv_states=self.conv_states, attn_index=self.attn_index,
                             conv_index=self.conv_index, past=past, lens=lens, block_tables=block_tables,
                             conv_slots=conv_slots, num_tokens=num_tokens, num_decode=num_decode,
                             host_chunks=host_chunks, use_triton=self.use_triton,
                             fused_linear_shapes=self.fused_linear_shapes,
-                            moe_kernel=self.use_triton and self.moe_backend == "triton")
+                            moe_kernel=self.use_triton and self.moe_backend == "triton",
+                            conv_snapshots=snapshots)
 
     def _to_device(self, data, dtype):
         return host_to_device(data, dtype, self.device)
@@ -105,9 +109,19 @@ class ModelRunner:
         can be launched before that step's ids reach the host."""
         seqs, counts = batch.seqs, batch.num_tokens
         sample_rows = [i for i, (s, n) in enumerate(zip(seqs, counts)) if s.num_computed_tokens + n == s.num_tokens]
+        if batch.restores:  # admitted with a cached prefix: the conv state where it ends
+            self._copy_conv(self.conv_states, self.conv_snapshots, batch.restores)
+        # Snapshots at the end of a row's chunk are its slot's state after the step; those inside a
+        # prefill chunk are taken by the forward (PagedContext.short_conv).
+        at_end = [(seqs[row].conv_slot, snap) for row, pos, snap in batch.snapshots
+                  if pos == seqs[row].num_computed_tokens + counts[row]]
+        inside = [(row, pos, snap) for row, pos, snap in batch.snapshots
+                  if pos != seqs[row].num_computed_tokens + counts[row]]
         if self.graph_sizes and batch.num_decode == len(seqs) and len(seqs) <= self.graph_sizes[-1] \
                 and not has_image_rows(seqs, counts):
             logits, greedy_ids = self._run_graph(seqs, sample_rows, in_flight)
+            if at_end:
+                self._copy_conv(self.conv_snapshots, self.conv_states, [(snap, slot) for slot, snap in at_end])
             if len(sample_rows) < len(seqs):  # a 1-token prompt chunk rode along as a decode row
                 keep = self._to_device(sample_rows, torch.long)
                 logits, greedy_ids = logits.index_select(0, keep), greedy_ids.index_select(0, keep)
@@ -125,7 +139,7 @@ class ModelRunner:
         tables = [s.block_table + [self.padding_block] * (width - len(s.block_table)) for s in seqs]
         ctx = self._context(self._to_device(past, torch.long), self._to_device(counts, torch.long),
                             self._to_device(tables, torch.int32), self._to_device([s.conv_slot for s in seqs], torch.long),
-                            len(ids), batch.num_decode, host_chunks)
+                            len(ids), batch.num_decode, host_chunks, self._snapshot_rows(inside, past, last_index, counts))
         keep = self._to_device([last_index[i] for i in sample_rows], torch.long)
         input_ids = self._to_device(ids, torch.long)
         # A token in flight is always its sequence's newest one: the last of a sampling row's chunk.
@@ -138,7 +152,37 @@ class ModelRunner:
             out = self.model(inputs_embeds=embeds, context=ctx, logits_to_keep=keep)
         else:
             out = self.model(input_ids=input_ids[None], context=ctx, logits_to_keep=keep)
+        if at_end:
+            self._copy_conv(self.conv_snapshots, self.conv_states, [(snap, slot) for slot, snap in at_end])
         return sample_rows, out.logits[0], None
+
+    def _copy_conv(self, dst: torch.Tensor, src: torch.Tensor, pairs: list[tuple[int, int]]) -> None:
+        """dst[:, i] = src[:, j] for each (i, j), every conv layer at once (slots <-> snapshots)."""
+        index = self._to_device([i for i, _ in pairs] + [j for _, j in pairs], torch.long)
+        dst.index_copy_(1, index[:len(pairs)], src.index_select(1, index[len(pairs):]))
+
+    def _snapshot_rows(self, inside: list[tuple[int, int, int]], past: list[int], last_index: list[int],
+                       counts: list[int]):
+        """For snapshots at block ends inside prefill chunks: the snapshot pool, their ids, and the
+        K-1 conv inputs just before each position (the conv state there): rows of the step's packed
+        inputs, or (only when a chunk started fewer than K-1 tokens before the position) rows of
+        the row states (S*(K-1)) the step started from."""
+        if not inside:
+            return None
+        keep = self.conv_states.shape[2]  # K-1
+        rows, dst, src = [], [], []
+        for row, pos, _ in inside:
+            start, first = past[row], last_index[row] + 1 - counts[row]  # chunk start, its first packed index
+            for p in range(pos - keep, pos):
+                if p >= start:
+                    rows.append(first + p - start)
+                else:
+                    dst.append(len(rows))
+                    src.append(row * keep + keep - (start - p))
+                    rows.append(0)
+        ids = self._to_device([snap for *_, snap in inside], torch.long)
+        before = self._to_device(dst + src, torch.long).split(len(dst)) if dst else None
+        return self.conv_snapshots, ids, self._to_device(rows, torch.long), before
 
     # -- CUDA graphs for decode ---------------------------------------------------------
     def _padded_size(self, bs: int) -> int | None:

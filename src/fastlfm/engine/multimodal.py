@@ -18,6 +18,7 @@ aborted.
 from __future__ import annotations
 
 import bisect
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -100,6 +101,24 @@ def check_image_inputs(config, prompt: list[int], inputs: Mapping[str, Any] | No
         raise ValueError(f"the prompt has {len(positions)} image tokens (id {tid}) but the images give {features} "
                          "features; expand the prompt with the processor")
     return ImageInputs(pv, mask, shapes), positions
+
+
+def image_keys(config, images: ImageInputs, positions: list[int]) -> list[tuple[int, int, bytes]]:
+    """Per view: the first and last prompt position of its features and a digest of its tensors.
+    The prefix cache hashes a block with the digests of the views whose features it holds, so
+    the same `<image>` ids with other pixels never match."""
+    f = config.downsample_factor
+    keys, first = [], 0
+    for v, (h, w) in enumerate(images.spatial_shapes.tolist()):
+        n = (h // f) * (w // f)
+        digest = hashlib.blake2b(digest_size=16)
+        for t in (images.pixel_values[v], images.pixel_attention_mask[v], images.spatial_shapes[v]):
+            digest.update(str((t.dtype, tuple(t.shape))).encode())
+            digest.update(t.contiguous().view(torch.uint8).numpy().tobytes() if t.dtype != torch.bool
+                          else t.to(torch.uint8).numpy().tobytes())
+        keys.append((positions[first], positions[first + n - 1], digest.digest()))
+        first += n
+    return keys
 
 
 def encode_images(model, seqs: list, max_views: int) -> None:

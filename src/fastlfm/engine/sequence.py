@@ -62,6 +62,17 @@ class Sequence:
         self.image_inputs = None
         self.image_positions: list[int] = []
         self.image_embeds = None
+        # Prefix caching (block_manager.py): the chain hashes of its full blocks of known tokens
+        # (computed once each), how many of its blocks are registered in the cache, the conv-state
+        # snapshots taken at block ends and not yet bound to their block's hash (block index ->
+        # snapshot id), and per image view (first, last prompt position of its features, content
+        # digest), which the hash of a block holding those positions includes.
+        self.block_hashes: list[bytes] = []
+        self.num_registered_blocks = 0
+        self.pending_snapshots: dict[int, int] = {}
+        self.image_keys: list[tuple[int, int, bytes]] = []
+        # Prompt tokens of the current turn served from the prefix cache (None until admitted).
+        self.num_cached_tokens: int | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -39,6 +39,9 @@ def build_parser(prog: str = "fastlfm serve") -> argparse.ArgumentParser:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="torch.compile the CUDA decode step (about a minute more at start-up; the speed "
                    "BENCHMARKS.md reports); --no-compile starts faster with CUDA graphs of the eager step")
+    p.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV blocks and conv state of prompts that start like an earlier one (shared "
+                        "system prompts, later chat turns); --no-prefix-caching recomputes every prompt")
     p.add_argument("--allow-remote-images", action="store_true",
                    help="fetch http(s) image_url parts (LFM2-VL); off by default, since the server then requests any "
                         "address a client names from its own network. data: URLs are always accepted")
@@ -96,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                                                 max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                                                 compile=args.compile, quantization=args.quantization,
                                                 stream_interval_s=args.stream_interval_ms / 1000,
+                                                enable_prefix_caching=args.prefix_caching,
                                                 lazy_graphs=False)  # every graph before the first client
         app = create_app(
             engine,

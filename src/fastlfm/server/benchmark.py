@@ -60,6 +60,8 @@ class RequestResult:
     end: float = 0.0
     ttft: float = math.nan
     chunk_times: list[float] = field(default_factory=list)  # arrival of each chunk with text
+    cached_tokens: int = 0  # usage.prompt_tokens_details.cached_tokens
+    text: str = ""          # the streamed text (kept with `keep_text`)
 
     @property
     def e2e(self) -> float:
@@ -74,12 +76,14 @@ def parse_sse_line(line: str) -> Any:
     return payload if payload == "[DONE]" else json.loads(payload)
 
 
-async def stream_completion(http, url: str, body: dict) -> RequestResult:
-    """POST one streaming completion and time it."""
+async def stream_completion(http, url: str, body: dict, path: str = "/v1/completions",
+                            keep_text: bool = False) -> RequestResult:
+    """POST one streaming completion (or chat completion: `path`) and time it."""
     result = RequestResult(ok=False, start=time.monotonic())
     done = False
+    parts: list[str] = []
     try:
-        async with http.stream("POST", url + "/v1/completions", json=body) as r:
+        async with http.stream("POST", url + path, json=body) as r:
             if r.status_code != 200:
                 result.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
                 return result
@@ -97,15 +101,21 @@ async def stream_completion(http, url: str, body: dict) -> RequestResult:
                 if event.get("usage"):
                     result.prompt_tokens = event["usage"]["prompt_tokens"]
                     result.output_tokens = event["usage"]["completion_tokens"]
-                if any(c.get("text") for c in event.get("choices", ())):
+                    result.cached_tokens = (event["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+                text = "".join(c.get("text") or (c.get("delta") or {}).get("content") or ""
+                               for c in event.get("choices", ()))
+                if text:
                     if not result.chunk_times:
                         result.ttft = now - result.start
                     result.chunk_times.append(now)
+                    if keep_text:
+                        parts.append(text)
     except Exception as e:  # a transport error is a failed request, reported with the rest
         result.error = f"{type(e).__name__}: {e}"[:300]
         return result
     finally:
         result.end = time.monotonic()
+        result.text = "".join(parts)
     result.ok = done and not result.error
     if result.ok and not result.output_tokens:
         result.ok, result.error = False, "no usage in the stream"
@@ -241,7 +251,8 @@ def scrape(url: str) -> dict[str, float]:
     return out
 
 
-_COUNTERS = ("fastlfm_prompt_tokens_total", "fastlfm_generation_tokens_total", "fastlfm_num_preemptions_total",
+_COUNTERS = ("fastlfm_prompt_tokens_total", "fastlfm_prefix_cache_queries_total", "fastlfm_prefix_cache_hits_total",
+             "fastlfm_generation_tokens_total", "fastlfm_num_preemptions_total",
              "fastlfm_request_success_total", "fastlfm_request_errors_total",
              "fastlfm_time_to_first_token_seconds_sum", "fastlfm_time_to_first_token_seconds_count",
              "fastlfm_e2e_request_latency_seconds_sum", "fastlfm_e2e_request_latency_seconds_count")

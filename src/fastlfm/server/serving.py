@@ -121,6 +121,7 @@ class _ChoiceState:
         self.tool_parser = StreamingToolCallParser() if parse_tools else None
         self.num_tool_calls = 0
         self.num_generated = 0
+        self.num_cached = 0  # prompt tokens of its request found in the prefix cache
         self.finish_reason: str | None = None
         self.started = time.perf_counter()
         self.last_token_time: float | None = None
@@ -136,6 +137,7 @@ class _ChoiceState:
                 metrics.time_per_output_token.observe((now - self.last_token_time) / n_new)
             self.last_token_time = now
         self.num_generated = out.num_generated_tokens
+        self.num_cached = out.num_cached_tokens
 
         delta = Delta(logprobs=list(out.logprobs or ()))
         if out.finished and out.finish_reason == "eos" and delta.logprobs:
@@ -650,8 +652,12 @@ class OpenAIServing:
 
     def _usage(self, prep: _Prepared, states: dict[int, _ChoiceState]) -> dict:
         completion = sum(s.num_generated for s in states.values())
+        cached: dict[int, int] = {}  # per prompt, as prompt_tokens counts it (n choices: the most any found)
+        for job in prep.jobs:
+            cached[job.prompt_index] = max(cached.get(job.prompt_index, 0), states[job.index].num_cached)
         return {"prompt_tokens": prep.prompt_tokens, "completion_tokens": completion,
-                "total_tokens": prep.prompt_tokens + completion}
+                "total_tokens": prep.prompt_tokens + completion,
+                "prompt_tokens_details": {"cached_tokens": sum(cached.values())}}
 
     # ------------------------------------------------------------------ full responses
     async def chat_response(self, prep: _Prepared) -> dict:
