@@ -577,15 +577,23 @@ def bench_guide(name, folder, notes) -> dict[str, tuple[float, str]]:
     return out
 
 
-def bench_dense_smoke(name, args, rows, notes) -> bool:
-    """--device cpu --tiny with a dense model: the user paths and the guide's example at a tiny width, with a
-    transformers batch-1 peer of 16 tokens (the code paths, not the speed)."""
-    folder = Path(f"/tmp/ckpt-{name}-tiny")
-    if not (folder / "config.json").exists():
-        write_checkpoint(folder, tiny_config(name, vocab_size=real_config(name)["vocab_size"]))  # full-size tokenizer
-    user = bench_user_paths(name, folder, args, notes, raw_thr=float("nan"))
+def bench_guide_only(name, args, rows, notes) -> bool:
+    """--device cpu --tiny (a smoke run: the user paths and the guide's example at a tiny width), or --guide-only on
+    the GPU (the guide's example alone on the real shape); transformers' batch-1 generate is the peer (16 new tokens
+    on CPU, --hf-b1-tokens on the GPU)."""
+    tiny = DEV != "cuda"
+    if tiny:
+        folder = Path(f"/tmp/ckpt-{name}-tiny")
+        if not (folder / "config.json").exists():
+            write_checkpoint(folder, tiny_config(name, vocab_size=real_config(name)["vocab_size"]))  # full-size tokenizer
+        user = bench_user_paths(name, folder, args, notes, raw_thr=float("nan"))
+    else:
+        folder, user = bench_checkpoint(name), {}
     user.update(bench_guide(name, folder, notes))
-    hf_b1 = float("nan") if args.no_hf else hf_generate_tps(hf_peer(folder), 1, 128, 16)
+    hf_b1 = float("nan")
+    if not args.no_hf:
+        hf_b1 = hf_generate_tps(hf_peer(folder), 1, 128, 16 if tiny else args.hf_b1_tokens)
+        free_device_memory()
     user_rows(name, user, rows, hf_b1, float("nan"), float("nan"), float("nan"))
     return True
 
@@ -950,6 +958,7 @@ def main():
     ap.add_argument("--table", default="gpu_table.md", help="file name of the table under $OUT")
     ap.add_argument("--start-time", action="store_true", help="LFM2-1.2B: engine start in fresh processes (cold/warm caches)")
     ap.add_argument("--start-only", action="store_true", help="only the engine start times of the models, then stop")
+    ap.add_argument("--guide-only", action="store_true", help="dense models: only the guide's example rows (issue 15)")
     args = ap.parse_args()
     torch.manual_seed(0)
     if args.device != "cuda":  # smoke run: the code paths, not the speed
@@ -982,8 +991,8 @@ def main():
                 notes.append(f"{name}: FAILED: {type(e).__name__}: {str(e)[:300]}")
                 all_ok = False
             free_device_memory()
-        elif DEV != "cuda":
-            all_ok &= bench_dense_smoke(name, args, rows, notes)
+        elif DEV != "cuda" or args.guide_only:
+            all_ok &= bench_guide_only(name, args, rows, notes)
         else:
             all_ok &= bench_model(name, bw, flops, args, rows, notes)
         # The table so far after each model: a run cut short at its time limit keeps what it measured.
