@@ -214,9 +214,11 @@ _BITS: dict[str, torch.Tensor] = {}
 
 
 def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """(B, V) bool on the bitmask's device: bit j of word w allows token 32 * w + j."""
+    """(B, V) bool on the bitmask's device: bit j of word w allows token 32 * w + j (two kernels:
+    an AND with the 32 single-bit words, a compare)."""
     key = str(bitmask.device)
-    if key not in _BITS:
-        _BITS[key] = torch.arange(32, dtype=torch.int32, device=bitmask.device)
-    bits = (bitmask[:, :, None] >> _BITS[key]) & 1
-    return bits.view(bitmask.shape[0], -1)[:, :vocab_size].bool()
+    if key not in _BITS:  # 1 << j as int32 (bit 31: the negative word -2**31)
+        _BITS[key] = torch.tensor([1 << j if j < 31 else -(1 << 31) for j in range(32)], dtype=torch.int32,
+                                  device=bitmask.device)
+    bits = (bitmask[:, :, None] & _BITS[key]) != 0
+    return bits.view(bitmask.shape[0], -1)[:, :vocab_size]

@@ -532,7 +532,7 @@ class LLMEngine:
         if all(s.plain_greedy for s in seqs):
             if allowed is None:
                 return (greedy_ids if greedy_ids is not None else logits.argmax(-1)), []
-            return logits.masked_fill(~allowed, float("-inf")).argmax(-1), []  # greedy under grammars
+            return torch.where(allowed, logits, float("-inf")).argmax(-1), []  # greedy under grammars
         params = [s.params for s in seqs]
         needs_history = any(_needs_history(p) for p in params)
         tensors = SamplingTensors.from_requests(
