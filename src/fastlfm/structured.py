@@ -17,7 +17,17 @@ of its grammar's compiled template, cached by `GrammarCache`). The engine launch
 forward first, then reads the previous step's tokens and advances the matchers while the device
 runs it, fills the token bitmask of the constrained rows on the CPU (`fill_bitmask`), and
 samples with the unpacked mask applied on the device (a masked argmax when every row is greedy,
-else `SamplingTensors.allowed`). Steps without a constrained row take none of this.
+else `SamplingTensors.allowed`). Steps without a constrained row take none of this. With at
+least PAR_MIN_ROWS constrained rows, the matchers advance and fill their masks on llguidance's
+thread pool (`LLMEngine(grammar_threads=)`, by default on CUDA only).
+
+Host cost (measured on the CPU, one thread, 65,536-token vocabulary, bench/structured.py's
+schemas, 64 rows, greedy-like paths): inside free strings ("strings") a step's masks take ~0.15 ms
+and the 64 advances ~0.08 ms; "records" masks take ~2.2 ms (mean ~35 us a row, up to ~0.7 ms),
+almost all of it from the strings bounded by maxLength (name <= 24, tags <= 8 characters): the
+same schema without maxLength fills in ~0.4 ms. Those masks are llguidance's own work (its token
+slices cover unbounded string content only; finer slices measured no faster), so only threads or
+overlap with other host work hide them.
 """
 
 from __future__ import annotations
