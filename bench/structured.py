@@ -67,6 +67,8 @@ def main() -> None:
     ap.add_argument("--schemas", nargs="+", default=list(SCHEMAS), choices=list(SCHEMAS))
     ap.add_argument("--repeats", type=int, default=2, help="runs of each measurement, interleaved; the best counts")
     ap.add_argument("--table", default="structured_table.md")
+    ap.add_argument("--grammar-threads", type=int, default=None,
+                    help="LLMEngine grammar_threads (llguidance's pool; 0: one row after the other)")
     args = ap.parse_args()
     device = args.device
     batches = args.batches or ([1, 8] if args.tiny else [1, 64])
@@ -76,17 +78,18 @@ def main() -> None:
 
         from fastlfm.testing import tiny_config, write_checkpoint
         folder = Path(tempfile.mkdtemp()) / "tiny"
-        write_checkpoint(folder, tiny_config(args.model if args.model != "LFM2-1.2B" else "LFM2-350M"))
+        # the real 65,536-token vocabulary: a mask's cost grows with it (1,024 ids hide most of it)
+        write_checkpoint(folder, tiny_config(args.model if args.model != "LFM2-1.2B" else "LFM2-350M", vocab_size=65536))
         dtype, label = "float32", "tiny LFM2 (random fp32)"
     else:
         folder, dtype, label = bench_checkpoint(args.model), "bfloat16", f"{args.model} shape (random bf16)"
-    options = {"max_num_seqs": max(batches), "max_model_len": 2048}
+    options = {"max_num_seqs": max(batches), "max_model_len": 2048, "grammar_threads": args.grammar_threads}
     if device == "cuda":
         options["gpu_memory_utilization"] = 0.5
     t = time.perf_counter()
     llm = LLM(str(folder), device=device, dtype=dtype, engine_options=options)
     engine = llm.engine
-    log(f"{label} on {device}: engine ready in {time.perf_counter() - t:.1f}s")
+    log(f"{label} on {device}: engine ready in {time.perf_counter() - t:.1f}s, grammar_threads {engine.grammar_threads}")
 
     def params(schema: str | None, n: int) -> SamplingParams:
         if schema is None:

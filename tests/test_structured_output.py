@@ -351,3 +351,78 @@ def test_server_bad_structured_requests_are_400(base_url, body, param, message):
     assert err["param"] == param, err
     if message is not None:
         assert message in err["message"], err
+
+
+def test_thread_pool_masks_and_advances_match_the_loop(llm_sync):
+    """llguidance's pool (LLExecutor) fills the same bits as one matcher after the other, on memory
+    full of garbage (every byte of a constrained row is written; the other rows are all ones), and
+    advances the same way, a rejected token included."""
+    from fastlfm.structured import PAR_MIN_ROWS, GrammarCache, advance_all, fill_bitmask
+
+    tok = llm_sync.tokenizer
+    vocab = tok.vocab_size
+    cache = GrammarCache(tok, vocab, {7})
+    pool = cache.executor(2)
+    assert cache.executor(2) is pool and cache.executor(1) is None and cache.executor(0) is None
+    n = PAR_MIN_ROWS + 4
+    schemas = [SCHEMAS[k] for k in sorted(SCHEMAS)]
+    texts = ['{"name": "ab', '[{"id": 3, "tags": ["a"', '{"color": "re', '{"age": 2', '[', '{"code": "AB1']
+    states = []
+    for copy in range(2):  # two identical sets of matchers: one for the loop, one for the pool
+        ms = []
+        for i in range(n):
+            m = cache.matcher(SamplingParams(json_schema=schemas[i % len(schemas)]))
+            for t in tok.encode(texts[i % len(texts)], add_special_tokens=False):
+                if m.validate_tokens([t]) == 1:
+                    m.consume_token(t)
+            ms.append(m)
+        states.append(ms)
+    rows = list(range(1, n + 1))  # constrained rows 1..n of n + 2: rows 0 and n + 1 unconstrained
+    for m in states[0][:len(texts)]:  # fill_bitmask leaves a constrained row's memory to llguidance
+        garbage = torch.full(((vocab + 31) // 32,), 0x5A5A5A5A, dtype=torch.int32)
+        m.unsafe_compute_mask_ptr(garbage.data_ptr(), garbage.numel() * 4)
+        assert garbage.numpy().tobytes() == m.compute_bitmask()[: garbage.numel() * 4]
+    masks = [fill_bitmask(list(zip(ms, rows)), n + 2, vocab, pin=False, executor=ex)
+             for ms, ex in zip(states, [None, pool])]
+    assert torch.equal(masks[0], masks[1])
+    assert (masks[0][0] == -1).all() and (masks[0][n + 1] == -1).all()
+    assert not (masks[0][1:n + 1] == -1).all(dim=1).any()  # every constrained row forbids something
+    # one token each: the first allowed one, except row 0 which takes a forbidden one
+    bits = masks[0][1:n + 1]
+    toks = []
+    for i in range(n):
+        words = bits[i].tolist()
+        allowed = [32 * w + b for w, x in enumerate(words) for b in range(32) if (x >> b) & 1]
+        toks.append(allowed[0] if i else next(t for t in range(vocab) if t not in set(allowed)))
+    got = [advance_all(list(zip(ms, toks)), ex) for ms, ex in zip(states, [None, pool])]
+    assert isinstance(got[0][0], ValueError) and isinstance(got[1][0], ValueError)
+    assert "grammar rejected" in str(got[1][0])
+    assert got[0][1:] == got[1][1:] and all(isinstance(r, bool) for r in got[1][1:])
+    assert torch.equal(fill_bitmask(list(zip(states[0][1:], rows[1:])), n + 2, vocab, False),
+                       fill_bitmask(list(zip(states[1][1:], rows[1:])), n + 2, vocab, False, executor=pool))
+
+
+def test_engine_with_grammar_threads_gives_the_same_tokens(tiny_ckpt):
+    """The engine with llguidance's pool (as on CUDA) writes the same tokens as without it, in a
+    batch of constrained rows (enough for the pool) and unconstrained ones."""
+    from fastlfm.engine import LLMEngine
+    from fastlfm.structured import PAR_MIN_ROWS
+
+    prompts = [f"{p} {i}" for i in range(4) for p in PROMPTS][: PAR_MIN_ROWS + 4]
+    outs = []
+    for threads in (0, 2):
+        engine = LLMEngine.from_pretrained(tiny_ckpt, device="cpu", dtype="float32",
+                                           max_num_seqs=len(prompts) + 2, grammar_threads=threads)
+        assert engine.grammar_threads == threads
+        ps = [SamplingParams(max_new_tokens=80, do_sample=False, json_schema=SCHEMAS["array_of_objects"])] * len(prompts)
+        ps += [SamplingParams(max_new_tokens=20, do_sample=False)] * 2
+        res = engine.generate(prompts + PROMPTS[:2], ps)
+        outs.append([r.token_ids for r in res])
+        for r in res[: len(prompts)]:
+            if r.finish_reason == "length":  # a random model may write the longest strings allowed
+                continue
+            jsonschema.validate(json.loads(engine.tokenizer.decode(r.token_ids, skip_special_tokens=True)),
+                                SCHEMAS["array_of_objects"])
+        engine.check_no_leaks()
+    assert outs[0] == outs[1]
+    assert sum(r.finish_reason != "length" for r in res) >= len(prompts) // 2

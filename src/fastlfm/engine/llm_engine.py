@@ -17,7 +17,8 @@ import torch
 
 from ..cpu_linear import prepare_for_cpu, prepared_for_cpu
 from ..sampling import SamplingParams, eos_token_ids
-from ..structured import GrammarCache, advance as grammar_advance, fill_bitmask, unpack_bitmask
+from ..structured import GrammarCache, advance_all as grammar_advance_all, fill_bitmask, unpack_bitmask
+from ..structured import grammar_threads as default_grammar_threads
 from ..tokenizer import TextStream
 from . import multimodal
 from .block_manager import BlockManager
@@ -160,6 +161,11 @@ class LLMEngine:
     is needed; the conv state where a reused prefix ends comes from one of `num_conv_snapshots`
     snapshots (default: a quarter of `num_kv_blocks`, at least `max_num_seqs`); see
     engine/block_manager.py. Outputs report `num_cached_tokens`.
+
+    Structured output: `grammar_threads` threads of llguidance's pool advance the grammars and fill
+    their token masks when a step has at least `structured.PAR_MIN_ROWS` constrained rows (0 or 1:
+    one row after the other); default on CUDA `structured.grammar_threads()` (half the CPUs, at
+    most 16, none below 4 CPUs), on the CPU 0.
     """
 
     def __init__(self, model, tokenizer=None, *, max_num_seqs: int = 256, max_model_len: int | None = None,
@@ -167,7 +173,8 @@ class LLMEngine:
                  num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.85,
                  enforce_eager: bool = False, compile: bool | None = None, async_scheduling: bool | None = None,
                  processor=None, max_vision_views: int = 32, pack_cpu_weights: bool = True,
-                 lazy_graphs: bool = True, enable_prefix_caching: bool = True, num_conv_snapshots: int | None = None):
+                 lazy_graphs: bool = True, enable_prefix_caching: bool = True, num_conv_snapshots: int | None = None,
+                 grammar_threads: int | None = None):
         self.model = model
         self.config = model.config
         self.tokenizer = tokenizer
@@ -213,6 +220,10 @@ class LLMEngine:
         self.num_history_requests = 0  # live requests whose sampling needs their token history
         self.num_grammar_requests = 0  # live requests under a grammar (structured output)
         self._grammars = None  # fastlfm.structured.GrammarCache, made by the first constrained request
+        # Threads that advance the grammars and fill their masks in a step with many constrained rows
+        # (llguidance's pool, the GIL released); by default CUDA only: on the CPU the forward has the cores.
+        self.grammar_threads = (default_grammar_threads() if on_cuda else 0) if grammar_threads is None \
+            else int(grammar_threads)
         self.requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self.prompt_tokens_total = 0
@@ -521,7 +532,7 @@ class LLMEngine:
         if all(s.plain_greedy for s in seqs):
             if allowed is None:
                 return (greedy_ids if greedy_ids is not None else logits.argmax(-1)), []
-            return logits.masked_fill(~allowed, float("-inf")).argmax(-1), []  # greedy under grammars
+            return torch.where(allowed, logits, float("-inf")).argmax(-1), []  # greedy under grammars
         params = [s.params for s in seqs]
         needs_history = any(_needs_history(p) for p in params)
         tensors = SamplingTensors.from_requests(
@@ -547,7 +558,8 @@ class LLMEngine:
         if not rows:
             return None
         on_cuda = logits.device.type == "cuda"
-        bits = fill_bitmask(rows, len(seqs), self.config.vocab_size, pin=on_cuda)
+        bits = fill_bitmask(rows, len(seqs), self.config.vocab_size, pin=on_cuda,
+                            executor=self.grammars.executor(self.grammar_threads))
         return unpack_bitmask(bits.to(logits.device, non_blocking=on_cuda), logits.shape[-1])
 
     def _feed_grammars(self, step: StepInFlight) -> dict[int, bool | Exception]:
@@ -556,12 +568,11 @@ class LLMEngine:
             results = step.grammar_results = {}
             if self.num_grammar_requests:
                 token_ids = step.fetch()[0]
-                for j, (seq, _, turn) in enumerate(step.entries):
-                    if seq.grammar is not None and not seq.is_finished and seq.turn == turn:
-                        try:
-                            results[j] = grammar_advance(seq.grammar, token_ids[j])
-                        except ValueError as e:  # a rejected token: this request alone fails
-                            results[j] = e
+                rows = [j for j, (seq, _, turn) in enumerate(step.entries)
+                        if seq.grammar is not None and not seq.is_finished and seq.turn == turn]
+                pairs = [(step.entries[j][0].grammar, token_ids[j]) for j in rows]
+                # a rejected token is that row's ValueError: that request alone fails
+                results.update(zip(rows, grammar_advance_all(pairs, self.grammars.executor(self.grammar_threads))))
         return step.grammar_results
 
     def _process(self, step: StepInFlight) -> list[RequestOutput]:
