@@ -19,7 +19,7 @@ runs it, fills the token bitmask of the constrained rows on the CPU (`fill_bitma
 samples with the unpacked mask applied on the device (a masked argmax when every row is greedy,
 else `SamplingTensors.allowed`). Steps without a constrained row take none of this. With at
 least PAR_MIN_ROWS constrained rows, the matchers advance and fill their masks on llguidance's
-thread pool (`LLMEngine(grammar_threads=)`, by default on CUDA only).
+thread pool (`LLMEngine(grammar_threads=N)`, opt-in: not yet measured on a GPU host).
 
 Host cost (measured on the CPU, one thread, 65,536-token vocabulary, bench/structured.py's
 schemas, 64 rows, greedy-like paths): inside free strings ("strings") a step's masks take ~0.15 ms
@@ -33,14 +33,13 @@ overlap with other host work hide them.
 from __future__ import annotations
 
 import json
-import os
 import threading
 from collections import OrderedDict
 from typing import Any
 
 import torch
 
-__all__ = ["GrammarCache", "constraint_of", "advance_all", "fill_bitmask", "unpack_bitmask", "grammar_threads",
+__all__ = ["GrammarCache", "constraint_of", "advance_all", "fill_bitmask", "unpack_bitmask",
            "MAX_GRAMMAR_CHARS"]
 
 #: Longest schema / regex / choice list (as JSON text) a request may bring: bounds compile time.
@@ -53,16 +52,6 @@ CACHE_SIZE = 64
 #: ~5 us a call).
 PAR_MIN_ROWS = 16
 
-
-def grammar_threads() -> int:
-    """Threads of the grammar pool on this machine: half the CPUs this process may run on (the
-    rest for the engine's own Python thread, the CUDA driver, a server's threads), at most 16;
-    0 (no pool: one row after the other) with fewer than 4 CPUs."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cpus = os.cpu_count() or 1
-    return 0 if cpus < 4 else min(16, cpus // 2)
 
 # JSON as the model writes it: no free whitespace between tokens (a model may otherwise emit
 # whitespace forever), OpenAI-style separators.

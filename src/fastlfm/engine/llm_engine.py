@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence as Seq
 
@@ -18,7 +18,6 @@ import torch
 from ..cpu_linear import prepare_for_cpu, prepared_for_cpu
 from ..sampling import SamplingParams, eos_token_ids
 from ..structured import GrammarCache, advance_all as grammar_advance_all, fill_bitmask, unpack_bitmask
-from ..structured import grammar_threads as default_grammar_threads
 from ..tokenizer import TextStream
 from . import multimodal
 from .block_manager import BlockManager
@@ -163,9 +162,9 @@ class LLMEngine:
     engine/block_manager.py. Outputs report `num_cached_tokens`.
 
     Structured output: `grammar_threads` threads of llguidance's pool advance the grammars and fill
-    their token masks when a step has at least `structured.PAR_MIN_ROWS` constrained rows (0 or 1:
-    one row after the other); default on CUDA `structured.grammar_threads()` (half the CPUs, at
-    most 16, none below 4 CPUs), on the CPU 0.
+    their token masks when a step has at least `structured.PAR_MIN_ROWS` constrained rows; 0 (the
+    default): one row after the other. Opt-in until measured on a GPU host (on 2 CPU cores the pool
+    was no faster).
     """
 
     def __init__(self, model, tokenizer=None, *, max_num_seqs: int = 256, max_model_len: int | None = None,
@@ -221,9 +220,8 @@ class LLMEngine:
         self.num_grammar_requests = 0  # live requests under a grammar (structured output)
         self._grammars = None  # fastlfm.structured.GrammarCache, made by the first constrained request
         # Threads that advance the grammars and fill their masks in a step with many constrained rows
-        # (llguidance's pool, the GIL released); by default CUDA only: on the CPU the forward has the cores.
-        self.grammar_threads = (default_grammar_threads() if on_cuda else 0) if grammar_threads is None \
-            else int(grammar_threads)
+        # (llguidance's pool, the GIL released).
+        self.grammar_threads = 0 if grammar_threads is None else int(grammar_threads)
         self.requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self.prompt_tokens_total = 0
