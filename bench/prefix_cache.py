@@ -164,7 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     system = random_prompts(tokenizer, 1, args.system_len, seed=args.seed)[0]
     users = random_prompts(tokenizer, args.conversations * args.turns, args.user_len, seed=args.seed + 1)
     convs = [users[i * args.turns:(i + 1) * args.turns] for i in range(args.conversations)]
-    warm = random_prompts(tokenizer, 2, args.system_len, seed=args.seed + 99)  # shares nothing with the load
+    # Warm-up: 2 one-turn conversations as long as a first turn of the load, sharing nothing with it
+    # (a system prompt of --system-len tokens, user messages of --user-len).
+    warm_system = random_prompts(tokenizer, 1, args.system_len, seed=args.seed + 99)[0]
+    warm_users = random_prompts(tokenizer, 2, args.user_len, seed=args.seed + 99)
     processes = args.client_processes or min(4, -(-args.conversations // 16))
     base_args = shlex.split(args.server_args)
     for flag, value in (("--device", args.device), ("--dtype", args.dtype)):
@@ -180,7 +183,11 @@ def main(argv: list[str] | None = None) -> int:
                                args.startup_timeout)
         try:
             model = httpx.get(server.url + "/v1/models", timeout=30).json()["data"][0]["id"]
-            run_load(server.url, model, warm[0], [[w] for w in warm], 4, 1)  # warm-up, not measured
+            warmup = [r for conv in run_load(server.url, model, warm_system, [[u] for u in warm_users], 4, 1)
+                      for r in conv]  # not measured
+            failed = [r.error for r in warmup if not r.ok]
+            if failed:
+                raise RuntimeError(f"the warm-up failed ({len(failed)} of {len(warmup)} requests): {failed[0]}")
             _wait_idle(server.url)
             before = scrape(server.url)
             results = run_load(server.url, model, system, convs, args.output_len, processes)
@@ -188,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             run = summarize(results, args.turns)
             run["server_metrics"] = metrics_delta(before, scrape(server.url))
             run["startup_s"] = server.startup_s
+            run["warmup_completed"] = len(warmup)
         finally:
             server.stop()
         report["runs"][mode] = run

@@ -69,18 +69,21 @@ def test_prefix_cache_bench_small_scale_on_cpu(tmp_path):
     """bench/prefix_cache.py with tiny sizes: both server runs complete every turn; the cached
     tokens the clients were told of equal the server's counted hits, the uncached server reports
     none, and the later turns of the cached run find at least the shared system prompt's blocks
-    (block size 16 on CPU)."""
+    (block size 16 on CPU). The warm-up completes in both runs with a context that holds the load's
+    longest prompt (~210 tokens) and no more: it is as long as a first turn (it once sent the system
+    prompt twice, ~280 tokens, and its failure went unnoticed)."""
     folder = write_checkpoint(tmp_path / "ckpt", tiny_config(vocab_size=65536))
     out = tmp_path / "out"
-    convs, turns, system_len = 3, 3, 64
+    convs, turns, system_len = 3, 3, 128
     cmd = [sys.executable, "bench/prefix_cache.py", str(folder), "--device", "cpu", "--dtype", "float32",
            "--conversations", str(convs), "--turns", str(turns), "--system-len", str(system_len), "--user-len", "8",
-           "--output-len", "4", "--output-dir", str(out)]
+           "--output-len", "4", "--server-args=--max-model-len 240", "--output-dir", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     report = json.loads((out / "prefix_cache.json").read_text())
     on, off = report["runs"]["on"], report["runs"]["off"]
     for run in (on, off):
+        assert run["warmup_completed"] == 2
         assert (run["requests"], run["completed"], run["failed"]) == (convs * turns, convs * turns, 0)
         assert run["server_metrics"]["fastlfm_generation_tokens_total"] == convs * turns * 4
     later = convs * (turns - 1)

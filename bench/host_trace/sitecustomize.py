@@ -1,0 +1,130 @@
+"""Opt-in hooks for `fastlfm serve` (a server spawned by bench/prefix_cache.py, bench/serve.py): where a
+request's time to first token goes, and what the host costs when the forward is (nearly) free.
+
+Put this folder on PYTHONPATH (it is a sitecustomize, imported by every Python of that run; it acts only
+in the `fastlfm.cli` process, and only when one of these is set):
+
+  FASTLFM_TRACE=FILE     one JSON line per request when its first output reaches its stream: monotonic
+                         times `submit` (AsyncLLMEngine.generate called, after preparation), `add` (the
+                         engine thread took it), `sched` (first scheduled; `cached`: its computed tokens
+                         then, `chunk`: tokens in that step), `tok` (its first token processed), `deliv`
+                         (handed to the stream), `n` (prompt tokens); and one line per chat body with
+                         `prep0` / `prep1` (JSON, template, tokenizer). bench/host_trace/report.py sums it up.
+  FASTLFM_FAKE_FORWARD=1 the model runner's execute is replaced by a sleep of 1.5 ms + tokens / 165k
+                         (an H200 on LFM2-1.2B; the GIL is free meanwhile), logits all on token 1000.
+  FASTLFM_FAKE_HOST=B,R  with the fake forward: a step that is not pure decode first holds the GIL
+                         (Python spin) for B s + R s per prefill row that starts past token 0 (what an
+                         eager step's op-by-op dispatch costs; a pure decode step holds it 0.3 ms).
+  FASTLFM_ENGINE_KWARGS  JSON defaults for LLMEngine (e.g. the CUDA ones on CPU:
+                         '{"max_num_batched_tokens": 16384, "block_size": 64, "async_scheduling": true}').
+"""
+
+import os
+import sys
+
+_ACTIVE = "fastlfm.cli" in " ".join(getattr(sys, "orig_argv", [])) and any(
+    os.environ.get(k) for k in ("FASTLFM_TRACE", "FASTLFM_FAKE_FORWARD", "FASTLFM_ENGINE_KWARGS"))
+
+if _ACTIVE:
+    import json
+    import time
+
+    from fastlfm.engine import async_engine, llm_engine, model_runner, scheduler
+    from fastlfm.server import serving
+
+    if os.environ.get("FASTLFM_ENGINE_KWARGS"):
+        _defaults = json.loads(os.environ["FASTLFM_ENGINE_KWARGS"])
+        _init = llm_engine.LLMEngine.__init__
+
+        def __init__(self, *args, **kwargs):
+            for k, v in _defaults.items():
+                kwargs.setdefault(k, v)
+            _init(self, *args, **kwargs)
+
+        llm_engine.LLMEngine.__init__ = __init__
+
+    if os.environ.get("FASTLFM_FAKE_FORWARD"):
+        import torch
+
+        _host = os.environ.get("FASTLFM_FAKE_HOST")
+        _base, _per_row = map(float, _host.split(",")) if _host else (0.0, 0.0)
+
+        def execute(self, batch, in_flight=None):
+            seqs, counts = batch.seqs, batch.num_tokens
+            rows = [i for i, (s, n) in enumerate(zip(seqs, counts)) if s.num_computed_tokens + n == s.num_tokens]
+            device = 0.0015 + sum(counts) / 165000
+            host = 0.0
+            if _host:
+                host = 0.0003 if batch.num_decode == len(seqs) else \
+                    _base + _per_row * sum(1 for s in seqs[batch.num_decode:] if s.num_computed_tokens > 0)
+                end = time.perf_counter() + host
+                while time.perf_counter() < end:  # holds the GIL, as op-by-op dispatch does
+                    pass
+            if device > host:
+                time.sleep(device - host)
+            logits = torch.zeros(len(rows), self.model.config.vocab_size)
+            logits[:, 1000] = 1.0
+            return rows, logits, None
+
+        model_runner.ModelRunner.execute = execute
+        print("host_trace: fake forward", file=sys.stderr)
+
+    if os.environ.get("FASTLFM_TRACE"):
+        _out = open(os.environ["FASTLFM_TRACE"], "a", buffering=1)
+        _live: dict[str, dict] = {}
+        _generate = async_engine.AsyncLLMEngine.generate
+
+        async def generate(self, prompt_token_ids, params, request_id, **kwargs):
+            _live[request_id] = {"rid": request_id, "n": len(prompt_token_ids), "submit": time.monotonic()}
+            first = True
+            async for out in _generate(self, prompt_token_ids, params, request_id, **kwargs):
+                if first:
+                    first = False
+                    rec = _live.pop(request_id, None)
+                    if rec is not None:
+                        rec["deliv"] = time.monotonic()
+                        _out.write(json.dumps(rec) + "\n")
+                yield out
+
+        async_engine.AsyncLLMEngine.generate = generate
+        _add = llm_engine.LLMEngine.add_request
+
+        def add_request(self, prompt, params=None, request_id=None, **kwargs):
+            if request_id in _live:
+                _live[request_id].setdefault("add", time.monotonic())
+            return _add(self, prompt, params, request_id, **kwargs)
+
+        llm_engine.LLMEngine.add_request = add_request
+        _schedule = scheduler.Scheduler.schedule
+
+        def schedule(self):
+            batch = _schedule(self)
+            now = time.monotonic()
+            for seq, n in zip(batch.seqs, batch.num_tokens):
+                rec = _live.get(seq.request_id)
+                if rec is not None and "sched" not in rec:
+                    rec.update(sched=now, cached=seq.num_computed_tokens, chunk=n)
+            return batch
+
+        scheduler.Scheduler.schedule = schedule
+        _process = llm_engine.LLMEngine._process
+
+        def _process_traced(self, step):
+            outputs = _process(self, step)
+            now = time.monotonic()
+            for out in outputs:
+                rec = _live.get(out.request_id)
+                if rec is not None:
+                    rec.setdefault("tok", now)
+            return outputs
+
+        llm_engine.LLMEngine._process = _process_traced
+        _prepare = serving.OpenAIServing.prepare_chat_body
+
+        async def prepare_chat_body(self, body):
+            t0 = time.monotonic()
+            result = await _prepare(self, body)
+            _out.write(json.dumps({"prep0": t0, "prep1": time.monotonic()}) + "\n")
+            return result
+
+        serving.OpenAIServing.prepare_chat_body = prepare_chat_body
