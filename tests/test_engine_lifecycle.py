@@ -7,7 +7,6 @@ Oracle: greedy continuations computed one token at a time over the model's own c
 import gc
 
 import pytest
-import torch
 
 from fastlfm.engine import LLMEngine
 from fastlfm.engine.sequence import SequenceStatus

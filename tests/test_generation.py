@@ -4,7 +4,6 @@ all on the engine.
 Oracles: transformers' generate() and TextStreamer on the same fp32 weights (greedy), the
 tokenizer's decode(), one-at-a-time runs, and from-scratch runs over the whole token history."""
 
-import gc
 import io
 import threading
 from contextlib import redirect_stdout

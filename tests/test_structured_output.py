@@ -149,7 +149,6 @@ def test_graph_steps_and_preemption(tiny_ckpt, async_scheduling):
     """Decode graphs (replayed eagerly on the CPU) with the ids of a masked step fed back on the device,
     and preemption (recompute from prompt + outputs) while grammars hold their parse state."""
     from fastlfm.engine import LLMEngine
-    from fastlfm.tokenizer import Tokenizer
 
     def run(constrained: bool):
         engine = LLMEngine.from_pretrained(tiny_ckpt, device="cpu", dtype="float32", async_scheduling=async_scheduling,

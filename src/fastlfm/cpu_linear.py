@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Callable, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .sampling import GenerationConfig

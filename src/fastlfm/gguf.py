@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .cpu_linear import Int4Weight, Int8Weight, QuantizedWeight, quantize_int8
+from .cpu_linear import Int4Weight, QuantizedWeight, quantize_int8
 from .loading import CheckpointError
 from .tokenizer import LFM2_SPLIT_PATTERN  # GGUF pre-type "lfm2"
 
