@@ -227,6 +227,8 @@ def test_grammars_compile_once_per_schema(llm_sync):
     c = cache.compile(SamplingParams(json_schema=json.dumps({"type": "object", "required": ["a"]})))  # its text
     assert a is b and a is c
     assert cache.compile(SamplingParams(regex="a+")) is not a
+    with pytest.raises(ValueError, match="no json_schema, regex or choice"):
+        cache.compile(SamplingParams())
 
 
 def test_mask_never_allows_special_or_padding_ids(llm_sync):

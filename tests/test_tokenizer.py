@@ -623,3 +623,11 @@ def test_text_stream_work_per_token_does_not_grow(tok):
     for i in [cont] * 3000 + [lead] * 3000:
         stream.add(i)
     assert max(decoded) == 1 and len(decoded) == 6000
+
+
+def test_call_refuses_what_is_not_text(tok):
+    """tokenizer(text) names the problem instead of failing inside the padding code."""
+    for bad, message in (([], "batch is empty"), (None, "str or a list of str"), ([1, 2], "str or a list of str")):
+        with pytest.raises(ValueError, match=message):
+            tok(bad)
+    assert tok(["a", "bc"])["input_ids"] == [tok.encode("a"), tok.encode("bc")]

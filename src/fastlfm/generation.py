@@ -106,9 +106,6 @@ class GenerationMixin:
         images = {k: kwargs.pop(k) for k in IMAGE_KEYS if k in kwargs}
         tokenizer = kwargs.pop("tokenizer", None)
         return_dict = kwargs.pop("return_dict_in_generate", None)
-        for key in ("output_attentions", "output_hidden_states"):
-            if kwargs.pop(key, False):
-                raise ValueError(f"{key} is not supported by fastlfm's generate()")
         gen_defaults = self.generation_config or {}
         if generation_config is not None:
             # transformers: what the given config sets replaces the model's; what it leaves unset falls back to it

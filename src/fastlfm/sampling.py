@@ -236,7 +236,7 @@ _HF_META = {"transformers_version", "_from_model_config", "_commit_hash"}
 def _refuse_unsupported(values: dict[str, Any], where: str = "") -> None:
     for k, neutral in _HF_UNSUPPORTED.items():
         if values.get(k) not in (None, neutral):
-            raise ValueError(f"{where}{k}={values[k]!r} is not supported by fastlfm (only {k}={neutral!r})")
+            raise ValueError(f"{where}{k} is not supported by fastlfm (only {k}={neutral!r}; got {values[k]!r})")
 
 
 class GenerationConfig(dict):
@@ -331,9 +331,9 @@ def resolve_params(
     """
     for k in _HF_NO_OPS & set(kwargs):
         kwargs.pop(k)
-    for k, neutral in _HF_UNSUPPORTED.items():
-        if k in kwargs and kwargs.pop(k) not in (None, neutral):
-            raise ValueError(f"{k} is not supported by fastlfm (only {k}={neutral!r})")
+    _refuse_unsupported(kwargs)
+    for k in _HF_UNSUPPORTED.keys() & kwargs.keys():
+        kwargs.pop(k)
     if "generation_config" in kwargs:
         gc = kwargs.pop("generation_config")
         defaults = gc.to_dict() if hasattr(gc, "to_dict") else dict(gc or {})

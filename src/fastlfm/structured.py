@@ -135,7 +135,10 @@ class GrammarCache:
     def compile(self, params: Any) -> Any:
         """The compiled template (a fresh matcher) of `params`' constraint; ValueError naming
         the parameter when it is invalid or too large."""
-        kind, text = constraint_of(params)
+        constraint = constraint_of(params)
+        if constraint is None:
+            raise ValueError("these sampling params set no json_schema, regex or choice to compile")
+        kind, text = constraint
         if len(text) > MAX_GRAMMAR_CHARS:
             raise ValueError(f"{kind} is {len(text)} characters long; at most {MAX_GRAMMAR_CHARS} are allowed")
         key = (kind, text)
@@ -162,20 +165,13 @@ class GrammarCache:
         return self.compile(params).deep_copy()
 
 
-def advance(matcher: Any, token_id: int) -> bool:
-    """Feed a sampled token to a request's matcher; True when the grammar is complete (nothing may
-    follow). Raises ValueError if the grammar rejects it (that request is aborted)."""
+def advance_all(pairs: list[tuple[Any, int]], executor: Any = None) -> list[bool | ValueError]:
+    """Feed each (matcher, token) pair's sampled token to its request's matcher (distinct matchers):
+    whether each grammar is complete (nothing may follow), or the ValueError of one that rejected
+    its token (that request is aborted). With `executor` (an LLExecutor) and at least PAR_MIN_ROWS
+    pairs, the matchers take their tokens on its threads."""
     # An errored matcher (a rejected token, a parser limit hit) stays errored and may still
     # "accept" the eos its empty mask lets through: check the state, not only the return value.
-    if not matcher.consume_token(token_id) or matcher.is_error():
-        raise ValueError(f"the grammar rejected token {token_id}: {matcher.get_error()}")
-    return matcher.is_stopped()
-
-
-def advance_all(pairs: list[tuple[Any, int]], executor: Any = None) -> list[bool | ValueError]:
-    """`advance` for each (matcher, token) pair (distinct matchers): whether each grammar is
-    complete, or the ValueError of one that rejected its token. With `executor` (an LLExecutor)
-    and at least PAR_MIN_ROWS pairs, the matchers take their tokens on its threads."""
     if executor is None or len(pairs) < PAR_MIN_ROWS:
         oks = [m.consume_token(t) for m, t in pairs]
     else:

@@ -690,6 +690,8 @@ class Tokenizer:
         """transformers' ``tokenizer(text)``: ``input_ids`` and ``attention_mask`` of one text or a batch
         (``padding=True`` pads on ``padding_side``; ``return_tensors="pt"`` gives tensors)."""
         batched = not isinstance(text, str)
+        if batched and not (isinstance(text, Sequence) and all(isinstance(t, str) for t in text)):
+            raise ValueError(f"text must be a str or a list of str, got {type(text).__name__}")
         rows = self.encode_batch(list(text), add_special_tokens) if batched else [self.encode(text, add_special_tokens)]
         return self.pad_rows(rows, batched, padding, return_tensors)
 
@@ -702,6 +704,8 @@ class Tokenizer:
             raise ValueError(f"return_tensors={return_tensors!r} is not supported (fastlfm returns torch tensors: 'pt')")
         if padding not in (False, None, True, "longest", "do_not_pad"):
             raise ValueError(f"padding={padding!r} is not supported (True / 'longest' or False)")
+        if not rows:
+            raise ValueError("nothing to tokenize: the batch is empty")
         width = max(map(len, rows))
         masks = [[1] * len(r) for r in rows]
         if padding in (True, "longest") and any(len(r) < width for r in rows):
