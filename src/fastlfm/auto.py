@@ -21,7 +21,7 @@ import torch
 
 from .generation import MODEL_TYPES, load_model
 from .loading import CheckpointError, read_config_dict, resolve_model_dir
-from .sampling import GenerationConfig
+from .sampling import GenerationConfig, set_generation_values
 from .tokenizer import BatchEncoding, Tokenizer, is_conversation_batch
 
 __all__ = ["AutoModelForCausalLM", "AutoModelForImageTextToText", "AutoModelForVision2Seq", "AutoTokenizer",
@@ -270,8 +270,7 @@ class TextGenerationPipeline:
     def _with_defaults(self, generate_kwargs: dict[str, Any]) -> dict[str, Any]:
         """transformers' pipeline defaults for what neither the call nor the model's generation config
         sets (the sampling ones only when sampling)."""
-        given = generate_kwargs.get("generation_config")
-        given = {} if given is None else given.to_diff_dict() if hasattr(given, "to_diff_dict") else dict(given)
+        given = set_generation_values(generate_kwargs.get("generation_config"))
         set_params = {**(self.model.generation_config or {}), **given, **generate_kwargs}
         added = {k: v for k, v in PIPELINE_GENERATION_DEFAULTS.items()
                  if k not in set_params and not (k == "max_new_tokens" and "max_length" in set_params)}

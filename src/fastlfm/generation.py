@@ -25,7 +25,7 @@ import torch
 from . import models
 from .engine import LLMEngine
 from .engine.multimodal import IMAGE_KEYS, split_image_inputs
-from .sampling import resolve_params
+from .sampling import resolve_params, set_generation_values
 from .tokenizer import TextStream, Tokenizer
 
 __all__ = ["GenerationMixin", "GenerateDecoderOnlyOutput", "TextStreamer", "TextIteratorStreamer",
@@ -109,8 +109,7 @@ class GenerationMixin:
         gen_defaults = self.generation_config or {}
         if generation_config is not None:
             # transformers: what the given config sets replaces the model's; what it leaves unset falls back to it
-            given = generation_config.to_diff_dict() if hasattr(generation_config, "to_diff_dict") else \
-                generation_config.to_dict() if hasattr(generation_config, "to_dict") else dict(generation_config)
+            given = set_generation_values(generation_config)
             gen_defaults = {**gen_defaults, **given}
             kwargs["generation_config"] = gen_defaults
             if given.get("max_length") is not None and given.get("max_new_tokens") is None:

@@ -239,6 +239,17 @@ def _refuse_unsupported(values: dict[str, Any], where: str = "") -> None:
             raise ValueError(f"{where}{k} is not supported by fastlfm (only {k}={neutral!r}; got {values[k]!r})")
 
 
+def set_generation_values(config: Any) -> dict[str, Any]:
+    """What a generation config passed by a caller sets: a GenerationConfig (ours or transformers',
+    whose `to_diff_dict` leaves out its defaults), an object with `to_dict()`, or a mapping."""
+    if config is None:
+        return {}
+    for method in ("to_diff_dict", "to_dict"):
+        if hasattr(config, method):
+            return getattr(config, method)()
+    return dict(config)
+
+
 class GenerationConfig(dict):
     """transformers' `GenerationConfig`, for the settings fastlfm's generate() implements.
 
@@ -297,9 +308,7 @@ class GenerationConfig(dict):
     def to_dict(self) -> dict[str, Any]:
         return dict(self)
 
-    def to_diff_dict(self) -> dict[str, Any]:
-        """The values that were set (transformers: those that differ from the defaults)."""
-        return dict(self)
+    to_diff_dict = to_dict  # the values that were set (transformers: those that differ from the defaults)
 
     def __getattr__(self, name: str) -> Any:
         if name in self:
