@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from .generation import MODEL_TYPES, load_model
+from .models.lfm2_vl_processing import conversation_images
 from .loading import CheckpointError, read_config_dict, resolve_model_dir
 from .sampling import GenerationConfig, set_generation_values
 from .tokenizer import BatchEncoding, Tokenizer, is_conversation_batch
@@ -131,14 +132,6 @@ class AutoTokenizer:
 
 
 # ----------------------------------------------------------------------------- LFM2-VL processor
-def _image_of(part: Mapping[str, Any], where: str) -> Any:
-    for key in ("image", "url", "path"):  # the keys transformers reads an image part's image from
-        if part.get(key) is not None:
-            return part[key]
-    raise ValueError(f"{where}: an image part needs an 'image' (PIL image, path or bytes), 'url' or 'path' to "
-                     "tokenize; apply_chat_template(..., tokenize=False) renders parts without one")
-
-
 class Lfm2VlProcessor:
     """transformers' LFM2-VL processor calls over fastlfm's (`fastlfm.models.lfm2_vl_processing`):
 
@@ -176,10 +169,7 @@ class Lfm2VlProcessor:
         if not tokenize:
             return text
         batched = is_conversation_batch(conversation)
-        images = [[_image_of(part, f"conversation {c}, messages[{i}]")
-                   for i, message in enumerate(messages)
-                   for part in (message.get("content") if isinstance(message.get("content"), list) else [])
-                   if isinstance(part, Mapping) and part.get("type") == "image"]
+        images = [conversation_images(messages, f"conversation {c}: ")
                   for c, messages in enumerate(conversation if batched else [conversation])]
         encoded = self(images=images if any(images) else None, text=text, return_tensors=return_tensors,
                        padding=padding)

@@ -343,6 +343,22 @@ class TokenizerLike(Protocol):
     def token_to_id(self, token: str) -> int | None: ...
 
 
+def conversation_images(messages: Sequence[Any], where: str = "") -> list[Any]:
+    """The images of a conversation's image parts (`{"type": "image", "image": PIL image | path |
+    bytes}`, or transformers' `url` / `path` keys), in order; messages that are not dicts have none."""
+    images = []
+    for i, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        for part in content if isinstance(content, list) else []:
+            if isinstance(part, dict) and part.get("type") == "image":
+                image = next((part[k] for k in ("image", "url", "path") if part.get(k) is not None), None)
+                if image is None:
+                    raise ValueError(f"{where}messages[{i}]: an image part needs an 'image' (PIL image, path or "
+                                     "bytes), 'url' or 'path'")
+                images.append(image)
+    return images
+
+
 class Lfm2VlProcessor:
     """Expands `<image>` placeholders per spec §8.5 and tokenises prompts with their images."""
 
@@ -438,14 +454,7 @@ class Lfm2VlProcessor:
         (`{"type": "image", "image": PIL image | path | bytes}`, `{"type": "text", "text": ...}`)
         and tokenise it with its images, in order. Returns one row of `input_ids` plus the
         image tensors (absent for a text-only conversation)."""
-        images = []
-        for i, message in enumerate(messages):
-            content = message.get("content") if isinstance(message, dict) else None
-            for part in content if isinstance(content, list) else []:
-                if isinstance(part, dict) and part.get("type") == "image":
-                    if part.get("image") is None:
-                        raise ValueError(f"messages[{i}]: an image part needs an 'image' (PIL image, path or bytes)")
-                    images.append(part["image"])
+        images = conversation_images(messages)
         text = self.tokenizer.apply_chat_template(
             list(messages), add_generation_prompt=add_generation_prompt, tokenize=False, **template_kwargs)
         return self(text, images or None)
