@@ -143,6 +143,27 @@ def test_graph_block_tables_follow_slot_reuse_and_preemption(model, prompts, ref
     engine.check_no_leaks()
 
 
+@pytest.mark.parametrize("budget", [7, 16])
+def test_prefill_graph_steps_match_reference(model, prompts, reference, async_scheduling, budget):
+    """Steps that prefill one prompt chunk alone replay a prefill graph (on CPU: eagerly, on the same
+    static buffers): the chunk padded up to the graph's size by a padding row. Budget 7: chunks that
+    continue mid-block (past 7, 14, ...); 16: chunks that fill the graph exactly (an empty padding
+    row) and shorter ones; also the mixed steps of staggered arrivals, which stay eager."""
+    engine = LLMEngine(model, async_scheduling=async_scheduling, max_num_seqs=8, max_model_len=64, block_size=4,
+                       max_num_batched_tokens=budget)
+    engine.runner.capture_graphs(8)
+    engine.runner.enable_prefill_graphs(budget)
+    sizes = []
+    run_prefill = engine.runner._run_prefill_graph
+    engine.runner._run_prefill_graph = lambda seq, n, plan: (sizes.append(n), run_prefill(seq, n, plan))[1]
+    alone = [engine.generate([p], GREEDY)[0].token_ids for p in prompts]
+    assert alone == reference
+    assert budget in sizes and any(n < budget for n in sizes)
+    outs = run_staggered(engine, prompts, arrive_at=[0, 0, 2, 3, 7])
+    assert [o.token_ids for o in outs] == reference
+    engine.check_no_leaks()
+
+
 def test_stop_token_and_max_model_len(model, prompts, reference, async_scheduling):
     engine = LLMEngine(model, async_scheduling=async_scheduling, max_num_seqs=4, max_model_len=40)
     stop_tok = reference[0][3]
@@ -207,17 +228,14 @@ def test_paged_context_matches_full_forward(model):
         for n0, n1 in chunks:
             order = [1, 0] if n1 == 1 else [0, 1]  # single-token rows go first
             lens = {0: n0, 1: n1}
-            ids, host, offset = [], [], 0
-            for row, s in enumerate(order):
-                if row >= (1 if n1 == 1 else 0):
-                    host.append((offset, lens[s], done[s]))
+            ids = []
+            for s in order:
                 ids += seqs[s][done[s]: done[s] + lens[s]].tolist()
-                offset += lens[s]
             ctx = PagedContext(kv_caches=runner.kv_caches, conv_states=runner.conv_states,
                                attn_index=runner.attn_index, conv_index=runner.conv_index,
                                past=torch.tensor([done[s] for s in order]), lens=torch.tensor([lens[s] for s in order]),
                                block_tables=tables[order], conv_slots=slots[order], num_tokens=len(ids),
-                               num_decode=1 if n1 == 1 else 0, host_chunks=host)
+                               num_decode=1 if n1 == 1 else 0)
             logits = model(input_ids=torch.tensor([ids]), context=ctx).logits[0]
             offset = 0
             for s in order:
@@ -243,8 +261,7 @@ def test_fused_projection_only_in_batch1_decode_of_tuned_plain_weights(model):
         return PagedContext(kv_caches=runner.kv_caches, conv_states=runner.conv_states, attn_index=runner.attn_index,
                             conv_index=runner.conv_index, past=torch.full((S,), 3), lens=torch.tensor(lens),
                             block_tables=torch.zeros((S, 2), dtype=torch.int32), conv_slots=torch.arange(S),
-                            num_tokens=sum(lens), num_decode=num_decode,
-                            host_chunks=[(0, lens[0], 3)] if num_decode == 0 else (), fused_linear_shapes=shapes)
+                            num_tokens=sum(lens), num_decode=num_decode, fused_linear_shapes=shapes)
 
     plain = torch.nn.Linear(8, 16, bias=False)
     norm = RMSNorm(8, 1e-5)

@@ -90,9 +90,7 @@ def test_every_step_uses_the_kernel_op_on_the_triton_path(model, monkeypatch):
         ctx = PagedContext(kv_caches=runner.kv_caches, conv_states=runner.conv_states, attn_index=runner.attn_index,
                            conv_index=runner.conv_index, past=torch.tensor(past), lens=torch.tensor(lens),
                            block_tables=torch.arange(S * 4, dtype=torch.int32).view(S, 4),
-                           conv_slots=torch.arange(S), num_tokens=N, num_decode=num_decode,
-                           host_chunks=[(num_decode + sum(lens[num_decode:i]), lens[i], past[i])
-                                        for i in range(num_decode, S)], use_triton=use_triton)
+                           conv_slots=torch.arange(S), num_tokens=N, num_decode=num_decode, use_triton=use_triton)
         x = torch.randn(1, N, model.config.hidden_size)
         with torch.no_grad():
             return layer.feed_forward(x, ctx, norm=layer.ffn_norm, residual=x), \

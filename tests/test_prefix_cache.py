@@ -48,8 +48,9 @@ def run(engine, prompts, ids=None):
 
 @pytest.fixture(params=["sync", "async", "graph"])
 def async_scheduling(request):
-    """Each test runs synchronously, asynchronously, and asynchronously on the graph decode path
-    (replayed eagerly on CPU), where snapshots at block ends are copied out after the replay."""
+    """Each test runs synchronously, asynchronously, and asynchronously on the graph paths
+    (replayed eagerly on CPU): decode graphs, where snapshots at block ends are copied out after the
+    replay, and prefill graphs, which take the snapshots inside a chunk into fixed-size buffers."""
     return request.param
 
 
@@ -58,6 +59,7 @@ def engine_for(model, kind, **kw):
     engine = LLMEngine(model, async_scheduling=kind != "sync", **kw)
     if kind == "graph":
         engine.runner.capture_graphs(engine.max_num_seqs)
+        engine.runner.enable_prefill_graphs(min(64, engine.max_num_batched_tokens))
     return engine
 
 

@@ -34,6 +34,33 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     return out.view(B, q.shape[1], q.shape[2])
 
 
+def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                block_tables: torch.Tensor, past: torch.Tensor, lens: torch.Tensor,
+                                cu_seqlens: torch.Tensor, max_len: int | None = None) -> torch.Tensor:
+    """Chunks of queries over their rows' paged history (eager reference; reads the lengths on the host).
+
+    q: (N, Hq, d), row s owning q[cu_seqlens[s]:][:lens[s]] at positions past[s] + i; the caches already
+    hold every row's keys 0 .. past[s] + lens[s] - 1. Causal: position p sees keys 0..p. `max_len` is
+    the Triton kernel's grid bound, unused here."""
+    out = torch.empty_like(q)
+    block_size = k_cache.shape[1]
+    for s, (start, n, p) in enumerate(zip(cu_seqlens.tolist(), lens.tolist(), past.tolist())):
+        if n == 0:
+            continue
+        blocks = block_tables[s, :-(-(p + n) // block_size)].long()
+        # 4-D (1, H, T, d) inputs: with 3-D ones SDPA silently takes its fp32 math path.
+        k = k_cache[blocks].flatten(0, 1)[:p + n].transpose(0, 1)[None]
+        v = v_cache[blocks].flatten(0, 1)[:p + n].transpose(0, 1)[None]
+        qs = q[start:start + n].transpose(0, 1)[None]
+        if p == 0:
+            o = F.scaled_dot_product_attention(qs, k, v, is_causal=True, enable_gqa=True)
+        else:  # queries sit at the end of the key range (bottom-right causal)
+            mask = torch.arange(p + n, device=q.device)[None] <= torch.arange(p, p + n, device=q.device)[:, None]
+            o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, enable_gqa=True)
+        out[start:start + n] = o[0].transpose(0, 1)
+    return out
+
+
 def _norm_args(norm: RMSNorm | None) -> tuple[torch.Tensor | None, float]:
     """(weight, eps) of the RMSNorm a fused kernel folds in; (None, 0.0) for none."""
     return (norm.weight, norm.eps) if norm is not None else (None, 0.0)
@@ -45,8 +72,10 @@ class PagedContext(MixingContext):
     Device tensors (all built without a host sync, so a decode step can be graph-captured):
       past (S,), lens (S,): cached tokens before this chunk, tokens in this chunk
       block_tables (S, W) int32, conv_slots (S,) int64
-    Host data: `num_decode` leading rows of one token each, and for the other rows their
-    token offsets, lengths and past lengths as Python ints (`host_chunks`). A decode step of one
+    Host data: `num_decode` leading rows of one token each; `max_chunk_len`, a bound on the other
+    rows' chunk lengths (None: `num_tokens`; a captured prefill graph cannot read the lengths). The
+    rows after the decode rows attend in one call (`paged_prefill_attention`: a Triton kernel on
+    CUDA, sync-free, so a single-prompt prefill step can be graph-captured). A decode step of one
     row runs the projections whose weight shape is in `fused_linear_shapes` through the fused
     Triton kernels (a conv block's in_proj together with its conv step). `moe_kernel` (default:
     `use_triton`): MoE experts through the fused Triton kernels, in every step.
@@ -59,13 +88,14 @@ class PagedContext(MixingContext):
     def __init__(self, *, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], conv_states: torch.Tensor,
                  attn_index: dict[int, int], conv_index: dict[int, int], past: torch.Tensor,
                  lens: torch.Tensor, block_tables: torch.Tensor, conv_slots: torch.Tensor, num_tokens: int,
-                 num_decode: int, host_chunks: list[tuple[int, int, int]] = (), use_triton: bool = False,
+                 num_decode: int, max_chunk_len: int | None = None, use_triton: bool = False,
                  fused_linear_shapes: frozenset[tuple[int, int]] = frozenset(), moe_kernel: bool | None = None,
                  conv_snapshots: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
         self.kv_caches, self.conv_states = kv_caches, conv_states
         self.attn_index, self.conv_index = attn_index, conv_index
         self.block_tables, self.conv_slots = block_tables, conv_slots
-        self.num_decode, self.host_chunks, self.use_triton = num_decode, list(host_chunks), use_triton
+        self.num_decode, self.use_triton = num_decode, use_triton
+        self.max_chunk_len = num_tokens if max_chunk_len is None else max_chunk_len
         self.fused_linear_shapes = fused_linear_shapes
         self.moe_kernel = use_triton if moe_kernel is None else moe_kernel
         self.conv_snapshots = conv_snapshots
@@ -86,7 +116,7 @@ class PagedContext(MixingContext):
         block_of_token = block_tables[self.seq_of_token, positions // bs].long()
         self.slot_mapping = block_of_token * bs + positions % bs
         self.context_lens = (past + lens).to(torch.int32)
-        self.past = past
+        self.past, self.lens = past, lens
         self.fresh = past == 0  # conv state starts from zeros
 
     # -- attention --------------------------------------------------------------------
@@ -95,7 +125,7 @@ class PagedContext(MixingContext):
             return self._decode(q[0], k[0], v[0], *self.kv_caches[self.attn_index[layer_idx]], self.num_decode)[None]
         return self._attention_eager(layer_idx, q, k, v)
 
-    # Cache writes and the per-chunk loop stay outside torch.compile (opaque, in-place).
+    # Cache writes stay outside torch.compile (opaque, in-place).
     @torch.compiler.disable
     def _attention_eager(self, layer_idx, q, k, v):
         k_cache, v_cache = self.kv_caches[self.attn_index[layer_idx]]
@@ -109,27 +139,13 @@ class PagedContext(MixingContext):
         out = torch.empty_like(q)
         if nd:
             out[:nd] = self._decode(q[:nd], k[:nd], v[:nd], k_cache, v_cache, nd)
-        group = q.shape[1] // Hkv
-        for row, (start, n, past) in enumerate(self.host_chunks, start=nd):
-            qi = q[start:start + n].transpose(0, 1)
-            if past == 0:  # the chunk is the whole history: plain causal attention
-                ki, vi = k[start:start + n], v[start:start + n]
-            else:
-                nblocks = -(-(past + n) // self.block_size)
-                blocks = self.block_tables[row, :nblocks].long()
-                ki = k_cache[blocks].flatten(0, 1)[: past + n]
-                vi = v_cache[blocks].flatten(0, 1)[: past + n]
-            ki = ki.transpose(0, 1).repeat_interleave(group, dim=0)
-            vi = vi.transpose(0, 1).repeat_interleave(group, dim=0)
-            # 4-D (1, H, T, d) inputs: with 3-D ones SDPA silently takes its fp32 math path.
-            qi, ki, vi = qi[None], ki[None], vi[None]
-            if past == 0:
-                oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True)
-            else:  # queries sit at the end of the key range (bottom-right causal)
-                qpos = torch.arange(past, past + n, device=q.device)
-                mask = torch.arange(past + n, device=q.device)[None] <= qpos[:, None]
-                oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask)
-            out[start:start + n] = oi[0].transpose(0, 1)
+        if self.use_triton:
+            from .kernels.paged_attention import paged_prefill_attention as prefill_attention
+        else:
+            prefill_attention = paged_prefill_attention_ref
+        # The decode rows hold one token each: the other rows' chunks start nd tokens in.
+        out[nd:] = prefill_attention(q[nd:], k_cache, v_cache, self.block_tables[nd:], self.past[nd:],
+                                     self.lens[nd:], self.cu_seqlens[nd:] - nd, self.max_chunk_len)
         return out[None]
 
     def _decode(self, q, k, v, k_cache, v_cache, nd):

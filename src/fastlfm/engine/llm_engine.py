@@ -130,6 +130,9 @@ class LLMEngine:
     `lazy_graphs` (CUDA): each decode batch size is compiled and captured as a CUDA graph when a
     step first needs it, so the first request is answered after batch 1 alone; with False every
     size is captured at start (a server: no client waits on a compile mid-run).
+    `prefill_graph_tokens` (CUDA): a step that prefills one prompt chunk of up to this many tokens
+    (and nothing else) replays a CUDA graph (model_runner.py) instead of launching every kernel
+    from the host; 0 turns them off.
     `pack_cpu_weights` (CPU): the projections run pre-packed for oneDNN (fastlfm.cpu_linear; the
     model is changed in place, and its train() / save_pretrained() change it back).
 
@@ -173,7 +176,7 @@ class LLMEngine:
                  enforce_eager: bool = False, compile: bool | None = None, async_scheduling: bool | None = None,
                  processor=None, max_vision_views: int = 32, pack_cpu_weights: bool = True,
                  lazy_graphs: bool = True, enable_prefix_caching: bool = True, num_conv_snapshots: int | None = None,
-                 grammar_threads: int | None = None):
+                 grammar_threads: int | None = None, prefill_graph_tokens: int = 2048):
         self.model = model
         self.config = model.config
         self.tokenizer = tokenizer
@@ -211,7 +214,8 @@ class LLMEngine:
                                   max_model_len=self.max_model_len, max_num_seqs=max_num_seqs,
                                   use_cuda_graphs=on_cuda and not enforce_eager, use_triton=on_cuda,
                                   compile=self.compiled, max_vision_views=max_vision_views, lazy_graphs=lazy_graphs,
-                                  num_conv_snapshots=num_conv_snapshots)
+                                  num_conv_snapshots=num_conv_snapshots,
+                                  prefill_graph_tokens=min(prefill_graph_tokens, self.max_num_batched_tokens))
         self.eos_token_ids = eos_token_ids(self.generation_config, self.config.eos_token_id,
                                            tokenizer.eos_token_id if tokenizer is not None else None)
         self.async_scheduling = on_cuda if async_scheduling is None else bool(async_scheduling)

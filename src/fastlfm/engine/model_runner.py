@@ -18,6 +18,16 @@ def graph_batch_sizes(max_bs: int) -> list[int]:
     return sorted(set(sizes + [max_bs]))
 
 
+def prefill_graph_sizes(max_tokens: int) -> list[int]:
+    """The token counts of the single-prompt prefill graphs: 16, 24, 32, 48, 64, ... (powers of two and
+    halfway steps, so a prompt pads by less than half) up to `max_tokens`."""
+    sizes, t = set(), 16
+    while t < max_tokens:
+        sizes |= {t, t * 3 // 2}
+        t *= 2
+    return sorted({t for t in sizes if t < max_tokens} | {max_tokens})
+
+
 class EagerReplay:
     """CPU stand-in for a captured decode graph (tests): `replay()` reruns the forward on the
     same static input buffers into the same output buffer, as a CUDA graph replay does."""
@@ -33,7 +43,7 @@ class ModelRunner:
     def __init__(self, model, *, block_size: int, num_blocks: int, num_conv_slots: int,
                  max_model_len: int, max_num_seqs: int, use_cuda_graphs: bool, use_triton: bool,
                  max_graph_batch_size: int = 256, compile: bool = False, max_vision_views: int = 32,
-                 lazy_graphs: bool = False, num_conv_snapshots: int = 0):
+                 lazy_graphs: bool = False, num_conv_snapshots: int = 0, prefill_graph_tokens: int = 0):
         self.model = model
         fuse_projections(model)  # q/k/v and w1/w3 as one GEMM each
         cfg = model.config
@@ -65,11 +75,16 @@ class ModelRunner:
         K = cfg.conv_L_cache
         self.conv_states = torch.zeros((len(conv), num_conv_slots + 1, K - 1, cfg.hidden_size),
                                        dtype=self.dtype, device=self.device)
-        # Prefix caching: conv states at block ends of cached prefixes (block_manager.py).
-        self.conv_snapshots = torch.zeros((len(conv), num_conv_snapshots, K - 1, cfg.hidden_size),
+        # Prefix caching: conv states at block ends of cached prefixes (block_manager.py), and one
+        # scratch snapshot at the end: the target of a prefill graph's unused snapshot entries.
+        self.scratch_snapshot = num_conv_snapshots
+        self.conv_snapshots = torch.zeros((len(conv), num_conv_snapshots + 1, K - 1, cfg.hidden_size),
                                           dtype=self.dtype, device=self.device) if num_conv_snapshots else None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_sizes: list[int] = []  # the decode batch sizes that run as graphs (capture_graphs)
+        self.prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.prefill_sizes: list[int] = []  # the token counts of the prefill graphs (enable_prefill_graphs)
+        self._graph_pool = None
         # torch.compile (inductor) fuses the eager elementwise chains of the decode step
         # (RMSNorm, QK-norm + RoPE, gates, SiLU*mul); the CUDA graph then removes launch gaps.
         self.decode_forward = self._decode_forward
@@ -84,13 +99,16 @@ class ModelRunner:
             self.decode_forward = torch.compile(self._decode_forward, dynamic=True)
         if use_cuda_graphs:
             self.capture_graphs(min(max_num_seqs, max_graph_batch_size, num_conv_slots), lazy=lazy_graphs)
+            if prefill_graph_tokens:
+                self.enable_prefill_graphs(min(prefill_graph_tokens, max_model_len), lazy=lazy_graphs)
 
     # -- metadata ---------------------------------------------------------------------
-    def _context(self, past, lens, block_tables, conv_slots, num_tokens, num_decode, host_chunks=(), snapshots=None):
+    def _context(self, past, lens, block_tables, conv_slots, num_tokens, num_decode, max_chunk_len=None,
+                 snapshots=None):
         return PagedContext(kv_caches=self.kv_caches, conv_states=self.conv_states, attn_index=self.attn_index,
                             conv_index=self.conv_index, past=past, lens=lens, block_tables=block_tables,
                             conv_slots=conv_slots, num_tokens=num_tokens, num_decode=num_decode,
-                            host_chunks=host_chunks, use_triton=self.use_triton,
+                            max_chunk_len=max_chunk_len, use_triton=self.use_triton,
                             fused_linear_shapes=self.fused_linear_shapes,
                             moe_kernel=self.use_triton and self.moe_backend == "triton",
                             conv_snapshots=snapshots)
@@ -126,12 +144,18 @@ class ModelRunner:
                 keep = self._to_device(sample_rows, torch.long)
                 logits, greedy_ids = logits.index_select(0, keep), greedy_ids.index_select(0, keep)
             return sample_rows, logits, greedy_ids
+        if self.prefill_sizes and len(seqs) == 1 and batch.num_decode == 0 and counts[0] <= self.prefill_sizes[-1] \
+                and seqs[0].in_flight_row is None and not has_image_rows(seqs, counts):
+            plan = self._snapshot_plan(inside, [seqs[0].num_computed_tokens], [counts[0] - 1], counts)
+            if plan is None or not plan[2]:  # (rare: a snapshot whose conv inputs start before the chunk)
+                logits = self._run_prefill_graph(seqs[0], counts[0], plan)
+                if at_end:
+                    self._copy_conv(self.conv_snapshots, self.conv_states, [(snap, slot) for slot, snap in at_end])
+                return sample_rows, logits[:len(sample_rows)], None
         ids: list[int] = []
-        past, host_chunks, last_index = [], [], []
-        for i, (seq, n) in enumerate(zip(seqs, counts)):
+        past, last_index = [], []
+        for seq, n in zip(seqs, counts):
             start = seq.num_computed_tokens
-            if i >= batch.num_decode:
-                host_chunks.append((len(ids), n, start))
             ids.extend(seq.token_ids[start:start + n])
             past.append(start)
             last_index.append(len(ids) - 1)
@@ -139,7 +163,8 @@ class ModelRunner:
         tables = [s.block_table + [self.padding_block] * (width - len(s.block_table)) for s in seqs]
         ctx = self._context(self._to_device(past, torch.long), self._to_device(counts, torch.long),
                             self._to_device(tables, torch.int32), self._to_device([s.conv_slot for s in seqs], torch.long),
-                            len(ids), batch.num_decode, host_chunks, self._snapshot_rows(inside, past, last_index, counts))
+                            len(ids), batch.num_decode, max(counts[batch.num_decode:], default=1),
+                            self._snapshot_rows(self._snapshot_plan(inside, past, last_index, counts)))
         keep = self._to_device([last_index[i] for i in sample_rows], torch.long)
         input_ids = self._to_device(ids, torch.long)
         # A token in flight is always its sequence's newest one: the last of a sampling row's chunk.
@@ -161,12 +186,12 @@ class ModelRunner:
         index = self._to_device([i for i, _ in pairs] + [j for _, j in pairs], torch.long)
         dst.index_copy_(1, index[:len(pairs)], src.index_select(1, index[len(pairs):]))
 
-    def _snapshot_rows(self, inside: list[tuple[int, int, int]], past: list[int], last_index: list[int],
-                       counts: list[int]):
-        """For snapshots at block ends inside prefill chunks: the snapshot pool, their ids, and the
-        K-1 conv inputs just before each position (the conv state there): rows of the step's packed
-        inputs, or (only when a chunk started fewer than K-1 tokens before the position) rows of
-        the row states (S*(K-1)) the step started from."""
+    def _snapshot_plan(self, inside: list[tuple[int, int, int]], past: list[int], last_index: list[int],
+                       counts: list[int]) -> tuple[list[int], list[int], list[int], list[int]] | None:
+        """For snapshots at block ends inside prefill chunks (None if there are none): their ids, and
+        the K-1 conv inputs just before each position (the conv state there) as rows of the step's
+        packed inputs; where a chunk started fewer than K-1 tokens before the position, the positions
+        of those rows (dst) and the rows of the row states (S*(K-1)) the step started from (src)."""
         if not inside:
             return None
         keep = self.conv_states.shape[2]  # K-1
@@ -180,9 +205,15 @@ class ModelRunner:
                     dst.append(len(rows))
                     src.append(row * keep + keep - (start - p))
                     rows.append(0)
-        ids = self._to_device([snap for *_, snap in inside], torch.long)
+        return [snap for *_, snap in inside], rows, dst, src
+
+    def _snapshot_rows(self, plan):
+        """PagedContext's `conv_snapshots` for a plan of `_snapshot_plan`, on the device."""
+        if plan is None:
+            return None
+        ids, rows, dst, src = plan
         before = self._to_device(dst + src, torch.long).split(len(dst)) if dst else None
-        return self.conv_snapshots, ids, self._to_device(rows, torch.long), before
+        return self.conv_snapshots, self._to_device(ids, torch.long), self._to_device(rows, torch.long), before
 
     # -- CUDA graphs for decode ---------------------------------------------------------
     def _padded_size(self, bs: int) -> int | None:
@@ -214,7 +245,6 @@ class ModelRunner:
         self._table_uploaded: list[tuple[list[int], int] | None] = [None] * self.padding_slot
         self.g_logits: dict[int, torch.Tensor] = {}
         self.graphs = {}
-        self._graph_pool = None
         if not lazy:
             for bs in reversed(self.graph_sizes):  # largest first: the smaller ones fit in its pool
                 self._capture(bs)
@@ -308,6 +338,82 @@ class ModelRunner:
                 blocks.extend(table[start:])
                 self._table_uploaded[slot] = (table, len(table))
         return cells, blocks
+
+
+    # -- CUDA graphs for single-prompt prefill -------------------------------------------------
+    # An eager prefill step launches ~100 kernels per layer whatever its length: for a short
+    # prompt the host's launch time, not the GPU, sets the time to first token. A step of one
+    # prompt chunk (no decode rows) of up to `prefill_sizes[-1]` tokens instead replays a graph
+    # captured for the next size up: the chunk is row 0, and a padding row fills the rest of the
+    # tokens (its past 0, its blocks and conv slot the padding ones), so every length of the
+    # packed context stays consistent. Not compiled: the graph alone removes the launch cost.
+    def enable_prefill_graphs(self, max_tokens: int, lazy: bool = True) -> None:
+        """Prefill graphs for chunks of up to `max_tokens` tokens: each size captured when first
+        needed (`lazy`), or all now."""
+        self.prefill_sizes = prefill_graph_sizes(max_tokens)
+        self.prefill_graphs, self.p_inputs, self.p_logits = {}, {}, {}
+        if not lazy:
+            for size in reversed(self.prefill_sizes):
+                self._capture_prefill(size)
+
+    def _prefill_layout(self, size: int) -> list[int]:
+        """The parts of a prefill graph's input buffer: ids, past (2), lens (2), conv slots (2), the
+        index of the last token (1), snapshot ids, snapshot rows (K-1 per id), block tables (2 rows)."""
+        num_snapshots = size // self.block_size + 1  # block ends inside one chunk, at most
+        return [size, 2, 2, 2, 1, num_snapshots, num_snapshots * self.conv_states.shape[2], 2 * self.max_blocks_per_seq]
+
+    @torch.inference_mode()
+    def _capture_prefill(self, size: int):
+        layout = self._prefill_layout(size)
+        # Captured on a step of padding rows only: it writes the padding block and slot, the scratch snapshot.
+        inputs = host_tensor(self._prefill_meta(size, [], 0, 0, self.padding_slot, [], None),
+                             torch.long).to(self.device)
+        self.p_inputs[size] = inputs
+
+        def run():
+            ids, past, lens, slots, keep, snap_ids, snap_rows, tables = inputs.split(layout)
+            snaps = None if self.conv_snapshots is None else (self.conv_snapshots, snap_ids, snap_rows, None)
+            ctx = self._context(past, lens, tables.view(2, -1).int(), slots, size, 0, max_chunk_len=size,
+                                snapshots=snaps)
+            return self.model(input_ids=ids[None], context=ctx, logits_to_keep=keep).logits[0]
+
+        if self.device.type != "cuda":  # tests: the same static buffers, replayed eagerly
+            self.p_logits[size] = run()
+            graph = self.prefill_graphs[size] = EagerReplay(run, self.p_logits[size])
+            return graph
+        torch.cuda.synchronize()
+        run()  # warm-up outside the capture (Triton specialisations, cuBLAS handles)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            self.p_logits[size] = run()
+        self._graph_pool = graph.pool() if self._graph_pool is None else self._graph_pool
+        torch.cuda.synchronize()
+        self.prefill_graphs[size] = graph
+        return graph
+
+    def _prefill_meta(self, size: int, ids: list[int], past: int, n: int, slot: int, table: list[int],
+                      plan) -> list[int]:
+        """A prefill graph's inputs (`_prefill_layout`) for a chunk of `n` tokens `ids` after `past`."""
+        num_snapshots = size // self.block_size + 1
+        snap_ids, rows = (plan[0], plan[1]) if plan is not None else ([], [])
+        pad_table = [self.padding_block] * self.max_blocks_per_seq
+        return (ids + [0] * (size - n) + [past, 0] + [n, size - n] + [slot, self.padding_slot] + [max(n - 1, 0)]
+                + snap_ids + [self.scratch_snapshot] * (num_snapshots - len(snap_ids))
+                + rows + [0] * (num_snapshots * self.conv_states.shape[2] - len(rows))
+                + table + pad_table[len(table):] + pad_table)
+
+    def _run_prefill_graph(self, seq: Sequence, n: int, plan) -> torch.Tensor:
+        """The chunk of `n` tokens after `seq.num_computed_tokens` through a prefill graph; returns
+        the logits (1, V) of its last token (the caller keeps them only if it samples)."""
+        size = next(t for t in self.prefill_sizes if t >= n)
+        graph = self.prefill_graphs.get(size) or self._capture_prefill(size)
+        start = seq.num_computed_tokens
+        meta = self._prefill_meta(size, seq.token_ids[start:start + n], start, n, seq.conv_slot, seq.block_table, plan)
+        on_cuda = self.device.type == "cuda"
+        self.p_inputs[size].copy_(host_tensor(meta, torch.long, pin=on_cuda), non_blocking=on_cuda)
+        graph.replay()
+        return self.p_logits[size]
 
 
 def _in_flight_positions(positions: list[tuple[int, Sequence]]) -> list[tuple[int, int]]:
