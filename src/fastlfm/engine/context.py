@@ -34,6 +34,36 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     return out.view(B, q.shape[1], q.shape[2])
 
 
+def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                block_tables: torch.Tensor, past: torch.Tensor, lens: torch.Tensor,
+                                cu_seqlens: torch.Tensor, max_len: int) -> torch.Tensor:
+    """Causal attention of packed chunks over their paged history (eager reference of
+    kernels.paged_attention.paged_prefill_attention; reads the row layout on the host).
+
+    q: (N, Hq, d), row s owning q[cu_seqlens[s] : cu_seqlens[s] + lens[s]], its i-th query at
+    position past[s] + i; caches: (num_blocks, block_size, Hkv, d) holding positions
+    0 .. past[s] + lens[s] - 1 in the blocks of block_tables[s]. `max_len` is unused here.
+    Returns (N, Hq, d); tokens of no row are left unset (torch.empty).
+    """
+    del max_len
+    out = torch.empty_like(q)
+    block_size = k_cache.shape[1]
+    for s, (p, n, start) in enumerate(zip(past.tolist(), lens.tolist(), cu_seqlens[:-1].tolist())):
+        if n == 0:
+            continue
+        kv_len = p + n
+        blocks = block_tables[s, :-(-kv_len // block_size)].long()
+        k = k_cache[blocks].flatten(0, 1)[:kv_len]  # (kv_len, Hkv, d)
+        v = v_cache[blocks].flatten(0, 1)[:kv_len]
+        # bottom-right causal: query i (position p + i) sees keys 0 .. p + i
+        visible = torch.arange(kv_len, device=q.device)[None] <= p + torch.arange(n, device=q.device)[:, None]
+        # 4-D (1, H, T, d): 3-D inputs take SDPA's slow math path
+        o = F.scaled_dot_product_attention(q[start:start + n].transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                           v.transpose(0, 1)[None], attn_mask=visible, enable_gqa=True)
+        out[start:start + n] = o[0].transpose(0, 1)
+    return out
+
+
 def _norm_args(norm: RMSNorm | None) -> tuple[torch.Tensor | None, float]:
     """(weight, eps) of the RMSNorm a fused kernel folds in; (None, 0.0) for none."""
     return (norm.weight, norm.eps) if norm is not None else (None, 0.0)
