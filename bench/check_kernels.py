@@ -2,8 +2,9 @@
 
 On a GPU:  PYTHONPATH=src python bench/check_kernels.py
 On a CPU:  TRITON_INTERPRET=1 PYTHONPATH=src python bench/check_kernels.py --device cpu [--compile]
-(triton's interpreter; fp32 and fp16 there). Exits non-zero on a mismatch. Every output is
-poisoned (NaN) before the kernel runs, so an unwritten element fails the check.
+(triton's interpreter; fp32 and fp16 there). `--only NAME`: just the kernel checks named so.
+Exits non-zero on a mismatch. Every output is poisoned (NaN) before the kernel runs, so an
+unwritten element fails the check.
 """
 
 from __future__ import annotations
@@ -79,6 +80,52 @@ def check_attention(device, dtype, Hq=8, Hkv=2, d=64, block=16, seed=0, splits=1
     out = paged_decode_attention(q, k_new, v_new, k_cache, v_cache, tables, (context_lens - 1).long(), splits=splits)
     assert torch.equal(k_cache, kc_ref) and torch.equal(v_cache, vc_ref), "K/V cache write differs (not at slot_map)"
     return rel_err(out, ref)
+
+
+# (past, len) of the chunk rows: fresh and continuing rows, past a multiple of 16 and of 64 or of
+# neither, lengths not multiples of the 64-query tile, one-token rows, a row over three tiles
+PREFILL_ROWS = ((0, 70), (37, 5), (64, 1), (100, 66), (0, 1), (5, 130))
+
+
+def check_prefill_attention(device, dtype, Hq=8, Hkv=2, d=64, block=16, seed=0) -> float:
+    """Packed chunk rows over their paged history against the eager reference: shuffled block ids,
+    gaps of tokens in no row between the rows, and the cache poisoned (NaN) wherever the rows must
+    not read (past each row's last position, and the padding entries of the block tables). Once with
+    max_len = the longest row and once with max_len = N (extra tiles that exit)."""
+    from fastlfm.engine.context import paged_prefill_attention_ref
+    from fastlfm.engine.kernels.paged_attention import paged_prefill_attention
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    need = [-(-(p + n) // block) for p, n in PREFILL_ROWS]
+    nblocks = sum(need) + 3
+    poison = nblocks - 1  # the padding entries point here
+    k_cache, v_cache = rnd(nblocks, block, Hkv, d), rnd(nblocks, block, Hkv, d)
+    k_cache[poison] = v_cache[poison] = float("nan")
+    perm = torch.randperm(nblocks - 1, generator=g).tolist()
+    width = max(need) + 1
+    tables, cu, gap = [], [0], 2
+    for (p, n), nb in zip(PREFILL_ROWS, need):
+        row, perm = perm[:nb], perm[nb:]
+        tail = nb * block - (p + n)  # positions after the row's last one in its last block
+        if tail:
+            k_cache[row[-1], -tail:] = v_cache[row[-1], -tail:] = float("nan")
+        tables.append(row + [poison] * (width - nb))
+        cu.append(cu[-1] + n + gap)
+    tables = torch.tensor(tables, dtype=torch.int32, device=device)
+    N = cu[-1] + 1
+    cu_seqlens = torch.tensor(cu, device=device)  # row s: cu[s] .. cu[s] + len - 1, then `gap` unused tokens
+    past = torch.tensor([p for p, _ in PREFILL_ROWS], device=device)
+    lens = torch.tensor([n for _, n in PREFILL_ROWS], device=device)
+    q = rnd(N + 3, Hq + 1, d)[:N, 1:]  # a strided view, as the fused qkv split gives
+    ref = paged_prefill_attention_ref(q, k_cache, v_cache, tables, past, lens, cu_seqlens, max(lens.tolist()))
+    owned = torch.cat([torch.arange(c, c + n) for c, (_, n) in zip(cu, PREFILL_ROWS)]).to(device)
+    errs = []
+    for max_len in (max(lens.tolist()), N):
+        out = paged_prefill_attention(q, k_cache, v_cache, tables, past, lens, cu_seqlens, max_len)
+        assert out.is_contiguous() and out.shape == q.shape and out.dtype == q.dtype
+        errs.append(rel_err(out[owned], ref[owned]))
+    return max(errs)
 
 
 # The default config, and split-K with a split that gets no K at all (300 = 128 + 128 + 44 + 0);
@@ -371,6 +418,8 @@ def main() -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--compile", action="store_true", help="also check the torch.compile'd decode step "
                     "(one graph, tokens equal; minutes on CPU)")
+    ap.add_argument("--only", metavar="NAME", help="run only the kernel checks whose name contains NAME "
+                    "(skips the routing, engine and compile checks)")
     args = ap.parse_args()
     # triton's interpreter computes garbage for bf16 (even x * y), so on CPU fp16 stands in
     # for the half-precision rounding paths.
@@ -382,11 +431,21 @@ def main() -> int:
                   ("fused decode linear", check_fused_linear), ("in_proj + gated conv", check_in_proj_gated_conv),
                   ("qk-norm + rope", check_qk_norm_rope), ("moe experts (grouped)", check_moe)]
         checks += [(f"  history in {n} splits", lambda *a, n=n, **k: check_attention(*a, splits=n, **k)) for n in (2, 8)]
+        # GQA groups 1, 2, 4; cache blocks of 16 and 64; head dims 64 and 128
+        checks += [(f"paged prefill {hq}/{hkv}/{d}/{bs}",
+                    lambda *a, hq=hq, hkv=hkv, d=d, bs=bs, **k: check_prefill_attention(*a, Hq=hq, Hkv=hkv, d=d,
+                                                                                         block=bs, **k))
+                   for hq, hkv, d, bs in ((4, 4, 64, 16), (4, 2, 64, 64), (8, 2, 128, 16), (8, 2, 64, 64))]
+        if args.only:
+            checks = [c for c in checks if args.only in c[0]]
+            ok &= bool(checks)  # a NAME that selects nothing is a failure, not a pass
         for name, fn in checks:
             errs = [fn(args.device, dtype, seed=s) for s in range(3)]
             good = all(e == e and e <= tol for e in errs)  # e == e: NaN fails
             ok &= good
             print(f"{name:24s} {str(dtype):15s} max rel err {max(errs):.2e} (tol {tol:.0e}) {'ok' if good else 'FAIL'}")
+    if args.only:
+        return 0 if ok else 1
     schedule_ok = check_moe_schedule(args.device)
     ok &= schedule_ok
     print(f"moe routing: worst-case grid holds every routing, align kernel = torch sort + table: "

@@ -1,6 +1,7 @@
-"""Paged-attention decode: one query token per sequence over its KV blocks.
+"""Paged attention: decode (one query token per sequence over its KV blocks) and, at the end,
+prefill / continuation chunks (paged_prefill_attention).
 
-One program per (sequence, KV head) handles the whole GQA group of query heads, so each
+Decode: one program per (sequence, KV head) handles the whole GQA group of query heads, so each
 K/V block is read from memory once per group; online softmax in fp32. The program with
 split 0 first stores the new token's K/V at its place in the sequence's blocks (found from
 the block table and the cached length, so the caller computes no slot mapping: inside a
@@ -158,4 +159,110 @@ def paged_decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Te
             k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), out.stride(0), out.stride(1),
             GROUP=group, GROUP_PAD=group_pad, D=D, SPLITS=splits, num_warps=2,
         )
+    return out
+
+
+# -- prefill / continuation chunks ---------------------------------------------------------
+#
+# Every chunk row of a step in one launch, FlashAttention-style: a program owns BLOCK_M queries of
+# one row and one query head, and streams that row's keys from the paged cache in BLOCK_N tiles,
+# each key's block found through the block table (a tile may span several cache blocks). The
+# grid is fixed by Python ints (rows, an upper bound on the chunk length, heads), so no host
+# reads the lengths and a captured CUDA graph can replay it; tiles past a row's end exit at once.
+
+
+@triton.jit
+def _prefill_tiles(q, qpos, acc, m, l, Kc, Vc, bt_row, kv_head, lo, hi, kv_len, qk_scale, s_kb, s_kt, s_kh,
+                   CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, D: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    """Online softmax (base 2: qk_scale = d**-0.5 * log2(e)) over key positions [lo, hi).
+    CAUSAL: tiles that reach the diagonal (or the row's end), masked per query; otherwise every
+    key of the tile is visible to every query of the program."""
+    d = tl.arange(0, D)
+    n = tl.arange(0, BLOCK_N)
+    for start in range(lo, hi, BLOCK_N):
+        kpos = start + n
+        inside = kpos < kv_len
+        blk = tl.load(bt_row + kpos // BLOCK_SIZE, mask=inside, other=0).to(tl.int64)
+        offs = blk[:, None] * s_kb + (kpos % BLOCK_SIZE)[:, None] * s_kt + kv_head * s_kh + d[None, :]
+        k = tl.load(Kc + offs, mask=inside[:, None], other=0.0)
+        v = tl.load(Vc + offs, mask=inside[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if CAUSAL:
+            s = tl.where((kpos[None, :] <= qpos[:, None]) & inside[None, :], s, float("-inf"))
+        # key 0 lies in the first tile and is visible to every query, so m is finite from there on
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m = m_new
+    return acc, m, l
+
+
+@triton.jit
+def _paged_prefill_kernel(Q, Kc, Vc, BT, Past, Lens, Cu, O, qk_scale,
+                          s_qn, s_qh, s_kb, s_kt, s_kh, s_bt, s_on, s_oh,
+                          GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr):
+    row = tl.program_id(0)
+    m_start = tl.program_id(1) * BLOCK_M
+    head = tl.program_id(2)
+    n_q = tl.load(Lens + row)
+    if m_start >= n_q:  # the grid covers max_len, this row is shorter
+        return
+    past = tl.load(Past + row)
+    first_token = tl.load(Cu + row)
+    kv_len = past + n_q
+    kv_head = head // GROUP
+    i = m_start + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, D)
+    valid = i < n_q
+    tok = (first_token + i).to(tl.int64)
+    q = tl.load(Q + tok[:, None] * s_qn + head * s_qh + d[None, :], mask=valid[:, None], other=0.0)
+    qpos = past + i
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    bt_row = BT + row * s_bt
+    # keys before the tile's first query are visible to all its queries: no mask there
+    full_end = (past + m_start) // BLOCK_N * BLOCK_N
+    hi = tl.minimum(past + m_start + BLOCK_M, kv_len)  # one past the tile's last key
+    acc, m, l = _prefill_tiles(q, qpos, acc, m, l, Kc, Vc, bt_row, kv_head, 0, full_end, kv_len, qk_scale,
+                               s_kb, s_kt, s_kh, False, BLOCK_N, BLOCK_SIZE, D, PRECISION)
+    acc, m, l = _prefill_tiles(q, qpos, acc, m, l, Kc, Vc, bt_row, kv_head, full_end, hi, kv_len, qk_scale,
+                               s_kb, s_kt, s_kh, True, BLOCK_N, BLOCK_SIZE, D, PRECISION)
+    out = acc / l[:, None]
+    tl.store(O + tok[:, None] * s_on + head * s_oh + d[None, :], out.to(O.dtype.element_ty), mask=valid[:, None])
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, past: torch.Tensor, lens: torch.Tensor,
+                            cu_seqlens: torch.Tensor, max_len: int) -> torch.Tensor:
+    """q: (N, Hq, d) packed queries of S rows (row s owns q[cu_seqlens[s] : cu_seqlens[s] + lens[s]];
+    its i-th query sits at position past[s] + i); k_cache / v_cache: (num_blocks, block_size, Hkv, d),
+    already holding the K/V of positions 0 .. past[s] + lens[s] - 1 of every row in the blocks listed
+    by block_tables[s] (S, W) int32; past, lens: (S,) int64 and cu_seqlens: (S+1,) int64, on the
+    device. Causal: the query at position p attends to keys 0..p of its own row. max_len: an upper
+    bound (Python int) on max(lens), used only for the grid (q.shape[0] always is one). Returns
+    (N, Hq, d), contiguous, q's dtype; tokens of q in no row are left unset (torch.empty)."""
+    N, Hq, D = q.shape
+    block_size, Hkv = k_cache.shape[1], k_cache.shape[2]
+    S = block_tables.shape[0]
+    assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride() == k_cache.stride()
+    assert Hq % Hkv == 0 and D in (64, 128) and block_size & (block_size - 1) == 0
+    out = q.new_empty(q.shape)
+    BLOCK_M, BLOCK_N = 64, 64
+    if S == 0 or max_len <= 0:
+        return out
+    grid = (S, triton.cdiv(max_len, BLOCK_M), Hq)
+    _paged_prefill_kernel[grid](
+        q, k_cache, v_cache, block_tables, past, lens, cu_seqlens, out,
+        D ** -0.5 * 1.4426950408889634,  # log2(e): the softmax runs on exp2
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        GROUP=Hq // Hkv, D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_SIZE=block_size,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 caches: no tf32 rounding
+        num_warps=4 if D == 64 else 8, num_stages=2,
+    )
     return out
