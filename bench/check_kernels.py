@@ -349,13 +349,21 @@ def check_engine(device, moe=False) -> bool:
     model, prompts, refs = tiny_engine_case(device, moe=moe)
     engine = LLMEngine(model, max_num_seqs=4, max_model_len=64, max_num_batched_tokens=16, block_size=16,
                        num_kv_blocks=32, async_scheduling=True, enforce_eager=device == "cpu", compile=False, pack_cpu_weights=False)
-    use_triton_path(engine.runner, model)
-    # the batch, then one prompt alone (batch-1 decode steps: the fused projections), which resumes
-    # from the prefix cache: 32 of its 40 tokens, the conv state restored from a snapshot
+    runner = engine.runner
+    use_triton_path(runner, model)
+    if not runner.prefill_sizes:  # CPU (no CUDA graphs): the prefill graphs as eager replays
+        runner.enable_prefill_graphs(16)
+    prefill_graph_steps = []
+    run_prefill = runner._run_prefill_graph
+    runner._run_prefill_graph = lambda seq, n, plan: (prefill_graph_steps.append(n), run_prefill(seq, n, plan))[1]
+    # the batch, then one prompt alone (batch-1 decode steps: the fused projections; its prefill: a
+    # prefill graph), which resumes from the prefix cache: 32 of its 40 tokens, the conv state
+    # restored from a snapshot
     same = run_engine(engine, prompts) == refs and run_engine(engine, prompts[1:2]) == refs[1:2]
     hits = engine.scheduler.num_prefix_hits
-    print(f"{'MoE ' if moe else ''}engine: {hits} prompt tokens served from the prefix cache (32 expected)")
-    return same and hits == 32
+    print(f"{'MoE ' if moe else ''}engine: {hits} prompt tokens served from the prefix cache (32 expected), "
+          f"{len(prefill_graph_steps)} prefill graph steps; greedy tokens {'equal' if same else 'DIFFER'}")
+    return same and hits == 32 and bool(prefill_graph_steps)
 
 
 def check_compiled_decode(device, moe=False) -> bool:

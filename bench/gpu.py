@@ -267,6 +267,28 @@ def batch1_decode(engine, prompt, new=512) -> tuple[float, float]:
     return t_first - t0, (new - 1) / (t_end - t_first)
 
 
+def ttft_prefill_graph_ab(engine, name, notes, lengths=(128, 1024), reps=7) -> None:
+    """Median time to first token of one prompt alone, with the engine's prefill graphs and with them off
+    (every kernel launched from the host), interleaved, after a warm-up of each."""
+    runner, greedy = engine.runner, SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True)
+    sizes = runner.prefill_sizes
+    for length in lengths:
+        p = prompts(1, length, 5)[0]
+        times = {"graph": [], "eager": []}
+        for i in range(reps + 1):
+            for mode in times:
+                runner.prefill_sizes = sizes if mode == "graph" else []
+                t = sync_time()
+                engine.generate([p], greedy)
+                if i:  # the first round is the warm-up (capture, first use of the shapes)
+                    times[mode].append(sync_time() - t)
+        runner.prefill_sizes = sizes
+        g, e = (1e3 * sorted(times[m])[reps // 2] for m in ("graph", "eager"))
+        notes.append(f"{name}: TTFT of one {length}-token prompt (generate of 1 token, median of {reps}): "
+                     f"prefill graph {g:.1f} ms, eager prefill {e:.1f} ms")
+        log(notes[-1])
+
+
 def bench_checkpoint(name) -> Path:
     """/tmp/ckpt-NAME: random bf16 weights of the model's real shape, with the full-size byte-level test
     tokenizer (65,536 ids); written once."""
@@ -320,6 +342,7 @@ def bench_model(name, bw, flops, args, rows, notes):
     p = prompts(1, 128, 2)[0]
     ttft, b1 = batch1_decode(engine, p)
     ttft_floor = weight_bytes / bw + 2 * n_params * 128 / flops
+    ttft_prefill_graph_ab(engine, name, notes)
     # what the decode step spends: one graph replay alone vs the whole engine step
     runner = engine.runner
     bs1 = runner.graphs[1]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ..models.lfm2 import fuse_projections
@@ -147,8 +149,9 @@ class ModelRunner:
         if self.prefill_sizes and len(seqs) == 1 and batch.num_decode == 0 and counts[0] <= self.prefill_sizes[-1] \
                 and seqs[0].in_flight_row is None and not has_image_rows(seqs, counts):
             plan = self._snapshot_plan(inside, [seqs[0].num_computed_tokens], [counts[0] - 1], counts)
-            if plan is None or not plan[2]:  # (rare: a snapshot whose conv inputs start before the chunk)
-                logits = self._run_prefill_graph(seqs[0], counts[0], plan)
+            # (rare: a snapshot whose conv inputs start before the chunk; None: the capture failed)
+            logits = self._run_prefill_graph(seqs[0], counts[0], plan) if plan is None or not plan[2] else None
+            if logits is not None:
                 if at_end:
                     self._copy_conv(self.conv_snapshots, self.conv_states, [(snap, slot) for slot, snap in at_end])
                 return sample_rows, logits[:len(sample_rows)], None
@@ -354,7 +357,19 @@ class ModelRunner:
         self.prefill_graphs, self.p_inputs, self.p_logits = {}, {}, {}
         if not lazy:
             for size in reversed(self.prefill_sizes):
-                self._capture_prefill(size)
+                if self._try_capture_prefill(size) is None:
+                    break
+
+    def _try_capture_prefill(self, size: int):
+        """The captured graph, or None (and prefill graphs off) if CUDA could not capture the step."""
+        try:
+            return self._capture_prefill(size)
+        except RuntimeError as e:  # an op of the step that cannot be captured: stay eager, say why
+            if self.device.type != "cuda":
+                raise
+            warnings.warn(f"prefill graphs turned off: capturing a step of {size} tokens failed ({e})")
+            self.prefill_sizes = []
+            return None
 
     def _prefill_layout(self, size: int) -> list[int]:
         """The parts of a prefill graph's input buffer: ids, past (2), lens (2), conv slots (2), the
@@ -405,9 +420,12 @@ class ModelRunner:
 
     def _run_prefill_graph(self, seq: Sequence, n: int, plan) -> torch.Tensor:
         """The chunk of `n` tokens after `seq.num_computed_tokens` through a prefill graph; returns
-        the logits (1, V) of its last token (the caller keeps them only if it samples)."""
+        the logits (1, V) of its last token (the caller keeps them only if it samples); None if the
+        graph could not be captured."""
         size = next(t for t in self.prefill_sizes if t >= n)
-        graph = self.prefill_graphs.get(size) or self._capture_prefill(size)
+        graph = self.prefill_graphs.get(size) or self._try_capture_prefill(size)
+        if graph is None:
+            return None
         start = seq.num_computed_tokens
         meta = self._prefill_meta(size, seq.token_ids[start:start + n], start, n, seq.conv_slot, seq.block_table, plan)
         on_cuda = self.device.type == "cuda"
