@@ -355,7 +355,7 @@ def check_engine(device, moe=False) -> bool:
         runner.enable_prefill_graphs(16)
     prefill_graph_steps = []
     run_prefill = runner._run_prefill_graph
-    runner._run_prefill_graph = lambda seq, n, plan: (prefill_graph_steps.append(n), run_prefill(seq, n, plan))[1]
+    runner._run_prefill_graph = lambda seqs, *a: (prefill_graph_steps.append(len(seqs)), run_prefill(seqs, *a))[1]
     # the batch, then one prompt alone (batch-1 decode steps: the fused projections; its prefill: a
     # prefill graph), which resumes from the prefix cache: 32 of its 40 tokens, the conv state
     # restored from a snapshot

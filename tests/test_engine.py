@@ -145,22 +145,26 @@ def test_graph_block_tables_follow_slot_reuse_and_preemption(model, prompts, ref
 
 @pytest.mark.parametrize("budget", [7, 16])
 def test_prefill_graph_steps_match_reference(model, prompts, reference, async_scheduling, budget):
-    """Steps that prefill one prompt chunk alone replay a prefill graph (on CPU: eagerly, on the same
-    static buffers): the chunk padded up to the graph's size by a padding row. Budget 7: chunks that
-    continue mid-block (past 7, 14, ...); 16: chunks that fill the graph exactly (an empty padding
-    row) and shorter ones; also the mixed steps of staggered arrivals, which stay eager."""
+    """Steps that prefill (one prompt chunk alone, or chunks mixed with decodes) replay a prefill
+    graph (on CPU: eagerly, on the same static buffers), padded up to the graph's rows and tokens by
+    padding rows. Budget 7: chunks that continue mid-block (past 7, 14, ...); 16: chunks that fill
+    the graph's tokens exactly (an empty padding row) and shorter ones; staggered arrivals: mixed
+    steps, whose decode rows take their token of the step in flight on the device."""
     engine = LLMEngine(model, async_scheduling=async_scheduling, max_num_seqs=8, max_model_len=64, block_size=4,
                        max_num_batched_tokens=budget)
     engine.runner.capture_graphs(8)
     engine.runner.enable_prefill_graphs(budget)
-    sizes = []
+    steps = []
     run_prefill = engine.runner._run_prefill_graph
-    engine.runner._run_prefill_graph = lambda seq, n, plan: (sizes.append(n), run_prefill(seq, n, plan))[1]
+    engine.runner._run_prefill_graph = lambda seqs, counts, *a: (steps.append(list(counts)),
+                                                                 run_prefill(seqs, counts, *a))[1]
     alone = [engine.generate([p], GREEDY)[0].token_ids for p in prompts]
     assert alone == reference
-    assert budget in sizes and any(n < budget for n in sizes)
+    assert [budget] in steps and any(len(c) == 1 and c[0] < budget for c in steps)
+    steps.clear()
     outs = run_staggered(engine, prompts, arrive_at=[0, 0, 2, 3, 7])
     assert [o.token_ids for o in outs] == reference
+    assert any(1 in c and max(c) > 1 for c in steps)  # a decode row beside a prompt chunk
     engine.check_no_leaks()
 
 

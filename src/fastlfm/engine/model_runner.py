@@ -84,8 +84,9 @@ class ModelRunner:
                                           dtype=self.dtype, device=self.device) if num_conv_snapshots else None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_sizes: list[int] = []  # the decode batch sizes that run as graphs (capture_graphs)
-        self.prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.prefill_graphs: dict[tuple[int, int], tuple] = {}  # (rows, tokens) -> (graph, its input buffer)
         self.prefill_sizes: list[int] = []  # the token counts of the prefill graphs (enable_prefill_graphs)
+        self.prefill_rows: list[int] = []  # their row counts
         self._graph_pool = None
         # torch.compile (inductor) fuses the eager elementwise chains of the decode step
         # (RMSNorm, QK-norm + RoPE, gates, SiLU*mul); the CUDA graph then removes launch gaps.
@@ -146,15 +147,6 @@ class ModelRunner:
                 keep = self._to_device(sample_rows, torch.long)
                 logits, greedy_ids = logits.index_select(0, keep), greedy_ids.index_select(0, keep)
             return sample_rows, logits, greedy_ids
-        if self.prefill_sizes and len(seqs) == 1 and batch.num_decode == 0 and counts[0] <= self.prefill_sizes[-1] \
-                and seqs[0].in_flight_row is None and not has_image_rows(seqs, counts):
-            plan = self._snapshot_plan(inside, [seqs[0].num_computed_tokens], [counts[0] - 1], counts)
-            # (rare: a snapshot whose conv inputs start before the chunk; None: the capture failed)
-            logits = self._run_prefill_graph(seqs[0], counts[0], plan) if plan is None or not plan[2] else None
-            if logits is not None:
-                if at_end:
-                    self._copy_conv(self.conv_snapshots, self.conv_states, [(snap, slot) for slot, snap in at_end])
-                return sample_rows, logits[:len(sample_rows)], None
         ids: list[int] = []
         past, last_index = [], []
         for seq, n in zip(seqs, counts):
@@ -162,12 +154,23 @@ class ModelRunner:
             ids.extend(seq.token_ids[start:start + n])
             past.append(start)
             last_index.append(len(ids) - 1)
+        plan = self._snapshot_plan(inside, past, last_index, counts)
+        if self.prefill_sizes and len(ids) <= self.prefill_sizes[-1] and len(seqs) < self.prefill_rows[-1] \
+                and (plan is None or not plan[2]) and not has_image_rows(seqs, counts):
+            # (not: a snapshot whose conv inputs start before its chunk, rare; or images)
+            logits = self._run_prefill_graph(seqs, counts, ids, last_index, plan, sample_rows, in_flight)
+            if logits is not None:  # None: the graph could not be captured
+                if at_end:
+                    self._copy_conv(self.conv_snapshots, self.conv_states, [(snap, slot) for slot, snap in at_end])
+                if len(sample_rows) < len(seqs):
+                    return sample_rows, logits.index_select(0, self._to_device(sample_rows, torch.long)), None
+                return sample_rows, logits, None
         width = max(len(s.block_table) for s in seqs)
         tables = [s.block_table + [self.padding_block] * (width - len(s.block_table)) for s in seqs]
         ctx = self._context(self._to_device(past, torch.long), self._to_device(counts, torch.long),
                             self._to_device(tables, torch.int32), self._to_device([s.conv_slot for s in seqs], torch.long),
                             len(ids), batch.num_decode, max(counts[batch.num_decode:], default=1),
-                            self._snapshot_rows(self._snapshot_plan(inside, past, last_index, counts)))
+                            self._snapshot_rows(plan))
         keep = self._to_device([last_index[i] for i in sample_rows], torch.long)
         input_ids = self._to_device(ids, torch.long)
         # A token in flight is always its sequence's newest one: the last of a sampling row's chunk.
@@ -343,95 +346,116 @@ class ModelRunner:
         return cells, blocks
 
 
-    # -- CUDA graphs for single-prompt prefill -------------------------------------------------
-    # An eager prefill step launches ~100 kernels per layer whatever its length: for a short
-    # prompt the host's launch time, not the GPU, sets the time to first token. A step of one
-    # prompt chunk (no decode rows) of up to `prefill_sizes[-1]` tokens instead replays a graph
-    # captured for the next size up: the chunk is row 0, and a padding row fills the rest of the
-    # tokens (its past 0, its blocks and conv slot the padding ones), so every length of the
-    # packed context stays consistent. Not compiled: the graph alone removes the launch cost.
+    # -- CUDA graphs for steps that prefill ------------------------------------------------
+    # An eager step launches ~100 kernels per layer whatever its length: for a short prompt, or
+    # a few new turns among running decodes, the host's launch time, not the GPU, sets the step's
+    # time. A step of up to `prefill_sizes[-1]` tokens and fewer than `prefill_rows[-1]` rows (one
+    # prompt chunk; or chunks and decodes mixed) instead replays a graph captured for the next sizes
+    # up: its rows first, then padding rows (past 0, the padding slot and blocks; the first takes
+    # the tokens left over, the others none), so every length in the packed context stays
+    # consistent. Every row attends through the prefill kernel (a decode row is a chunk of one).
+    # Eager ops, not compiled: the graph alone removes the launch cost.
     def enable_prefill_graphs(self, max_tokens: int, lazy: bool = True) -> None:
-        """Prefill graphs for chunks of up to `max_tokens` tokens: each size captured when first
-        needed (`lazy`), or all now."""
+        """Graphs for steps of up to `max_tokens` tokens: each (rows, tokens) size captured when
+        first needed (`lazy`), or the single-prompt ones now. Needs the decode graphs' per-slot
+        block tables (`capture_graphs` first)."""
+        assert self.graph_sizes, "capture_graphs first: the step graphs share its device block tables"
         self.prefill_sizes = prefill_graph_sizes(max_tokens)
-        self.prefill_graphs, self.p_inputs, self.p_logits = {}, {}, {}
+        top = self.graph_sizes[-1] + 1  # every decode row of a full batch, and a padding row
+        self.prefill_rows = sorted({r for r in (2, 4, 8, 16, 32, 64, 128, 256, 512) if r < top} | {top})
+        self.prefill_graphs = {}
+        V = self.model.config.vocab_size
+        self.p_logits = torch.zeros((self.prefill_rows[-1], V), dtype=self.dtype, device=self.device)
+        self.p_in_flight = torch.zeros(self.prefill_rows[-1], dtype=torch.long, device=self.device)
         if not lazy:
             for size in reversed(self.prefill_sizes):
-                if self._try_capture_prefill(size) is None:
+                if self._try_capture_prefill(2, size) is None:
                     break
 
-    def _try_capture_prefill(self, size: int):
+    def _try_capture_prefill(self, rows: int, size: int):
         """The captured graph, or None (and prefill graphs off) if CUDA could not capture the step."""
         try:
-            return self._capture_prefill(size)
+            return self._capture_prefill(rows, size)
         except RuntimeError as e:  # an op of the step that cannot be captured: stay eager, say why
             if self.device.type != "cuda":
                 raise
-            warnings.warn(f"prefill graphs turned off: capturing a step of {size} tokens failed ({e})")
+            warnings.warn(f"prefill graphs turned off: capturing a step of {rows} rows, {size} tokens failed ({e})")
             self.prefill_sizes = []
             return None
 
-    def _prefill_layout(self, size: int) -> list[int]:
-        """The parts of a prefill graph's input buffer: ids, past (2), lens (2), conv slots (2), the
-        index of the last token (1), snapshot ids, snapshot rows (K-1 per id), block tables (2 rows)."""
-        num_snapshots = size // self.block_size + 1  # block ends inside one chunk, at most
-        return [size, 2, 2, 2, 1, num_snapshots, num_snapshots * self.conv_states.shape[2], 2 * self.max_blocks_per_seq]
+    def _prefill_layout(self, rows: int, size: int) -> list[int]:
+        """The parts of a prefill graph's input buffer: ids, their rows in the in-flight ids (-1: none),
+        then per row past, lens, conv slot, index of its last token; snapshot ids, their conv rows."""
+        snaps = size // self.block_size + rows  # block ends inside the chunks, at most
+        return [size, size, rows, rows, rows, rows, snaps, snaps * self.conv_states.shape[2]]
 
     @torch.inference_mode()
-    def _capture_prefill(self, size: int):
-        layout = self._prefill_layout(size)
+    def _capture_prefill(self, rows: int, size: int):
+        layout = self._prefill_layout(rows, size)
         # Captured on a step of padding rows only: it writes the padding block and slot, the scratch snapshot.
-        inputs = host_tensor(self._prefill_meta(size, [], 0, 0, self.padding_slot, [], None),
-                             torch.long).to(self.device)
-        self.p_inputs[size] = inputs
+        inputs = host_tensor(self._prefill_meta(rows, size, [], [], [], [], [], [], None), torch.long).to(self.device)
+        logits_out = self.p_logits[:rows]
 
         def run():
-            ids, past, lens, slots, keep, snap_ids, snap_rows, tables = inputs.split(layout)
+            ids, src, past, lens, slots, keep, snap_ids, snap_rows = inputs.split(layout)
+            ids = torch.where(src >= 0, self.p_in_flight[src.clamp(min=0)], ids)
             snaps = None if self.conv_snapshots is None else (self.conv_snapshots, snap_ids, snap_rows, None)
-            ctx = self._context(past, lens, tables.view(2, -1).int(), slots, size, 0, max_chunk_len=size,
-                                snapshots=snaps)
-            return self.model(input_ids=ids[None], context=ctx, logits_to_keep=keep).logits[0]
+            tables = self.slot_tables.index_select(0, slots)
+            ctx = self._context(past, lens, tables, slots, size, 0, max_chunk_len=size, snapshots=snaps)
+            logits_out.copy_(self.model(input_ids=ids[None], context=ctx, logits_to_keep=keep).logits[0])
 
-        if self.device.type != "cuda":  # tests: the same static buffers, replayed eagerly
-            self.p_logits[size] = run()
-            graph = self.prefill_graphs[size] = EagerReplay(run, self.p_logits[size])
-            return graph
-        torch.cuda.synchronize()
-        run()  # warm-up outside the capture (Triton specialisations, cuBLAS handles)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool):
-            self.p_logits[size] = run()
-        self._graph_pool = graph.pool() if self._graph_pool is None else self._graph_pool
-        torch.cuda.synchronize()
-        self.prefill_graphs[size] = graph
-        return graph
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            run()  # warm-up outside the capture (Triton specialisations, cuBLAS handles)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._graph_pool):
+                run()
+            self._graph_pool = graph.pool() if self._graph_pool is None else self._graph_pool
+            torch.cuda.synchronize()
+        else:  # tests: the same static buffers, replayed eagerly
+            graph = EagerReplay(lambda: (run(), logits_out)[1], logits_out)
+        self.prefill_graphs[rows, size] = (graph, inputs)
+        return graph, inputs
 
-    def _prefill_meta(self, size: int, ids: list[int], past: int, n: int, slot: int, table: list[int],
-                      plan) -> list[int]:
-        """A prefill graph's inputs (`_prefill_layout`) for a chunk of `n` tokens `ids` after `past`."""
-        num_snapshots = size // self.block_size + 1
-        snap_ids, rows = (plan[0], plan[1]) if plan is not None else ([], [])
-        pad_table = [self.padding_block] * self.max_blocks_per_seq
-        return (ids + [0] * (size - n) + [past, 0] + [n, size - n] + [slot, self.padding_slot] + [max(n - 1, 0)]
-                + snap_ids + [self.scratch_snapshot] * (num_snapshots - len(snap_ids))
-                + rows + [0] * (num_snapshots * self.conv_states.shape[2] - len(rows))
-                + table + pad_table[len(table):] + pad_table)
+    def _prefill_meta(self, rows: int, size: int, ids: list[int], src: list[int], past: list[int], counts: list[int],
+                      slots: list[int], last_index: list[int], plan) -> list[int]:
+        """A prefill graph's inputs (`_prefill_layout`) for the step's rows, then padding rows."""
+        n, pad = len(ids), rows - len(counts)
+        snaps = size // self.block_size + rows
+        snap_ids, snap_rows = (plan[0], plan[1]) if plan is not None else ([], [])
+        return (ids + [0] * (size - n) + src + [-1] * (size - n)
+                + past + [0] * pad + counts + [size - n] + [0] * (pad - 1)
+                + slots + [self.padding_slot] * pad + last_index + [0] * pad
+                + snap_ids + [self.scratch_snapshot] * (snaps - len(snap_ids))
+                + snap_rows + [0] * (snaps * self.conv_states.shape[2] - len(snap_rows)))
 
-    def _run_prefill_graph(self, seq: Sequence, n: int, plan) -> torch.Tensor:
-        """The chunk of `n` tokens after `seq.num_computed_tokens` through a prefill graph; returns
-        the logits (1, V) of its last token (the caller keeps them only if it samples); None if the
-        graph could not be captured."""
-        size = next(t for t in self.prefill_sizes if t >= n)
-        graph = self.prefill_graphs.get(size) or self._try_capture_prefill(size)
+    def _run_prefill_graph(self, seqs: list[Sequence], counts: list[int], ids: list[int], last_index: list[int],
+                           plan, sample_rows: list[int], in_flight: torch.Tensor | None) -> torch.Tensor | None:
+        """The step through a prefill graph; returns the logits (rows, V) of every row's last token
+        (the caller keeps those of the rows that sample); None if the graph could not be captured."""
+        size = next(t for t in self.prefill_sizes if t >= len(ids))
+        rows = next(r for r in self.prefill_rows if r > len(seqs))
+        graph, inputs = self.prefill_graphs.get((rows, size)) or self._try_capture_prefill(rows, size) or (None, None)
         if graph is None:
             return None
-        start = seq.num_computed_tokens
-        meta = self._prefill_meta(size, seq.token_ids[start:start + n], start, n, seq.conv_slot, seq.block_table, plan)
+        src = [-1] * len(ids)  # per token: its row in the ids of the step in flight, if it is one of them
+        waiting = _in_flight_positions([(last_index[i], seqs[i]) for i in sample_rows])
+        for pos, row in waiting:
+            src[pos] = row
+        if waiting:
+            assert in_flight is not None, "a sequence waits for a token of a step that is not in flight"
+            self.p_in_flight[:in_flight.shape[0]].copy_(in_flight)
+        meta = self._prefill_meta(rows, size, [max(t, 0) for t in ids], src, [s.num_computed_tokens for s in seqs],
+                                  counts, [s.conv_slot for s in seqs], last_index, plan)
         on_cuda = self.device.type == "cuda"
-        self.p_inputs[size].copy_(host_tensor(meta, torch.long, pin=on_cuda), non_blocking=on_cuda)
+        inputs.copy_(host_tensor(meta, torch.long, pin=on_cuda), non_blocking=on_cuda)
+        cells, blocks = self._new_table_cells(seqs)
+        if cells:
+            staged = self._to_device(cells + blocks, torch.long)
+            self.slot_tables.view(-1).index_copy_(0, staged[:len(cells)], staged[len(cells):].int())
         graph.replay()
-        return self.p_logits[size]
+        return self.p_logits[:len(seqs)]
 
 
 def _in_flight_positions(positions: list[tuple[int, Sequence]]) -> list[tuple[int, int]]:
