@@ -139,10 +139,12 @@ class PagedContext(MixingContext):
         out = torch.empty_like(q)
         if nd:
             out[:nd] = self._decode(q[:nd], k[:nd], v[:nd], k_cache, v_cache, nd)
+        prefill_attention = paged_prefill_attention_ref
         if self.use_triton:
-            from .kernels.paged_attention import paged_prefill_attention as prefill_attention
-        else:
-            prefill_attention = paged_prefill_attention_ref
+            from .kernels import paged_attention
+
+            if paged_attention.prefill_kernel_supports(d, self.block_size):
+                prefill_attention = paged_attention.paged_prefill_attention
         # The decode rows hold one token each: the other rows' chunks start nd tokens in.
         out[nd:] = prefill_attention(q[nd:], k_cache, v_cache, self.block_tables[nd:], self.past[nd:],
                                      self.lens[nd:], self.cu_seqlens[nd:] - nd, self.max_chunk_len)

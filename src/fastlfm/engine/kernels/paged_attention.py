@@ -236,6 +236,12 @@ def _paged_prefill_kernel(Q, Kc, Vc, BT, Past, Lens, Cu, O, qk_scale,
     tl.store(O + tok[:, None] * s_on + head * s_oh + d[None, :], out.to(O.dtype.element_ty), mask=valid[:, None])
 
 
+def prefill_kernel_supports(head_dim: int, block_size: int) -> bool:
+    """Head dims and cache blocks the prefill kernel takes: powers of two (tl.arange), head dims
+    16..256 (tl.dot needs 16)."""
+    return 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0 and block_size & (block_size - 1) == 0
+
+
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, past: torch.Tensor, lens: torch.Tensor,
                             cu_seqlens: torch.Tensor, max_len: int) -> torch.Tensor:
@@ -250,7 +256,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     block_size, Hkv = k_cache.shape[1], k_cache.shape[2]
     S = block_tables.shape[0]
     assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride() == k_cache.stride()
-    assert Hq % Hkv == 0 and D in (64, 128) and block_size & (block_size - 1) == 0
+    assert Hq % Hkv == 0 and prefill_kernel_supports(D, block_size), (Hq, Hkv, D, block_size)
     out = q.new_empty(q.shape)
     BLOCK_M, BLOCK_N = 64, 64
     if S == 0 or max_len <= 0:
@@ -263,6 +269,6 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=Hq // Hkv, D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_SIZE=block_size,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 caches: no tf32 rounding
-        num_warps=4 if D == 64 else 8, num_stages=2,
+        num_warps=4 if D <= 64 else 8, num_stages=2,
     )
     return out
