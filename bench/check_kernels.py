@@ -125,6 +125,12 @@ def check_prefill_attention(device, dtype, Hq=8, Hkv=2, d=64, block=16, seed=0) 
         out = paged_prefill_attention(q, k_cache, v_cache, tables, past, lens, cu_seqlens, max_len)
         assert out.is_contiguous() and out.shape == q.shape and out.dtype == q.dtype
         errs.append(rel_err(out[owned], ref[owned]))
+    # rows 2.. only, into a given tensor (the engine's decode rows come first): rows 0-1 stay as they were
+    out = torch.zeros_like(q)
+    paged_prefill_attention(q, k_cache, v_cache, tables, past, lens, cu_seqlens, N, first_row=2, out=out)
+    later = torch.cat([torch.arange(c, c + n) for c, (_, n) in list(zip(cu, PREFILL_ROWS))[2:]]).to(device)
+    errs.append(rel_err(out[later], ref[later]))
+    errs.append(float(out[:cu[2]].abs().max()) * float("inf") if out[:cu[2]].any() else 0.0)
     return max(errs)
 
 

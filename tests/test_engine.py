@@ -153,7 +153,9 @@ def test_prefill_graph_steps_match_reference(model, prompts, reference, async_sc
     engine = LLMEngine(model, async_scheduling=async_scheduling, max_num_seqs=8, max_model_len=64, block_size=4,
                        max_num_batched_tokens=budget)
     engine.runner.capture_graphs(8)
-    engine.runner.enable_prefill_graphs(budget)
+    engine.runner.enable_prefill_graphs(budget, lazy=budget == 7)  # 16: every size captured now
+    if budget == 16:  # rows 2, 4, 8, 9 x tokens 16 (a row takes at least one token)
+        assert sorted(engine.runner.prefill_graphs) == [(2, 16), (4, 16), (8, 16), (9, 16)]
     steps = []
     run_prefill = engine.runner._run_prefill_graph
     engine.runner._run_prefill_graph = lambda seqs, counts, *a: (steps.append(list(counts)),
@@ -451,6 +453,21 @@ def test_async_engine_holds_tokens_of_many_streams_until_the_interval(model, pro
     engine.engine.check_no_leaks()
     with pytest.raises(ValueError, match="stream_interval_s"):
         AsyncLLMEngine(engine.engine, stream_interval_s=-1)
+    with pytest.raises(ValueError, match="stream_events_per_s"):
+        AsyncLLMEngine(engine.engine, stream_events_per_s=0)
+
+
+def test_stream_interval_grows_with_the_streams_to_keep_the_event_rate(model):
+    """The interval is the configured one until the streams together would get more than
+    `stream_events_per_s` deliveries a second; beyond, streams / rate (100 streams at 2,000/s: 50 ms)."""
+    async def main():
+        engine = AsyncLLMEngine(LLMEngine(model, max_num_seqs=2, max_model_len=32), stream_interval_s=0.01,
+                                stream_events_per_s=2000)
+        got = [engine.stream_interval(n) for n in (1, 20, 100, 400)]
+        await engine.shutdown()
+        return got
+
+    assert asyncio.run(main()) == pytest.approx([0.01, 0.01, 0.05, 0.2])
 
 
 def test_lazy_graphs_are_captured_mid_run_keeping_the_ids_in_flight(model, prompts, reference):

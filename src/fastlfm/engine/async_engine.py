@@ -21,19 +21,27 @@ from .multimodal import check_image_inputs
 # With many streams, handing every token to the event loop costs it one SSE event per request
 # per step, and that Python competes with the engine thread for the GIL: on an H200 100 streams
 # of LFM2-350M stepped every ~6 ms instead of ~1.6 ms. So above STREAM_EVERY_STEP live streams a
-# request's outputs are held and merged until `stream_interval_s` has passed since its last
-# delivery; first tokens, finishes and errors always go at once.
+# request's outputs are held and merged until its interval has passed since its last delivery:
+# `stream_interval_s`, or longer where the streams would together get more than
+# `stream_events_per_s` deliveries a second (each costs the loop ~0.1 ms of Python: the budget
+# keeps it to a fraction of the GIL however many streams there are). First tokens, finishes and
+# errors always go at once.
 STREAM_EVERY_STEP = 8
 DEFAULT_STREAM_INTERVAL_S = 0.01
+DEFAULT_STREAM_EVENTS_PER_S = 2000.0
 
 
 class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine, *, stream_interval_s: float = DEFAULT_STREAM_INTERVAL_S,
-                 stream_every_step: int = STREAM_EVERY_STEP):
+                 stream_every_step: int = STREAM_EVERY_STEP,
+                 stream_events_per_s: float = DEFAULT_STREAM_EVENTS_PER_S):
         if not stream_interval_s >= 0:
             raise ValueError(f"stream_interval_s must be >= 0, got {stream_interval_s}")
+        if not stream_events_per_s > 0:
+            raise ValueError(f"stream_events_per_s must be > 0, got {stream_events_per_s}")
         self.engine = engine
         self.stream_interval_s, self.stream_every_step = stream_interval_s, stream_every_step
+        self.stream_events_per_s = stream_events_per_s
         # engine thread only: outputs not yet handed out, and when each request last got one
         self._held: dict[str, RequestOutput] = {}
         self._last_sent: dict[str, float] = {}
@@ -54,10 +62,11 @@ class AsyncLLMEngine:
     @classmethod
     def from_pretrained(cls, model: str, *, device=None, dtype="auto", max_num_seqs: int = 256,
                         max_model_len: int | None = None, stream_interval_s: float = DEFAULT_STREAM_INTERVAL_S,
+                        stream_events_per_s: float = DEFAULT_STREAM_EVENTS_PER_S,
                         **engine_kwargs) -> "AsyncLLMEngine":
         return cls(LLMEngine.from_pretrained(model, device=device, dtype=dtype, max_num_seqs=max_num_seqs,
                                              max_model_len=max_model_len, **engine_kwargs),
-                   stream_interval_s=stream_interval_s)
+                   stream_interval_s=stream_interval_s, stream_events_per_s=stream_events_per_s)
 
     # -- public API ---------------------------------------------------------------------
     async def generate(self, prompt_token_ids: list[int], params, request_id: str, *,
@@ -134,6 +143,7 @@ class AsyncLLMEngine:
         """A step's outputs to their streams, holding back (merged) what may wait: see STREAM_EVERY_STEP."""
         now = time.monotonic()
         every_step = len(self._streams) <= self.stream_every_step
+        interval = self.stream_interval(len(self._streams))
         send: list[tuple[str, Any]] = []
         for out in outputs:
             rid = out.request_id
@@ -143,15 +153,18 @@ class AsyncLLMEngine:
             held = self._held.pop(rid, None)
             if held is not None:
                 out = held.merged(out)
-            if every_step or out.finished or rid not in self._last_sent \
-                    or now - self._last_sent[rid] >= self.stream_interval_s:
+            if every_step or out.finished or rid not in self._last_sent or now - self._last_sent[rid] >= interval:
                 send.append((rid, out))
             else:
                 self._held[rid] = out
         # held outputs of requests that had no token this step (preempted, waiting) still go on time
-        for rid in [rid for rid in self._held if now - self._last_sent[rid] >= self.stream_interval_s]:
+        for rid in [rid for rid in self._held if now - self._last_sent[rid] >= interval]:
             send.append((rid, self._held.pop(rid)))
         self._deliver_all(send)
+
+    def stream_interval(self, num_streams: int) -> float:
+        """Seconds a stream's outputs may be held (above `stream_every_step` live streams)."""
+        return max(self.stream_interval_s, num_streams / self.stream_events_per_s)
 
     def _deliver_all(self, items: list[tuple[str, Any]]) -> None:
         """Hand (request id, output or exception) pairs to their streams: one callback per event

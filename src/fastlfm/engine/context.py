@@ -36,16 +36,19 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 
 def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                 block_tables: torch.Tensor, past: torch.Tensor, lens: torch.Tensor,
-                                cu_seqlens: torch.Tensor, max_len: int | None = None) -> torch.Tensor:
-    """Chunks of queries over their rows' paged history (eager reference; reads the lengths on the host).
+                                cu_seqlens: torch.Tensor, max_len: int | None = None, first_row: int = 0,
+                                out: torch.Tensor | None = None) -> torch.Tensor:
+    """Chunks of queries over their rows' paged history (eager reference of
+    kernels.paged_attention.paged_prefill_attention; reads the lengths on the host).
 
     q: (N, Hq, d), row s owning q[cu_seqlens[s]:][:lens[s]] at positions past[s] + i; the caches already
-    hold every row's keys 0 .. past[s] + lens[s] - 1. Causal: position p sees keys 0..p. `max_len` is
-    the Triton kernel's grid bound, unused here."""
-    out = torch.empty_like(q)
+    hold every row's keys 0 .. past[s] + lens[s] - 1. Causal: position p sees keys 0..p. Rows
+    `first_row`.. only, written into `out` (default: a new tensor). `max_len` is the Triton kernel's
+    grid bound, unused here."""
+    out = torch.empty_like(q) if out is None else out
     block_size = k_cache.shape[1]
     for s, (start, n, p) in enumerate(zip(cu_seqlens.tolist(), lens.tolist(), past.tolist())):
-        if n == 0:
+        if n == 0 or s < first_row:
             continue
         blocks = block_tables[s, :-(-(p + n) // block_size)].long()
         # 4-D (1, H, T, d) inputs: with 3-D ones SDPA silently takes its fp32 math path.
@@ -145,9 +148,8 @@ class PagedContext(MixingContext):
 
             if paged_attention.prefill_kernel_supports(d, self.block_size):
                 prefill_attention = paged_attention.paged_prefill_attention
-        # The decode rows hold one token each: the other rows' chunks start nd tokens in.
-        out[nd:] = prefill_attention(q[nd:], k_cache, v_cache, self.block_tables[nd:], self.past[nd:],
-                                     self.lens[nd:], self.cu_seqlens[nd:] - nd, self.max_chunk_len)
+        prefill_attention(q, k_cache, v_cache, self.block_tables, self.past, self.lens, self.cu_seqlens,
+                          self.max_chunk_len, first_row=nd, out=out)
         return out[None]
 
     def _decode(self, q, k, v, k_cache, v_cache, nd):

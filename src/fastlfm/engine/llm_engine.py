@@ -130,9 +130,9 @@ class LLMEngine:
     `lazy_graphs` (CUDA): each decode batch size is compiled and captured as a CUDA graph when a
     step first needs it, so the first request is answered after batch 1 alone; with False every
     size is captured at start (a server: no client waits on a compile mid-run).
-    `prefill_graph_tokens` (CUDA): a step that prefills one prompt chunk of up to this many tokens
-    (and nothing else) replays a CUDA graph (model_runner.py) instead of launching every kernel
-    from the host; 0 turns them off.
+    `prefill_graph_tokens` (CUDA): a step that prefills (a prompt chunk, or chunks beside decodes)
+    with up to this many tokens replays a CUDA graph (model_runner.py) instead of launching every
+    kernel from the host; 0 turns them off. With `lazy_graphs` False all of them are captured at start.
     `pack_cpu_weights` (CPU): the projections run pre-packed for oneDNN (fastlfm.cpu_linear; the
     model is changed in place, and its train() / save_pretrained() change it back).
 
@@ -176,7 +176,7 @@ class LLMEngine:
                  enforce_eager: bool = False, compile: bool | None = None, async_scheduling: bool | None = None,
                  processor=None, max_vision_views: int = 32, pack_cpu_weights: bool = True,
                  lazy_graphs: bool = True, enable_prefix_caching: bool = True, num_conv_snapshots: int | None = None,
-                 grammar_threads: int | None = None, prefill_graph_tokens: int = 2048):
+                 grammar_threads: int | None = None, prefill_graph_tokens: int = 4096):
         self.model = model
         self.config = model.config
         self.tokenizer = tokenizer

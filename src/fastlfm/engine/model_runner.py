@@ -357,8 +357,8 @@ class ModelRunner:
     # Eager ops, not compiled: the graph alone removes the launch cost.
     def enable_prefill_graphs(self, max_tokens: int, lazy: bool = True) -> None:
         """Graphs for steps of up to `max_tokens` tokens: each (rows, tokens) size captured when
-        first needed (`lazy`), or the single-prompt ones now. Needs the decode graphs' per-slot
-        block tables (`capture_graphs` first)."""
+        first needed (`lazy`), or all now (a server: no client waits on a capture). Needs the decode
+        graphs' per-slot block tables (`capture_graphs` first)."""
         assert self.graph_sizes, "capture_graphs first: the step graphs share its device block tables"
         self.prefill_sizes = prefill_graph_sizes(max_tokens)
         top = self.graph_sizes[-1] + 1  # every decode row of a full batch, and a padding row
@@ -367,10 +367,11 @@ class ModelRunner:
         V = self.model.config.vocab_size
         self.p_logits = torch.zeros((self.prefill_rows[-1], V), dtype=self.dtype, device=self.device)
         self.p_in_flight = torch.zeros(self.prefill_rows[-1], dtype=torch.long, device=self.device)
-        if not lazy:
-            for size in reversed(self.prefill_sizes):
-                if self._try_capture_prefill(2, size) is None:
-                    break
+        if not lazy:  # every size a step can have (a row takes at least one token), largest first
+            for rows in reversed(self.prefill_rows):
+                for size in reversed(self.prefill_sizes):
+                    if rows - 1 <= size and self.prefill_sizes and self._try_capture_prefill(rows, size) is None:
+                        return
 
     def _try_capture_prefill(self, rows: int, size: int):
         """The captured graph, or None (and prefill graphs off) if CUDA could not capture the step."""

@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from ..engine.async_engine import DEFAULT_STREAM_INTERVAL_S, STREAM_EVERY_STEP
+from ..engine.async_engine import DEFAULT_STREAM_EVENTS_PER_S, DEFAULT_STREAM_INTERVAL_S, STREAM_EVERY_STEP
 from .http import (DEFAULT_BODY_TIMEOUT, DEFAULT_HEADER_TIMEOUT, DEFAULT_KEEP_ALIVE_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
                    DEFAULT_SHUTDOWN_TIMEOUT)
 
@@ -71,6 +71,9 @@ def build_parser(prog: str = "fastlfm serve") -> argparse.ArgumentParser:
                    help=f"with more than {STREAM_EVERY_STEP} streams, each stream's tokens are sent at most every MS "
                         f"milliseconds, merged (default {DEFAULT_STREAM_INTERVAL_S * 1000:g}; 0: every token); "
                         "fewer events leave the GIL to the engine")
+    p.add_argument("--stream-events-per-s", type=float, default=DEFAULT_STREAM_EVENTS_PER_S,
+                   help="with many streams, each one's interval grows so that all of them together get at most this "
+                        f"many deliveries a second (default {DEFAULT_STREAM_EVENTS_PER_S:g})")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p
 
@@ -88,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             build_parser().error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if not args.stream_interval_ms >= 0:
         build_parser().error(f"--stream-interval-ms must be >= 0, got {args.stream_interval_ms}")
+    if not args.stream_events_per_s > 0:
+        build_parser().error(f"--stream-events-per-s must be positive, got {args.stream_events_per_s}")
 
     from ..engine import AsyncLLMEngine
     from .app import DEFAULT_MAX_QUEUE_LEN, create_app
@@ -99,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                                                 max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                                                 compile=args.compile, quantization=args.quantization,
                                                 stream_interval_s=args.stream_interval_ms / 1000,
+                                                stream_events_per_s=args.stream_events_per_s,
                                                 enable_prefix_caching=args.prefix_caching,
                                                 lazy_graphs=False)  # every graph before the first client
         app = create_app(

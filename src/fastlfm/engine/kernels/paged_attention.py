@@ -200,12 +200,14 @@ def _prefill_tiles(q, qpos, acc, m, l, Kc, Vc, bt_row, kv_head, lo, hi, kv_len, 
     return acc, m, l
 
 
-@triton.jit
-def _paged_prefill_kernel(Q, Kc, Vc, BT, Past, Lens, Cu, O, qk_scale,
+# Not specialised on the first row or the block table's width: both change from step to step,
+# and every specialisation is a JIT compile (seconds) in the middle of serving.
+@triton.jit(do_not_specialize=["first_row", "s_bt"])
+def _paged_prefill_kernel(Q, Kc, Vc, BT, Past, Lens, Cu, O, qk_scale, first_row,
                           s_qn, s_qh, s_kb, s_kt, s_kh, s_bt, s_on, s_oh,
                           GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr):
-    row = tl.program_id(0)
+    row = first_row + tl.program_id(0)
     m_start = tl.program_id(1) * BLOCK_M
     head = tl.program_id(2)
     n_q = tl.load(Lens + row)
@@ -244,28 +246,31 @@ def prefill_kernel_supports(head_dim: int, block_size: int) -> bool:
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, past: torch.Tensor, lens: torch.Tensor,
-                            cu_seqlens: torch.Tensor, max_len: int) -> torch.Tensor:
+                            cu_seqlens: torch.Tensor, max_len: int, first_row: int = 0,
+                            out: torch.Tensor | None = None) -> torch.Tensor:
     """q: (N, Hq, d) packed queries of S rows (row s owns q[cu_seqlens[s] : cu_seqlens[s] + lens[s]];
     its i-th query sits at position past[s] + i); k_cache / v_cache: (num_blocks, block_size, Hkv, d),
     already holding the K/V of positions 0 .. past[s] + lens[s] - 1 of every row in the blocks listed
     by block_tables[s] (S, W) int32; past, lens: (S,) int64 and cu_seqlens: (S+1,) int64, on the
     device. Causal: the query at position p attends to keys 0..p of its own row. max_len: an upper
-    bound (Python int) on max(lens), used only for the grid (q.shape[0] always is one). Returns
-    (N, Hq, d), contiguous, q's dtype; tokens of q in no row are left unset (torch.empty)."""
+    bound (Python int) on max(lens), used only for the grid (q.shape[0] always is one). Rows
+    `first_row`.. only (the engine's decode rows come first and go elsewhere). Writes their tokens of
+    `out` (default: a new tensor, contiguous, q's dtype) and returns it; other tokens are left as they are."""
     N, Hq, D = q.shape
     block_size, Hkv = k_cache.shape[1], k_cache.shape[2]
     S = block_tables.shape[0]
     assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride() == k_cache.stride()
     assert Hq % Hkv == 0 and prefill_kernel_supports(D, block_size), (Hq, Hkv, D, block_size)
-    out = q.new_empty(q.shape)
+    out = q.new_empty(q.shape) if out is None else out
+    assert out.shape == q.shape and out.stride(2) == 1
     BLOCK_M, BLOCK_N = 64, 64
-    if S == 0 or max_len <= 0:
+    if S <= first_row or max_len <= 0:
         return out
-    grid = (S, triton.cdiv(max_len, BLOCK_M), Hq)
+    grid = (S - first_row, triton.cdiv(max_len, BLOCK_M), Hq)
     _paged_prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, past, lens, cu_seqlens, out,
         D ** -0.5 * 1.4426950408889634,  # log2(e): the softmax runs on exp2
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        first_row, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=Hq // Hkv, D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_SIZE=block_size,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 caches: no tf32 rounding
