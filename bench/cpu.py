@@ -212,6 +212,11 @@ t = time.perf_counter(); llm.generate([prompt], max_new_tokens=1, **kw); first =
 t = time.perf_counter(); r = llm.generate([prompt], max_new_tokens=128, **kw); total = time.perf_counter() - t
 assert len(r[0].token_ids) == 128
 print(f"RESULT {128 / first:.2f} {127 / (total - first):.2f}")
+try:  # the fp32/bf16 kernel choice measured at load (commits before it have none)
+    from fastlfm.cpu_linear import float_kernel_decisions
+    print("KERNELS", " ".join(f"{tuple(s)}:{'packed' if p else 'plain'}" for (d, s), p in float_kernel_decisions().items()))
+except ImportError:
+    pass
 """
 
 
@@ -246,6 +251,9 @@ def one_loop_ab(work: Path, models: list[str], classes: list[str], commit: str, 
                     out = run([sys.executable, "-c", _ONE_PROMPT, str(folder), dtype, str(threads)],
                               env={**os.environ, "PYTHONPATH": src, "FASTLFM_CPU_PACK": packs})
                     pf, dec = map(float, next(ln for ln in out.splitlines() if ln.startswith("RESULT")).split()[1:])
+                    kernels = next((ln for ln in out.splitlines() if ln.startswith("KERNELS")), "")
+                    print(f"{model} {dtype} {label}: prefill {pf:.1f} decode {dec:.2f} {kernels}", file=sys.stderr,
+                          flush=True)
                     got[label].append((pf, dec))
             for label, xs in got.items():
                 lines.append(f"| {model} | {dtype} | {label} | {spread([x[0] for x in xs])} | "
