@@ -502,7 +502,7 @@ def prepare_for_cpu(model: nn.Module, quantization: str | None = None, group_siz
     trained or saved with `save_pretrained` afterwards (quantized checkpoints: `save_quantized`).
 
     `pack` (float models): "auto" (default) times a batch-1 product of each distinct (dtype,
-    weight shape) with both kernels, once per process (~0.2 s for LFM2-350M in fp32), and packs
+    weight shape) with both kernels, once per process (+0.3-0.45 s for LFM2-350M), and packs
     the shapes where oneDNN's packed kernel is faster on this host; True packs all, False packs
     none. The `FASTLFM_CPU_PACK` environment variable (packed / plain / auto) overrides "auto"."""
     if quantization is not None and quantization not in QUANTIZATION_SCHEMES:
