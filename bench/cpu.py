@@ -32,7 +32,9 @@ One decoding loop (issue 14), A/B: `--one-loop-ab [COMMIT]` (no llama.cpp needed
 `LLM(folder, dtype).generate(one prompt of 128 ids, 128 new tokens)` through this checkout (the
 engine) and through COMMIT's source (default 54557df: the last commit whose single-prompt path
 was the separate HF-style loop over Lfm2Cache), each in its own process, interleaved repeat by
-repeat; decode tok/s = 127 / (time of 128 new tokens - time of 1).
+repeat; decode tok/s = 127 / (time of 128 new tokens - time of 1). `--engine-packs auto packed
+plain` runs the engine once per choice of its fp32/bf16 kernels (FASTLFM_CPU_PACK: the choice
+measured at load, all pre-packed, all plain F.linear); default: auto alone.
 """
 
 from __future__ import annotations
@@ -114,7 +116,7 @@ class FastlfmRunner:
         self.load_s = time.perf_counter() - t
         prepare = llm_engine.prepare_for_cpu
         if unpacked:  # A/B: the engine with torch's default nn.Linear path (no pre-packing)
-            llm_engine.prepare_for_cpu = lambda model: model
+            llm_engine.prepare_for_cpu = lambda model, **kw: model
         try:
             self.engine = self.llm.engine
         finally:
@@ -210,11 +212,16 @@ t = time.perf_counter(); llm.generate([prompt], max_new_tokens=1, **kw); first =
 t = time.perf_counter(); r = llm.generate([prompt], max_new_tokens=128, **kw); total = time.perf_counter() - t
 assert len(r[0].token_ids) == 128
 print(f"RESULT {128 / first:.2f} {127 / (total - first):.2f}")
+try:  # the fp32/bf16 kernel choice measured at load (commits before it have none)
+    from fastlfm.cpu_linear import float_kernel_decisions
+    print("KERNELS", " ".join(f"{tuple(s)}:{'packed' if p else 'plain'}" for (d, s), p in float_kernel_decisions().items()))
+except ImportError:
+    pass
 """
 
 
 def one_loop_ab(work: Path, models: list[str], classes: list[str], commit: str, repeats: int, threads: int,
-                quiet_limit: float, max_wait: float) -> list[str]:
+                quiet_limit: float, max_wait: float, engine_packs: list[str] = ("auto",)) -> list[str]:
     """Batch 1 through LLM.generate: this checkout (the engine) vs COMMIT's single-prompt loop, interleaved."""
     import torch
 
@@ -226,7 +233,10 @@ def one_loop_ab(work: Path, models: list[str], classes: list[str], commit: str, 
         archive = subprocess.run(["git", "-C", str(repo), "archive", commit, "src"], capture_output=True, check=True)
         old_src.mkdir(parents=True)
         subprocess.run(["tar", "-x", "-C", str(old_src)], input=archive.stdout, check=True)
-    srcs = {"engine (this checkout)": str(repo / "src"), f"single-prompt loop ({commit})": str(old_src / "src")}
+    # label -> (PYTHONPATH, FASTLFM_CPU_PACK)
+    srcs = {f"engine (this checkout{'' if packs == 'auto' else f', {packs}'})": (str(repo / "src"), packs)
+            for packs in engine_packs}
+    srcs[f"single-prompt loop ({commit})"] = (str(old_src / "src"), "auto")
     lines = ["| model | dtype | path | prefill tok/s (128-token prompt + first token) | decode tok/s |", "|---|---|---|---|---|"]
     for model in models:
         folder = work / model.lower()
@@ -236,11 +246,14 @@ def one_loop_ab(work: Path, models: list[str], classes: list[str], commit: str, 
             dtype = CLASSES[cls][0]
             got: dict[str, list[tuple[float, float]]] = {k: [] for k in srcs}
             for _ in range(repeats):
-                for label, src in srcs.items():
+                for label, (src, packs) in srcs.items():
                     wait_quiet(quiet_limit, max_wait)
                     out = run([sys.executable, "-c", _ONE_PROMPT, str(folder), dtype, str(threads)],
-                              env={**os.environ, "PYTHONPATH": src})
+                              env={**os.environ, "PYTHONPATH": src, "FASTLFM_CPU_PACK": packs})
                     pf, dec = map(float, next(ln for ln in out.splitlines() if ln.startswith("RESULT")).split()[1:])
+                    kernels = next((ln for ln in out.splitlines() if ln.startswith("KERNELS")), "")
+                    print(f"{model} {dtype} {label}: prefill {pf:.1f} decode {dec:.2f} {kernels}", file=sys.stderr,
+                          flush=True)
                     got[label].append((pf, dec))
             for label, xs in got.items():
                 lines.append(f"| {model} | {dtype} | {label} | {spread([x[0] for x in xs])} | "
@@ -254,6 +267,8 @@ def main() -> int:
     ap.add_argument("--llama-cpp", type=Path, help="llama.cpp source dir with build/bin/llama-bench")
     ap.add_argument("--one-loop-ab", nargs="?", const="54557df", default=None, metavar="COMMIT",
                     help="only the A/B of batch-1 LLM.generate: the engine vs COMMIT's single-prompt loop")
+    ap.add_argument("--engine-packs", nargs="+", default=["auto"], choices=["auto", "packed", "plain"],
+                    help="--one-loop-ab: the engine's fp32/bf16 kernel choices to run (FASTLFM_CPU_PACK)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/fastlfm-cpu-bench"), help="checkpoints and GGUF files")
     ap.add_argument("--models", nargs="+", default=["LFM2-350M", "LFM2-1.2B"])
     ap.add_argument("--classes", nargs="+", default=list(CLASSES), choices=list(CLASSES))
@@ -273,7 +288,8 @@ def main() -> int:
         print(f"# batch-1 LLM.generate on the CPU, {args.threads} threads, prompt {PROMPT}, {NEW} new tokens, greedy; "
               f"{time.strftime('%Y-%m-%d %H:%M')}; {cpu_flags()}; median (min-max) of {args.repeats} interleaved repeats\n")
         print("\n".join(one_loop_ab(args.work, args.models, [c for c in args.classes if c in ("fp32", "bf16")],
-                                    args.one_loop_ab, args.repeats, args.threads, args.quiet_limit, args.max_wait)))
+                                    args.one_loop_ab, args.repeats, args.threads, args.quiet_limit, args.max_wait,
+                                    args.engine_packs)))
         return 0
     if args.llama_cpp is None:
         ap.error("--llama-cpp is required (except with --one-loop-ab)")

@@ -10,8 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastlfm.cpu_linear import (FusedAway, Int4Linear, Int8Embedding, Int8Linear, PackedLinear, prepare_for_cpu,
-                                quantize_int4, quantize_int8, save_quantized)
+from fastlfm import cpu_linear
+from fastlfm.cpu_linear import (FusedAway, Int4Linear, Int8Embedding, Int8Linear, PackedLinear, PlainLinear,
+                                choose_float_kernels, measure_float_kernels, prepare_for_cpu, quantize_int4,
+                                quantize_int8, save_quantized)
 from fastlfm.models import Lfm2ForCausalLM, load_model
 from fastlfm.sampling import SamplingParams
 
@@ -73,7 +75,7 @@ def test_int8_embedding_and_tied_head_share_one_table():
 
 
 def test_packed_fp32_model_equals_plain(fp32_model, ids):
-    model = prepare_for_cpu(copy.deepcopy(fp32_model))
+    model = prepare_for_cpu(copy.deepcopy(fp32_model), pack=True)
     assert isinstance(model.model.layers[2].self_attn.qkv_weight, PackedLinear)
     assert isinstance(model.model.layers[2].self_attn.q_proj, FusedAway)
     assert isinstance(model.lm_head, PackedLinear) and model.dtype == torch.float32
@@ -154,11 +156,14 @@ def test_llm_quantization_argument_and_errors(tiny_ckpt):
         llm.model.save_pretrained("/nonexistent/never-written")
 
 
-def test_a_model_packed_by_its_engine_still_saves_and_trains_exactly(tiny_ckpt, tmp_path):
-    """generate() on the CPU packs the projections for oneDNN in place; save_pretrained and train()
-    give the plain layers back with the same weights (the reorder is lossless), and the next
-    generate() packs them again."""
+@pytest.mark.parametrize("choice", ["packed", "plain", "auto"])
+def test_a_model_packed_by_its_engine_still_saves_and_trains_exactly(tiny_ckpt, tmp_path, monkeypatch, choice):
+    """generate() on the CPU packs the projections for oneDNN in place (or wraps them as
+    PlainLinear); save_pretrained and train() give the plain layers back with the same weights (the
+    reorder is lossless), and the next generate() packs them again."""
     from fastlfm import Lfm2ForCausalLM
+
+    monkeypatch.setenv(cpu_linear.PACK_ENV, choice)
 
     model = Lfm2ForCausalLM.from_pretrained(tiny_ckpt, dtype=torch.float32)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -206,3 +211,106 @@ def test_batch1_cpu_decode_path_matches_the_reference_model(tiny_ckpt):
         assert out.token_ids == [t for t, _ in want]
         got = torch.tensor([lp.logprob for lp in out.logprobs])
         torch.testing.assert_close(got, torch.tensor([lp for _, lp in want]), rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- packed or plain, chosen at load
+@pytest.fixture
+def fresh_decisions(monkeypatch):
+    """An empty per-process decision cache (restored afterwards), so a test's fake timings decide."""
+    monkeypatch.setattr(cpu_linear, "_decisions", {})
+    monkeypatch.delenv(cpu_linear.PACK_ENV, raising=False)
+
+
+def _fake_measure(packed_shapes, calls):
+    """Timings where the shapes in `packed_shapes` are twice as fast packed, the others twice as fast plain."""
+    def measure(samples):
+        calls.append(sorted(samples, key=str))
+        return {key: (1.0, 2.0) if key[1] in packed_shapes else (2.0, 1.0) for key in samples}
+    return measure
+
+
+def test_choice_picks_the_faster_kernel_per_shape_and_measures_once(fresh_decisions):
+    a, b, c = (torch.float32, (8, 4)), (torch.float32, (16, 4)), (torch.bfloat16, (8, 4))
+    samples = {a: [torch.zeros(8, 4)], b: [torch.zeros(16, 4)]}
+    calls = []
+    assert choose_float_kernels(samples, _fake_measure({(8, 4)}, calls)) == {a: True, b: False}
+    # a second model in the same process: only the new (dtype, shape) is measured
+    got = choose_float_kernels({a: samples[a], c: [torch.zeros(8, 4, dtype=torch.bfloat16)]},
+                               _fake_measure(set(), calls))
+    assert got == {a: True, c: False} and calls[1] == [c]
+    # packing must be faster by the margin: a near-tie keeps plain F.linear
+    d = (torch.float32, (4, 4))
+    assert choose_float_kernels({d: [torch.zeros(4, 4)]}, lambda s: {d: (0.99, 1.0)}) == {d: False}
+    # no trustworthy timing (a busy host): packed, as before, and measured again next time
+    e = (torch.float32, (2, 4))
+    assert choose_float_kernels({e: [torch.zeros(2, 4)]}, lambda s: {e: None}) == {e: True}
+    assert choose_float_kernels({e: [torch.zeros(2, 4)]}, lambda s: {e: (2.0, 1.0)}) == {e: False}
+
+
+def test_measure_float_kernels_times_both_kernels():
+    samples = {(torch.float32, (96, 128)): [_weight(), _weight(seed=1)],
+               (torch.bfloat16, (32, 64)): [_weight(32, 64).bfloat16()]}
+    times = measure_float_kernels(samples, repeats=2)
+    assert times.keys() == samples.keys()
+    assert all(t is None or (t[0] > 0 and t[1] > 0) for t in times.values())  # None: the host was too busy
+
+
+def test_mixed_choices_give_the_unprepared_logits(fp32_model, ids, fresh_decisions, monkeypatch):
+    """qkv and w2 packed, the rest plain F.linear: same logits; the plain head still reads the
+    tied embedding (no second copy)."""
+    cfg = fp32_model.config
+    qkv = ((cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim, cfg.hidden_size)
+    w2 = (cfg.hidden_size, cfg.ffn_dim)
+    calls = []
+    monkeypatch.setattr(cpu_linear, "measure_float_kernels", _fake_measure({qkv, w2}, calls))
+    model = prepare_for_cpu(copy.deepcopy(fp32_model))
+    attn = next(layer.self_attn for layer in model.model.layers if hasattr(layer, "self_attn"))
+    mlp = model.model.layers[0].feed_forward
+    assert isinstance(attn.qkv_weight, PackedLinear) and isinstance(attn.q_proj, FusedAway)
+    assert isinstance(attn.out_proj, PlainLinear) and isinstance(mlp.w2, PackedLinear)
+    assert isinstance(mlp.w13_weight, PlainLinear) and isinstance(mlp.w1, FusedAway)
+    assert isinstance(model.lm_head, PlainLinear)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert len(calls) == 1
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, fp32_model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_forced_choices_and_the_environment_variable(fp32_model, fresh_decisions, monkeypatch):
+    def kinds(model):
+        return {type(m) for m in model.modules() if isinstance(m, (PackedLinear, PlainLinear, torch.nn.Linear))}
+
+    monkeypatch.setattr(cpu_linear, "measure_float_kernels", lambda s: pytest.fail("forced: nothing to measure"))
+    assert kinds(prepare_for_cpu(copy.deepcopy(fp32_model), pack=True)) == {PackedLinear}
+    assert kinds(prepare_for_cpu(copy.deepcopy(fp32_model), pack=False)) == {PlainLinear}
+    monkeypatch.setenv(cpu_linear.PACK_ENV, "packed")
+    assert kinds(prepare_for_cpu(copy.deepcopy(fp32_model))) == {PackedLinear}
+    monkeypatch.setenv(cpu_linear.PACK_ENV, "plain")
+    assert kinds(prepare_for_cpu(copy.deepcopy(fp32_model))) == {PlainLinear}
+    monkeypatch.setenv(cpu_linear.PACK_ENV, "sometimes")
+    with pytest.raises(ValueError, match="FASTLFM_CPU_PACK"):
+        prepare_for_cpu(copy.deepcopy(fp32_model))
+
+
+@pytest.mark.parametrize("pack", [False, True, "auto"])
+def test_engine_pack_cpu_weights_modes_give_the_same_tokens(tiny_ckpt, fresh_decisions, monkeypatch, pack):
+    """pack_cpu_weights=False keeps the model's nn.Linear layers; True packs all; "auto" (here with
+    mixed fake timings: residual adds through PlainLinear and PackedLinear.add_to) decodes the
+    same greedy tokens and logprobs."""
+    from fastlfm.engine import LLMEngine
+
+    model = load_model(tiny_ckpt, dtype=torch.float32)
+    cfg = model.config
+    monkeypatch.setattr(cpu_linear, "measure_float_kernels",
+                        _fake_measure({(cfg.hidden_size, cfg.hidden_size), (cfg.hidden_size, cfg.ffn_dim)}, []))
+    params = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True, logprobs=0)
+    prompt = [5, 9, 200, 31, 7, 400, 3]
+    ref = LLMEngine(load_model(tiny_ckpt, dtype=torch.float32), max_num_seqs=1, block_size=4,
+                    pack_cpu_weights=False).generate([prompt], params)[0]
+    engine = LLMEngine(model, max_num_seqs=1, block_size=4, pack_cpu_weights=pack)
+    kinds = {type(m) for m in model.modules() if isinstance(m, (PackedLinear, PlainLinear))}
+    assert kinds == {False: set(), True: {PackedLinear}, "auto": {PackedLinear, PlainLinear}}[pack]
+    out = engine.generate([prompt], params)[0]
+    assert out.token_ids == ref.token_ids
+    torch.testing.assert_close(torch.tensor([lp.logprob for lp in out.logprobs]),
+                               torch.tensor([lp.logprob for lp in ref.logprobs]), rtol=0, atol=1e-5)

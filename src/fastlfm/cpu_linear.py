@@ -9,7 +9,9 @@ candidate on every LFM2 decode shape (table in BENCHMARKS.md); this module insta
 winners:
 
 - fp32 / bf16 weights: `PackedLinear`, oneDNN's packed linear (the packed weight also serves
-  prefill: oneDNN runs any row count on it).
+  prefill: oneDNN runs any row count on it), or `PlainLinear` (torch's `F.linear`) for the
+  (dtype, shape) pairs where packing is not faster on this host: `prepare_for_cpu(pack="auto")`
+  times both kernels once per process at load (`choose_float_kernels`).
 - int8, per output channel: `Int8Linear`, `aten._weight_int8pack_mm` (bf16 activations).
 - int4, group-wise (32 or 64 along the input): `Int4Linear`, `aten._weight_int4pack_mm_for_cpu`
   (bf16 activations); w = (q - 8) * scale + zero per group, so GGUF Q4_0 (zero = 0) maps onto
@@ -28,11 +30,15 @@ float weights (`quantize_int8` / `quantize_int4`), read from a saved quantized c
 from __future__ import annotations
 
 import json
+import os
+import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable, Literal, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .sampling import GenerationConfig
@@ -172,6 +178,21 @@ class PackedLinear(CpuLinear):
         return y.view(residual.shape)
 
 
+class PlainLinear(CpuLinear):
+    """fp32 / bf16 weight kept as it is, run by `F.linear` (torch's default kernel): chosen where
+    pre-packing is not faster on this host. The weight shares the source tensor's storage (a
+    tied LM head keeps reading the embedding's table: no copy)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__(weight.shape[1], weight.shape[0])
+        self.dtype = weight.dtype
+        # Plain attribute like PackedLinear.packed: the prepared model's state_dict has no projections.
+        self.weight = weight.detach()
+
+    def _mm(self, x):
+        return F.linear(x.to(self.dtype), self.weight)
+
+
 class Int8Linear(CpuLinear):
     """int8 weight, one scale per output channel; bf16 activations in, the input's dtype out."""
 
@@ -253,12 +274,13 @@ def kernel_supports(weight: Weight) -> bool:
     return True
 
 
-def make_linear(weight: Weight) -> nn.Module:
-    """The kernel module for a weight: packed fp32/bf16, int8 or int4. A shape the quantized
-    kernels do not take runs as bf16 (packed), de-quantized once."""
+def make_linear(weight: Weight, packs: Callable[[torch.Tensor], bool] | None = None) -> nn.Module:
+    """The kernel module for a weight: packed (or plain, where `packs(weight)` says so) fp32/bf16,
+    int8 or int4. A shape the quantized kernels do not take runs as bf16 (packed), de-quantized
+    once."""
     if isinstance(weight, torch.Tensor):
         if weight.dtype in (torch.float32, torch.bfloat16):
-            return PackedLinear(weight)
+            return PackedLinear(weight) if packs is None or packs(weight) else PlainLinear(weight)
         lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
         lin.weight = nn.Parameter(weight.detach(), requires_grad=False)
         return lin
@@ -284,39 +306,24 @@ def _float_source(scheme: str | None, group_size: int) -> WeightSource:
 
 @torch.no_grad()
 def install_cpu_linears(model: nn.Module, source: WeightSource, head: Weight | None = None,
-                        dtype: torch.dtype | None = None) -> None:
+                        dtype: torch.dtype | None = None, packs: Callable[[torch.Tensor], bool] | None = None) -> None:
     """Swap the projections of every LFM2 layer (and the LM head) for kernel modules, with weights
     from `source(qualified module name, linear)`; q/k/v and w1/w3 are fused first. `head`: the
     LM head's weight (int8: the tied embedding too, with outputs in `dtype`, default the
-    embedding's)."""
-    from .models.lfm2 import Lfm2Attention, Lfm2MLP, Lfm2ShortConv
-
-    def fuse(owner: nn.Module, prefix: str, names: list[str], attr: str) -> None:
-        mods = [getattr(owner, n) for n in names]
-        if not all(_plain(m) for m in mods):
-            return
-        setattr(owner, attr, None)  # drop a previous fused float weight (fuse_projections) first
-        fused = make_linear(concat_weights([source(f"{prefix}{n}", m) for n, m in zip(names, mods)]))
-        for n, m in zip(names, mods):
-            setattr(owner, n, FusedAway(m.in_features, m.out_features, attr))
-        setattr(owner, attr, fused)
-
-    def swap(owner: nn.Module, prefix: str, name: str) -> None:
-        m = getattr(owner, name)
-        if _plain(m):
-            setattr(owner, name, make_linear(source(f"{prefix}{name}", m)))
-
-    for prefix, module in list(model.named_modules()):
-        prefix = f"{prefix}." if prefix else ""
-        if isinstance(module, Lfm2Attention):
-            fuse(module, prefix, ["q_proj", "k_proj", "v_proj"], "qkv_weight")
-            swap(module, prefix, "out_proj")
-        elif isinstance(module, Lfm2ShortConv):
-            swap(module, prefix, "in_proj")
-            swap(module, prefix, "out_proj")
-        elif isinstance(module, Lfm2MLP):
-            fuse(module, prefix, ["w1", "w3"], "w13_weight")
-            swap(module, prefix, "w2")
+    embedding's). `packs(float weight)`: whether a float weight is pre-packed (default: all are)
+    or runs as `PlainLinear`."""
+    for owner, prefix, names, attr in _projection_jobs(model):
+        if attr is not None:
+            fused = _fusable(owner, names)
+            if fused is None:
+                continue
+            setattr(owner, attr, None)  # drop a previous fused float weight (fuse_projections) first
+            kernel = make_linear(concat_weights([source(f"{prefix}{n}", m) for n, m in zip(names, fused)]), packs)
+            for n, m in zip(names, fused):
+                setattr(owner, n, FusedAway(m.in_features, m.out_features, attr))
+            setattr(owner, attr, kernel)
+        elif _plain(getattr(owner, names[0])):
+            setattr(owner, names[0], make_linear(source(f"{prefix}{names[0]}", getattr(owner, names[0])), packs))
     lm_head = getattr(model, "lm_head", None)
     if head is not None:
         embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else _embed_tokens(model)
@@ -328,7 +335,32 @@ def install_cpu_linears(model: nn.Module, source: WeightSource, head: Weight | N
         else:
             model.lm_head = make_linear(head)
     elif lm_head is not None and _plain(lm_head):
-        model.lm_head = make_linear(source("lm_head", lm_head))
+        model.lm_head = make_linear(source("lm_head", lm_head), packs)
+
+
+Job = tuple[nn.Module, str, list[str], "str | None"]  # (owner, name prefix, projections, fused attribute)
+
+
+def _projection_jobs(model: nn.Module) -> list[Job]:
+    """The projections `install_cpu_linears` swaps, in model order: q/k/v into `qkv_weight` and
+    w1/w3 into `w13_weight` (fused), the others one by one (attribute None); the LM head apart."""
+    from .models.lfm2 import Lfm2Attention, Lfm2MLP, Lfm2ShortConv
+
+    jobs: list[Job] = []
+    for prefix, module in list(model.named_modules()):
+        prefix = f"{prefix}." if prefix else ""
+        if isinstance(module, Lfm2Attention):
+            jobs += [(module, prefix, ["q_proj", "k_proj", "v_proj"], "qkv_weight"), (module, prefix, ["out_proj"], None)]
+        elif isinstance(module, Lfm2ShortConv):
+            jobs += [(module, prefix, ["in_proj"], None), (module, prefix, ["out_proj"], None)]
+        elif isinstance(module, Lfm2MLP):
+            jobs += [(module, prefix, ["w1", "w3"], "w13_weight"), (module, prefix, ["w2"], None)]
+    return jobs
+
+
+def _fusable(owner: nn.Module, names: list[str]) -> list[nn.Module] | None:
+    mods = [getattr(owner, n) for n in names]
+    return mods if all(_plain(m) for m in mods) else None
 
 
 def _embed_tokens(model: nn.Module) -> nn.Module:
@@ -341,16 +373,138 @@ def _set_embed_tokens(model: nn.Module, module: nn.Module) -> None:
     inner.embed_tokens = module
 
 
+# ----------------------------------------------------------------------------- packed or plain (fp32 / bf16)
+PackChoice = Union[bool, Literal["auto"]]
+PACK_ENV = "FASTLFM_CPU_PACK"  # "auto" (default), "packed" / "1" or "plain" / "0": overrides pack="auto"
+KernelKey = tuple[torch.dtype, tuple[int, int]]  # (weight dtype, (out, in))
+# (packed seconds, plain seconds) per key; None: no trustworthy timing (kept packed, measured again next time)
+Measure = Callable[[dict[KernelKey, list[torch.Tensor]]], dict[KernelKey, "tuple[float, float] | None"]]
+
+SAMPLE_BYTES = 64 * 2**20  # weights timed per shape (at least one): together they overflow the caches
+PACK_MARGIN = 0.98  # packed must be 2% faster: plain is the lighter choice (a tied head is not copied)
+# A product slower than this (plus the call's overhead) was held up by other processes, not by its kernel.
+MIN_PLAUSIBLE_BANDWIDTH = 5e9  # bytes per second (this 2-core host streams ~25 GB/s when quiet)
+_decisions: dict[KernelKey, bool] = {}  # per process: a second engine does not measure again
+
+
+def resolve_pack(pack: PackChoice) -> PackChoice:
+    """`pack`, or with "auto" the `FASTLFM_CPU_PACK` environment variable's choice (for benchmarks)."""
+    if pack != "auto":
+        return bool(pack)
+    env = os.environ.get(PACK_ENV, "auto").strip().lower()
+    if env in ("", "auto"):
+        return "auto"
+    if env in ("1", "true", "packed"):
+        return True
+    if env in ("0", "false", "plain"):
+        return False
+    raise ValueError(f"{PACK_ENV}={env!r}: use auto, packed or plain")
+
+
+def measure_float_kernels(samples: dict[KernelKey, list[torch.Tensor]], repeats: int = 5,
+                          budget_s: float = 0.3) -> dict[KernelKey, tuple[float, float] | None]:
+    """Seconds per batch-1 product, (packed oneDNN, plain F.linear), for each (dtype, shape).
+
+    Each sample weight is run by both kernels back to back (which one first alternates), in
+    `repeats` passes over all shapes (fewer once past `budget_s`; at least one), so that a
+    product reads its weight from memory as a decode step does, not from a cache that repeating
+    one weight would warm. On a shared host other processes slow many calls (2 threads on 2 busy
+    cores), so the estimate is robust rather than a mean: plain = its fastest call, packed =
+    plain x the median of the paired ratios packed / plain (a pair sees the same load). None for
+    a shape whose fastest call of either kernel read its weight slower than `MIN_PLAUSIBLE_BANDWIDTH`
+    (every call delayed: the comparison would be the scheduler's, not the kernels')."""
+    kernels = {key: list(zip([PackedLinear(w) for w in ws], [PlainLinear(w) for w in ws]))
+               for key, ws in samples.items()}
+    inputs = {(dtype, shape): torch.randn(1, shape[1]).to(dtype) for dtype, shape in samples}
+    for key, pairs in kernels.items():  # warm-up: oneDNN builds its primitive on the first call
+        for m in pairs[0]:
+            m(inputs[key])
+    ratios: dict[KernelKey, list[float]] = {key: [] for key in samples}
+    best = {key: [float("inf"), float("inf")] for key in samples}  # fastest call, packed / plain
+    start, flip = time.perf_counter(), False
+    for _ in range(repeats):
+        for key, pairs in kernels.items():
+            x = inputs[key]
+            for pair in pairs:
+                flip = not flip
+                took = {}
+                for which in ((0, 1) if flip else (1, 0)):
+                    t = time.perf_counter()
+                    pair[which](x)
+                    took[which] = time.perf_counter() - t
+                ratios[key].append(took[0] / took[1])
+                best[key] = [min(best[key][i], took[i]) for i in (0, 1)]
+        if time.perf_counter() - start > budget_s:
+            break
+    out: dict[KernelKey, tuple[float, float] | None] = {}
+    for (dtype, (n, k)), (packed_best, plain_best) in best.items():
+        plausible = max(packed_best, plain_best) < n * k * dtype.itemsize / MIN_PLAUSIBLE_BANDWIDTH + 200e-6
+        key = (dtype, (n, k))
+        out[key] = (plain_best * statistics.median(ratios[key]), plain_best) if plausible else None
+    return out
+
+
+def choose_float_kernels(samples: dict[KernelKey, list[torch.Tensor]],
+                         measure: Measure | None = None) -> dict[KernelKey, bool]:
+    """Whether each (dtype, shape) runs pre-packed (True) or with plain F.linear (False): measured
+    once per process (`measure`, default `measure_float_kernels`, gets the keys not decided yet;
+    tests pass fake timings). A shape without a trustworthy timing stays packed (the choice before
+    measuring was added) and is not cached: the next model measures it again."""
+    todo = {key: ws for key, ws in samples.items() if key not in _decisions}
+    got = {}
+    if todo:
+        for key, timing in (measure or measure_float_kernels)(todo).items():
+            if timing is None:
+                got[key] = True
+            else:
+                got[key] = _decisions[key] = timing[0] < PACK_MARGIN * timing[1]
+    return {key: _decisions[key] if key in _decisions else got.get(key, True) for key in samples}
+
+
+def float_kernel_decisions() -> dict[KernelKey, bool]:
+    """The (dtype, shape) -> packed decisions this process has measured so far."""
+    return dict(_decisions)
+
+
+def _float_samples(model: nn.Module, cap_bytes: int = SAMPLE_BYTES) -> dict[KernelKey, list[torch.Tensor]]:
+    """The float weights `install_cpu_linears` would build (fused ones concatenated), grouped by
+    (dtype, shape), up to `cap_bytes` per group (at least one weight each)."""
+    samples: dict[KernelKey, list[torch.Tensor]] = {}
+
+    def add(weights: list[torch.Tensor]) -> None:
+        if weights[0].dtype not in (torch.float32, torch.bfloat16):
+            return
+        n, k = sum(w.shape[0] for w in weights), weights[0].shape[1]
+        group = samples.setdefault((weights[0].dtype, (n, k)), [])
+        if not group or (len(group) + 1) * n * k * weights[0].element_size() <= cap_bytes:
+            group.append(concat_weights(weights) if len(weights) > 1 else weights[0].detach())
+
+    for owner, _, names, attr in _projection_jobs(model):
+        mods = _fusable(owner, names) if attr is not None else [getattr(owner, names[0])]
+        if mods is not None and all(_plain(m) for m in mods):
+            add([m.weight for m in mods])
+    lm_head = getattr(model, "lm_head", None)
+    if lm_head is not None and _plain(lm_head):
+        add([lm_head.weight])
+    return samples
+
+
 def prepared_for_cpu(model: nn.Module) -> bool:
     return getattr(model, "cpu_linears", None) is not None
 
 
 @torch.no_grad()
-def prepare_for_cpu(model: nn.Module, quantization: str | None = None, group_size: int = 32) -> nn.Module:
+def prepare_for_cpu(model: nn.Module, quantization: str | None = None, group_size: int = 32,
+                    pack: PackChoice = "auto") -> nn.Module:
     """Make `model` (on the CPU) ready for fast inference, in place: fp32/bf16 projections
-    pre-packed for oneDNN, or weight-only int8 / int4 (`quantization`), with the embedding and
-    LM head int8 when quantized. Idempotent; the model can no longer be trained or saved with
-    `save_pretrained` afterwards (quantized checkpoints: `save_quantized`)."""
+    pre-packed for oneDNN or run by plain F.linear, or weight-only int8 / int4 (`quantization`),
+    with the embedding and LM head int8 when quantized. Idempotent; the model can no longer be
+    trained or saved with `save_pretrained` afterwards (quantized checkpoints: `save_quantized`).
+
+    `pack` (float models): "auto" (default) times a batch-1 product of each distinct (dtype,
+    weight shape) with both kernels, once per process (+0.3-0.45 s for LFM2-350M), and packs
+    the shapes where oneDNN's packed kernel is faster on this host; True packs all, False packs
+    none. The `FASTLFM_CPU_PACK` environment variable (packed / plain / auto) overrides "auto"."""
     if quantization is not None and quantization not in QUANTIZATION_SCHEMES:
         raise ValueError(f"unknown quantization {quantization!r}; use one of {', '.join(QUANTIZATION_SCHEMES)}")
     if quantization == "int4" and group_size not in (32, 64, 128, 256):
@@ -369,7 +523,15 @@ def prepare_for_cpu(model: nn.Module, quantization: str | None = None, group_siz
         lm_head = getattr(model, "lm_head", None)
         if lm_head is not None and _plain(lm_head):
             head = quantize_int8(lm_head.weight)  # int8 for the head (and the tied embedding) in both schemes
-    install_cpu_linears(model, _float_source(quantization, group_size), head)
+    packs = None  # quantized: the float fallbacks stay packed, as before
+    if quantization is None:
+        pack = resolve_pack(pack)
+        if pack == "auto":
+            decisions = choose_float_kernels(_float_samples(model))
+            packs = lambda w: decisions.get((w.dtype, tuple(w.shape)), True)  # noqa: E731
+        else:
+            packs = lambda w: pack  # noqa: E731
+    install_cpu_linears(model, _float_source(quantization, group_size), head, packs=packs)
     model.cpu_linears = quantization or str(model.dtype).removeprefix("torch.")
     return model
 
@@ -393,18 +555,23 @@ def restore_float_linears(model: nn.Module) -> nn.Module:
     for module in list(model.modules()):
         for attr, names in (("qkv_weight", ("q_proj", "k_proj", "v_proj")), ("w13_weight", ("w1", "w3"))):
             fused = getattr(module, attr, None)
-            if isinstance(fused, PackedLinear) and all(isinstance(getattr(module, n), FusedAway) for n in names):
-                parts = fused.packed.to_dense().split([getattr(module, n).out_features for n in names])
+            if isinstance(fused, (PackedLinear, PlainLinear)) and all(isinstance(getattr(module, n), FusedAway)
+                                                                       for n in names):
+                parts = _dense(fused).split([getattr(module, n).out_features for n in names])
                 setattr(module, attr, None)
                 for n, part in zip(names, parts):
                     setattr(module, n, linear(part.clone()))
         for name, child in list(module.named_children()):
-            if isinstance(child, PackedLinear):
-                setattr(module, name, linear(child.packed.to_dense()))
+            if isinstance(child, (PackedLinear, PlainLinear)):
+                setattr(module, name, linear(_dense(child)))
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     del model.cpu_linears
     return model
+
+
+def _dense(linear: PackedLinear | PlainLinear) -> torch.Tensor:
+    return linear.packed.to_dense() if isinstance(linear, PackedLinear) else linear.weight
 
 
 # ----------------------------------------------------------------------------- saved checkpoints

@@ -133,8 +133,12 @@ class LLMEngine:
     `prefill_graph_tokens` (CUDA): a step that prefills (a prompt chunk, or chunks beside decodes)
     with up to this many tokens replays a CUDA graph (model_runner.py) instead of launching every
     kernel from the host; 0 turns them off. With `lazy_graphs` False all of them are captured at start.
-    `pack_cpu_weights` (CPU): the projections run pre-packed for oneDNN (fastlfm.cpu_linear; the
-    model is changed in place, and its train() / save_pretrained() change it back).
+    `pack_cpu_weights` (CPU, float models): "auto" (default) swaps the projections for CPU kernel
+    modules and, per (dtype, weight shape), pre-packs them for oneDNN where a batch-1 product timed
+    at load (once per process) is faster than torch's plain F.linear on this host; True packs
+    every shape, False keeps the model's own nn.Linear layers (fastlfm.cpu_linear.prepare_for_cpu;
+    the `FASTLFM_CPU_PACK` environment variable, packed / plain, overrides "auto"). The model is
+    changed in place, and its train() / save_pretrained() change it back.
 
     Asynchronous scheduling (`async_scheduling`, on by default on CUDA): a step is launched
     before the previous step's sampled ids reach the host. They feed the new step on the
@@ -174,7 +178,7 @@ class LLMEngine:
                  max_num_batched_tokens: int | None = None, block_size: int | None = None,
                  num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.85,
                  enforce_eager: bool = False, compile: bool | None = None, async_scheduling: bool | None = None,
-                 processor=None, max_vision_views: int = 32, pack_cpu_weights: bool = True,
+                 processor=None, max_vision_views: int = 32, pack_cpu_weights: bool | str = "auto",
                  lazy_graphs: bool = True, enable_prefix_caching: bool = True, num_conv_snapshots: int | None = None,
                  grammar_threads: int | None = None, prefill_graph_tokens: int = 4096):
         self.model = model
@@ -207,9 +211,14 @@ class LLMEngine:
         self.compiled = on_cuda and not enforce_eager and (on_cuda if compile is None else bool(compile))
         # CPU: projections pre-packed for oneDNN (a quantized model is kept as it is); the model's
         # train() / save_pretrained() unpack them, and the next step packs them again.
-        self.packs_for_cpu = not on_cuda and pack_cpu_weights
+        if pack_cpu_weights not in (True, False, "auto"):
+            raise ValueError(f'pack_cpu_weights must be True, False or "auto", got {pack_cpu_weights!r}')
+        if pack_cpu_weights != "auto":
+            pack_cpu_weights = bool(pack_cpu_weights)
+        self.packs_for_cpu = not on_cuda and pack_cpu_weights is not False
+        self.cpu_pack: bool | str = pack_cpu_weights
         if self.packs_for_cpu:
-            prepare_for_cpu(model)
+            prepare_for_cpu(model, pack=self.cpu_pack)
         self.runner = ModelRunner(model, block_size=block_size, num_blocks=num_kv_blocks, num_conv_slots=max_num_seqs,
                                   max_model_len=self.max_model_len, max_num_seqs=max_num_seqs,
                                   use_cuda_graphs=on_cuda and not enforce_eager, use_triton=on_cuda,
@@ -440,7 +449,7 @@ class LLMEngine:
         read while this one runs; `has_unfinished()` stays true until the last is read."""
         self._apply_deferred()
         if self.packs_for_cpu and not prepared_for_cpu(self.model):
-            prepare_for_cpu(self.model)
+            prepare_for_cpu(self.model, pack=self.cpu_pack)
         self._busy = True
         try:
             return self._step()
