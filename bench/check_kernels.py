@@ -373,6 +373,51 @@ def check_engine(device, moe=False) -> bool:
     return same and hits == 32 and bool(prefill_graph_steps)
 
 
+def check_engine_failures(device) -> bool:
+    """Issue 14's recovery on the engine's fastest path (Triton kernels, decode and prefill graphs,
+    asynchronous scheduling; on the GPU also the torch.compile'd decode step): an exception inside a
+    step (in the forward, or while reading a step's tokens back, with the next step in flight)
+    aborts that step's requests and frees their blocks and slots, and the next call gives the eager
+    model's greedy tokens. On CPU the graphs are eager replays."""
+    from fastlfm.engine import LLMEngine
+
+    model, prompts, refs = tiny_engine_case(device)
+    engine = LLMEngine(model, max_num_seqs=4, max_model_len=64, max_num_batched_tokens=16, block_size=16,
+                       num_kv_blocks=32, async_scheduling=True, pack_cpu_weights=False,
+                       enforce_eager=device == "cpu", compile=None if device == "cuda" else False)
+    runner = engine.runner
+    use_triton_path(runner, model)
+    if not runner.prefill_sizes:
+        runner.capture_graphs(4)
+        runner.enable_prefill_graphs(16)
+    ok = run_engine(engine, prompts) == refs
+    errors = (KeyboardInterrupt(), torch.cuda.OutOfMemoryError("CUDA out of memory (injected)"))
+    for (owner, name), error in itertools.product(((runner, "execute"), (engine, "_process")), errors):
+        original, calls = getattr(owner, name), [0]
+
+        def failing(*args, original=original, calls=calls, error=error, **kwargs):
+            calls[0] += 1
+            if calls[0] == 4:  # mid-run: prompts prefilled, decodes in flight
+                raise error
+            return original(*args, **kwargs)
+
+        setattr(owner, name, failing)
+        try:
+            run_engine(engine, prompts)
+            raised = False
+        except type(error):
+            raised = True
+        finally:
+            setattr(owner, name, original)
+        clean = not engine.requests and not engine.has_unfinished()
+        engine.check_no_leaks()
+        same = run_engine(engine, prompts) == refs
+        print(f"engine failure in {name} ({type(error).__name__}): raised {raised}, its requests aborted and freed "
+              f"{clean}, next call's tokens {'equal' if same else 'DIFFER'}")
+        ok &= raised and clean and same
+    return ok
+
+
 def check_compiled_decode(device, moe=False) -> bool:
     """torch.compile traces a whole decode step as one graph (the kernels are custom ops, so
     there is no break at the mixing calls), and the compiled step, replayed on the graph
@@ -475,6 +520,9 @@ def main() -> int:
         ok &= same
         print(f"{'LFM2-MoE ' if moe else ''}engine (Triton path, fp32) greedy tokens "
               f"{'equal' if same else 'DIFFER from'} the eager model's")
+    recovered = check_engine_failures(args.device)
+    ok &= recovered
+    print(f"engine after failed steps (Triton path, graphs, async): {'ok' if recovered else 'FAIL'}")
     if args.compile:
         for moe in (False, True):
             ok &= check_compiled_decode(args.device, moe=moe)

@@ -314,3 +314,18 @@ def test_engine_pack_cpu_weights_modes_give_the_same_tokens(tiny_ckpt, fresh_dec
     assert out.token_ids == ref.token_ids
     torch.testing.assert_close(torch.tensor([lp.logprob for lp in out.logprobs]),
                                torch.tensor([lp.logprob for lp in ref.logprobs]), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_plain_linear_one_row_and_many_rows_equal_the_product(dtype):
+    """PlainLinear runs one row through F.linear and several through oneDNN on the same unpacked
+    weight: both equal x W^T computed in float64 (to the dtype's rounding)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 64, generator=g).to(dtype)
+    lin = PlainLinear(w)
+    assert lin.weight.data_ptr() == w.data_ptr()  # no copy
+    for rows in (1, 5):
+        x = torch.randn(2, rows, 64, generator=g).to(dtype)[:1]
+        want = (x.double() @ w.double().T).to(dtype)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(lin(x), want, rtol=tol, atol=tol)
