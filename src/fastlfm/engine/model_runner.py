@@ -366,7 +366,8 @@ class ModelRunner:
         self.prefill_graphs = {}
         V = self.model.config.vocab_size
         self.p_logits = torch.zeros((self.prefill_rows[-1], V), dtype=self.dtype, device=self.device)
-        self.p_in_flight = torch.zeros(self.prefill_rows[-1], dtype=torch.long, device=self.device)
+        # the sampled ids of the step in flight, copied here for the graph: as many as a step has rows at most
+        self.p_in_flight = torch.zeros(self.padding_slot + 1, dtype=torch.long, device=self.device)
         if not lazy:  # every size a step can have (a row takes at least one token), largest first
             for rows in reversed(self.prefill_rows):
                 for size in reversed(self.prefill_sizes):
