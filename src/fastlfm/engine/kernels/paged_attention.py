@@ -23,6 +23,22 @@ import triton.language as tl
 
 
 @triton.jit
+def _online_softmax_step(m, l, acc, s, v, PRECISION: tl.constexpr, BASE2: tl.constexpr):
+    """One key tile of an online softmax: running max m, sum l and weighted values acc of a block
+    of queries, updated with the tile's scores s (base 2 if BASE2: scores scaled by log2(e))."""
+    m_new = tl.maximum(m, tl.max(s, 1))
+    if BASE2:
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+    else:
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new[:, None])
+    l = l * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l, acc
+
+
+@triton.jit
 def _attend_history(q, Kc, Vc, BT, b, kvh, first, last, L, scale, s_kb, s_kt, s_kh, s_bt,
                     GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
     """Online softmax of the group's queries over history blocks [first, last) (tokens < L)."""
@@ -38,12 +54,7 @@ def _attend_history(q, Kc, Vc, BT, b, kvh, first, last, L, scale, s_kb, s_kt, s_
         v = tl.load(Vc + base + t[:, None] * s_kt + d[None, :])
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         s = tl.where((i * BLOCK + t)[None, :] < L, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m = m_new
+        m, l, acc = _online_softmax_step(m, l, acc, s, v, PRECISION, False)
     return m, l, acc
 
 
@@ -191,12 +202,7 @@ def _prefill_tiles(q, qpos, acc, m, l, Kc, Vc, bt_row, kv_head, lo, hi, kv_len, 
         if CAUSAL:
             s = tl.where((kpos[None, :] <= qpos[:, None]) & inside[None, :], s, float("-inf"))
         # key 0 lies in the first tile and is visible to every query, so m is finite from there on
-        m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m = m_new
+        m, l, acc = _online_softmax_step(m, l, acc, s, v, PRECISION, True)
     return acc, m, l
 
 
