@@ -2,7 +2,9 @@
 
 On a GPU:  PYTHONPATH=src python bench/check_kernels.py
 On a CPU:  TRITON_INTERPRET=1 PYTHONPATH=src python bench/check_kernels.py --device cpu [--compile]
-(triton's interpreter; fp32 and fp16 there). `--only NAME`: just the kernel checks named so.
+(triton's interpreter; fp32 and fp16 there; triton 3.5's interpreter fails on numpy >= 2.4, "only 0-dimensional
+arrays can be converted": put a numpy < 2.4 first on PYTHONPATH). `--only NAME`: just the kernel checks named so;
+`--engine-only`: just the engine checks (Triton path, prefill graphs, prefix cache, recovery from failed steps).
 Exits non-zero on a mismatch. Every output is poisoned (NaN) before the kernel runs, so an
 unwritten element fails the check.
 """
