@@ -1,9 +1,10 @@
 """PagedContext: the engine's forward context over a paged KV cache and conv-state slots.
 
-One forward runs S sequences packed into a single row of N tokens (no padding): each
+One forward runs S sequences packed into a single row of N tokens (no padding inside or between chunks): each
 sequence contributes a chunk of `lens[i]` tokens that continues from `past[i]` tokens
 already in the cache. Rows of one token (decodes) come first; on CUDA they use the
-Triton paged-decode kernel, everything else the eager PyTorch path. The layout of every
+Triton paged-decode kernel and the other rows the paged-prefill kernel (the eager reference
+on CPU). A step that prefills may end in padding rows (prefill graphs). The layout of every
 tensor is fixed by the model runner; this class only mixes tokens.
 """
 
@@ -78,7 +79,7 @@ class PagedContext(MixingContext):
     Host data: `num_decode` leading rows of one token each; `max_chunk_len`, a bound on the other
     rows' chunk lengths (None: `num_tokens`; a captured prefill graph cannot read the lengths). The
     rows after the decode rows attend in one call (`paged_prefill_attention`: a Triton kernel on
-    CUDA, sync-free, so a single-prompt prefill step can be graph-captured). A decode step of one
+    CUDA, sync-free, so a step that prefills can be graph-captured). A decode step of one
     row runs the projections whose weight shape is in `fused_linear_shapes` through the fused
     Triton kernels (a conv block's in_proj together with its conv step). `moe_kernel` (default:
     `use_triton`): MoE experts through the fused Triton kernels, in every step.
