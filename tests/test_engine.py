@@ -481,3 +481,26 @@ def test_lazy_graphs_are_captured_mid_run_keeping_the_ids_in_flight(model, promp
     assert [o.token_ids for o in outs] == reference
     assert len(engine.runner.graphs) >= 2  # sizes captured as they came
     engine.check_no_leaks()
+
+
+def test_cpu_cache_pool_default_is_bounded(model, monkeypatch):
+    """On CPU the default pool holds max_num_seqs full-length sequences only within CPU_CACHE_BYTES
+    (zero-filled at start), and at least one: hand-computed from the config's cache sizes."""
+    from fastlfm.engine import llm_engine
+
+    cfg = model.config
+    n_attn = sum(cfg.is_attention_layer(i) for i in range(cfg.num_hidden_layers))
+    n_conv = cfg.num_hidden_layers - n_attn
+    item = model.dtype.itemsize
+    per_block = 2 * n_attn * 16 * cfg.num_key_value_heads * cfg.head_dim * item \
+        + n_conv * (cfg.conv_L_cache - 1) * cfg.hidden_size * item / 4  # KV + a quarter snapshot
+    monkeypatch.setattr(llm_engine, "CPU_CACHE_BYTES", int(per_block * 10))
+    big = LLMEngine(model, max_num_seqs=8, max_model_len=64, block_size=16)  # 8 x 4 blocks wanted, 10 fit
+    assert big.block_manager.num_blocks == 10
+    small = LLMEngine(model, max_num_seqs=2, max_model_len=64, block_size=16)  # 2 x 4 = 8 fit
+    assert small.block_manager.num_blocks == 8
+    long = LLMEngine(model, max_num_seqs=2, max_model_len=320, block_size=16)  # one sequence needs 20
+    assert long.block_manager.num_blocks == 20
+    outs = big.generate([list(range(10, 60))] * 4, GREEDY)  # 4 sequences of 58 tokens in 10 blocks: preemption
+    assert all(len(o.token_ids) == NEW for o in outs)
+    big.check_no_leaks()

@@ -26,6 +26,11 @@ from .scheduler import Scheduler
 from .sequence import IN_FLIGHT, Sequence, SequenceStatus
 
 
+# CPU default cache pool (KV blocks + conv-state snapshots), zero-filled at start: 256 MiB is ~21k tokens
+# of LFM2-350M's / 1.2B's bf16 KV.
+CPU_CACHE_BYTES = 256 * 2**20
+
+
 @dataclass
 class TokenLogprob:
     token_id: int
@@ -123,8 +128,9 @@ class LLMEngine:
     """Continuous-batching engine over one model (CPU eager path or CUDA with graphs + Triton).
 
     Sizing: `max_num_batched_tokens` is the per-step token budget (prefill chunk size);
-    `num_kv_blocks` defaults to what `gpu_memory_utilization` leaves on CUDA, or enough for
-    `max_num_seqs` full-length sequences on CPU; `block_size` tokens per KV block.
+    `num_kv_blocks` defaults to what `gpu_memory_utilization` leaves on CUDA, or on CPU enough for
+    `max_num_seqs` full-length sequences within CPU_CACHE_BYTES (at least one; more sequences than
+    fit run by preemption); `block_size` tokens per KV block.
     `compile` (default: on CUDA) runs the decode step through torch.compile before its CUDA
     graphs are captured; inductor's on-disk caches make a second start of the same model fast.
     `lazy_graphs` (CUDA): each decode batch size is compiled and captured as a CUDA graph when a
@@ -195,7 +201,7 @@ class LLMEngine:
         blocks_per_seq = -(-self.max_model_len // block_size)
         if num_kv_blocks is None:
             num_kv_blocks = self._blocks_from_memory(block_size, gpu_memory_utilization, enable_prefix_caching) \
-                if on_cuda else max_num_seqs * blocks_per_seq
+                if on_cuda else self._cpu_blocks(block_size, blocks_per_seq, enable_prefix_caching)
         if num_kv_blocks < blocks_per_seq:
             raise ValueError(f"num_kv_blocks={num_kv_blocks} cannot hold one sequence of max_model_len="
                              f"{self.max_model_len} ({blocks_per_seq} blocks of {block_size}); lower max_model_len")
@@ -273,13 +279,27 @@ class LLMEngine:
             engine_kwargs.setdefault("processor", Lfm2VlProcessor.from_pretrained(folder, tok))
         return cls(lm, tok, **engine_kwargs)
 
-    def _blocks_from_memory(self, block_size: int, utilization: float, prefix_caching: bool) -> int:
+    def _bytes_per_block(self, block_size: int, prefix_caching: bool) -> float:
+        """Cache memory per KV block: K and V of every attention layer, and with prefix caching a quarter
+        of a conv-state snapshot (one per four blocks: the default num_conv_snapshots)."""
         cfg = self.config
         n_attn = sum(cfg.is_attention_layer(i) for i in range(cfg.num_hidden_layers))
         per_block = 2 * n_attn * block_size * cfg.num_key_value_heads * cfg.head_dim * self.model.dtype.itemsize
-        if prefix_caching:  # one conv-state snapshot per four blocks (the default num_conv_snapshots)
+        if prefix_caching:
             n_conv = cfg.num_hidden_layers - n_attn
             per_block += n_conv * (cfg.conv_L_cache - 1) * cfg.hidden_size * self.model.dtype.itemsize / 4
+        return per_block
+
+    def _cpu_blocks(self, block_size: int, blocks_per_seq: int, prefix_caching: bool) -> int:
+        """CPU: enough blocks for `max_num_seqs` full-length sequences, within CPU_CACHE_BYTES (at least
+        one full-length sequence). The pool is zero-filled at start: a pool sized for 64 sequences of
+        4k tokens was 3 GiB for LFM2-350M, and 4 s of a cold start."""
+        budget = int(CPU_CACHE_BYTES // self._bytes_per_block(block_size, prefix_caching))
+        return max(blocks_per_seq, min(self.max_num_seqs * blocks_per_seq, budget))
+
+    def _blocks_from_memory(self, block_size: int, utilization: float, prefix_caching: bool) -> int:
+        cfg = self.config
+        per_block = self._bytes_per_block(block_size, prefix_caching)
         free, total = torch.cuda.mem_get_info(self.device)
         # Leave room for activations of a full token budget (MLP intermediates dominate) + logits.
         activations = self.max_num_batched_tokens * (cfg.hidden_size * 12 + 2 * cfg.intermediate_size) * 2 \
