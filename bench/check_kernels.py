@@ -429,6 +429,9 @@ def check_compiled_decode(device, moe=False) -> bool:
     from fastlfm.engine import LLMEngine
     from fastlfm.engine.kernels import ops  # noqa: F401 (registers the custom ops)
 
+    from fastlfm.engine.context import keep_eager_paths_out_of_compile
+
+    keep_eager_paths_out_of_compile()  # as the model runner does when it compiles
     dynamo.reset()
     model, prompts, refs = tiny_engine_case(device, moe=moe)
     engine = LLMEngine(model, max_num_seqs=4, max_model_len=64, max_num_batched_tokens=16, block_size=16,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -22,6 +23,26 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 # `fastlfm chat demo`: a tiny trained LFM2 shipped inside the package (see scripts/train_demo.py).
 DEMO_MODEL_NAME = "demo"
 DEMO_MODEL_DIR = Path(__file__).parent / "demo"
+
+
+
+_INIT_FUNCTIONS = ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_",
+                   "trunc_normal_", "zeros_", "ones_", "constant_")
+
+
+@contextlib.contextmanager
+def skipped_init():
+    """torch.nn.init's functions as no-ops while modules are built on the meta device (their weights
+    are loaded next). A meta tensor's random init runs through torch's Python references, whose first
+    use imports torch._dynamo: ~1 s of a CPU process's cold start for nothing."""
+    saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS}
+    try:
+        for name in _INIT_FUNCTIONS:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
 
 
 class CheckpointError(ValueError):
@@ -236,7 +257,7 @@ class PretrainedMixin:
             raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
         torch_dtype = resolve_dtype(dtype, raw.get("torch_dtype") or raw.get("dtype"))
         device = resolve_device(device)
-        with torch.device("meta"):
+        with torch.device("meta"), skipped_init():
             model = cls(config)
         load_state_dict_into(model, folder, torch_dtype, device, rename=getattr(model, "sanitize", None),
                              export=getattr(model, "checkpoint_tensors", None))

@@ -129,8 +129,7 @@ class PagedContext(MixingContext):
             return self._decode(q[0], k[0], v[0], *self.kv_caches[self.attn_index[layer_idx]], self.num_decode)[None]
         return self._attention_eager(layer_idx, q, k, v)
 
-    # Cache writes stay outside torch.compile (opaque, in-place).
-    @torch.compiler.disable
+    # Cache writes stay outside torch.compile (opaque, in-place): see keep_eager_paths_out_of_compile.
     def _attention_eager(self, layer_idx, q, k, v):
         k_cache, v_cache = self.kv_caches[self.attn_index[layer_idx]]
         q, k, v = q[0], k[0], v[0]
@@ -237,7 +236,6 @@ class PagedContext(MixingContext):
                                                     self.conv_slots, self.past)[None]
         return super().in_proj_gated_conv(layer_idx, x, in_proj, weight, bias, norm=norm)
 
-    @torch.compiler.disable
     def _gated_short_conv_eager(self, layer_idx, bcx, weight, bias):
         return super().gated_short_conv(layer_idx, bcx, weight, bias)
 
@@ -289,3 +287,16 @@ class PagedContext(MixingContext):
             state[j].copy_(state[j + 1])
         state[K - 2].copy_(x[0])
         return out[None]
+
+
+def keep_eager_paths_out_of_compile() -> None:
+    """`torch.compiler.disable` on PagedContext's eager paths (in-place cache writes, per-step
+    kernels), applied by whoever sets up a torch.compile of the forward rather than at import:
+    importing torch._dynamo takes ~1 s, which a process that never compiles (the CPU path) should
+    not pay in its cold start. Idempotent."""
+    for name in ("_attention_eager", "_gated_short_conv_eager"):
+        fn = getattr(PagedContext, name)
+        if not getattr(fn, "_fastlfm_eager_only", False):
+            wrapped = torch.compiler.disable(fn)
+            wrapped._fastlfm_eager_only = True
+            setattr(PagedContext, name, wrapped)

@@ -8,7 +8,7 @@ import torch
 
 from ..models.lfm2 import fuse_projections
 from ..ops import host_tensor, host_to_device
-from .context import PagedContext
+from .context import PagedContext, keep_eager_paths_out_of_compile
 from .multimodal import has_image_rows, prefill_embeds
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
@@ -93,6 +93,8 @@ class ModelRunner:
         self.decode_forward = self._decode_forward
         if compile:
             from torch import _dynamo
+
+            keep_eager_paths_out_of_compile()
 
             # One graph per decode step (the kernels are custom ops), compiled again for batch
             # sizes it cannot share: raised limits keep every ladder size compiled, none eager.

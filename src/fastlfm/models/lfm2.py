@@ -369,6 +369,10 @@ class Lfm2Model(nn.Module):
 
     def rope_inv_freq(self, device=None) -> torch.Tensor:
         d = self.config.head_dim
+        if torch.empty(0, device=device).is_meta:
+            # Built on the meta device (a checkpoint's model): reset_buffers computes it where the weights land.
+            # (Computing on meta would run torch's Python references, which import torch._dynamo: ~1 s.)
+            return torch.empty(d // 2, device=device)
         exponent = torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d
         return 1.0 / (self.config.rope_theta**exponent)
 
