@@ -1,9 +1,12 @@
 import os
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+# CPU kernel choices measured by the tests' engines go to a file of this run, not the user's cache.
+os.environ["FASTLFM_CPU_KERNELS_FILE"] = os.path.join(tempfile.mkdtemp(prefix="fastlfm-tests-"), "cpu_kernels.json")
 torch.set_num_threads(2)
 
 

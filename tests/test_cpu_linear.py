@@ -5,6 +5,7 @@ model with de-quantized weights (what the quantized model must compute, up to bf
 activations), and the original fp32 model (the quantization error bound)."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -245,6 +246,32 @@ def test_choice_picks_the_faster_kernel_per_shape_and_measures_once(fresh_decisi
     e = (torch.float32, (2, 4))
     assert choose_float_kernels({e: [torch.zeros(2, 4)]}, lambda s: {e: None}) == {e: True}
     assert choose_float_kernels({e: [torch.zeros(2, 4)]}, lambda s: {e: (2.0, 1.0)}) == {e: False}
+
+
+def test_decisions_are_saved_per_host_and_read_by_a_later_process(fresh_decisions, monkeypatch, tmp_path):
+    """The measured choices go to the decisions file under this host's key; a later process (the
+    per-process cache empty again) takes them from there without measuring; another host's entry
+    is not used."""
+    path = tmp_path / "kernels.json"
+    monkeypatch.setenv(cpu_linear.DECISIONS_FILE_ENV, str(path))
+    monkeypatch.setattr(cpu_linear, "_saved_loaded", False)
+    a, b = (torch.float32, (8, 4)), (torch.bfloat16, (16, 4))
+    samples = {a: [torch.zeros(8, 4)], b: [torch.zeros(16, 4, dtype=torch.bfloat16)]}
+    monkeypatch.setattr(cpu_linear, "measure_float_kernels", lambda todo: {a: (1.0, 2.0), b: (2.0, 1.0)})
+    assert choose_float_kernels(samples) == {a: True, b: False}
+    saved = json.loads(path.read_text())
+    assert saved == {cpu_linear._host_key(): {"float32 8x4": True, "bfloat16 16x4": False}}
+    # a later process: nothing measured
+    monkeypatch.setattr(cpu_linear, "_decisions", {})
+    monkeypatch.setattr(cpu_linear, "_saved_loaded", False)
+    monkeypatch.setattr(cpu_linear, "measure_float_kernels", lambda todo: pytest.fail(f"measured {todo}"))
+    assert choose_float_kernels(samples) == {a: True, b: False}
+    # another host (other CPU, threads or torch): measured again
+    monkeypatch.setattr(cpu_linear, "_decisions", {})
+    monkeypatch.setattr(cpu_linear, "_saved_loaded", False)
+    monkeypatch.setattr(cpu_linear, "_host_key", lambda: "another host")
+    monkeypatch.setattr(cpu_linear, "measure_float_kernels", lambda todo: {a: (2.0, 1.0), b: (2.0, 1.0)})
+    assert choose_float_kernels(samples) == {a: False, b: False}
 
 
 def test_measure_float_kernels_times_both_kernels():

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import statistics
 import time
 from dataclasses import dataclass
@@ -390,6 +391,71 @@ PACK_MARGIN = 0.98  # packed must be 2% faster: plain is the lighter choice (a t
 # A product slower than this (plus the call's overhead) was held up by other processes, not by its kernel.
 MIN_PLAUSIBLE_BANDWIDTH = 5e9  # bytes per second (this 2-core host streams ~25 GB/s when quiet)
 _decisions: dict[KernelKey, bool] = {}  # per process: a second engine does not measure again
+# ... and per host, on disk: a later process (a CLI call, a cold start) reads them instead of measuring.
+DECISIONS_FILE_ENV = "FASTLFM_CPU_KERNELS_FILE"  # default: $XDG_CACHE_HOME/fastlfm/cpu_kernels.json
+_saved_loaded = False
+
+
+def _decisions_file() -> Path:
+    path = os.environ.get(DECISIONS_FILE_ENV)
+    if path:
+        return Path(path)
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache, "fastlfm", "cpu_kernels.json")
+
+
+def _host_key() -> str:
+    """What the timings depend on: the CPU model, its core count, torch's threads and version."""
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return f"{model or platform.processor()}|cpus={os.cpu_count()}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+
+
+def _entry(key: KernelKey) -> str:
+    dtype, (n, k) = key
+    return f"{str(dtype).removeprefix('torch.')} {n}x{k}"
+
+
+def _read_saved() -> dict:
+    try:
+        return json.loads(_decisions_file().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _load_saved() -> None:
+    """This host's saved decisions into the per-process cache (once per process)."""
+    global _saved_loaded
+    if _saved_loaded:
+        return
+    _saved_loaded = True
+    for entry, packed in _read_saved().get(_host_key(), {}).items():
+        try:
+            dtype_name, shape = entry.split(" ")
+            n, k = map(int, shape.split("x"))
+            dtype = getattr(torch, dtype_name)
+        except (ValueError, AttributeError):
+            continue  # written by another version: ignored
+        if isinstance(packed, bool) and isinstance(dtype, torch.dtype):
+            _decisions.setdefault((dtype, (n, k)), packed)
+
+
+def _save(new: dict[KernelKey, bool]) -> None:
+    """Add `new` decisions to this host's entry of the file (best effort: a read-only home is fine)."""
+    path = _decisions_file()
+    data = _read_saved()
+    data.setdefault(_host_key(), {}).update({_entry(key): packed for key, packed in new.items()})
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 def resolve_pack(pack: PackChoice) -> PackChoice:
@@ -454,15 +520,21 @@ def choose_float_kernels(samples: dict[KernelKey, list[torch.Tensor]],
     """Whether each (dtype, shape) runs pre-packed (True) or with plain F.linear (False): measured
     once per process (`measure`, default `measure_float_kernels`, gets the keys not decided yet;
     tests pass fake timings). A shape without a trustworthy timing stays packed (the choice before
-    measuring was added) and is not cached: the next model measures it again."""
+    measuring was added) and is not cached: the next model measures it again. Decisions are also
+    saved per host (`_decisions_file`, keyed by CPU model, cores, torch threads and version) and read
+    by later processes."""
+    if measure is None:  # (fake timings in tests decide alone)
+        _load_saved()
     todo = {key: ws for key, ws in samples.items() if key not in _decisions}
-    got = {}
+    got, new = {}, {}
     if todo:
         for key, timing in (measure or measure_float_kernels)(todo).items():
             if timing is None:
                 got[key] = True
             else:
-                got[key] = _decisions[key] = timing[0] < PACK_MARGIN * timing[1]
+                got[key] = _decisions[key] = new[key] = timing[0] < PACK_MARGIN * timing[1]
+    if new and measure is None:
+        _save(new)
     return {key: _decisions[key] if key in _decisions else got.get(key, True) for key in samples}
 
 
