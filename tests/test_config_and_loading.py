@@ -156,3 +156,19 @@ def test_hub_id_resolves_from_local_cache(monkeypatch, tmp_path, ckpt):
 def test_nonexistent_local_path(tmp_path):
     with pytest.raises(CheckpointError, match="not a folder"):
         load_model(str(tmp_path / "nope" / "deeper" / "x"))
+
+
+def test_cpu_load_and_generate_do_not_import_the_compiler(tiny_ckpt):
+    """A CPU process that never compiles does not import torch._dynamo (~1 s of its cold start):
+    not at `import fastlfm`, not while loading a checkpoint (meta-device init), not in the engine."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, fastlfm; assert 'torch._dynamo' not in sys.modules, 'import'; "
+            f"llm = fastlfm.LLM({str(tiny_ckpt)!r}); assert 'torch._dynamo' not in sys.modules, 'load'; "
+            "llm.generate('Hello', max_new_tokens=2); assert 'torch._dynamo' not in sys.modules, 'generate'; "
+            "print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
