@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 
@@ -282,16 +283,23 @@ class ModelRunner:
             return graph
         torch.cuda.synchronize()  # the step in flight has written its ids
         in_flight = self.g_greedy.clone()
-        run()  # warm-up (compilation, Triton specialisations, cuBLAS handles) outside the capture
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool):
-            self.g_logits[bs] = run()
-        self._graph_pool = graph.pool() if self._graph_pool is None else self._graph_pool
+        graph, self.g_logits[bs] = self._record_graph(run)
         self.g_greedy.copy_(in_flight)
         torch.cuda.synchronize()
         self.graphs[bs] = graph
         return graph
+
+    def _record_graph(self, run) -> tuple[torch.cuda.CUDAGraph, Any]:
+        """`run` warmed up (compilation, Triton specialisations, cuBLAS handles) and captured as a CUDA
+        graph in the runner's shared memory pool; returns the graph and what the captured run returned."""
+        torch.cuda.synchronize()
+        run()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            out = run()
+        self._graph_pool = graph.pool() if self._graph_pool is None else self._graph_pool
+        return graph, out
 
     def _decode_forward(self, ids, past, lens, tables, slots, in_flight_rows=None, greedy_ids=None):
         """One token per row; returns the logits. The graph path passes `greedy_ids`, the ids of the
@@ -324,12 +332,16 @@ class ModelRunner:
         self.g_inputs[bs].copy_(host_tensor(meta + rows, torch.long, pin=on_cuda).view(4, bs), non_blocking=on_cuda)
         if in_flight is not None and max(rows) >= 0 and not _is_prefix_of(in_flight, self.g_greedy):
             self.g_greedy[:in_flight.shape[0]].copy_(in_flight)  # sampled, or from an eager step
+        self._upload_new_table_cells(seqs)
+        graph.replay()
+        return self.g_logits[bs][:n], self.g_greedy[:n]
+
+    def _upload_new_table_cells(self, seqs: list[Sequence]) -> None:
+        """The blocks each sequence got since its table was last uploaded, into `slot_tables`."""
         cells, blocks = self._new_table_cells(seqs)
         if cells:
             staged = self._to_device(cells + blocks, torch.long)
             self.slot_tables.view(-1).index_copy_(0, staged[:len(cells)], staged[len(cells):].int())
-        graph.replay()
-        return self.g_logits[bs][:n], self.g_greedy[:n]
 
     def _new_table_cells(self, seqs: list[Sequence]) -> tuple[list[int], list[int]]:
         """Flat indices into `slot_tables` and the block ids to write there: the blocks each
@@ -406,19 +418,13 @@ class ModelRunner:
             snaps = None if self.conv_snapshots is None else (self.conv_snapshots, snap_ids, snap_rows, None)
             tables = self.slot_tables.index_select(0, slots)
             ctx = self._context(past, lens, tables, slots, size, 0, max_chunk_len=size, snapshots=snaps)
-            logits_out.copy_(self.model(input_ids=ids[None], context=ctx, logits_to_keep=keep).logits[0])
+            return logits_out.copy_(self.model(input_ids=ids[None], context=ctx, logits_to_keep=keep).logits[0])
 
         if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            run()  # warm-up outside the capture (Triton specialisations, cuBLAS handles)
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._graph_pool):
-                run()
-            self._graph_pool = graph.pool() if self._graph_pool is None else self._graph_pool
+            graph, _ = self._record_graph(run)
             torch.cuda.synchronize()
         else:  # tests: the same static buffers, replayed eagerly
-            graph = EagerReplay(lambda: (run(), logits_out)[1], logits_out)
+            graph = EagerReplay(run, logits_out)
         self.prefill_graphs[rows, size] = (graph, inputs)
         return graph, inputs
 
@@ -454,10 +460,7 @@ class ModelRunner:
                                   counts, [s.conv_slot for s in seqs], last_index, plan)
         on_cuda = self.device.type == "cuda"
         inputs.copy_(host_tensor(meta, torch.long, pin=on_cuda), non_blocking=on_cuda)
-        cells, blocks = self._new_table_cells(seqs)
-        if cells:
-            staged = self._to_device(cells + blocks, torch.long)
-            self.slot_tables.view(-1).index_copy_(0, staged[:len(cells)], staged[len(cells):].int())
+        self._upload_new_table_cells(seqs)
         graph.replay()
         return self.p_logits[:len(seqs)]
 
