@@ -241,6 +241,7 @@ class LLMEngine:
         # Threads that advance the grammars and fill their masks in a step with many constrained rows
         # (llguidance's pool, the GIL released).
         self.grammar_threads = 0 if grammar_threads is None else int(grammar_threads)
+        self._grammar_pool = None  # its executor, made at the first constrained step (_grammar_executor)
         self.requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self.prompt_tokens_total = 0
@@ -590,8 +591,14 @@ class LLMEngine:
             return None
         on_cuda = logits.device.type == "cuda"
         bits = fill_bitmask(rows, len(seqs), self.config.vocab_size, pin=on_cuda,
-                            executor=self.grammars.executor(self.grammar_threads))
+                            executor=self._grammar_executor())
         return unpack_bitmask(bits.to(logits.device, non_blocking=on_cuda), logits.shape[-1])
+
+    def _grammar_executor(self):
+        """llguidance's thread pool for this engine's `grammar_threads` (None below 2), looked up once."""
+        if self._grammar_pool is None and self.grammar_threads >= 2:
+            self._grammar_pool = self.grammars.executor(self.grammar_threads)
+        return self._grammar_pool
 
     def _feed_grammars(self, step: StepInFlight) -> dict[int, bool | Exception]:
         """The grammars of the step's constrained rows take their tokens (once per step)."""
@@ -603,7 +610,7 @@ class LLMEngine:
                         if seq.grammar is not None and not seq.is_finished and seq.turn == turn]
                 pairs = [(step.entries[j][0].grammar, token_ids[j]) for j in rows]
                 # a rejected token is that row's ValueError: that request alone fails
-                results.update(zip(rows, grammar_advance_all(pairs, self.grammars.executor(self.grammar_threads))))
+                results.update(zip(rows, grammar_advance_all(pairs, self._grammar_executor())))
         return step.grammar_results
 
     def _process(self, step: StepInFlight) -> list[RequestOutput]:

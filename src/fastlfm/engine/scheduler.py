@@ -103,9 +103,10 @@ class Scheduler:
             while True:
                 hit = bm.match_prefix(seq)
                 n = min(seq.num_tokens - hit.num_tokens, budget)
-                if bm.can_admit(seq, hit.num_tokens + n, hit) or not self.evict_parked():
+                fits = bm.can_admit(seq, hit.num_tokens + n, hit)
+                if fits or not self.evict_parked():
                     break
-            if not bm.can_admit(seq, hit.num_tokens + n, hit):
+            if not fits:
                 break
             bm.admit(seq, hit.num_tokens + n, hit)
             seq.num_computed_tokens = hit.num_tokens
