@@ -185,6 +185,8 @@ def test_argument_errors_are_clear(ours, llm, tok):
         ours.generate(torch.tensor([[5, 6]]), beam_width=3)
     with pytest.raises(ValueError, match="left padding"):
         ours.generate(torch.tensor([[5, 6, 0]]), attention_mask=torch.tensor([[1, 1, 0]]))
+    with pytest.raises(ValueError, match=r"padded shape \(2, 3\).*padding=True"):  # tokenizer(texts) unpadded
+        ours.generate(input_ids=[[5, 6, 7], [8]], attention_mask=[[1, 1, 1], [1]])
     with pytest.raises(ValueError, match="single prompt"):
         ours.generate(torch.tensor([[5], [6]]), streamer=TextStreamer(tok))
     with pytest.raises(ValueError, match="2 SamplingParams for a batch of 3"):

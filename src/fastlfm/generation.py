@@ -199,7 +199,12 @@ def _prompt_rows(input_ids: Any, attention_mask: Any, pad_id: int | None, config
             return ids, host
         mask = [[int(t != pad_id) for t in r] for r in host]
     else:
-        mask = torch.as_tensor(attention_mask).reshape(ids.shape).long().tolist()
+        try:
+            mask = torch.as_tensor(attention_mask).reshape(ids.shape).long().tolist()
+        except (ValueError, RuntimeError, TypeError):  # ragged rows (unpadded), another shape
+            raise ValueError(f"attention_mask must be one row per prompt, of input_ids' padded shape "
+                             f"{tuple(ids.shape)}; for prompts of different lengths pad them (tokenizer(..., "
+                             "padding=True), padding_side='left')") from None
     rows = []
     for i, (r, m) in enumerate(zip(host, mask)):
         n = sum(m)
