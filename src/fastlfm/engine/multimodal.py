@@ -114,8 +114,7 @@ def image_keys(config, images: ImageInputs, positions: list[int]) -> list[tuple[
         digest = hashlib.blake2b(digest_size=16)
         for t in (images.pixel_values[v], images.pixel_attention_mask[v], images.spatial_shapes[v]):
             digest.update(str((t.dtype, tuple(t.shape))).encode())
-            digest.update(t.contiguous().view(torch.uint8).numpy().tobytes() if t.dtype != torch.bool
-                          else t.to(torch.uint8).numpy().tobytes())
+            digest.update((t.contiguous().view(torch.uint8) if t.dtype != torch.bool else t.to(torch.uint8)).numpy())
         keys.append((positions[first], positions[first + n - 1], digest.digest()))
         first += n
     return keys
