@@ -504,3 +504,9 @@ def test_cpu_cache_pool_default_is_bounded(model, monkeypatch):
     outs = big.generate([list(range(10, 60))] * 4, GREEDY)  # 4 sequences of 58 tokens in 10 blocks: preemption
     assert all(len(o.token_ids) == NEW for o in outs)
     big.check_no_leaks()
+
+
+def test_bad_prefill_graph_tokens_is_named(model):
+    for bad in (-1, 2.5, "all"):
+        with pytest.raises(ValueError, match="prefill_graph_tokens"):
+            LLMEngine(model, max_num_seqs=2, max_model_len=32, prefill_graph_tokens=bad)

@@ -217,6 +217,8 @@ class LLMEngine:
         self.compiled = on_cuda and not enforce_eager and (on_cuda if compile is None else bool(compile))
         # CPU: projections pre-packed for oneDNN (a quantized model is kept as it is); the model's
         # train() / save_pretrained() unpack them, and the next step packs them again.
+        if not (isinstance(prefill_graph_tokens, int) and prefill_graph_tokens >= 0):
+            raise ValueError(f"prefill_graph_tokens must be an int >= 0 (0: no prefill graphs), got {prefill_graph_tokens!r}")
         if pack_cpu_weights not in (True, False, "auto"):
             raise ValueError(f'pack_cpu_weights must be True, False or "auto", got {pack_cpu_weights!r}')
         if pack_cpu_weights != "auto":
