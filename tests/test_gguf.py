@@ -156,3 +156,19 @@ def test_engine_from_pretrained_and_serve_flag(files, tiny_ckpt):
     assert engine.tokenizer is not None and engine.model.cpu_linears == "int4"
     assert LLMEngine.from_pretrained(str(tiny_ckpt), quantization="int8", max_num_seqs=2).model.cpu_linears == "int8"
     assert build_parser().parse_args(["model", "--quantization", "int4"]).quantization == "int4"
+
+
+def test_transformers_style_entry_points_read_a_gguf_file(tiny_ckpt, files):
+    """AutoTokenizer and pipeline() on a .gguf path: the file's own tokenizer (equal to the checkpoint's),
+    and the pipeline's greedy text equals model.generate's on the same file."""
+    from fastlfm import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    tok = AutoTokenizer.from_pretrained(files["F32"])
+    assert tok.encode(TEXT) == Tokenizer.from_pretrained(tiny_ckpt).encode(TEXT)
+    messages = [{"role": "user", "content": "hi"}]
+    out = pipeline("text-generation", files["F32"])(messages, max_new_tokens=6, do_sample=False)
+    model = AutoModelForCausalLM.from_pretrained(files["F32"])
+    ids = torch.tensor([tok.apply_chat_template(messages, add_generation_prompt=True)])
+    want = tok.decode(model.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1]:],
+                      skip_special_tokens=True)
+    assert out[0]["generated_text"][-1] == {"role": "assistant", "content": want}

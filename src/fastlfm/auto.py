@@ -124,8 +124,13 @@ class AutoTokenizer:
                         trust_remote_code: bool | None = None) -> Tokenizer:
         if not use_fast:
             raise ValueError("use_fast=False: fastlfm has only the fast (tokenizers) tokenizer")
-        tokenizer = Tokenizer.from_pretrained(resolve_model_dir(pretrained_model_name_or_path, revision,
-                                                                local_files_only))
+        from .gguf import is_gguf_file, load_gguf_tokenizer
+
+        if is_gguf_file(pretrained_model_name_or_path):  # a GGUF file carries its tokenizer
+            tokenizer = load_gguf_tokenizer(pretrained_model_name_or_path)
+        else:
+            tokenizer = Tokenizer.from_pretrained(resolve_model_dir(pretrained_model_name_or_path, revision,
+                                                                    local_files_only))
         if padding_side is not None:
             tokenizer.padding_side = padding_side
         return tokenizer

@@ -218,6 +218,11 @@ def _is_float(t) -> bool:
                              gguf.GGMLQuantizationType.BF16)
 
 
+def load_gguf_tokenizer(path: str | os.PathLike):
+    """The tokenizer an LFM2 GGUF file carries (vocabulary, merges, special ids, chat template)."""
+    return tokenizer_from_gguf(_reader(Path(path)), Path(path))
+
+
 def load_gguf(path: str | os.PathLike, dtype: str | torch.dtype | None = "auto",
               device: str | torch.device | None = None, quantization: str | None = None, cls: type | None = None):
     """(model, tokenizer) of an LFM2 GGUF file, the model of class `cls` (default
