@@ -57,6 +57,26 @@ def decode_tps(run, batch: int, new: int, device: str) -> tuple[float, list]:
     return batch * new / dt, results
 
 
+def mask_costs(engine, params: SamplingParams, outputs: list[list[int]], pools: list[int]) -> str:
+    """Mean ms per step to fill the masks of len(outputs) rows (fastlfm.structured.fill_bitmask),
+    replaying each row's own tokens, for each pool size (0: one matcher after the other)."""
+    from fastlfm.structured import advance_all, fill_bitmask
+
+    parts = []
+    for threads in pools:
+        executor = engine.grammars.executor(threads) if threads >= 2 else None
+        matchers = [engine.grammars.matcher(params) for _ in outputs]
+        rows = [(m, i) for i, m in enumerate(matchers)]
+        spent, steps = 0.0, min(len(o) for o in outputs)
+        for step in range(steps):
+            t = time.perf_counter()
+            fill_bitmask(rows, len(rows), engine.config.vocab_size, pin=False, executor=executor)
+            spent += time.perf_counter() - t
+            advance_all([(m, o[step]) for m, o in zip(matchers, outputs)], executor)
+        parts.append(f"pool {threads}: {1e3 * spent / max(steps, 1):.2f} ms")
+    return ", ".join(parts)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="LFM2-1.2B")
@@ -69,6 +89,9 @@ def main() -> None:
     ap.add_argument("--table", default="structured_table.md")
     ap.add_argument("--grammar-threads", type=int, default=None,
                     help="LLMEngine grammar_threads (llguidance's pool; 0: one row after the other)")
+    ap.add_argument("--mask-threads", type=int, nargs="*", default=[],
+                    help="also time the masks alone at the largest batch, per schema, with these pool sizes "
+                         "(0: one matcher after the other), on the states of the constrained run's own tokens")
     args = ap.parse_args()
     device = args.device
     batches = args.batches or ([1, 8] if args.tiny else [1, 64])
@@ -120,6 +143,12 @@ def main() -> None:
             if path == "engine" and batch == max(batches):
                 sample = llm.tokenizer.decode(results[0].token_ids[:40])
                 notes.append(f"batch {batch} {args.schemas[-1]}, output of request 0 begins: {sample!r}")
+        if batch == max(batches) and args.mask_threads:
+            for schema in args.schemas:
+                outs = engine.generate(ps, params(schema, min(new, 128)))
+                notes.append(f"batch {batch} {schema}, masks alone: " + mask_costs(
+                    engine, params(schema, new), [o.token_ids for o in outs], args.mask_threads))
+                log(notes[-1])
         if batch == max(batches):  # where the host time goes (per step), with and without a grammar
             for schema in [None, args.schemas[0]]:
                 split = host_breakdown(engine, lambda: engine.generate(ps, params(schema, new)))

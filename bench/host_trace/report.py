@@ -38,6 +38,15 @@ def main(argv=None):
         print(f"| {t + 1} | {len(g)} | {_p([r['add'] - r['submit'] for r in g])} | {_p([r['sched'] - r['add'] for r in g])} "
               f"| {_p([r['tok'] - r['sched'] for r in g])} | {_p([r['deliv'] - r['tok'] for r in g])} "
               f"| {sum(r['cached'] for r in g) / len(g):,.0f}")
+    t0 = min((r["submit"] for r in reqs), default=0.0)
+    jits = [r for r in rows if "jit" in r and r["jit"] >= t0]
+    slow = [r for r in rows if "slow_step" in r and r["slow_step"] >= t0]
+    print(f"Triton JIT compiles while serving: {len(jits)}, {sum(r['s'] for r in jits):.2f} s")
+    for r in jits:
+        print(f"  +{r['jit'] - t0:7.3f} s  {r['s'] * 1e3:6.0f} ms  {r['kernel']}  {r['key'][:160]}")
+    print(f"engine steps over 30 ms while serving: {len(slow)}")
+    for r in slow[:20]:
+        print(f"  +{r['slow_step'] - t0:7.3f} s  {r['s'] * 1e3:6.0f} ms  running {r['running']}")
 
 
 if __name__ == "__main__":

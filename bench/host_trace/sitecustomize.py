@@ -128,3 +128,31 @@ if _ACTIVE:
             return result
 
         serving.OpenAIServing.prepare_chat_body = prepare_chat_body
+        _step = llm_engine.LLMEngine._step
+
+        def _step_traced(self):  # steps whose host part took over 30 ms: what they held
+            t0 = time.monotonic()
+            outputs = _step(self)
+            dt = time.monotonic() - t0
+            if dt > 0.03:
+                _out.write(json.dumps({"slow_step": t0, "s": dt, "running": len(self.scheduler.running)}) + "\n")
+            return outputs
+
+        llm_engine.LLMEngine._step = _step_traced
+        try:  # every Triton JIT compile while serving (each stalls the engine thread)
+            from triton.runtime import jit as _jit
+
+            if hasattr(_jit.JITFunction, "_do_compile"):
+                _compile = _jit.JITFunction._do_compile
+
+                def _do_compile(self, key, *args, **kwargs):
+                    t0 = time.monotonic()
+                    try:
+                        return _compile(self, key, *args, **kwargs)
+                    finally:
+                        _out.write(json.dumps({"jit": t0, "s": time.monotonic() - t0,
+                                               "kernel": getattr(self, "__name__", "?"), "key": str(key)[:300]}) + "\n")
+
+                _jit.JITFunction._do_compile = _do_compile
+        except ImportError:
+            pass

@@ -106,7 +106,8 @@ def _down_kernel(Inter, W, PairOut, RouteW, Order, BlockExpert, BlockStart, Ends
 POISON_BUFFERS = False
 
 
-@triton.jit
+# The pair and block counts change with every step's token count: not specialised (a JIT compile each).
+@triton.jit(do_not_specialize=["num_pairs", "num_blocks"])
 def _align_kernel(ExpertIds, Order, Ends, BlockExpert, BlockStart, num_pairs, num_experts, num_blocks,
                   BLOCK_M: tl.constexpr, EXPERTS: tl.constexpr, CHUNK: tl.constexpr):
     """One program: the pairs' stable order by expert, each expert's run end, and the block table."""
