@@ -15,5 +15,5 @@ for mode in on off; do
 done
 timeout 100 python3 bench/structured.py --batches 64 --repeats 1 --new-tokens 256 --mask-threads 0 4 8 16 \
     --table structured_masks.md 2>&1 | grep -v "^$" | tail -12 | tee "$OUT/structured_masks.log"
-PYTHONPATH=$PYTHONPATH:bench/host_trace FASTLFM_TRACE=$OUT/serve_trace.jsonl STAGES=serve SERVE_S=330 \
-    SERVE_MODELS=LFM2-1.2B RELIABILITY_MODELS=LFM2-1.2B RELIABILITY_S=110 bash bench/device_run.sh
+PYTHONPATH=src:bench/host_trace FASTLFM_TRACE=$OUT/serve_trace.jsonl SERVE_MODELS=LFM2-1.2B \
+    RELIABILITY_MODELS=LFM2-1.2B RELIABILITY_S=110 timeout 330 bash bench/serve_stage.sh 2>&1 | tee "$OUT/serve.log"
