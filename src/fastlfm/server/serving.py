@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import os
 import re
 import time
 import uuid
@@ -224,7 +225,7 @@ class OpenAIServing:
         self.max_token_bytes = _max_token_bytes(self.tokenizer)
         self._live: set[str] = set()  # engine request ids being streamed from (for abort_all)
         # Parsing, validation, templating and tokenization run here, off the event loop.
-        self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fastlfm-prepare")
+        self._executor = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 4), thread_name_prefix="fastlfm-prepare")
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
