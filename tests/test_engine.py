@@ -449,7 +449,7 @@ def test_async_engine_holds_tokens_of_many_streams_until_the_interval(model, pro
         assert [len(o.new_token_ids) for o in outs] == [1, NEW - 1] and outs[-1].finished
         assert [t for o in outs for t in o.new_token_ids] == ref == outs[-1].token_ids
         assert [lp.token_id for o in outs for lp in o.logprobs] == ref
-    assert engine._held == {} and engine._last_sent == {}
+    assert engine.loop._held == {} and engine.loop._last_sent == {}
     engine.engine.check_no_leaks()
     with pytest.raises(ValueError, match="stream_interval_s"):
         AsyncLLMEngine(engine.engine, stream_interval_s=-1)

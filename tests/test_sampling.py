@@ -323,3 +323,18 @@ def test_temperatures_too_small_to_divide_by_are_greedy(temperature):
         assert not any(p.validate().sampling for p in params)
         assert torch.equal(sample(logits, tensors(params)).token_ids, logits.argmax(-1))
     assert SamplingParams(temperature=MIN_TEMPERATURE).sampling
+
+
+def test_uniforms_stay_inside_the_open_interval():
+    """Every 32-bit hash maps into (0, 1): the largest one would round to 1.0 in float32, making the
+    Gumbel noise +inf and a filtered-out (-inf) logit NaN, which argmax would pick."""
+    from fastlfm.sampling import unit_interval
+
+    bits = torch.tensor([0, 1, 255, 256, 2 ** 31, 2 ** 32 - 257, 2 ** 32 - 256, 2 ** 32 - 1], dtype=torch.int64)
+    u = unit_interval(bits)
+    assert bool((u > 0).all()) and bool((u < 1).all())
+    gumbel = -torch.log(-torch.log(u))
+    assert bool(torch.isfinite(gumbel).all())
+    logits = torch.full((len(bits),), float("-inf"))
+    logits[0] = 0.0  # the one allowed token wins against every noise value
+    assert int((logits + gumbel).argmax()) == 0

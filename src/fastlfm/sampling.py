@@ -411,7 +411,15 @@ def row_keys(seed_lo: torch.Tensor, seed_hi: torch.Tensor, step: torch.Tensor) -
 def uniforms(seed_lo: torch.Tensor, seed_hi: torch.Tensor, step: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """(B, V) float32 uniforms in (0, 1), a pure function of (seed, step, vocab index)."""
     bits = _mix32(_index_hash(vocab_size, seed_lo.device)[None, :] ^ row_keys(seed_lo, seed_hi, step)[:, None])
-    return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    return unit_interval(bits)
+
+
+def unit_interval(bits: torch.Tensor) -> torch.Tensor:
+    """32-bit hashes (int64 tensor) -> float32 in the open interval (0, 1): the top 24 bits, centred.
+    The top value (2**24 - 0.5) / 2**24 rounds to 1.0 in float32; it is pulled just below, or the
+    Gumbel noise -log(-log(u)) would be +inf and turn a filtered-out (-inf) logit into NaN, which
+    argmax picks: a token outside top_k / top_p or a grammar's mask, once in 2**24 draws."""
+    return (((bits >> 8) & 0xFFFFFF).to(torch.float32) + 0.5).mul_(1.0 / (1 << 24)).clamp_(max=1.0 - 2.0 ** -24)
 
 
 # ----------------------------------------------------------------------------- batch tensors

@@ -262,24 +262,16 @@ class LLMEngine:
         """An engine over a checkpoint (hub id, folder or GGUF file) with its tokenizer (and LFM2-VL
         processor); `quantization` ("int8" / "int4") for the CPU kernels."""
         from ..gguf import is_gguf_file, load_gguf
-        from ..loading import resolve_model_dir
         from ..models import load_model
-        from ..tokenizer import Tokenizer
 
         if is_gguf_file(model):
             lm, tok = load_gguf(model, dtype=dtype, device=device, quantization=quantization)
             return cls(lm, tok, **engine_kwargs)
         # the class by model_type (LFM2, MoE, VL)
         lm = load_model(model, dtype=dtype, device=device, quantization=quantization)
-        folder = resolve_model_dir(model)
-        try:
-            tok = Tokenizer.from_pretrained(folder)
-        except (FileNotFoundError, OSError, ValueError):
-            tok = None  # weights-only folder (benchmarks): token ids in, token ids out
-        if tok is not None and multimodal.image_token_id(lm.config) is not None:
-            from ..models.lfm2_vl_processing import Lfm2VlProcessor
-
-            engine_kwargs.setdefault("processor", Lfm2VlProcessor.from_pretrained(folder, tok))
+        tok, processor = load_tokenizer(model, lm.config)
+        if processor is not None:
+            engine_kwargs.setdefault("processor", processor)
         return cls(lm, tok, **engine_kwargs)
 
     def _bytes_per_block(self, block_size: int, prefix_caching: bool) -> float:
@@ -741,6 +733,27 @@ class LLMEngine:
         """Raise unless the only cache handed out is that of parked sessions."""
         self._apply_deferred()
         self.block_manager.check_no_leaks(self.scheduler.parked)
+
+
+def load_tokenizer(model: str, config) -> tuple[Any, Any]:
+    """The tokenizer of a checkpoint (hub id, folder or GGUF file; None for a weights-only folder:
+    token ids in, token ids out) and, for LFM2-VL (`config`), its processor (else None)."""
+    from ..gguf import is_gguf_file, load_gguf_tokenizer
+    from ..loading import resolve_model_dir
+    from ..tokenizer import Tokenizer
+
+    if is_gguf_file(model):
+        return load_gguf_tokenizer(model), None
+    folder = resolve_model_dir(model)
+    try:
+        tok = Tokenizer.from_pretrained(folder)
+    except (FileNotFoundError, OSError, ValueError):
+        return None, None
+    if multimodal.image_token_id(config) is None:
+        return tok, None
+    from ..models.lfm2_vl_processing import Lfm2VlProcessor
+
+    return tok, Lfm2VlProcessor.from_pretrained(folder, tok)
 
 
 class OutputStream:

@@ -74,6 +74,9 @@ def build_parser(prog: str = "fastlfm serve") -> argparse.ArgumentParser:
     p.add_argument("--stream-events-per-s", type=float, default=DEFAULT_STREAM_EVENTS_PER_S,
                    help="with many streams, each one's interval grows so that all of them together get at most this "
                         f"many deliveries a second (default {DEFAULT_STREAM_EVENTS_PER_S:g})")
+    p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the engine in a process of its own, so the HTTP side's Python (SSE events, templating) "
+                        "never holds the GIL the engine's steps need; --no-engine-process: a thread of this process")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p
 
@@ -95,18 +98,19 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().error(f"--stream-events-per-s must be positive, got {args.stream_events_per_s}")
 
     from ..engine import AsyncLLMEngine
+    from ..engine.engine_process import EngineProcessClient
     from .app import DEFAULT_MAX_QUEUE_LEN, create_app
     from .http import make_server
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
-        engine = AsyncLLMEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
-                                                max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                                                compile=args.compile, quantization=args.quantization,
-                                                stream_interval_s=args.stream_interval_ms / 1000,
-                                                stream_events_per_s=args.stream_events_per_s,
-                                                enable_prefix_caching=args.prefix_caching,
-                                                lazy_graphs=False)  # every graph before the first client
+        options = dict(device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+                       max_model_len=args.max_model_len, compile=args.compile, quantization=args.quantization,
+                       stream_interval_s=args.stream_interval_ms / 1000, stream_events_per_s=args.stream_events_per_s,
+                       enable_prefix_caching=args.prefix_caching,
+                       lazy_graphs=False)  # every graph before the first client
+        engine = EngineProcessClient(args.model, **options) if args.engine_process else \
+            AsyncLLMEngine.from_pretrained(args.model, **options)
         app = create_app(
             engine,
             args.served_model_name or [args.model],

@@ -35,6 +35,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from ..engine.async_engine import EngineDeadError
 from .errors import APIError, error_body, validation_error
 from .http import OVER_CAPACITY
 from .images import DEFAULT_FETCH_TIMEOUT, DEFAULT_MAX_IMAGE_BYTES, ImagePolicy
@@ -181,8 +182,7 @@ def create_app(
     if max_queue_len < 0:
         raise ValueError(f"max_queue_len must be >= 0, got {max_queue_len}")
     if max_concurrent is None:
-        inner = getattr(engine, "engine", None)
-        max_concurrent = int(getattr(inner, "max_num_seqs", None) or getattr(engine, "max_num_seqs", 256))
+        max_concurrent = int(engine.max_num_seqs)
     metrics = ServerMetrics(engine.stats, names[0])
     if max_image_bytes < 1 or image_fetch_timeout <= 0:
         raise ValueError(f"max_image_bytes and image_fetch_timeout must be positive, got {max_image_bytes} and "
@@ -237,15 +237,21 @@ def create_app(
         return JSONResponse(error_body(exc.status_code, message), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
+    @app.exception_handler(EngineDeadError)
+    async def _engine_dead(request: Request, exc: EngineDeadError):
+        return APIError(503, f"The engine is not running: {exc}", code="engine_dead").response()
+
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
         return JSONResponse(error_body(500, f"Internal server error: {type(exc).__name__}"), status_code=500)
 
     # ------------------------------------------------------------------ routes
-    @app.get("/health", summary="Liveness: 200 when the server is up")
-    async def health() -> dict:
-        return {}
+    @app.get("/health", summary="Liveness: 200 when the server is up, 503 when its engine is gone")
+    async def health() -> Response:
+        if not getattr(engine, "alive", True):
+            return APIError(503, f"The engine is not running: {engine.error}", code="engine_dead").response()
+        return Response("{}", media_type="application/json")
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response,
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})

@@ -26,6 +26,7 @@ from typing import Any
 
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
+from ..engine.async_engine import EngineDeadError
 from ..sampling import SamplingParams
 from .errors import APIError, bad_request, error_body, invalid_request
 from .images import ImagePolicy, check_url, decode_data_url, fetch_image, is_remote, open_image
@@ -208,15 +209,15 @@ class OpenAIServing:
         # LFM2-VL: the processor turns image parts into pixel tensors and <image> runs.
         self.processor = getattr(engine, "processor", None)
         self.image_policy = image_policy or ImagePolicy()
-        self.model_config = getattr(getattr(engine, "engine", None), "config", None)
+        self.model_config = engine.config
         self.model_names = list(served_model_names)
         self.metrics = metrics
         self.max_pending = max_pending
         self.pending = 0
         self.max_model_len = int(engine.max_model_len)
         self.generation_config = dict(engine.generation_config or {})
-        self.vocab_size = _model_vocab_size(engine)
-        self.grammars = getattr(engine, "engine", engine).grammars  # structured output (compiled lazily)
+        self.vocab_size = int(engine.config.vocab_size)  # rows of the output layer: ids the model takes and emits
+        self.grammars = engine.grammars  # structured output (compiled lazily)
         # Tool calls are parsed from text that keeps these two special tokens (if the tokenizer has them).
         self.tool_markers = [self.tokenizer.token_to_id(TOOL_CALL_START), self.tokenizer.token_to_id(TOOL_CALL_END)]
         self.supports_tools = None not in self.tool_markers
@@ -535,8 +536,7 @@ class OpenAIServing:
         try:
             enc = self.processor(text, images)
             prompt_ids, image_inputs = enc["input_ids"][0], {k: enc[k] for k in IMAGE_KEYS}
-            if self.model_config is not None:  # what the engine would refuse, refused as a 400 now
-                check_image_inputs(self.model_config, prompt_ids, image_inputs)
+            check_image_inputs(self.model_config, prompt_ids, image_inputs)  # what the engine would refuse: a 400 now
         except ValueError as e:
             raise bad_request(f"Cannot prepare the images of these messages: {e}", param="messages") from None
         return prompt_ids, image_inputs
@@ -841,6 +841,8 @@ def _stream_error(e: Exception) -> tuple[int, dict]:
     """(status, OpenAI error body) of an error that ends a stream after its 200 was sent."""
     if isinstance(e, APIError):
         return e.status, e.body()
+    if isinstance(e, EngineDeadError):
+        return 503, error_body(503, f"The engine is not running: {e}")
     if isinstance(e, ValueError):
         return 400, error_body(400, str(e))
     return 500, error_body(500, f"Internal error during generation: {type(e).__name__}: {e}")
@@ -859,12 +861,3 @@ def _max_token_bytes(tokenizer) -> int | None:
     except Exception:  # a tokenizer without these: no size shortcut, tokenizing still bounds the work
         return None
     return max(len(t.encode("utf-8", "surrogatepass")) for t in texts) + 1
-
-
-def _model_vocab_size(engine) -> int:
-    """Rows of the model's output layer (ids the model can take and emit)."""
-    inner = getattr(engine, "engine", None)
-    config = getattr(inner, "config", None) or getattr(getattr(inner, "model", None), "config", None)
-    if config is not None and getattr(config, "vocab_size", None):
-        return int(config.vocab_size)
-    return int(engine.tokenizer.vocab_size)
