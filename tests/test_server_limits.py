@@ -210,6 +210,21 @@ def test_health_stays_responsive_while_huge_prompts_are_prepared(ckpt, tmp_path)
         assert "Traceback" not in srv.log()
 
 
+def test_more_messages_than_context_tokens_are_refused_before_templating(engine):
+    """Every message renders to at least one token: a chat with more messages than max_model_len (512
+    here) cannot fit and is refused without rendering them; one message fewer is templated as usual."""
+    app = create_app(engine, MODEL)
+    with running_server(app) as url:
+        many = httpx.post(url + "/v1/chat/completions", timeout=60,
+                          json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}] * 513})
+        err = assert_openai_error(many, 400, "context_length_exceeded")
+        assert "513" in err["message"] and err["param"] == "messages"
+        fewer = httpx.post(url + "/v1/chat/completions", timeout=60,  # templated: its tokens are counted
+                           json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}] * 512})
+        err = assert_openai_error(fewer, 400, "context_length_exceeded")
+        assert "your messages is" in err["message"] and "tokens long" in err["message"]  # the template's count
+
+
 # ----------------------------------------------------------------------------- slow clients
 
 

@@ -402,6 +402,13 @@ class OpenAIServing:
     def parse_chat(self, body: bytes) -> ChatCompletionRequest:
         data = parse_json_body(body)
         messages = data.get("messages") if isinstance(data, dict) else None
+        if isinstance(messages, list) and len(messages) > self.max_model_len:
+            # Each message renders to at least one token (its role marker): refused before seconds of
+            # validation and templating (100k messages: ~3 s of Python holding the GIL).
+            raise APIError(
+                400, f"This model's maximum context length is {self.max_model_len} tokens. However, your messages "
+                     f"are {len(messages)}, each at least one token long, which leaves no room for a completion. "
+                     "Please reduce the length of the messages.", param="messages", code="context_length_exceeded")
         if not isinstance(messages, list) or len(messages) <= _SLICE:
             return _validate(ChatCompletionRequest, data)
         validated = _validate_slices(_MESSAGES, messages, ("messages",))
