@@ -24,7 +24,12 @@ def main(argv=None):
     args = ap.parse_args(argv)
     rows = [json.loads(line) for line in open(args.trace)]
     preps = [r for r in rows if "prep0" in r][args.skip:]
-    reqs = sorted([r for r in rows if "rid" in r], key=lambda r: r["submit"])[args.skip:]
+    merged: dict[str, dict] = {}  # a request's events, written by the server and the engine process
+    for r in rows:
+        if "rid" in r:
+            for k, v in r.items():
+                merged.setdefault(r["rid"], {}).setdefault(k, v)
+    reqs = sorted([r for r in merged.values() if "submit" in r], key=lambda r: r["submit"])[args.skip:]
     reqs = [r for r in reqs if all(k in r for k in ("add", "sched", "tok", "deliv"))]
     print(f"chat body preparation (JSON, template, tokenizer), p50 / max ms: {_p([r['prep1'] - r['prep0'] for r in preps])}")
     print("ms, p50 / max | turn | reqs | submit->add (engine thread takes it) | add->scheduled | scheduled->first token "

@@ -4,7 +4,7 @@ request's time to first token goes, and what the host costs when the forward is 
 Put this folder on PYTHONPATH (it is a sitecustomize, imported by every Python of that run; it acts only
 in the `fastlfm.cli` process, and only when one of these is set):
 
-  FASTLFM_TRACE=FILE     one JSON line per request when its first output reaches its stream: monotonic
+  FASTLFM_TRACE=FILE     JSON lines per request (joined by request id: the engine may run in its own process): monotonic
                          times `submit` (AsyncLLMEngine.generate called, after preparation), `add` (the
                          engine thread took it), `sched` (first scheduled; `cached`: its computed tokens
                          then, `chunk`: tokens in that step), `tok` (its first token processed), `deliv`
@@ -22,10 +22,13 @@ in the `fastlfm.cli` process, and only when one of these is set):
 import os
 import sys
 
-_ACTIVE = "fastlfm.cli" in " ".join(getattr(sys, "orig_argv", [])) and any(
+_ARGV = " ".join(getattr(sys, "orig_argv", []))
+# the server, and its engine process (spawned by multiprocessing, with the server's environment)
+_ACTIVE = ("fastlfm.cli" in _ARGV or "spawn_main" in _ARGV and os.environ.get("_FASTLFM_HOST_TRACE")) and any(
     os.environ.get(k) for k in ("FASTLFM_TRACE", "FASTLFM_FAKE_FORWARD", "FASTLFM_ENGINE_KWARGS"))
 
 if _ACTIVE:
+    os.environ["_FASTLFM_HOST_TRACE"] = "1"
     import json
     import time
 
@@ -70,28 +73,33 @@ if _ACTIVE:
         print("host_trace: fake forward", file=sys.stderr)
 
     if os.environ.get("FASTLFM_TRACE"):
+        # One JSON line per event, each process its own lines (the engine may run in another process):
+        # bench/host_trace/report.py joins them by request id. CLOCK_MONOTONIC is shared by processes.
         _out = open(os.environ["FASTLFM_TRACE"], "a", buffering=1)
-        _live: dict[str, dict] = {}
-        _generate = async_engine.AsyncLLMEngine.generate
+        _seen: dict[str, set] = {"add": set(), "sched": set(), "tok": set()}
+
+        def _event(kind: str, rid: str, **fields) -> None:
+            if rid not in _seen[kind]:
+                _seen[kind].add(rid)
+                _out.write(json.dumps({"rid": rid, kind: time.monotonic(), **fields}) + "\n")
+
+        _generate = async_engine.StreamingFrontend.generate
 
         async def generate(self, prompt_token_ids, params, request_id, **kwargs):
-            _live[request_id] = {"rid": request_id, "n": len(prompt_token_ids), "submit": time.monotonic()}
+            rec = {"rid": request_id, "n": len(prompt_token_ids), "submit": time.monotonic()}
             first = True
             async for out in _generate(self, prompt_token_ids, params, request_id, **kwargs):
                 if first:
                     first = False
-                    rec = _live.pop(request_id, None)
-                    if rec is not None:
-                        rec["deliv"] = time.monotonic()
-                        _out.write(json.dumps(rec) + "\n")
+                    rec["deliv"] = time.monotonic()
+                    _out.write(json.dumps(rec) + "\n")
                 yield out
 
-        async_engine.AsyncLLMEngine.generate = generate
+        async_engine.StreamingFrontend.generate = generate
         _add = llm_engine.LLMEngine.add_request
 
         def add_request(self, prompt, params=None, request_id=None, **kwargs):
-            if request_id in _live:
-                _live[request_id].setdefault("add", time.monotonic())
+            _event("add", request_id)
             return _add(self, prompt, params, request_id, **kwargs)
 
         llm_engine.LLMEngine.add_request = add_request
@@ -99,11 +107,8 @@ if _ACTIVE:
 
         def schedule(self):
             batch = _schedule(self)
-            now = time.monotonic()
             for seq, n in zip(batch.seqs, batch.num_tokens):
-                rec = _live.get(seq.request_id)
-                if rec is not None and "sched" not in rec:
-                    rec.update(sched=now, cached=seq.num_computed_tokens, chunk=n)
+                _event("sched", seq.request_id, cached=seq.num_computed_tokens, chunk=n)
             return batch
 
         scheduler.Scheduler.schedule = schedule
@@ -111,11 +116,11 @@ if _ACTIVE:
 
         def _process_traced(self, step):
             outputs = _process(self, step)
-            now = time.monotonic()
             for out in outputs:
-                rec = _live.get(out.request_id)
-                if rec is not None:
-                    rec.setdefault("tok", now)
+                _event("tok", out.request_id)
+                if out.finished:
+                    for kind in _seen:
+                        _seen[kind].discard(out.request_id)
             return outputs
 
         llm_engine.LLMEngine._process = _process_traced
