@@ -400,3 +400,31 @@ def test_model_generate_and_llm_share_one_engine(ckpt, tok):
     assert llm.engine is engine and model.get_engine() is engine and engine.max_num_seqs == 3
     rebuilt = model.get_engine(max_num_seqs=2)
     assert rebuilt is not engine and rebuilt.max_num_seqs == 2 and model.get_engine() is rebuilt
+
+
+def test_a_generation_config_overrides_only_what_it_sets_on_every_api(tmp_path, tok):
+    """As in transformers: a caller's generation config replaces the checkpoint's values it sets and
+    leaves the others (LLM.generate and model.generate alike); the checkpoint's own extra keys (here
+    num_beams=1, a no-op, and an unknown name) are not the caller's error."""
+    import json
+
+    from fastlfm.sampling import GenerationConfig
+    from fastlfm.testing import tiny_config, write_checkpoint
+
+    folder = write_checkpoint(tmp_path / "ck", tiny_config())
+    (folder / "generation_config.json").write_text(json.dumps(
+        {"do_sample": True, "temperature": 0.3, "min_p": 0.15, "repetition_penalty": 1.05, "num_beams": 1,
+         "some_future_key": 3}))
+    llm = LLM(str(folder))
+    for given in ({"max_new_tokens": 7}, GenerationConfig(max_new_tokens=7)):
+        p = llm.sampling_params(generation_config=given)
+        assert (p.max_new_tokens, p.temperature, p.min_p, p.repetition_penalty) == (7, 0.3, 0.15, 1.05)
+    p = llm.sampling_params(generation_config={"do_sample": False})
+    assert not p.sampling and p.min_p == 0.15 and p.repetition_penalty == 1.05
+    with pytest.raises(ValueError, match="generation_config: num_beams"):
+        llm.sampling_params(generation_config={"num_beams": 4})
+    # model.generate resolves through the same merge: a seeded sampled run equals LLM.generate's
+    prompt = prompts_of([6], seed=3)[0]
+    want = llm.generate([prompt], generation_config={"max_new_tokens": 7}, seed=11)[0].token_ids
+    got = llm.model.generate(torch.tensor([prompt]), generation_config={"max_new_tokens": 7}, seed=11)
+    assert got[0, len(prompt):].tolist() == want

@@ -86,9 +86,10 @@ def test_resolve_params_hf_keywords():
                           use_cache=True)
     assert len(rows) == 2 and rows[0] == rows[1]
     assert (rows[0].max_new_tokens, rows[0].stop_strings, rows[0].stop_token_ids) == (5, ["x"], [4, 5])
-    # an explicit generation_config replaces the defaults; its eos ends generation too
+    # an explicit generation_config overrides what it sets, the rest stays the defaults' (transformers'
+    # rule); its eos ends generation too
     p, = resolve_params(None, {"temperature": 0.3}, 1, 100, generation_config={"eos_token_id": 9, "top_k": 3})
-    assert p.stop_token_ids == [9] and p.top_k == 3 and p.temperature == 1.0
+    assert p.stop_token_ids == [9] and p.top_k == 3 and p.temperature == 0.3
     with pytest.raises(ValueError, match="num_beams is not supported"):
         resolve_params(None, None, 1, 100, num_beams=2)
     assert resolve_params(None, None, 1, 100, num_beams=1)[0] == SamplingParams.from_generation_config(None)

@@ -106,12 +106,12 @@ class GenerationMixin:
         images = {k: kwargs.pop(k) for k in IMAGE_KEYS if k in kwargs}
         tokenizer = kwargs.pop("tokenizer", None)
         return_dict = kwargs.pop("return_dict_in_generate", None)
-        gen_defaults = self.generation_config or {}
+        # transformers: what a given config sets replaces the model's; what it leaves unset falls back to
+        # it (resolve_params merges the sampling settings the same way)
+        given = set_generation_values(generation_config)
+        gen_defaults = {**(self.generation_config or {}), **given}
         if generation_config is not None:
-            # transformers: what the given config sets replaces the model's; what it leaves unset falls back to it
-            given = set_generation_values(generation_config)
-            gen_defaults = {**gen_defaults, **given}
-            kwargs["generation_config"] = gen_defaults
+            kwargs["generation_config"] = generation_config
             if given.get("max_length") is not None and given.get("max_new_tokens") is None:
                 kwargs.setdefault("max_length", given["max_length"])
         if return_dict is None:  # the keyword wins over the generation config

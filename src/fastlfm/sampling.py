@@ -334,9 +334,10 @@ def resolve_params(
     """One validated SamplingParams per prompt from `params` and HF-style keyword overrides;
     every generation API resolves its arguments here, once.
 
-    `defaults` is a generation_config.json dict; a `generation_config=` keyword (a dict or an
-    object with `to_dict()`, like transformers' GenerationConfig) replaces it, and its
-    `eos_token_id`, if any, ends generation like the model's eos ids do.
+    `defaults` is the checkpoint's generation_config.json dict; a `generation_config=` keyword (a
+    dict, or a GenerationConfig of ours or transformers') overrides what it sets and leaves the
+    rest to `defaults`, as in transformers; its `eos_token_id`, if any, ends generation like the
+    model's eos ids do. Keywords override both.
     """
     for k in _HF_NO_OPS & set(kwargs):
         kwargs.pop(k)
@@ -344,9 +345,9 @@ def resolve_params(
     for k in _HF_UNSUPPORTED.keys() & kwargs.keys():
         kwargs.pop(k)
     if "generation_config" in kwargs:
-        gc = kwargs.pop("generation_config")
-        defaults = gc.to_dict() if hasattr(gc, "to_dict") else dict(gc or {})
-        _refuse_unsupported(defaults, "generation_config: ")
+        given = set_generation_values(kwargs.pop("generation_config"))
+        _refuse_unsupported(given, "generation_config: ")  # the caller's; the checkpoint's extras stay unread
+        defaults = {**(defaults or {}), **given}
         if defaults.get("eos_token_id") is not None:
             kwargs.setdefault("eos_token_id", defaults["eos_token_id"])
     overrides = {_HF_ALIASES.get(k, k): v for k, v in kwargs.items()}
