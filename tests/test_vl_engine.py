@@ -244,6 +244,27 @@ def test_image_input_errors(model, requests, tiny_ckpt):
     engine.check_no_leaks()
 
 
+def test_view_digests_made_ahead_are_the_prefix_cache_keys(model, requests, reference):
+    """The server makes each view's digest while it prepares the request (multimodal.view_digests), off
+    the engine's thread: the engine's prefix-cache keys are then the ones it would have computed, the
+    greedy tokens unchanged; malformed digests are refused by name."""
+    from fastlfm.engine.multimodal import DIGESTS_KEY, check_image_inputs, image_keys, view_digests
+
+    ids, images = requests[2]  # two images: two tiles and a thumbnail, and one view
+    plain, positions = check_image_inputs(model.config, ids, images)
+    given, _ = check_image_inputs(model.config, ids, dict(images, **{DIGESTS_KEY: view_digests(images)}))
+    assert given.digests is not None and len(given.digests) == plain.num_views == 4
+    assert image_keys(model.config, given, positions) == image_keys(model.config, plain, positions)
+    assert len(set(given.digests)) == 4  # different pixels, different digests
+    engine = LLMEngine(model, max_num_seqs=2, max_model_len=512)
+    out = engine.generate([ids], GREEDY, image_inputs=[dict(images, **{DIGESTS_KEY: view_digests(images)})])[0]
+    assert out.token_ids == reference[2]
+    for bad in ([b"x"], "abc", [1, 2, 3]):
+        with pytest.raises(ValueError, match=DIGESTS_KEY):
+            engine.add_request(ids, GREEDY, image_inputs=dict(images, **{DIGESTS_KEY: bad}))
+    engine.check_no_leaks()
+
+
 def test_async_engine_passes_images(model, requests, reference):
     async def main():
         engine = AsyncLLMEngine(LLMEngine(model, max_num_seqs=4, max_model_len=256, max_num_batched_tokens=32))

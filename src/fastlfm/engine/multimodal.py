@@ -28,6 +28,8 @@ import torch
 from ..ops import host_to_device
 
 IMAGE_KEYS = ("pixel_values", "pixel_attention_mask", "spatial_shapes")
+# Optional beside them: the views' digests (view_digests), made off the engine's thread.
+DIGESTS_KEY = "view_digests"
 
 
 @dataclass
@@ -35,6 +37,7 @@ class ImageInputs:
     pixel_values: torch.Tensor          # (views, patches, 3·p·p)
     pixel_attention_mask: torch.Tensor  # (views, patches)
     spatial_shapes: torch.Tensor        # (views, 2) patch grid (h, w) of each view
+    digests: list[bytes] | None = None  # per view, `view_digests` of these tensors, if the caller made them
 
     @property
     def num_views(self) -> int:
@@ -100,7 +103,11 @@ def check_image_inputs(config, prompt: list[int], inputs: Mapping[str, Any] | No
     if len(positions) != features:
         raise ValueError(f"the prompt has {len(positions)} image tokens (id {tid}) but the images give {features} "
                          "features; expand the prompt with the processor")
-    return ImageInputs(pv, mask, shapes), positions
+    digests = inputs.get(DIGESTS_KEY)
+    if digests is not None and (not isinstance(digests, (list, tuple)) or len(digests) != pv.shape[0]
+                                or not all(isinstance(d, bytes) for d in digests)):
+        raise ValueError(f"{DIGESTS_KEY} must be a list of {pv.shape[0]} bytes digests (multimodal.view_digests)")
+    return ImageInputs(pv, mask, shapes, None if digests is None else list(digests)), positions
 
 
 def image_keys(config, images: ImageInputs, positions: list[int]) -> list[tuple[int, int, bytes]]:
@@ -108,16 +115,28 @@ def image_keys(config, images: ImageInputs, positions: list[int]) -> list[tuple[
     The prefix cache hashes a block with the digests of the views whose features it holds, so
     the same `<image>` ids with other pixels never match."""
     f = config.downsample_factor
+    digests = images.digests if images.digests is not None else view_digests(
+        {k: getattr(images, k) for k in IMAGE_KEYS})
     keys, first = [], 0
     for v, (h, w) in enumerate(images.spatial_shapes.tolist()):
         n = (h // f) * (w // f)
-        digest = hashlib.blake2b(digest_size=16)
-        for t in (images.pixel_values[v], images.pixel_attention_mask[v], images.spatial_shapes[v]):
-            digest.update(str((t.dtype, tuple(t.shape))).encode())
-            digest.update((t.contiguous().view(torch.uint8) if t.dtype != torch.bool else t.to(torch.uint8)).numpy())
-        keys.append((positions[first], positions[first + n - 1], digest.digest()))
+        keys.append((positions[first], positions[first + n - 1], digests[v]))
         first += n
     return keys
+
+
+def view_digests(inputs: Mapping[str, Any]) -> list[bytes]:
+    """A digest of each view's tensors (the processor's outputs): ~3 ms a view, so the server makes
+    them while it prepares a request (passed as image_inputs[DIGESTS_KEY]), not the engine's thread."""
+    tensors = [torch.as_tensor(inputs[k]).cpu() for k in IMAGE_KEYS]
+    out = []
+    for v in range(tensors[2].shape[0]):
+        digest = hashlib.blake2b(digest_size=16)
+        for t in (tensors[0][v], tensors[1][v], tensors[2][v]):
+            digest.update(str((t.dtype, tuple(t.shape))).encode())
+            digest.update((t.contiguous().view(torch.uint8) if t.dtype != torch.bool else t.to(torch.uint8)).numpy())
+        out.append(digest.digest())
+    return out
 
 
 def encode_images(model, seqs: list, max_views: int) -> None:

@@ -538,12 +538,13 @@ class OpenAIServing:
 
     def _expand_images(self, text: str, images: list[Any]) -> tuple[list[int], dict[str, Any]]:
         """Prompt ids with each `<image>` expanded, and the image tensors, from the processor."""
-        from ..engine.multimodal import IMAGE_KEYS, check_image_inputs
+        from ..engine.multimodal import DIGESTS_KEY, IMAGE_KEYS, check_image_inputs, view_digests
 
         try:
             enc = self.processor(text, images)
             prompt_ids, image_inputs = enc["input_ids"][0], {k: enc[k] for k in IMAGE_KEYS}
             check_image_inputs(self.model_config, prompt_ids, image_inputs)  # what the engine would refuse: a 400 now
+            image_inputs[DIGESTS_KEY] = view_digests(image_inputs)  # the prefix cache's keys, made here
         except ValueError as e:
             raise bad_request(f"Cannot prepare the images of these messages: {e}", param="messages") from None
         return prompt_ids, image_inputs
