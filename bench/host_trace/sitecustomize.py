@@ -133,6 +133,15 @@ if _ACTIVE:
             return result
 
         serving.OpenAIServing.prepare_chat_body = prepare_chat_body
+        _prepare_completion = serving.OpenAIServing.prepare_completion_body
+
+        async def prepare_completion_body(self, body):
+            t0 = time.monotonic()
+            result = await _prepare_completion(self, body)
+            _out.write(json.dumps({"prep0": t0, "prep1": time.monotonic(), "kind": "completion"}) + "\n")
+            return result
+
+        serving.OpenAIServing.prepare_completion_body = prepare_completion_body
         _step = llm_engine.LLMEngine._step
 
         def _step_traced(self):  # steps whose host part took over 30 ms: what they held

@@ -202,7 +202,8 @@ class EngineProcessClient(StreamingFrontend):
         self._outbox.put(("add", (tokens, params, request_id, dict(image_inputs) if image_inputs else None)))
 
     def _abort(self, request_id: str) -> None:
-        self._outbox.put(("abort", request_id))
+        if self.error is None:
+            self._outbox.put(("abort", request_id))
 
     def _send_loop(self) -> None:  # pickling and writing off the event loop (image tensors can be MBs)
         while (message := self._outbox.get()) is not None:
