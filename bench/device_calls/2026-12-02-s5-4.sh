@@ -6,7 +6,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/fastlfm-out}; mkdir -p "$OUT"; export OUT
 export PYTHONPATH=src PYTHONUNBUFFERED=1
-(source bench/wheels_env.sh && timeout 100 python3 bench/grammar_threads.py --rows 64 --steps 64 --threads 4 8 16) \
+(source bench/wheels_env.sh && timeout 80 python3 bench/grammar_threads.py --rows 64 --steps 64 --threads 4 8 16) \
     2>&1 | tail -8 | tee "$OUT/grammar_threads.log"
-SERVE_MODELS="LFM2-350M LFM2-1.2B" RELIABILITY_MODELS=LFM2-1.2B RELIABILITY_S=110 timeout 440 bash bench/serve_stage.sh \
+SERVE_MODELS="LFM2-350M LFM2-1.2B" RELIABILITY_MODELS=LFM2-1.2B RELIABILITY_S=110 timeout 400 bash bench/serve_stage.sh \
     2>&1 | tee "$OUT/serve.log"
