@@ -665,11 +665,21 @@ class Tokenizer:
         adds its tokens (BOS for LFM2)."""
         if not isinstance(text, str):
             raise ValueError(f"encode expects a str, got {type(text).__name__}")
-        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        return self.encodings([text], add_special_tokens)[0].ids
 
     def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
         """``encode`` for several texts (parallel in the backend)."""
-        return [e.ids for e in self._backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+        return [e.ids for e in self.encodings(list(texts), add_special_tokens)]
+
+    def encodings(self, texts: list[str], add_special_tokens: bool = True) -> list[Any]:
+        """The backend's Encoding of each text (`.ids`, `len()`), without character offsets where
+        tokenizers can leave them out (`encode_batch_fast`: a 1k-token prompt in 2/3 of the time).
+        The batch calls release the GIL while they tokenize (tokenizers' `encode` does not), so other
+        threads (an engine, a server's event loop) run meanwhile."""
+        fast = getattr(self._backend, "encode_batch_fast", None)
+        if fast is not None:
+            return fast(texts, add_special_tokens=add_special_tokens)
+        return self._backend.encode_batch(texts, add_special_tokens=add_special_tokens)
 
     def decode(self, ids: int | Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of ``ids`` (an int, a list, or anything with ``tolist()`` such as a tensor)."""

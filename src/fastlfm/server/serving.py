@@ -327,8 +327,7 @@ class OpenAIServing:
         if _SURROGATE.search(text):  # JSON allows "\ud800"; the tokenizer takes only valid Unicode
             raise bad_request(f"The {what} is not valid Unicode: it contains a lone surrogate code point "
                               "(U+D800-U+DFFF)", param=what)
-        # encode_batch releases the GIL while it tokenizes (encode does not), so the event loop runs on.
-        encoding = self.tokenizer.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0]
+        encoding = self.tokenizer.encodings([text], add_special_tokens)[0]  # GIL released meanwhile
         if len(encoding) >= self.max_model_len:  # before building a Python list of all its ids
             raise self._too_long(what, len(encoding))
         return encoding.ids
