@@ -29,6 +29,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
+from fastlfm.server import benchmark
 from fastlfm.server.benchmark import (RequestResult, SpawnedServer, _device_name, _fmt, _p50_p99, _wait_idle,
                                       exit_on_sigterm, free_port, metrics_delta, prepare_checkpoint, random_prompts,
                                       scrape, stream_completion)
@@ -80,14 +81,12 @@ def summarize(convs: list[list[RequestResult]], turns: int) -> dict:
     ok = [r for r in flat if r.ok]
     first = [conv[0] for conv in convs if conv and conv[0].ok]
     later = [r for conv in convs for r in conv[1:] if r.ok]
-    duration = max(r.end for r in flat) - min(r.start for r in flat)
+    common = {k: v for k, v in benchmark.summarize(flat, len(convs)).items()
+              if k in ("completed", "errors", "duration_s", "output_tok_s")}
     ms = 1000.0
     return {
-        "requests": len(convs) * turns, "completed": len(ok), "failed": len(convs) * turns - len(ok),
-        "errors": sorted({r.error for r in flat if not r.ok})[:5],
-        "duration_s": duration,
-        "output_tok_s": sum(r.output_tokens for r in ok) / duration,
-        "prompt_tok_s": sum(r.prompt_tokens for r in ok) / duration,
+        **common, "requests": len(convs) * turns, "failed": len(convs) * turns - len(ok),
+        "prompt_tok_s": sum(r.prompt_tokens for r in ok) / common["duration_s"],
         "ttft_first_ms": _p50_p99([r.ttft * ms for r in first]),
         "ttft_later_ms": _p50_p99([r.ttft * ms for r in later]),
         "later_prompt_tokens_mean": sum(r.prompt_tokens for r in later) / max(len(later), 1),
