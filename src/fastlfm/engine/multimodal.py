@@ -90,7 +90,6 @@ def check_image_inputs(config, prompt: list[int], inputs: Mapping[str, Any] | No
         raise ValueError(f"spatial_shapes must be an integer tensor of shape ({pv.shape[0]}, 2), "
                          f"got {tuple(shapes.shape)} {shapes.dtype}")
     f = config.downsample_factor
-    features = 0
     real = mask.to(torch.long).sum(1).tolist()
     for v, (h, w) in enumerate(shapes.tolist()):
         if h < 1 or w < 1 or h % f or w % f:
@@ -99,7 +98,7 @@ def check_image_inputs(config, prompt: list[int], inputs: Mapping[str, Any] | No
         if h * w > pv.shape[1] or real[v] != h * w:
             raise ValueError(f"view {v}: spatial_shapes ({h}, {w}) give {h * w} patches but pixel_attention_mask "
                              f"marks {real[v]} of {pv.shape[1]}")
-        features += (h // f) * (w // f)
+    features = sum(view_feature_counts(config, shapes))
     if len(positions) != features:
         raise ValueError(f"the prompt has {len(positions)} image tokens (id {tid}) but the images give {features} "
                          "features; expand the prompt with the processor")
@@ -114,15 +113,19 @@ def image_keys(config, images: ImageInputs, positions: list[int]) -> list[tuple[
     """Per view: the first and last prompt position of its features and a digest of its tensors.
     The prefix cache hashes a block with the digests of the views whose features it holds, so
     the same `<image>` ids with other pixels never match."""
-    f = config.downsample_factor
     digests = images.digests if images.digests is not None else view_digests(
         {k: getattr(images, k) for k in IMAGE_KEYS})
     keys, first = [], 0
-    for v, (h, w) in enumerate(images.spatial_shapes.tolist()):
-        n = (h // f) * (w // f)
-        keys.append((positions[first], positions[first + n - 1], digests[v]))
+    for digest, n in zip(digests, view_feature_counts(config, images.spatial_shapes)):
+        keys.append((positions[first], positions[first + n - 1], digest))
         first += n
     return keys
+
+
+def view_feature_counts(config, spatial_shapes: torch.Tensor) -> list[int]:
+    """Feature tokens of each view: its patch grid (h, w) after the projector's pixel unshuffle."""
+    f = config.downsample_factor
+    return [(h // f) * (w // f) for h, w in spatial_shapes.tolist()]
 
 
 def view_digests(inputs: Mapping[str, Any]) -> list[bytes]:
@@ -233,8 +236,7 @@ def split_image_inputs(config, prompts: list[list[int]], inputs: Mapping[str, An
     if missing:
         raise ValueError(f"image inputs lack {', '.join(missing)} (pass the processor's {', '.join(IMAGE_KEYS)})")
     tensors = {k: torch.as_tensor(inputs[k]) for k in IMAGE_KEYS}
-    f = config.downsample_factor
-    per_view = [(h // f) * (w // f) for h, w in tensors["spatial_shapes"].tolist()]
+    per_view = view_feature_counts(config, tensors["spatial_shapes"])
     out, view = [], 0
     for i, prompt in enumerate(prompts):
         need = sum(1 for t in prompt if t == tid)
