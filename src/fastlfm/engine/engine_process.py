@@ -30,7 +30,7 @@ from typing import Any
 from ..structured import GrammarCache
 from .async_engine import (DEFAULT_STREAM_EVENTS_PER_S, DEFAULT_STREAM_INTERVAL_S, EngineDeadError, EngineLoop,
                            StreamingFrontend)
-from .llm_engine import EngineStats, LLMEngine, RequestOutput, load_tokenizer
+from .llm_engine import EngineStats, LLMEngine, load_tokenizer
 
 # Seconds the engine process gets to finish its loop after "stop" (then it is killed).
 STOP_TIMEOUT_S = 30.0
