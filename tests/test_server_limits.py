@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import resource
 import signal
 import socket
@@ -395,6 +396,35 @@ def test_sigterm_drains_in_flight_requests_then_aborts_the_rest(ckpt, ascii_bias
         assert chunks["long"][-1] == "[DONE]" and finish_reasons("long") == ["abort"]  # aborted at the timeout
         assert len(chunks["long"]) < 3000
         assert "Traceback" not in log and "Exception in ASGI application" not in log, log[-3000:]
+
+
+def _children(pid: int) -> set[int]:
+    """Processes whose parent is `pid` (Linux /proc)."""
+    out = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError), open(f"/proc/{entry}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.add(int(entry))
+    return out
+
+
+def test_ctrl_c_stops_the_server_and_its_engine_process_quietly(ckpt, tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it): the engine process ignores it
+    and is stopped by the server, which exits with 130 and no traceback; nothing is left running."""
+    with spawned_server(ckpt, "--served-model-name", MODEL, log_path=tmp_path / "server.log",
+                        preexec_fn=os.setsid) as srv:
+        kids = _children(srv.proc.pid)
+        assert kids, "the engine process is a child of the server"
+        os.killpg(srv.proc.pid, signal.SIGINT)
+        code = srv.proc.wait(60)
+        log = srv.log()
+        assert code == 130 and "Traceback" not in log, (code, log[-2000:])
+        deadline = time.monotonic() + 10
+        while any(os.path.exists(f"/proc/{k}") for k in kids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        alive = [k for k in kids if os.path.exists(f"/proc/{k}") and "Z" not in open(f"/proc/{k}/stat").read().split()[2]]
+        assert not alive, alive
 
 
 # ----------------------------------------------------------------------------- numbers

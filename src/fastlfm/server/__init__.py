@@ -130,5 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, RuntimeError) as e:  # CheckpointError is a ValueError
         print(f"fastlfm serve: error: {e}", file=sys.stderr)
         return 1
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # Ctrl-C: uvicorn drained and shut down, then re-raised it; no traceback
+        return 130
     return 0
