@@ -178,6 +178,7 @@ class StreamingFrontend:
     max_model_len: int
     max_num_seqs: int
     generation_config: dict | None
+    error: EngineDeadError | None = None  # set once the engine is gone (it then takes no requests)
 
     def __init__(self) -> None:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}

@@ -158,7 +158,6 @@ class EngineProcessClient(StreamingFrontend):
         self.tokenizer, self.processor = load_tokenizer(model, info.config)
         self._eos_token_ids = info.eos_token_ids
         self._grammars: GrammarCache | None = None
-        self.error: EngineDeadError | None = None  # set when the engine process is gone
         # per live request: its token ids so far and its text, rebuilt from the deltas
         self._history: dict[str, tuple[list[int], list[str]]] = {}
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -173,10 +172,6 @@ class EngineProcessClient(StreamingFrontend):
         if self._grammars is None:
             self._grammars = GrammarCache(self.tokenizer, self.config.vocab_size, self._eos_token_ids)
         return self._grammars
-
-    @property
-    def alive(self) -> bool:
-        return self.error is None and self._process.is_alive()
 
     def stats(self) -> EngineStats:
         return self._stats  # sent with every delivery: at most one step old

@@ -36,7 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from ..engine.async_engine import EngineDeadError
-from .errors import APIError, error_body, validation_error
+from .errors import APIError, engine_unavailable, error_body, validation_error
 from .http import OVER_CAPACITY
 from .images import DEFAULT_FETCH_TIMEOUT, DEFAULT_MAX_IMAGE_BYTES, ImagePolicy
 from .metrics import ServerMetrics
@@ -239,7 +239,7 @@ def create_app(
 
     @app.exception_handler(EngineDeadError)
     async def _engine_dead(request: Request, exc: EngineDeadError):
-        return APIError(503, f"The engine is not running: {exc}", code="engine_dead").response()
+        return engine_unavailable(exc).response()
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):
@@ -249,8 +249,8 @@ def create_app(
     # ------------------------------------------------------------------ routes
     @app.get("/health", summary="Liveness: 200 when the server is up, 503 when its engine is gone")
     async def health() -> Response:
-        if not getattr(engine, "alive", True):
-            return APIError(503, f"The engine is not running: {engine.error}", code="engine_dead").response()
+        if engine.error is not None:
+            return engine_unavailable(engine.error).response()
         return Response("{}", media_type="application/json")
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response,

@@ -42,6 +42,11 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
+def engine_unavailable(error: BaseException) -> APIError:
+    """503 for every request (and /health) once the engine is gone (its process exited)."""
+    return APIError(503, f"The engine is not running: {error}", code="engine_dead")
+
+
 def error_body(status: int, message: str, *, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": _TYPES.get(status, "invalid_request_error"),
                       "param": param, "code": code}}

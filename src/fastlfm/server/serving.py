@@ -28,7 +28,7 @@ from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from ..engine.async_engine import EngineDeadError
 from ..sampling import SamplingParams
-from .errors import APIError, bad_request, error_body, invalid_request
+from .errors import APIError, bad_request, engine_unavailable, error_body, invalid_request
 from .images import ImagePolicy, check_url, decode_data_url, fetch_image, is_remote, open_image
 from .metrics import ServerMetrics
 from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, TokenIds
@@ -849,7 +849,8 @@ def _stream_error(e: Exception) -> tuple[int, dict]:
     if isinstance(e, APIError):
         return e.status, e.body()
     if isinstance(e, EngineDeadError):
-        return 503, error_body(503, f"The engine is not running: {e}")
+        e = engine_unavailable(e)
+        return e.status, e.body()
     if isinstance(e, ValueError):
         return 400, error_body(400, str(e))
     return 500, error_body(500, f"Internal error during generation: {type(e).__name__}: {e}")
