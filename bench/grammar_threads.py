@@ -7,8 +7,11 @@ The 65,536-token test tokenizer, the "records" and "strings" schemas of bench/st
 by a seeded generator); the walk is recorded, then replayed while the masks of all rows are filled
 every step, timed, by: one thread (the loop), llguidance's LLExecutor with N threads, and a Python
 thread pool of N threads (compute_mask releases the GIL). Matchers are deep copies of one compiled
-grammar (what the engine does: they share its lexer) or, "fresh", each compiled on its own. Needs a
-machine with many cores to say anything (the GPU host: 16). Prints ms per step.
+grammar (they share its lexer, behind one mutex: llguidance's Python `deep_copy` is a shallow Rust
+clone), "fresh": each compiled on its own, or "lanes": N independently compiled templates, row i a
+copy of template i % N, the Python pool giving each thread the rows of one template (LLExecutor gets
+the rows ordered by template). Needs a machine with many cores to say anything (the GPU host: 16).
+Prints ms per step.
 """
 
 from __future__ import annotations
@@ -95,6 +98,11 @@ def main() -> None:
         pool = ThreadPoolExecutor(n)
         return lambda rows, mask: list(pool.map(lambda k: loop(rows[k::n], mask), range(n)))
 
+    def lane_executor_fill(n):  # rows i, i + n, ... share template i % n: hand them over together
+        ex = llg.LLExecutor(n)
+        return lambda rows, mask: ex.unsafe_compute_mask_ptr(
+            [r for k in range(n) for r in rows[k::n]], mask.data_ptr(), row_bytes, len(rows))
+
     print(f"{args.rows} rows, up to {args.steps} steps, 65,536-token vocabulary; ms per step to fill every row's mask")
     print("| schema | matchers | loop | " + " | ".join(f"LLExecutor {n} | pool {n}" for n in args.threads) + " |")
     print("|---|---|---|" + "---|---|" * len(args.threads))
@@ -103,16 +111,25 @@ def main() -> None:
         params = SamplingParams(max_new_tokens=8, json_schema=SCHEMAS[schema])
         paths = walks(cache, params, args.rows, args.steps)
         grammar = _grammar(llg, "json_schema", json.dumps(SCHEMAS[schema]))
-        for kind in ("deep copies", "fresh"):
-            def make():
-                if kind == "deep copies":
-                    return [cache.matcher(params) for _ in paths]
-                return [llg.LLMatcher(cache._ll_tokenizer, grammar, log_level=0) for _ in paths]
+        def compiled():
+            return llg.LLMatcher(cache._ll_tokenizer, grammar, log_level=0)
 
-            cells = [replay(make(), paths, loop)]
+        def make(kind, n=1):
+            if kind == "deep copies":
+                return [cache.matcher(params) for _ in paths]
+            if kind == "fresh":
+                return [compiled() for _ in paths]
+            templates = [compiled() for _ in range(n)]
+            return [templates[i % n].deep_copy() for i in range(len(paths))]
+
+        for kind in ("deep copies", "fresh", "lanes"):
+            cells = [replay(make(kind), paths, loop)]
             for n in args.threads:
-                cells.append(replay(make(), paths, executor_fill(n)))
-                cells.append(replay(make(), paths, pool_fill(n)))
+                if kind == "lanes":
+                    cells.append(replay(make(kind, n), paths, lane_executor_fill(n)))
+                else:
+                    cells.append(replay(make(kind, n), paths, executor_fill(n)))
+                cells.append(replay(make(kind, n), paths, pool_fill(n)))
             print(f"| {schema} | {kind} | " + " | ".join(f"{c:.2f}" for c in cells) + " |", flush=True)
 
 

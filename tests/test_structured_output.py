@@ -229,6 +229,37 @@ def test_grammars_compile_once_per_schema(llm_sync):
     assert cache.compile(SamplingParams(regex="a+")) is not a
     with pytest.raises(ValueError, match="no json_schema, regex or choice"):
         cache.compile(SamplingParams())
+    # another lane: the same grammar compiled on its own (copies of one template share its lexer)
+    lane1 = cache.compile(SamplingParams(json_schema={"type": "object", "required": ["a"]}), lane=1)
+    assert lane1 is not a and lane1 is cache.compile(SamplingParams(json_schema=json.dumps(
+        {"type": "object", "required": ["a"]})), lane=1)
+    assert lane1.compute_bitmask() == a.compute_bitmask()
+
+
+def test_finer_string_slices_change_no_mask(llm_sync):
+    """STRING_SLICES only speed masks up: inside strings bounded by maxLength, at every length,
+    and in the other states of a schema, the bits equal those of llguidance's default slices."""
+    import llguidance
+
+    from fastlfm.structured import GrammarCache, _grammar
+
+    tok = llm_sync.tokenizer
+    cache = GrammarCache(tok, tok.vocab_size, {7})
+    schema = {"type": "array", "items": {"type": "object", "properties": {
+        "s": {"type": "string", "maxLength": 11}, "t": {"type": "string", "minLength": 3, "maxLength": 5}},
+        "required": ["s", "t"], "additionalProperties": False}}
+    ours = cache.matcher(SamplingParams(json_schema=schema))
+    default_tok = llguidance.LLTokenizer(tok.backend.to_str(), n_vocab=tok.vocab_size, eos_token=[7])
+    theirs = llguidance.LLMatcher(default_tok, _grammar(llguidance, "json_schema", json.dumps(schema)), log_level=0)
+    text = '[{"s": "abcdefghijk", "t": "xyzuv"}, {"s": "", "t": "q r"}]'
+    ids = [t for c in text for t in tok.encode(c, add_special_tokens=False)]  # one character at a time
+    assert len(ids) == len(text)
+    compared = 0
+    for t in ids:
+        assert ours.compute_bitmask() == theirs.compute_bitmask(), tok.decode(ids[:compared])
+        assert ours.consume_token(t) and theirs.consume_token(t)
+        compared += 1
+    assert ours.is_accepting() and compared == len(text)
 
 
 def test_mask_never_allows_special_or_padding_ids(llm_sync):
@@ -415,9 +446,19 @@ def test_engine_with_grammar_threads_gives_the_same_tokens(tiny_ckpt):
         engine = LLMEngine.from_pretrained(tiny_ckpt, device="cpu", dtype="float32",
                                            max_num_seqs=len(prompts) + 2, grammar_threads=threads)
         assert engine.grammar_threads == threads
+        if threads:  # requests dealt over the lanes, each lane's grammar compiled on its own
+            compiled = [engine.grammars.compile(SamplingParams(json_schema=SCHEMAS["array_of_objects"]), lane)
+                        for lane in range(threads)]
+            assert compiled[0] is not compiled[1]
         ps = [SamplingParams(max_new_tokens=80, do_sample=False, json_schema=SCHEMAS["array_of_objects"])] * len(prompts)
         ps += [SamplingParams(max_new_tokens=20, do_sample=False)] * 2
-        res = engine.generate(prompts + PROMPTS[:2], ps)
+        seqs = [engine.add_request(prompt, p, request_id=str(i))
+                for i, (prompt, p) in enumerate(zip(prompts + PROMPTS[:2], ps))]
+        assert [s.grammar_lane for s in seqs[:4]] == ([0, 1, 0, 1] if threads else [0] * 4)
+        done = {}
+        while engine.has_unfinished():
+            done.update((o.request_id, o) for o in engine.step() if o.finished)
+        res = [done[str(i)] for i in range(len(ps))]
         outs.append([r.token_ids for r in res])
         for r in res[: len(prompts)]:
             if r.finish_reason == "length":  # a random model may write the longest strings allowed

@@ -19,15 +19,24 @@ runs it, fills the token bitmask of the constrained rows on the CPU (`fill_bitma
 samples with the unpacked mask applied on the device (a masked argmax when every row is greedy,
 else `SamplingTensors.allowed`). Steps without a constrained row take none of this. With at
 least PAR_MIN_ROWS constrained rows, the matchers advance and fill their masks on llguidance's
-thread pool (`LLMEngine(grammar_threads=N)`, opt-in: not yet measured on a GPU host).
+thread pool (`LLMEngine(grammar_threads=N)`).
 
-Host cost (measured on the CPU, one thread, 65,536-token vocabulary, bench/structured.py's
-schemas, 64 rows, greedy-like paths): inside free strings ("strings") a step's masks take ~0.15 ms
-and the 64 advances ~0.08 ms; "records" masks take ~2.2 ms (mean ~35 us a row, up to ~0.7 ms),
-almost all of it from the strings bounded by maxLength (name <= 24, tags <= 8 characters): the
-same schema without maxLength fills in ~0.4 ms. Those masks are llguidance's own work (its token
-slices cover unbounded string content only; finer slices measured no faster), so only threads or
-overlap with other host work hide them.
+Lanes: a matcher copied from a compiled template (`deep_copy`, a shallow clone in llguidance's
+Rust) shares the template's lexer, behind one mutex, so the threads filling the masks of copies
+of one template take turns (measured on the 16-core GPU host, 64 "records" rows: 1.80 ms a step
+in one thread, 2.2-3.7 ms with 2-16 threads). A grammar is therefore compiled once per lane
+(lazily: a lane is compiled when a request is first put in it), the engine deals its requests
+over `grammar_threads` lanes, and a step hands the rows over ordered by lane, so that each
+thread of the pool mostly works within one lane (same host: 1.50 / 1.23 / 1.13 / 0.91 ms with
+2 / 4 / 8 / 16 threads).
+
+Host cost (CPU, one thread, 65,536-token vocabulary, bench/structured.py's schemas, 64 rows):
+inside free strings ("strings") a step's masks take ~0.1 ms; "records" ~2-4 ms, nearly all of it
+in the strings bounded by maxLength: with fewer than 10 characters left, no token slice of
+llguidance's default set (string content of 1-10, 1-30 or any number of characters) fits what
+may follow, and the mask walks the whole token trie (~1-1.5 ms a row). STRING_SLICES adds
+slices of 1-9 characters, so a walk only visits tokens longer than what is left (~30% less
+for "records").
 """
 
 from __future__ import annotations
@@ -46,6 +55,11 @@ __all__ = ["GrammarCache", "constraint_of", "advance_all", "fill_bitmask", "unpa
 MAX_GRAMMAR_CHARS = 64 * 1024
 #: Distinct grammars kept compiled.
 CACHE_SIZE = 64
+#: Token slices (regexes over the vocabulary that llguidance precomputes masks for) added to its
+#: default set (`LLTokenizer.general_slices()`: string content of 1-10, 1-30, 1+ characters, JSON
+#: whitespace): string content of at most 1..9 characters, for strings bounded by maxLength. The
+#: character class is the default set's, so that the slices nest.
+STRING_SLICES = [r'[^"\\\x00-\x1F\x7F]{1,%d}' % n for n in range(1, 10)]
 #: Fewest constrained rows a step hands to llguidance's thread pool (`LLExecutor`); fewer go one
 #: after the other. Measured on 2 shared cores, 2 threads (masks of ~1-6 us each): 4 rows 7 us
 #: pooled vs 3 us in a loop, 16 rows 11 vs 10 us, 64 rows 25 vs 36 us (the pool's fixed cost is
@@ -108,7 +122,8 @@ class GrammarCache:
         self._eos = sorted(eos_token_ids)
         self._size = size
         self._lock = threading.Lock()
-        self._templates: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        # constraint -> {lane: compiled template}; see "Lanes" above
+        self._templates: OrderedDict[tuple[str, str], dict[int, Any]] = OrderedDict()
         self._ll_tokenizer = None
         self._executors: dict[int, Any] = {}
 
@@ -129,12 +144,13 @@ class GrammarCache:
                 # special (those never match grammar text). n_vocab = the model's logits width:
                 # ids past the tokenizer's own vocabulary are never allowed.
                 self._ll_tokenizer = llg.LLTokenizer(self._tokenizer.backend.to_str(), n_vocab=self.vocab_size,
-                                                     eos_token=self._eos or None)
+                                                     eos_token=self._eos or None,
+                                                     slices=llg.LLTokenizer.general_slices() + STRING_SLICES)
         return llg
 
-    def compile(self, params: Any) -> Any:
-        """The compiled template (a fresh matcher) of `params`' constraint; ValueError naming
-        the parameter when it is invalid or too large."""
+    def compile(self, params: Any, lane: int = 0) -> Any:
+        """The compiled template (a fresh matcher) of `params`' constraint in `lane` (each lane's
+        template compiled on its own); ValueError naming the parameter when it is invalid or too large."""
         constraint = constraint_of(params)
         if constraint is None:
             raise ValueError("these sampling params set no json_schema, regex or choice to compile")
@@ -143,10 +159,11 @@ class GrammarCache:
             raise ValueError(f"{kind} is {len(text)} characters long; at most {MAX_GRAMMAR_CHARS} are allowed")
         key = (kind, text)
         with self._lock:
-            template = self._templates.get(key)
-            if template is not None:
+            lanes = self._templates.get(key)
+            if lanes is not None:
                 self._templates.move_to_end(key)
-                return template
+                if lane in lanes:
+                    return lanes[lane]
         llg = self._setup()
         try:
             template = llg.LLMatcher(self._ll_tokenizer, _grammar(llg, kind, text), log_level=0)
@@ -155,14 +172,15 @@ class GrammarCache:
         if template.is_error():
             raise ValueError(f"invalid {kind}: {template.get_error()}")
         with self._lock:
-            self._templates[key] = template
+            template = self._templates.setdefault(key, {}).setdefault(lane, template)  # a racing compile's wins
+            self._templates.move_to_end(key)
             while len(self._templates) > self._size:
                 self._templates.popitem(last=False)
         return template
 
-    def matcher(self, params: Any) -> Any:
-        """A new matcher for one request (its own parse state)."""
-        return self.compile(params).deep_copy()
+    def matcher(self, params: Any, lane: int = 0) -> Any:
+        """A new matcher for one request (its own parse state), a copy of `lane`'s template."""
+        return self.compile(params, lane).deep_copy()
 
 
 def advance_all(pairs: list[tuple[Any, int]], executor: Any = None) -> list[bool | ValueError]:

@@ -52,8 +52,9 @@ class Sequence:
         self.in_flight_row: int | None = None
         self.awaiting_finish = False
         # Structured output: the request's grammar matcher (fastlfm.structured), advanced by
-        # each token the engine reads back.
+        # each token the engine reads back, and its lane (which compiled copy of the grammar).
         self.grammar = None
+        self.grammar_lane = 0
         # Filled by the engine's output processing (the text stream, logprobs).
         self.text_stream = None
         self.logprobs: list = []
