@@ -59,14 +59,16 @@ def decode_tps(run, batch: int, new: int, device: str) -> tuple[float, list]:
 
 def mask_costs(engine, params: SamplingParams, outputs: list[list[int]], pools: list[int]) -> str:
     """Mean ms per step to fill the masks of len(outputs) rows (fastlfm.structured.fill_bitmask),
-    replaying each row's own tokens, for each pool size (0: one matcher after the other)."""
+    replaying each row's own tokens, for each pool size (0: one matcher after the other), the rows
+    dealt over as many lanes as threads and handed over by lane, as the engine does."""
     from fastlfm.structured import advance_all, fill_bitmask
 
     parts = []
     for threads in pools:
         executor = engine.grammars.executor(threads) if threads >= 2 else None
-        matchers = [engine.grammars.matcher(params) for _ in outputs]
-        rows = [(m, i) for i, m in enumerate(matchers)]
+        lanes = max(1, threads)
+        matchers = [engine.grammars.matcher(params, i % lanes) for i in range(len(outputs))]
+        rows = sorted(((m, i) for i, m in enumerate(matchers)), key=lambda mi: mi[1] % lanes)
         spent, steps = 0.0, min(len(o) for o in outputs)
         for step in range(steps):
             t = time.perf_counter()

@@ -145,6 +145,47 @@ def test_mixed_batch_keeps_unconstrained_tokens(llm):
             jsonschema.validate(json.loads(m.text), schema)
 
 
+def test_request_ended_while_grammar_masks_fill(llm_async):
+    """Asynchronous steps with grammars process the step in flight while the next step's masks
+    fill: a request that this ends (a stop token) is in the launched step too, and that row is
+    discarded. Its tokens stop where the stop token is (oracle: the same request alone), the
+    constrained rows still validate, nothing leaks."""
+    from fastlfm.engine.sequence import IN_FLIGHT
+
+    engine = llm_async.engine
+    alone = llm_async.generate(PROMPTS[:2], max_new_tokens=12, ignore_eos=True)
+    stops = [a.token_ids[4] for a in alone]  # greedy: each ends at its 5th token (or earlier, at a repeat)
+    schema = SCHEMAS["array_of_objects"]
+    params = [llm_async.sampling_params(max_new_tokens=12, stop_token_ids=[stops[0]]),
+              llm_async.sampling_params(max_new_tokens=12, stop_token_ids=[stops[1]])]
+    params += [llm_async.sampling_params(max_new_tokens=200, json_schema=schema)] * 3
+    launched_finished = []
+    launch = engine._launch
+
+    def spy(seqs, *args):
+        launched_finished.append(any(s.is_finished for s in seqs))
+        return launch(seqs, *args)
+
+    engine._launch = spy
+    try:
+        seqs = [engine.add_request(prompt, p) for prompt, p in zip(PROMPTS, params)]
+        finals = {}
+        while engine.has_unfinished():
+            finals.update((o.request_id, o) for o in engine.step() if o.finished)
+    finally:
+        del engine._launch
+    out = [finals[s.request_id] for s in seqs]
+    assert any(launched_finished)  # the discarded-row case happened
+    for seq in seqs:  # a finished request holds no placeholder of a token it will never get
+        assert IN_FLIGHT not in seq.token_ids and seq.in_flight_row is None
+    for a, o, stop in zip(alone, out[:2], stops):
+        k = a.token_ids.index(stop)
+        assert o.token_ids == a.token_ids[:k + 1] and o.finish_reason == "eos"
+    for o in out[2:]:
+        jsonschema.validate(json.loads(o.text), schema)
+    engine.check_no_leaks()
+
+
 def test_graph_steps_and_preemption(tiny_ckpt, async_scheduling):
     """Decode graphs (replayed eagerly on the CPU) with the ids of a masked step fed back on the device,
     and preemption (recompute from prompt + outputs) while grammars hold their parse state."""

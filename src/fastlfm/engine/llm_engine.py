@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence as Seq
@@ -248,6 +249,7 @@ class LLMEngine:
         self.grammar_threads = int(grammar_threads)
         self._grammar_lanes = itertools.count()  # requests under a grammar, dealt round-robin over lanes
         self._grammar_pool = None  # its executor, made at the first constrained step (_grammar_executor)
+        self._mask_thread: ThreadPoolExecutor | None = None  # fills a step's masks beside _process
         self.requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self.prompt_tokens_total = 0
@@ -488,11 +490,15 @@ class LLMEngine:
         if not batch.is_empty:
             rows, logits, greedy_ids = self._forward(batch)
             seqs = [batch.seqs[i] for i in rows]
+            bits = None
             if self.in_flight is not None and self.num_grammar_requests and any(s.grammar is not None for s in seqs):
                 # A grammar's mask depends on the token in flight: the grammars take that step's tokens
-                # now, while the device runs this forward (the rest of their processing comes after).
+                # now, while the device runs this forward; their masks fill on another thread while
+                # this one processes the step in flight (llguidance releases the GIL), then sampling.
                 self._feed_grammars(self.in_flight)
-            launched = self._launch(seqs, logits, greedy_ids) if seqs else None
+                bits = self._grammar_bits(seqs, logits, background=True)
+                outputs += self._process(self._take_in_flight())
+            launched = self._launch(seqs, logits, greedy_ids, bits) if seqs else None
         if self.in_flight is not None:
             outputs += self._process(self._take_in_flight())
         self.in_flight = launched
@@ -532,11 +538,16 @@ class LLMEngine:
                 multimodal.after_step(seq)
         return rows, logits, greedy_ids
 
-    def _launch(self, seqs: list[Sequence], logits: torch.Tensor, greedy_ids: torch.Tensor | None) -> StepInFlight:
-        """Sample one token per row and start copying them to the host."""
-        token_ids, extra = self._sample(logits, seqs, greedy_ids)
+    def _launch(self, seqs: list[Sequence], logits: torch.Tensor, greedy_ids: torch.Tensor | None,
+                bits=None) -> StepInFlight:
+        """Sample one token per row and start copying them to the host. `bits`: the rows' grammar
+        bitmask (or its Future), when made already (_grammar_bits)."""
+        token_ids, extra = self._sample(logits, seqs, greedy_ids, bits)
         entries = []
         for j, seq in enumerate(seqs):
+            if seq.is_finished:  # ended by the step processed just before (grammar steps): a discarded row
+                entries.append((seq, len(seq.token_ids), -1))
+                continue
             entries.append((seq, len(seq.token_ids), seq.turn))
             seq.token_ids.append(IN_FLIGHT)
             seq.in_flight_row = j
@@ -553,13 +564,18 @@ class LLMEngine:
             host = [t.clone() for t in host]
         return StepInFlight(entries, token_ids, host, event)
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], greedy_ids: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], greedy_ids: torch.Tensor | None = None,
+                bits=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """One token per row on device, no host sync: ids, plus [logprobs, top ids, top
         logprobs] when a row asks for logprobs. `greedy_ids`: the argmax, if the step computed it."""
         from ..sampling import SamplingTensors, sample
 
-        allowed = self._grammar_mask(seqs, logits) if self.num_grammar_requests else None
+        if bits is None and self.num_grammar_requests:
+            bits = self._grammar_bits(seqs, logits)
+        if isinstance(bits, Future):
+            bits = bits.result()
+        allowed = None if bits is None else unpack_bitmask(
+            bits.to(logits.device, non_blocking=logits.device.type == "cuda"), logits.shape[-1])
         if all(s.plain_greedy for s in seqs):
             if allowed is None:
                 return (greedy_ids if greedy_ids is not None else logits.argmax(-1)), []
@@ -580,19 +596,22 @@ class LLMEngine:
             extra += [out.top_token_ids, out.top_logprobs]
         return out.token_ids, extra
 
-    def _grammar_mask(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor | None:
-        """(rows, V) bool on the device: what each row's grammar allows next (all for rows without
-        one), from bits filled on the CPU while the forward runs; None if no row has a grammar."""
+    def _grammar_bits(self, seqs: list[Sequence], logits: torch.Tensor, background: bool = False):
+        """(rows, ceil(V/32)) int32 on the CPU: what each row's grammar allows next (all bits for
+        rows without one), or None if no row has a grammar; with `background`, a Future of it,
+        filled on a thread of its own (the matchers are not to be touched until it is done)."""
         # A grammar that is complete or failed gets no mask: its request ends with the step in flight.
-        # ordered by lane: the pool's threads then mostly work within one lane (fastlfm.structured)
+        # Ordered by lane: the pool's threads then mostly work within one lane (fastlfm.structured).
         rows = [(s.grammar, j) for j, s in sorted(enumerate(seqs), key=lambda js: js[1].grammar_lane)
                 if s.grammar is not None and not s.grammar.is_stopped() and not s.grammar.is_error()]
         if not rows:
             return None
-        on_cuda = logits.device.type == "cuda"
-        bits = fill_bitmask(rows, len(seqs), self.config.vocab_size, pin=on_cuda,
-                            executor=self._grammar_executor())
-        return unpack_bitmask(bits.to(logits.device, non_blocking=on_cuda), logits.shape[-1])
+        args = (rows, len(seqs), self.config.vocab_size, logits.device.type == "cuda", self._grammar_executor())
+        if not background:
+            return fill_bitmask(*args)
+        if self._mask_thread is None:
+            self._mask_thread = ThreadPoolExecutor(1, thread_name_prefix="fastlfm-grammar-masks")
+        return self._mask_thread.submit(fill_bitmask, *args)
 
     def _grammar_executor(self):
         """llguidance's thread pool for this engine's `grammar_threads` (None below 2), looked up once."""
