@@ -208,29 +208,34 @@ def kernel_profile(fn, name, tag, reps=10) -> str:
 
 
 def host_breakdown(engine, run) -> str:
-    """Wall time of `run()` split into the engine's parts: scheduling, launching (metadata,
-    graph launch, sampling; with grammars, their masks), output processing, and waiting for a
-    step's ids (GPU-bound time)."""
+    """Wall time of `run()` split into the engine's parts, each exclusive of the parts it calls:
+    scheduling, launching (metadata, graph launch), sampling (with grammars: waiting for their
+    masks, applying them), advancing the grammars, output processing, and waiting for a step's ids
+    (GPU-bound time)."""
     from fastlfm.engine import llm_engine
 
-    spent = dict(schedule=0.0, launch=0.0, process=0.0, wait=0.0)
-    steps = [0]
+    spent = dict(schedule=0.0, launch=0.0, sample=0.0, advance=0.0, process=0.0, wait=0.0)
+    steps, stack = [0], []
 
     def timed(key, fn):
         def wrapper(*a, **k):
             t = time.perf_counter()
+            stack.append(0.0)  # time spent in timed parts called from this one
             try:
                 return fn(*a, **k)
             finally:
-                spent[key] += time.perf_counter() - t
+                dt = time.perf_counter() - t
+                inner = stack.pop()
+                spent[key] += dt - inner
+                if stack:
+                    stack[-1] += dt
         return wrapper
 
     fetch = llm_engine.StepInFlight.fetch
-    saved = engine.scheduler.schedule, engine._forward, engine._launch, engine._process
-    engine.scheduler.schedule = timed("schedule", saved[0])
-    engine._forward = timed("launch", saved[1])
-    engine._launch = timed("launch", saved[2])
-    engine._process = timed("process", saved[3])
+    names = [("schedule", engine.scheduler, "schedule"), ("launch", engine, "_forward"), ("launch", engine, "_launch"),
+             ("sample", engine, "_sample"), ("advance", engine, "_feed_grammars"), ("process", engine, "_process")]
+    for key, obj, attr in names:
+        setattr(obj, attr, timed(key, getattr(obj, attr)))
     llm_engine.StepInFlight.fetch = timed("wait", fetch)
     step = engine.step
 
@@ -243,10 +248,10 @@ def host_breakdown(engine, run) -> str:
         run()
     finally:
         total = time.perf_counter() - t
-        engine.scheduler.schedule, engine._forward, engine._launch, engine._process = saved
+        for _, obj, attr in names:
+            delattr(obj, attr)  # the instance attributes set above: the class's methods show again
         llm_engine.StepInFlight.fetch = fetch
         del engine.step
-    spent["process"] -= spent["wait"]  # fetch runs inside _process
     n = max(steps[0], 1)
     return (f"{n} steps, {1e3 * total / n:.2f} ms/step: " + ", ".join(f"{k} {1e3 * v / n:.2f}" for k, v in spent.items())
             + f", other {1e3 * (total - sum(spent.values())) / n:.2f} ms")

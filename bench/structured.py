@@ -152,7 +152,7 @@ def main() -> None:
                     engine, params(schema, new), [o.token_ids for o in outs], args.mask_threads))
                 log(notes[-1])
         if batch == max(batches):  # where the host time goes (per step), with and without a grammar
-            for schema in [None, args.schemas[0]]:
+            for schema in [None, *args.schemas]:
                 split = host_breakdown(engine, lambda: engine.generate(ps, params(schema, new)))
                 notes.append(f"engine batch {batch} {schema or 'unconstrained'}: {split}")
                 log(notes[-1])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from concurrent.futures import Future
 
 import httpx
 import jsonschema
@@ -476,16 +477,21 @@ def test_thread_pool_masks_and_advances_match_the_loop(llm_sync):
 
 
 def test_engine_with_grammar_threads_gives_the_same_tokens(tiny_ckpt):
-    """The engine with llguidance's pool (as on CUDA) writes the same tokens as without it, in a
-    batch of constrained rows (enough for the pool) and unconstrained ones."""
+    """The engine with llguidance's pool and asynchronous steps (as on CUDA: the masks then fill on
+    a thread of their own while the step in flight is processed) writes the same tokens as one
+    matcher after the other in synchronous steps, in a batch of constrained rows (enough for the
+    pool) and unconstrained ones."""
     from fastlfm.engine import LLMEngine
     from fastlfm.structured import PAR_MIN_ROWS
 
     prompts = [f"{p} {i}" for i in range(4) for p in PROMPTS][: PAR_MIN_ROWS + 4]
     outs = []
-    for threads in (0, 2):
-        engine = LLMEngine.from_pretrained(tiny_ckpt, device="cpu", dtype="float32",
-                                           max_num_seqs=len(prompts) + 2, grammar_threads=threads)
+    fills = []
+    for threads, async_scheduling in ((0, False), (2, True)):
+        engine = LLMEngine.from_pretrained(tiny_ckpt, device="cpu", dtype="float32", max_num_seqs=len(prompts) + 2,
+                                           grammar_threads=threads, async_scheduling=async_scheduling)
+        bits = engine._grammar_bits
+        engine._grammar_bits = lambda *a, **k: fills.append(bits(*a, **k)) or fills[-1]
         assert engine.grammar_threads == threads
         if threads:  # requests dealt over the lanes, each lane's grammar compiled on its own
             compiled = [engine.grammars.compile(SamplingParams(json_schema=SCHEMAS["array_of_objects"]), lane)
@@ -509,3 +515,4 @@ def test_engine_with_grammar_threads_gives_the_same_tokens(tiny_ckpt):
         engine.check_no_leaks()
     assert outs[0] == outs[1]
     assert sum(r.finish_reason != "length" for r in res) >= len(prompts) // 2
+    assert any(isinstance(f, Future) for f in fills)  # the masks were filled on the other thread

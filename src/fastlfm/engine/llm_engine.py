@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Mapping
@@ -19,7 +20,8 @@ import torch
 
 from ..cpu_linear import prepare_for_cpu, prepared_for_cpu
 from ..sampling import SamplingParams, eos_token_ids
-from ..structured import GrammarCache, advance_all as grammar_advance_all, fill_bitmask, unpack_bitmask
+from ..structured import (PAR_MIN_ROWS, GrammarCache, advance_all as grammar_advance_all, fill_bitmask,
+                          unpack_bitmask)
 from ..tokenizer import TextStream
 from . import multimodal
 from .block_manager import BlockManager
@@ -249,7 +251,7 @@ class LLMEngine:
         self.grammar_threads = int(grammar_threads)
         self._grammar_lanes = itertools.count()  # requests under a grammar, dealt round-robin over lanes
         self._grammar_pool = None  # its executor, made at the first constrained step (_grammar_executor)
-        self._mask_thread: ThreadPoolExecutor | None = None  # fills a step's masks beside _process
+        self._mask_thread: ThreadPoolExecutor | None = None  # fills a step's masks beside _process (_grammar_bits)
         self.requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self.prompt_tokens_total = 0
@@ -598,20 +600,32 @@ class LLMEngine:
 
     def _grammar_bits(self, seqs: list[Sequence], logits: torch.Tensor, background: bool = False):
         """(rows, ceil(V/32)) int32 on the CPU: what each row's grammar allows next (all bits for
-        rows without one), or None if no row has a grammar; with `background`, a Future of it,
-        filled on a thread of its own (the matchers are not to be touched until it is done)."""
+        rows without one), or None if no row has a grammar. With `background` and llguidance's
+        pool in use: a Future of it, filled from a thread of its own, so that this one can process
+        the step in flight meanwhile (the matchers are not to be touched until it is done)."""
         # A grammar that is complete or failed gets no mask: its request ends with the step in flight.
         # Ordered by lane: the pool's threads then mostly work within one lane (fastlfm.structured).
         rows = [(s.grammar, j) for j, s in sorted(enumerate(seqs), key=lambda js: js[1].grammar_lane)
                 if s.grammar is not None and not s.grammar.is_stopped() and not s.grammar.is_error()]
         if not rows:
             return None
-        args = (rows, len(seqs), self.config.vocab_size, logits.device.type == "cuda", self._grammar_executor())
-        if not background:
-            return fill_bitmask(*args)
+        executor = self._grammar_executor()
+        args = (rows, len(seqs), self.config.vocab_size, logits.device.type == "cuda", executor)
+        if not (background and executor is not None and len(rows) >= PAR_MIN_ROWS):
+            return fill_bitmask(*args)  # (one matcher after the other, each call would want the GIL back)
         if self._mask_thread is None:
             self._mask_thread = ThreadPoolExecutor(1, thread_name_prefix="fastlfm-grammar-masks")
-        return self._mask_thread.submit(fill_bitmask, *args)
+        # The pool fills without the GIL. Wait until the fill has begun: a thread asking for the GIL
+        # while this one runs Python would get it only after the switch interval (5 ms).
+        begun = threading.Event()
+
+        def fill():
+            begun.set()
+            return fill_bitmask(*args)
+
+        future = self._mask_thread.submit(fill)
+        begun.wait()
+        return future
 
     def _grammar_executor(self):
         """llguidance's thread pool for this engine's `grammar_threads` (None below 2), looked up once."""
