@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import re
 import sys
-from concurrent.futures import Future
 
 import httpx
 import jsonschema
@@ -144,47 +143,6 @@ def test_mixed_batch_keeps_unconstrained_tokens(llm):
             assert m.token_ids == a.token_ids
         else:
             jsonschema.validate(json.loads(m.text), schema)
-
-
-def test_request_ended_while_grammar_masks_fill(llm_async):
-    """Asynchronous steps with grammars process the step in flight while the next step's masks
-    fill: a request that this ends (a stop token) is in the launched step too, and that row is
-    discarded. Its tokens stop where the stop token is (oracle: the same request alone), the
-    constrained rows still validate, nothing leaks."""
-    from fastlfm.engine.sequence import IN_FLIGHT
-
-    engine = llm_async.engine
-    alone = llm_async.generate(PROMPTS[:2], max_new_tokens=12, ignore_eos=True)
-    stops = [a.token_ids[4] for a in alone]  # greedy: each ends at its 5th token (or earlier, at a repeat)
-    schema = SCHEMAS["array_of_objects"]
-    params = [llm_async.sampling_params(max_new_tokens=12, stop_token_ids=[stops[0]]),
-              llm_async.sampling_params(max_new_tokens=12, stop_token_ids=[stops[1]])]
-    params += [llm_async.sampling_params(max_new_tokens=200, json_schema=schema)] * 3
-    launched_finished = []
-    launch = engine._launch
-
-    def spy(seqs, *args):
-        launched_finished.append(any(s.is_finished for s in seqs))
-        return launch(seqs, *args)
-
-    engine._launch = spy
-    try:
-        seqs = [engine.add_request(prompt, p) for prompt, p in zip(PROMPTS, params)]
-        finals = {}
-        while engine.has_unfinished():
-            finals.update((o.request_id, o) for o in engine.step() if o.finished)
-    finally:
-        del engine._launch
-    out = [finals[s.request_id] for s in seqs]
-    assert any(launched_finished)  # the discarded-row case happened
-    for seq in seqs:  # a finished request holds no placeholder of a token it will never get
-        assert IN_FLIGHT not in seq.token_ids and seq.in_flight_row is None
-    for a, o, stop in zip(alone, out[:2], stops):
-        k = a.token_ids.index(stop)
-        assert o.token_ids == a.token_ids[:k + 1] and o.finish_reason == "eos"
-    for o in out[2:]:
-        jsonschema.validate(json.loads(o.text), schema)
-    engine.check_no_leaks()
 
 
 def test_graph_steps_and_preemption(tiny_ckpt, async_scheduling):
@@ -476,22 +434,41 @@ def test_thread_pool_masks_and_advances_match_the_loop(llm_sync):
                        fill_bitmask(list(zip(states[1][1:], rows[1:])), n + 2, vocab, False, executor=pool))
 
 
+def test_pool_choice_takes_the_faster_way_and_looks_again():
+    """PoolChoice: each way measured once, then the one cheaper per row (its recent average), the
+    other tried every `explore` steps, so a change in costs turns it around."""
+    from fastlfm.structured import PoolChoice
+
+    choice = PoolChoice(explore=4, weight=0.5)
+    cost = {False: 3.0, True: 1.0}  # seconds per row of each way: the pool is faster
+    picks = []
+    for _ in range(12):
+        pooled = choice.use_pool()
+        picks.append(pooled)
+        choice.record(pooled, cost[pooled] * 64, 64)
+    assert picks[:2] == [False, True]  # measure both
+    assert picks[2:] == [True, False, True, True, True, False, True, True, True, False]  # steps 4, 8, 12: explore
+    cost = {False: 0.1, True: 1.0}  # now the loop is faster: the averages follow within a few looks
+    picks = []
+    for _ in range(40):
+        pooled = choice.use_pool()
+        picks.append(pooled)
+        choice.record(pooled, cost[pooled] * 64, 64)
+    assert picks[-8:] == [False, False, False, True, False, False, False, True]  # steps 48, 52: explore
+
+
 def test_engine_with_grammar_threads_gives_the_same_tokens(tiny_ckpt):
-    """The engine with llguidance's pool and asynchronous steps (as on CUDA: the masks then fill on
-    a thread of their own while the step in flight is processed) writes the same tokens as one
-    matcher after the other in synchronous steps, in a batch of constrained rows (enough for the
-    pool) and unconstrained ones."""
+    """The engine with llguidance's pool and asynchronous steps (as on CUDA) writes the same tokens
+    as one matcher after the other in synchronous steps, in a batch of constrained rows (enough for
+    the pool) and unconstrained ones."""
     from fastlfm.engine import LLMEngine
     from fastlfm.structured import PAR_MIN_ROWS
 
     prompts = [f"{p} {i}" for i in range(4) for p in PROMPTS][: PAR_MIN_ROWS + 4]
     outs = []
-    fills = []
     for threads, async_scheduling in ((0, False), (2, True)):
         engine = LLMEngine.from_pretrained(tiny_ckpt, device="cpu", dtype="float32", max_num_seqs=len(prompts) + 2,
                                            grammar_threads=threads, async_scheduling=async_scheduling)
-        bits = engine._grammar_bits
-        engine._grammar_bits = lambda *a, **k: fills.append(bits(*a, **k)) or fills[-1]
         assert engine.grammar_threads == threads
         if threads:  # requests dealt over the lanes, each lane's grammar compiled on its own
             compiled = [engine.grammars.compile(SamplingParams(json_schema=SCHEMAS["array_of_objects"]), lane)
@@ -515,4 +492,3 @@ def test_engine_with_grammar_threads_gives_the_same_tokens(tiny_ckpt):
         engine.check_no_leaks()
     assert outs[0] == outs[1]
     assert sum(r.finish_reason != "length" for r in res) >= len(prompts) // 2
-    assert any(isinstance(f, Future) for f in fills)  # the masks were filled on the other thread

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import itertools
 import os
-import threading
+import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence as Seq
@@ -20,8 +19,8 @@ import torch
 
 from ..cpu_linear import prepare_for_cpu, prepared_for_cpu
 from ..sampling import SamplingParams, eos_token_ids
-from ..structured import (PAR_MIN_ROWS, GrammarCache, advance_all as grammar_advance_all, fill_bitmask,
-                          unpack_bitmask)
+from ..structured import (PAR_MIN_ROWS, GrammarCache, PoolChoice, advance_all as grammar_advance_all,
+                          fill_bitmask, unpack_bitmask)
 from ..tokenizer import TextStream
 from . import multimodal
 from .block_manager import BlockManager
@@ -179,8 +178,9 @@ class LLMEngine:
     engine/block_manager.py. Outputs report `num_cached_tokens`.
 
     Structured output: `grammar_threads` threads of llguidance's pool advance the grammars and fill
-    their token masks when a step has at least `structured.PAR_MIN_ROWS` constrained rows, the
-    requests dealt over as many lanes (see fastlfm.structured); 0 or 1: one row after the other.
+    their token masks when a step has at least `structured.PAR_MIN_ROWS` constrained rows and the
+    pool has lately been the faster way (`structured.PoolChoice`), the requests dealt over as many
+    lanes (see fastlfm.structured); 0 or 1: one row after the other.
     Default: half the CPUs (at most 16) on CUDA, 0 on the CPU (whose cores run the forward).
     """
 
@@ -250,8 +250,9 @@ class LLMEngine:
             grammar_threads = min(16, (os.cpu_count() or 1) // 2) if on_cuda else 0
         self.grammar_threads = int(grammar_threads)
         self._grammar_lanes = itertools.count()  # requests under a grammar, dealt round-robin over lanes
-        self._grammar_pool = None  # its executor, made at the first constrained step (_grammar_executor)
-        self._mask_thread: ThreadPoolExecutor | None = None  # fills a step's masks beside _process (_grammar_bits)
+        self._grammar_pool = None  # its executor, made at the first step that may use it (_on_pool_or_not)
+        # pool or loop, by the time each took lately: for the masks, for the advances
+        self._pool_choices = {"masks": PoolChoice(), "advance": PoolChoice()}
         self.requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self.prompt_tokens_total = 0
@@ -492,15 +493,11 @@ class LLMEngine:
         if not batch.is_empty:
             rows, logits, greedy_ids = self._forward(batch)
             seqs = [batch.seqs[i] for i in rows]
-            bits = None
             if self.in_flight is not None and self.num_grammar_requests and any(s.grammar is not None for s in seqs):
                 # A grammar's mask depends on the token in flight: the grammars take that step's tokens
-                # now, while the device runs this forward; their masks fill on another thread while
-                # this one processes the step in flight (llguidance releases the GIL), then sampling.
+                # now, while the device runs this forward (the rest of their processing comes after).
                 self._feed_grammars(self.in_flight)
-                bits = self._grammar_bits(seqs, logits, background=True)
-                outputs += self._process(self._take_in_flight())
-            launched = self._launch(seqs, logits, greedy_ids, bits) if seqs else None
+            launched = self._launch(seqs, logits, greedy_ids) if seqs else None
         if self.in_flight is not None:
             outputs += self._process(self._take_in_flight())
         self.in_flight = launched
@@ -540,16 +537,11 @@ class LLMEngine:
                 multimodal.after_step(seq)
         return rows, logits, greedy_ids
 
-    def _launch(self, seqs: list[Sequence], logits: torch.Tensor, greedy_ids: torch.Tensor | None,
-                bits=None) -> StepInFlight:
-        """Sample one token per row and start copying them to the host. `bits`: the rows' grammar
-        bitmask (or its Future), when made already (_grammar_bits)."""
-        token_ids, extra = self._sample(logits, seqs, greedy_ids, bits)
+    def _launch(self, seqs: list[Sequence], logits: torch.Tensor, greedy_ids: torch.Tensor | None) -> StepInFlight:
+        """Sample one token per row and start copying them to the host."""
+        token_ids, extra = self._sample(logits, seqs, greedy_ids)
         entries = []
         for j, seq in enumerate(seqs):
-            if seq.is_finished:  # ended by the step processed just before (grammar steps): a discarded row
-                entries.append((seq, len(seq.token_ids), -1))
-                continue
             entries.append((seq, len(seq.token_ids), seq.turn))
             seq.token_ids.append(IN_FLIGHT)
             seq.in_flight_row = j
@@ -566,18 +558,13 @@ class LLMEngine:
             host = [t.clone() for t in host]
         return StepInFlight(entries, token_ids, host, event)
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], greedy_ids: torch.Tensor | None = None,
-                bits=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], greedy_ids: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """One token per row on device, no host sync: ids, plus [logprobs, top ids, top
         logprobs] when a row asks for logprobs. `greedy_ids`: the argmax, if the step computed it."""
         from ..sampling import SamplingTensors, sample
 
-        if bits is None and self.num_grammar_requests:
-            bits = self._grammar_bits(seqs, logits)
-        if isinstance(bits, Future):
-            bits = bits.result()
-        allowed = None if bits is None else unpack_bitmask(
-            bits.to(logits.device, non_blocking=logits.device.type == "cuda"), logits.shape[-1])
+        allowed = self._grammar_mask(seqs, logits) if self.num_grammar_requests else None
         if all(s.plain_greedy for s in seqs):
             if allowed is None:
                 return (greedy_ids if greedy_ids is not None else logits.argmax(-1)), []
@@ -598,40 +585,33 @@ class LLMEngine:
             extra += [out.top_token_ids, out.top_logprobs]
         return out.token_ids, extra
 
-    def _grammar_bits(self, seqs: list[Sequence], logits: torch.Tensor, background: bool = False):
-        """(rows, ceil(V/32)) int32 on the CPU: what each row's grammar allows next (all bits for
-        rows without one), or None if no row has a grammar. With `background` and llguidance's
-        pool in use: a Future of it, filled from a thread of its own, so that this one can process
-        the step in flight meanwhile (the matchers are not to be touched until it is done)."""
+    def _grammar_mask(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor | None:
+        """(rows, V) bool on the device: what each row's grammar allows next (all for rows without
+        one), from bits filled on the CPU while the forward runs; None if no row has a grammar."""
         # A grammar that is complete or failed gets no mask: its request ends with the step in flight.
-        # Ordered by lane: the pool's threads then mostly work within one lane (fastlfm.structured).
+        # ordered by lane: the pool's threads then mostly work within one lane (fastlfm.structured)
         rows = [(s.grammar, j) for j, s in sorted(enumerate(seqs), key=lambda js: js[1].grammar_lane)
                 if s.grammar is not None and not s.grammar.is_stopped() and not s.grammar.is_error()]
         if not rows:
             return None
-        executor = self._grammar_executor()
-        args = (rows, len(seqs), self.config.vocab_size, logits.device.type == "cuda", executor)
-        if not (background and executor is not None and len(rows) >= PAR_MIN_ROWS):
-            return fill_bitmask(*args)  # (one matcher after the other, each call would want the GIL back)
-        if self._mask_thread is None:
-            self._mask_thread = ThreadPoolExecutor(1, thread_name_prefix="fastlfm-grammar-masks")
-        # The pool fills without the GIL. Wait until the fill has begun: a thread asking for the GIL
-        # while this one runs Python would get it only after the switch interval (5 ms).
-        begun = threading.Event()
+        on_cuda = logits.device.type == "cuda"
+        bits = self._on_pool_or_not("masks", len(rows), lambda executor: fill_bitmask(
+            rows, len(seqs), self.config.vocab_size, pin=on_cuda, executor=executor))
+        return unpack_bitmask(bits.to(logits.device, non_blocking=on_cuda), logits.shape[-1])
 
-        def fill():
-            begun.set()
-            return fill_bitmask(*args)
-
-        future = self._mask_thread.submit(fill)
-        begun.wait()
-        return future
-
-    def _grammar_executor(self):
-        """llguidance's thread pool for this engine's `grammar_threads` (None below 2), looked up once."""
-        if self._grammar_pool is None and self.grammar_threads >= 2:
+    def _on_pool_or_not(self, work: str, rows: int, run):
+        """run(executor): on llguidance's pool, or with None (one row after the other), as the
+        work's PoolChoice says; its time recorded. Below PAR_MIN_ROWS rows: never the pool."""
+        if self.grammar_threads < 2 or rows < PAR_MIN_ROWS:
+            return run(None)
+        if self._grammar_pool is None:
             self._grammar_pool = self.grammars.executor(self.grammar_threads)
-        return self._grammar_pool
+        choice = self._pool_choices[work]
+        pooled = choice.use_pool()
+        t = time.perf_counter()
+        result = run(self._grammar_pool if pooled else None)
+        choice.record(pooled, time.perf_counter() - t, rows)
+        return result
 
     def _feed_grammars(self, step: StepInFlight) -> dict[int, bool | Exception]:
         """The grammars of the step's constrained rows take their tokens (once per step)."""
@@ -644,7 +624,8 @@ class LLMEngine:
                               key=lambda j: step.entries[j][0].grammar_lane)  # by lane, as for the masks
                 pairs = [(step.entries[j][0].grammar, token_ids[j]) for j in rows]
                 # a rejected token is that row's ValueError: that request alone fails
-                results.update(zip(rows, grammar_advance_all(pairs, self._grammar_executor())))
+                results.update(zip(rows, self._on_pool_or_not(
+                    "advance", len(pairs), lambda executor: grammar_advance_all(pairs, executor))))
         return step.grammar_results
 
     def _process(self, step: StepInFlight) -> list[RequestOutput]:
