@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import threading
 
 import httpx
 import jsonschema
@@ -234,6 +235,34 @@ def test_grammars_compile_once_per_schema(llm_sync):
     assert lane1 is not a and lane1 is cache.compile(SamplingParams(json_schema=json.dumps(
         {"type": "object", "required": ["a"]})), lane=1)
     assert lane1.compute_bitmask() == a.compute_bitmask()
+
+
+def test_a_new_lane_compiles_in_the_background(llm_sync):
+    """lane_matcher: a lane not compiled yet is compiled on another thread while its request takes
+    lane 0 (the engine's thread compiles nothing but lane 0); once compiled, the lane is used."""
+    import time
+
+    from fastlfm.structured import GrammarCache
+
+    tok = llm_sync.tokenizer
+    cache = GrammarCache(tok, tok.vocab_size, {7})
+    params = SamplingParams(json_schema=SCHEMAS["enums"])
+    compiled = []
+    compile_lane = cache.compile
+    cache.compile = lambda p, lane=0: compiled.append((lane, threading.current_thread().name)) or compile_lane(p, lane)
+    first = cache.lane_matcher(params, 1)  # nothing compiled: lane 0, here
+    assert first[1] == 0 and compiled[0][0] == 0
+    second = cache.lane_matcher(params, 1)  # lane 1 compiles on the other thread meanwhile
+    assert second[1] == 0
+    deadline = time.monotonic() + 30
+    while cache.lane_matcher(params, 1)[1] != 1:
+        assert time.monotonic() < deadline, "lane 1 never compiled"
+        time.sleep(0.01)
+    lane1 = [name for lane, name in compiled if lane == 1]  # compiled there; looked up here once ready
+    assert lane1[0].startswith("fastlfm-grammar-lanes") and set(lane1[1:]) <= {"MainThread"}
+    assert cache.compile(params, 1) is not cache.compile(params, 0)
+    m, lane = cache.lane_matcher(params, 1)
+    assert m.compute_bitmask() == first[0].compute_bitmask()  # same grammar, same start state
 
 
 def test_finer_string_slices_change_no_mask(llm_sync):

@@ -353,8 +353,10 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         text_stream = self._text_stream(params, detokenize)
-        lane = next(self._grammar_lanes) % max(1, self.grammar_threads) if params.constrained else 0
-        grammar = self.grammars.matcher(params, lane) if params.constrained else None
+        grammar, lane = None, 0
+        if params.constrained:  # the lane it gets, or lane 0 while that one compiles
+            lane = next(self._grammar_lanes) % max(1, self.grammar_threads)
+            grammar, lane = self.grammars.lane_matcher(params, lane)
         if continue_from is None:
             seq = Sequence(request_id, prompt, params)
             seq.keep_cache = keep_cache
