@@ -255,6 +255,7 @@ def test_decisions_are_saved_per_host_and_read_by_a_later_process(fresh_decision
     path = tmp_path / "kernels.json"
     monkeypatch.setenv(cpu_linear.DECISIONS_FILE_ENV, str(path))
     monkeypatch.setattr(cpu_linear, "_saved_loaded", False)
+    monkeypatch.setattr(cpu_linear, "_cpu_times", lambda: None)  # (no /proc/stat: saved; see the next test)
     a, b = (torch.float32, (8, 4)), (torch.bfloat16, (16, 4))
     samples = {a: [torch.zeros(8, 4)], b: [torch.zeros(16, 4, dtype=torch.bfloat16)]}
     monkeypatch.setattr(cpu_linear, "measure_float_kernels", lambda todo: {a: (1.0, 2.0), b: (2.0, 1.0)})
@@ -272,6 +273,27 @@ def test_decisions_are_saved_per_host_and_read_by_a_later_process(fresh_decision
     monkeypatch.setattr(cpu_linear, "_host_key", lambda: "another host")
     monkeypatch.setattr(cpu_linear, "measure_float_kernels", lambda todo: {a: (2.0, 1.0), b: (2.0, 1.0)})
     assert choose_float_kernels(samples) == {a: False, b: False}
+
+
+def test_decisions_measured_on_a_busy_machine_are_not_saved(fresh_decisions, monkeypatch, tmp_path):
+    """While the kernels were timed, other processes used 40% of the machine's CPU time: the choice
+    serves this process, the file stays unwritten, and a later process measures again; at 10%, saved.
+    The share by hand: machine busy 8 s of 10 s, this process 4 s -> others (8 - 4) / 10 = 0.4."""
+    path = tmp_path / "kernels.json"
+    monkeypatch.setenv(cpu_linear.DECISIONS_FILE_ENV, str(path))
+    monkeypatch.setattr(cpu_linear, "_saved_loaded", False)
+    a = (torch.float32, (8, 4))
+    samples = {a: [torch.zeros(8, 4)]}
+    monkeypatch.setattr(cpu_linear, "measure_float_kernels", lambda todo: {a: (1.0, 2.0)})
+    readings = iter([(100.0, 200.0, 50.0), (108.0, 210.0, 54.0)])  # (busy, all, this process) seconds
+    monkeypatch.setattr(cpu_linear, "_cpu_times", lambda: next(readings))
+    assert cpu_linear._others_busy_share((100.0, 200.0, 50.0), (108.0, 210.0, 54.0)) == pytest.approx(0.4)
+    assert choose_float_kernels(samples) == {a: True}
+    assert not path.exists()
+    monkeypatch.setattr(cpu_linear, "_decisions", {})
+    readings = iter([(100.0, 200.0, 50.0), (105.0, 210.0, 54.0)])  # others (5 - 4) / 10 = 0.1
+    assert choose_float_kernels(samples) == {a: True}
+    assert json.loads(path.read_text()) == {cpu_linear._host_key(): {"float32 8x4": True}}
 
 
 def test_measure_float_kernels_times_both_kernels():

@@ -390,6 +390,10 @@ SAMPLE_BYTES = 64 * 2**20  # weights timed per shape (at least one): together th
 PACK_MARGIN = 0.98  # packed must be 2% faster: plain is the lighter choice (a tied head is not copied)
 # A product slower than this (plus the call's overhead) was held up by other processes, not by its kernel.
 MIN_PLAUSIBLE_BANDWIDTH = 5e9  # bytes per second (this 2-core host streams ~25 GB/s when quiet)
+# Decisions measured while other processes kept more than this share of the machine's CPU time busy
+# are used by this process only, not saved: a busy hour's choice (plain everywhere, on the 2-vCPU
+# development machine) would otherwise stay for good where a quiet one picks packed, ~20% faster.
+MAX_OTHERS_BUSY = 0.15
 _decisions: dict[KernelKey, bool] = {}  # per process: a second engine does not measure again
 # ... and per host, on disk: a later process (a CLI call, a cold start) reads them instead of measuring.
 DECISIONS_FILE_ENV = "FASTLFM_CPU_KERNELS_FILE"  # default: $XDG_CACHE_HOME/fastlfm/cpu_kernels.json
@@ -522,20 +526,46 @@ def choose_float_kernels(samples: dict[KernelKey, list[torch.Tensor]],
     tests pass fake timings). A shape without a trustworthy timing stays packed (the choice before
     measuring was added) and is not cached: the next model measures it again. Decisions are also
     saved per host (`_decisions_file`, keyed by CPU model, cores, torch threads and version) and read
-    by later processes."""
+    by later processes, unless other processes kept the CPU busy while they were measured
+    (`MAX_OTHERS_BUSY`): then they serve this process only."""
     if measure is None:  # (fake timings in tests decide alone)
         _load_saved()
     todo = {key: ws for key, ws in samples.items() if key not in _decisions}
     got, new = {}, {}
+    others_busy = None
     if todo:
+        before = _cpu_times()
         for key, timing in (measure or measure_float_kernels)(todo).items():
             if timing is None:
                 got[key] = True
             else:
                 got[key] = _decisions[key] = new[key] = timing[0] < PACK_MARGIN * timing[1]
-    if new and measure is None:
+        others_busy = _others_busy_share(before, _cpu_times())
+    if new and measure is None and (others_busy is None or others_busy <= MAX_OTHERS_BUSY):
         _save(new)
     return {key: _decisions[key] if key in _decisions else got.get(key, True) for key in samples}
+
+
+def _cpu_times() -> tuple[float, float, float] | None:
+    """(the machine's busy CPU seconds, all its CPU seconds, this process's CPU seconds) so far;
+    None where /proc/stat cannot be read (not Linux)."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    hz = os.sysconf("SC_CLK_TCK")
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    return (sum(ticks) - idle) / hz, sum(ticks) / hz, time.process_time()
+
+
+def _others_busy_share(before: tuple[float, float, float] | None,
+                       after: tuple[float, float, float] | None) -> float | None:
+    """The share of the machine's CPU time that other processes used between two `_cpu_times`."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    others = (after[0] - before[0]) - (after[2] - before[2])
+    return max(0.0, others) / (after[1] - before[1])
 
 
 def float_kernel_decisions() -> dict[KernelKey, bool]:
