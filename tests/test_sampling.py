@@ -339,3 +339,31 @@ def test_uniforms_stay_inside_the_open_interval():
     logits = torch.full((len(bits),), float("-inf"))
     logits[0] = 0.0  # the one allowed token wins against every noise value
     assert int((logits + gumbel).argmax()) == 0
+
+
+def test_cpu_draw_among_kept_tokens_equals_the_full_pass():
+    """On the CPU a draw hashes only the tokens the filters kept: the same token as the Gumbel-max
+    over the whole row (uniforms of every id), for min_p / top_k / top_p rows, a row under an allowed
+    mask, rows of tied logits, over many steps; and no shortcut when most tokens are kept."""
+    from fastlfm.sampling import _draw_among_kept, uniforms
+
+    params = [SamplingParams(seed=3, temperature=0.3, min_p=0.15), SamplingParams(seed=4, top_k=7),
+              SamplingParams(seed=5, top_p=0.5), SamplingParams(seed=6, temperature=2.0, top_k=3)]
+    logits = random_logits(len(params) + 1, seed=11)
+    logits[-1] = 0.0  # all tied: the row below keeps 4 equal logits
+    allowed = torch.zeros(len(params) + 1, V, dtype=torch.bool)
+    allowed[:] = True
+    allowed[-1] = False
+    allowed[-1, [5, 17, 90, 150]] = True
+    params = params + [SamplingParams(seed=7, top_k=50)]
+    for step in range(40):
+        t = tensors(params, steps=[step] * len(params))
+        t.allowed = allowed
+        filtered = filter_logits(apply_penalties(logits, t), t)
+        u = uniforms(t.seed_lo, t.seed_hi, t.step, V)
+        full = (filtered - torch.log(-torch.log(u))).argmax(-1)
+        sparse = _draw_among_kept(filtered, t)
+        assert sparse is not None and torch.equal(sparse, full), step
+        assert sample(logits, t).token_ids.tolist() == full.tolist()
+    wide = tensors([SamplingParams(seed=1, temperature=0.7)])  # nothing filtered: the full pass
+    assert _draw_among_kept(filter_logits(random_logits(1), wide), wide) is None

@@ -618,6 +618,30 @@ def filter_logits(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     return logits
 
 
+#: On the CPU, a draw hashes only the tokens the filters kept when they are at most this share of the
+#: row: the same token as hashing all (the uniforms are a function of the token's index), without
+#: ~15 int64 passes over the whole vocabulary (B=8, 65,536 ids: 14 of 19 ms a step). On the GPU the
+#: full pass is cheaper than finding the kept ids (a host sync).
+SPARSE_DRAW_SHARE = 0.25
+
+
+def _draw_among_kept(filtered: torch.Tensor, t: SamplingTensors) -> torch.Tensor | None:
+    """The Gumbel-max draw of each row over its finite logits only; None when the rows keep too
+    many tokens to gain (or one keeps none: the full pass's argmax is then the answer)."""
+    B, V = filtered.shape
+    kept = filtered > float("-inf")
+    counts = kept.sum(-1)
+    if int(counts.sum()) > SPARSE_DRAW_SHARE * B * V or bool((counts == 0).any()):
+        return None
+    rows, cols = kept.nonzero(as_tuple=True)  # row-major: within a row, ascending ids
+    keys = row_keys(t.seed_lo, t.seed_hi, t.step)
+    u = unit_interval(_mix32(_index_hash(V, filtered.device)[cols] ^ keys[rows]))
+    scores = filtered[rows, cols] - torch.log(-torch.log(u))
+    best = torch.full((B,), float("-inf"), dtype=scores.dtype).scatter_reduce_(0, rows, scores, "amax")
+    at_best = scores == best[rows]  # the first such id, as argmax over the whole row picks
+    return torch.full((B,), V, dtype=torch.long).scatter_reduce_(0, rows[at_best], cols[at_best], "amin")
+
+
 def sample(logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
     """One token per row of `logits` (B, V): argmax for greedy rows, a draw otherwise."""
     raw = logits.float()
@@ -626,9 +650,11 @@ def sample(logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
         token_ids = penalised.argmax(-1)
     else:
         filtered = filter_logits(penalised, t)
-        u = uniforms(t.seed_lo, t.seed_hi, t.step, logits.shape[-1])
-        gumbel = -torch.log(-torch.log(u))
-        drawn = (filtered + gumbel).argmax(-1)
+        drawn = _draw_among_kept(filtered, t) if filtered.device.type == "cpu" else None
+        if drawn is None:
+            u = uniforms(t.seed_lo, t.seed_hi, t.step, logits.shape[-1])
+            gumbel = -torch.log(-torch.log(u))
+            drawn = (filtered + gumbel).argmax(-1)
         token_ids = torch.where(t.greedy, penalised.argmax(-1), drawn)
     out = SamplerOutput(token_ids)
     if t.num_logprobs is not None:
