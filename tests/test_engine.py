@@ -412,11 +412,17 @@ def test_async_engine_merges_what_a_slow_consumer_missed(model, prompts, referen
     params = SamplingParams(max_new_tokens=NEW, temperature=0.0, ignore_eos=True, logprobs=0)
 
     async def main():
-        engine = AsyncLLMEngine(LLMEngine(model, max_num_seqs=4, max_model_len=64))
+        llm_engine = LLMEngine(model, max_num_seqs=4, max_model_len=64)
+        engine = AsyncLLMEngine(llm_engine)
         got = []
         async for out in engine.generate(prompts[1], params, "slow"):
             got.append(out)
-            await asyncio.sleep(0.05)  # the engine thread runs ahead meanwhile
+            # the engine thread runs ahead meanwhile: this consumer reads on only once the request has
+            # ended there (a fixed 50 ms sleep per output was too short on a loaded CI machine)
+            for _ in range(3000):
+                if "slow" not in llm_engine.requests:
+                    break
+                await asyncio.sleep(0.01)
         await engine.shutdown()
         return got, engine
 
