@@ -91,13 +91,29 @@ def ensure_files(work: Path, model: str, llama: Path, types: list[str]) -> tuple
     return folder, files
 
 
+NO_REPACK: set[Path] = set()  # GGUF files whose llama-bench run crashed with weight repacking on
+
+
 def llama_bench(llama: Path, gguf: Path, threads: int) -> tuple[float, float]:
-    """(prefill tok/s, decode tok/s) of one llama-bench repeat."""
+    """(prefill tok/s, decode tok/s) of one llama-bench repeat. Where llama.cpp crashes with its
+    default weight repacking (Q8_0 on an AVX-512 + AMX Xeon, 2026-12-03: SIGSEGV), the file runs
+    with `--repack 0` from then on, and the run says so."""
     exe = str(llama / "build/bin/llama-bench")
-    pp = json.loads(run([exe, "-m", str(gguf), "-t", str(threads), "-p", str(PROMPT), "-n", "0", "-r", "1", "-o", "json"]))
-    tg = json.loads(run([exe, "-m", str(gguf), "-t", str(threads), "-p", "0", "-n", str(NEW), "-d", str(PROMPT),
-                         "-r", "1", "-o", "json"]))
-    return pp[0]["avg_ts"], tg[0]["avg_ts"]
+
+    def bench(args: list[str]) -> float:
+        cmd = [exe, "-m", str(gguf), "-t", str(threads), *args, "-r", "1", "-o", "json"]
+        if gguf not in NO_REPACK:
+            try:
+                return json.loads(run(cmd))[0]["avg_ts"]
+            except RuntimeError as e:
+                if "failed (-11)" not in str(e):
+                    raise
+                print(f"llama-bench crashed (SIGSEGV) on {gguf.name} with repacking: --repack 0 from now on",
+                      flush=True)
+                NO_REPACK.add(gguf)
+        return json.loads(run(cmd + ["--repack", "0"]))[0]["avg_ts"]
+
+    return bench(["-p", str(PROMPT), "-n", "0"]), bench(["-p", "0", "-n", str(NEW), "-d", str(PROMPT)])
 
 
 class FastlfmRunner:

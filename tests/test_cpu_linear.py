@@ -40,39 +40,25 @@ def test_packed_linear_matches_f_linear():
     torch.testing.assert_close(PackedLinear(wb)(xb).float(), F.linear(xb, wb).float(), rtol=2e-2, atol=2e-2)
 
 
-def test_int8_quantization_error_and_kernel():
+def test_int8_quantization_error():
     w = _weight()
     q = quantize_int8(w)
     assert q.q.dtype == torch.int8 and q.scale.shape == (96,)
     # Round to nearest: every weight within half a step of its row's scale.
     assert ((q.dequantize() - w).abs() <= q.scale[:, None] / 2 + 1e-7).all()
-    x = torch.randn(4, 128)
-    ref = x.bfloat16().float() @ q.dequantize().t()  # the kernel's inputs: bf16 activations
-    torch.testing.assert_close(Int8Linear(q)(x), ref, rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("group", [32, 64])
-def test_int4_quantization_error_and_kernel(group):
+def test_int4_quantization_error(group):
     w = _weight(seed=1)
     q = quantize_int4(w, group)
     assert q.q.max() <= 15 and q.scale.shape == (96, 128 // group)
     groups = (q.dequantize() - w).abs().view(96, -1, group)
     assert (groups <= q.scale[..., None] / 2 + 1e-6).all()  # within half a step of the group's scale
-    x = torch.randn(4, 128)
-    ref = x.bfloat16().float() @ q.dequantize().t()
-    torch.testing.assert_close(Int4Linear(q)(x), ref, rtol=1e-2, atol=1e-2)
 
 
-def test_int8_embedding_and_tied_head_share_one_table():
-    w = _weight(64, 32)
-    emb = Int8Embedding(quantize_int8(w), torch.float32)
-    head = emb.head()
-    assert head.q.data_ptr() == emb.q.data_ptr()
-    ids = torch.tensor([[0, 5, 63]])
-    deq = quantize_int8(w).dequantize()
-    torch.testing.assert_close(emb(ids), deq[ids], rtol=0, atol=0)  # q * scale, exact in fp32
-    x = torch.randn(2, 32)
-    torch.testing.assert_close(head(x), x.bfloat16().float() @ deq.t(), rtol=1e-2, atol=1e-2)
+# The kernel modules (Int8Linear, Int4Linear, Int8Embedding, PlainLinear) on both kernel paths:
+# tests/test_cpu_gemv.py.
 
 
 def test_packed_fp32_model_equals_plain(fp32_model, ids):
@@ -108,7 +94,8 @@ def test_quantized_model_logits(fp32_model, ids, scheme, rel_bound):
         oracle = _dequantized_copy(fp32_model, scheme)(ids).logits
         exact = fp32_model(ids).logits
     scale = exact.abs().max()
-    # The kernels compute the de-quantized model (bf16 activations are the only difference) ...
+    # The kernels compute the de-quantized model (up to the inputs they multiply: int8 blocks with
+    # fastlfm's kernels, bf16 with torch's) ...
     assert (got - oracle).abs().max() < 0.03 * scale
     # ... and the quantization error against fp32 stays bounded.
     assert (got - exact).abs().max() < rel_bound * scale

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_gemv
 from .sampling import GenerationConfig
 
 QUANTIZATION_SCHEMES = ("int8", "int4")
@@ -151,6 +152,21 @@ class CpuLinear(nn.Module):
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def add_to(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual + x W^T (kernels that can add it in the same pass override this)."""
+        return residual + self(x)
+
+    def fused(self, x: torch.Tensor, *, norm: nn.Module | None = None, silu_gate: bool = False,
+              residual: torch.Tensor | None = None) -> torch.Tensor:
+        """residual + prologue(x) W^T, the prologue being `norm(x)` or SiLU(gate) * up of x = [gate | up]
+        (the engine's `ctx.linear`); `GemvLinear` runs it as one kernel call."""
+        if norm is not None:
+            x = norm(x)
+        if silu_gate:
+            gate, up = x.chunk(2, dim=-1)
+            x = F.silu(gate) * up
+        return self(x) if residual is None else self.add_to(x, residual)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
@@ -179,51 +195,128 @@ class PackedLinear(CpuLinear):
         return y.view(residual.shape)
 
 
-class PlainLinear(CpuLinear):
-    """fp32 / bf16 weight kept as it is: chosen where pre-packing is not faster for one row (a
-    decode step) on this host. One row runs through `F.linear` (torch's default kernel), several
-    (a prefill) through oneDNN on the same unpacked weight, which there is as fast as the packed
-    one (and up to 20% faster than F.linear for the wide projections). The weight shares the
-    source tensor's storage (a tied LM head keeps reading the embedding's table: no copy)."""
+class GemvLinear(CpuLinear):
+    """A projection that fastlfm's kernels (`cpu_gemv`) run where `self.gemv`: `_gemv` computes
+    residual + prologue(rows) W^T in one call, the RMSNorm (`norm.weight`, `norm.eps`: LFM2's norm) or
+    SiLU gate and the residual add folded in. `_gemv_rows` is the most rows it takes (more run
+    through `_mm_torch`)."""
+
+    gemv = False
+    _gemv_rows = 1 << 62
+
+    def _gemv(self, rows, residual, norm, silu_gate):
+        raise NotImplementedError
+
+    def _mm_torch(self, x):
+        raise NotImplementedError
+
+    def _mm(self, x):
+        if self.gemv and x.shape[0] <= self._gemv_rows:
+            return self._gemv(x, None, None, False)
+        return self._mm_torch(x)
+
+    def add_to(self, x, residual):
+        return self.fused(x, residual=residual)
+
+    def fused(self, x, *, norm=None, silu_gate=False, residual=None):
+        width = self.in_features * (2 if silu_gate else 1)
+        rows = x.reshape(-1, width)
+        if not (self.gemv and rows.shape[0] <= self._gemv_rows and x.dtype in (torch.float32, torch.bfloat16)
+                and (residual is None or residual.dtype in (torch.float32, torch.bfloat16))):
+            y = super().fused(x, norm=norm, silu_gate=silu_gate)
+            return y if residual is None else residual + y
+        res = residual.reshape(-1, self.out_features).contiguous() if residual is not None else None
+        y = self._gemv(rows, res, (norm.weight, norm.eps) if norm is not None else None, silu_gate)
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+class PlainLinear(GemvLinear):
+    """fp32 / bf16 weight kept as it is. A bf16 weight where fastlfm's kernels run (`cpu_gemv`)
+    always: up to `GEMV_ROWS` rows (decode) through its AVX-512 BF16 product, more (a prefill)
+    through oneDNN. Otherwise chosen where pre-packing is not faster for one row on this host:
+    one row runs through `F.linear` (torch's default kernel), several through oneDNN on the same
+    unpacked weight, which there is as fast as the packed one (and up to 20% faster than
+    F.linear for the wide projections). The weight shares the source tensor's storage (a tied
+    LM head keeps reading the embedding's table: no copy)."""
 
     def __init__(self, weight: torch.Tensor):
         super().__init__(weight.shape[1], weight.shape[0])
         self.dtype = weight.dtype
         # Plain attribute like PackedLinear.packed: the prepared model's state_dict has no projections.
         self.weight = weight.detach()
+        self.gemv = gemv_runs(self.weight)
+        self._gemv_rows = GEMV_ROWS
 
-    def _mm(self, x):  # x: (rows, in_features)
+    def _gemv(self, rows, residual, norm, silu_gate):
+        return cpu_gemv.gemv_bf16(rows, self.weight, self.dtype, residual, norm, silu_gate)
+
+    def _mm_torch(self, x):  # x: (rows, in_features)
         x = x.to(self.dtype)
         if x.shape[0] == 1:
             return F.linear(x, self.weight)
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.weight, None, "none", [None], "")
 
 
-class Int8Linear(CpuLinear):
-    """int8 weight, one scale per output channel; bf16 activations in, the input's dtype out."""
+# Rows up to which a bf16 product runs through fastlfm's kernel (decode of a few sequences); more
+# rows (prefill, large decode batches) go to oneDNN, whose blocked kernels use the matrix units.
+GEMV_ROWS = 8
+
+
+def gemv_runs(weight: torch.Tensor) -> bool:
+    """Whether fastlfm's bf16 kernel takes this weight on this host (`cpu_gemv.available`)."""
+    return (weight.dtype == torch.bfloat16 and weight.dim() == 2 and weight.is_contiguous()
+            and cpu_gemv.supports(*weight.shape) and cpu_gemv.available())
+
+
+class Int8Linear(GemvLinear):
+    """int8 weight, one scale per output channel; the input's dtype out. Where fastlfm's kernels
+    run (`cpu_gemv`), every product goes through them (int8 inputs in blocks of 32, VNNI dot
+    products: at memory speed for decode and several times torch's kernel for prefill), on the
+    weight in their interleaved layout; elsewhere through `aten._weight_int8pack_mm` (bf16 inputs)."""
 
     def __init__(self, weight: Int8Weight):
         super().__init__(weight.shape[1], weight.shape[0])
-        self.register_buffer("q", weight.q.contiguous())
-        self.register_buffer("scale", weight.scale.to(_KERNEL_DTYPE))
+        self.gemv = cpu_gemv.supports(*weight.shape) and cpu_gemv.available()
+        if self.gemv:
+            packed, scale = cpu_gemv.pack_int8(weight.q, weight.scale)
+            self.register_buffer("packed", packed)
+            self.register_buffer("scale", scale)
+        else:
+            self.register_buffer("q", weight.q.contiguous())
+            self.register_buffer("scale", weight.scale.to(_KERNEL_DTYPE))
 
-    def _mm(self, x):
+    def _gemv(self, rows, residual, norm, silu_gate):
+        return cpu_gemv.gemv_int8(rows, self.packed, self.scale, self.out_features, _out_dtype(rows), residual, norm,
+                                  silu_gate)
+
+    def _mm_torch(self, x):
         return torch.ops.aten._weight_int8pack_mm(x.to(_KERNEL_DTYPE).contiguous(), self.q, self.scale).to(x.dtype)
 
 
-class Int4Linear(CpuLinear):
-    """int4 weight in the layout of torch's CPU int4 kernel, scale and zero per group of inputs."""
+class Int4Linear(GemvLinear):
+    """int4 weight, scale and zero per group of inputs; the input's dtype out. Through fastlfm's
+    kernels where they run (as `Int8Linear`), else in the layout of torch's CPU int4 kernel."""
 
     def __init__(self, weight: Int4Weight):
         super().__init__(weight.shape[1], weight.shape[0])
         self.group_size = weight.group_size
+        self.gemv = cpu_gemv.supports(*weight.shape, weight.group_size) and cpu_gemv.available()
+        if self.gemv:
+            packed, coefficients = cpu_gemv.pack_int4(weight.q, weight.scale, weight.zero, weight.group_size)
+            self.register_buffer("packed", packed)
+            self.register_buffer("coefficients", coefficients)
+            return
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
             weight.q.to(torch.int32).contiguous(), 1))
         # (K / group, N, 2): [scale, zero] per group and output channel
         self.register_buffer("scale_zero", torch.stack([weight.scale, weight.zero], -1).transpose(0, 1)
                              .contiguous().to(_KERNEL_DTYPE))
 
-    def _mm(self, x):
+    def _gemv(self, rows, residual, norm, silu_gate):
+        return cpu_gemv.gemv_int4(rows, self.packed, self.coefficients, self.group_size, self.out_features,
+                                  _out_dtype(rows), residual, norm, silu_gate)
+
+    def _mm_torch(self, x):
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(_KERNEL_DTYPE).contiguous(), self.packed,
                                                        self.group_size, self.scale_zero)
         return y.to(x.dtype)
@@ -232,24 +325,37 @@ class Int4Linear(CpuLinear):
         return super().extra_repr() + f", group_size={self.group_size}"
 
 
+def _out_dtype(x: torch.Tensor) -> torch.dtype:
+    return x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
+
+
 class Int8Embedding(nn.Module):
     """Embedding rows stored int8 with one scale per row; an `Int8Linear` over the same table is
-    the tied LM head."""
+    the tied LM head (where fastlfm's kernels run, the table is in their layout and a lookup
+    gathers its rows from there: one copy serves both)."""
 
     def __init__(self, weight: Int8Weight, dtype: torch.dtype):
         super().__init__()
         self.num_embeddings, self.embedding_dim = weight.shape
         self.dtype = dtype
-        self.register_buffer("q", weight.q.contiguous())
-        self.register_buffer("scale", weight.scale.to(_KERNEL_DTYPE))
+        table = Int8Linear(weight)  # the head's layout; the embedding keeps its buffers
+        self.gemv = table.gemv
+        self.register_buffer("packed" if self.gemv else "q", table.packed if self.gemv else table.q)
+        self.register_buffer("scale", table.scale)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return (self.q[ids].to(self.dtype) * self.scale[ids, None].to(self.dtype))
+        if self.gemv:  # rows from the (N/16, K/4, 16, 4) layout of q + 128
+            rows = self.packed[ids // cpu_gemv.ROWS, :, ids % cpu_gemv.ROWS, :]
+            q = rows.reshape(*ids.shape, self.embedding_dim).to(torch.int16) - 128
+        else:
+            q = self.q[ids]
+        return q.to(self.dtype) * self.scale[ids, None].to(self.dtype)
 
     def head(self) -> Int8Linear:
         head = Int8Linear.__new__(Int8Linear)
         CpuLinear.__init__(head, self.embedding_dim, self.num_embeddings)
-        head.register_buffer("q", self.q)  # shared, not copied
+        head.gemv = self.gemv
+        head.register_buffer("packed" if self.gemv else "q", self.packed if self.gemv else self.q)  # shared
         head.register_buffer("scale", self.scale)
         return head
 
@@ -579,8 +685,8 @@ def _float_samples(model: nn.Module, cap_bytes: int = SAMPLE_BYTES) -> dict[Kern
     samples: dict[KernelKey, list[torch.Tensor]] = {}
 
     def add(weights: list[torch.Tensor]) -> None:
-        if weights[0].dtype not in (torch.float32, torch.bfloat16):
-            return
+        if weights[0].dtype not in (torch.float32, torch.bfloat16) or gemv_runs(weights[0]):
+            return  # (fastlfm's kernel runs these: nothing to choose)
         n, k = sum(w.shape[0] for w in weights), weights[0].shape[1]
         group = samples.setdefault((weights[0].dtype, (n, k)), [])
         if not group or (len(group) + 1) * n * k * weights[0].element_size() <= cap_bytes:
@@ -635,7 +741,8 @@ def prepare_for_cpu(model: nn.Module, quantization: str | None = None, group_siz
         pack = resolve_pack(pack)
         if pack == "auto":
             decisions = choose_float_kernels(_float_samples(model))
-            packs = lambda w: decisions.get((w.dtype, tuple(w.shape)), True)  # noqa: E731
+            # bf16 weights that fastlfm's kernel takes stay plain: it beats both of torch's for decode
+            packs = lambda w: not gemv_runs(w) and decisions.get((w.dtype, tuple(w.shape)), True)  # noqa: E731
         else:
             packs = lambda w: pack  # noqa: E731
     install_cpu_linears(model, _float_source(quantization, group_size), head, packs=packs)

@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from . import cpu_gemv
 from .ops import host_to_device
 
 __all__ = ["SamplingParams", "SamplingTensors", "SamplerOutput", "sample", "apply_penalties", "filter_logits",
@@ -642,12 +643,22 @@ def _draw_among_kept(filtered: torch.Tensor, t: SamplingTensors) -> torch.Tensor
     return torch.full((B,), V, dtype=torch.long).scatter_reduce_(0, rows[at_best], cols[at_best], "amin")
 
 
+def argmax_rows(scores: torch.Tensor) -> torch.Tensor:
+    """scores.argmax(-1) of (rows, vocab) scores; on the CPU through fastlfm's kernel where it runs
+    (torch's CPU argmax is a scalar loop: 0.2-0.4 ms for a row of LFM2's 65,536 logits, 1-2% of a
+    350M decode step)."""
+    if scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.bfloat16) and scores.dim() == 2 \
+            and cpu_gemv.available():
+        return cpu_gemv.argmax_rows(scores)
+    return scores.argmax(-1)
+
+
 def sample(logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
     """One token per row of `logits` (B, V): argmax for greedy rows, a draw otherwise."""
     raw = logits.float()
     penalised = apply_penalties(raw, t)
     if t.all_greedy:
-        token_ids = penalised.argmax(-1)
+        token_ids = argmax_rows(penalised)
     else:
         filtered = filter_logits(penalised, t)
         drawn = _draw_among_kept(filtered, t) if filtered.device.type == "cpu" else None
@@ -655,7 +666,7 @@ def sample(logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
             u = uniforms(t.seed_lo, t.seed_hi, t.step, logits.shape[-1])
             gumbel = -torch.log(-torch.log(u))
             drawn = (filtered + gumbel).argmax(-1)
-        token_ids = torch.where(t.greedy, penalised.argmax(-1), drawn)
+        token_ids = torch.where(t.greedy, argmax_rows(penalised), drawn)
     out = SamplerOutput(token_ids)
     if t.num_logprobs is not None:
         logp = torch.log_softmax(raw, dim=-1)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..cpu_linear import PackedLinear
+from ..cpu_linear import CpuLinear
 from ..models.lfm2 import MixingContext, RMSNorm, can_fuse
 from ..ops import packed_causal_conv
 
@@ -183,13 +183,10 @@ class PagedContext(MixingContext):
 
     # -- projections ---------------------------------------------------------------------
     def linear(self, x, proj, *, norm=None, silu_gate=False, residual=None):
-        if residual is not None and type(proj) is PackedLinear:  # CPU: oneDNN adds the residual
-            if norm is not None:
-                x = norm(x)
-            if silu_gate:
-                gate, up = x.chunk(2, dim=-1)
-                x = F.silu(gate) * up
-            return proj.add_to(x, residual)
+        if isinstance(proj, CpuLinear):  # CPU: fastlfm's kernels fold LFM2's RMSNorm, the gate and the residual in
+            if norm is not None and type(norm) is not RMSNorm:
+                x, norm = norm(x), None
+            return proj.fused(x, norm=norm, silu_gate=silu_gate, residual=residual)
         weight = self._fused_linear_weight(proj, norm)
         if weight is not None:
             from .kernels import ops as kernel_ops

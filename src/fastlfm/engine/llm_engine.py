@@ -564,13 +564,13 @@ class LLMEngine:
                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """One token per row on device, no host sync: ids, plus [logprobs, top ids, top
         logprobs] when a row asks for logprobs. `greedy_ids`: the argmax, if the step computed it."""
-        from ..sampling import SamplingTensors, sample
+        from ..sampling import SamplingTensors, argmax_rows, sample
 
         allowed = self._grammar_mask(seqs, logits) if self.num_grammar_requests else None
         if all(s.plain_greedy for s in seqs):
             if allowed is None:
-                return (greedy_ids if greedy_ids is not None else logits.argmax(-1)), []
-            return torch.where(allowed, logits, float("-inf")).argmax(-1), []  # greedy under grammars
+                return (greedy_ids if greedy_ids is not None else argmax_rows(logits)), []
+            return argmax_rows(torch.where(allowed, logits, float("-inf"))), []  # greedy under grammars
         params = [s.params for s in seqs]
         needs_history = any(_needs_history(p) for p in params)
         tensors = SamplingTensors.from_requests(

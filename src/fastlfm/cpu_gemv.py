@@ -1,0 +1,162 @@
+"""fastlfm's own CPU matrix-vector kernels (csrc/cpu_gemv.cpp), built on first use.
+
+torch's CPU kernels leave batch-1 decode below memory speed: its bf16 products stream ~20 GB/s,
+and its int8 / int4 weight-only kernels de-quantize every weight to floating point
+(bench/cpu_kernels.py; BENCHMARKS.md, issue 19). These kernels multiply as llama.cpp does: the
+input row is quantized to int8 in blocks of 32 and int8 / int4 weights are multiplied with
+AVX-512 VNNI integer dot products; bf16 weights with AVX-512 BF16 pair dot products.
+
+They need AVX-512 (F, BW, VNNI, BF16) and a C++ compiler: `torch.utils.cpp_extension` compiles
+them once per host and torch version (~30 s, cached under ~/.cache/torch_extensions) and later
+processes load the cached library. Elsewhere, or with `FASTLFM_CPU_GEMV=0`, `available()` is
+False and fastlfm.cpu_linear uses torch's kernels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+ENV = "FASTLFM_CPU_GEMV"  # "0" turns the kernels off (torch's kernels then run every product)
+ROWS = 16  # output rows per interleaved group (csrc/cpu_gemv.cpp)
+BLOCK = 32  # inputs per activation scale
+REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "fma")
+_SOURCE = Path(__file__).parent / "csrc" / "cpu_gemv.cpp"
+# -fopenmp: at::parallel_for is OpenMP code inlined from ATen's headers (serial without it); at
+# run time the library binds to the libgomp.so.1 that torch has already loaded.
+_CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx512bf16",
+           "-mfma", "-mf16c"]
+_LDFLAGS = ["-fopenmp"]
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "ok": bool once decided, "error": why not
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((ln for ln in f if ln.startswith("flags")), "")
+    except OSError:
+        return set()
+    return set(line.split(":", 1)[1].split()) if ":" in line else set()
+
+
+def available() -> bool:
+    """Whether the kernels run here (built and loaded on the first call)."""
+    if "ok" in _state:
+        return bool(_state["ok"])
+    with _lock:
+        if "ok" not in _state:
+            _state["ok"], _state["error"] = _build()
+            if not _state["ok"]:
+                log.info("fastlfm CPU kernels not used: %s", _state["error"])
+    return bool(_state["ok"])
+
+
+def unavailable_reason() -> str | None:
+    return None if available() else str(_state["error"])
+
+
+def _build() -> tuple[bool, str | None]:
+    if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "off"):
+        return False, f"{ENV}={os.environ[ENV]}"
+    missing = [f for f in REQUIRED_FLAGS if f not in cpu_flags()]
+    if missing:
+        return False, f"this CPU lacks {', '.join(missing)}"
+    from torch.utils import cpp_extension
+
+    # The name carries the source's hash: an edited kernel gets its own build, never a stale one.
+    digest = hashlib.sha1(_SOURCE.read_bytes() + " ".join(_CFLAGS + _LDFLAGS).encode()).hexdigest()[:12]
+    try:
+        cpp_extension.load(f"fastlfm_cpu_gemv_{digest}", [str(_SOURCE)], extra_cflags=_CFLAGS,
+                           extra_ldflags=_LDFLAGS, is_python_module=False, verbose=False)
+    except Exception as e:  # no compiler, no ninja, a failed build: torch's kernels instead
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return False, f"building {_SOURCE.name} failed: {first}"
+    return True, None
+
+
+# ----------------------------------------------------------------------------- weight layouts
+def _pad_rows(t: torch.Tensor, fill: float = 0) -> torch.Tensor:
+    n = t.shape[0]
+    pad = -n % ROWS
+    return t if not pad else torch.cat([t, t.new_full((pad, *t.shape[1:]), fill)])
+
+
+def pack_int8(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) int8 and (N,) scales -> the q8 layout (N/16, K/4, 16, 4) of `q + 128` as uint8 and
+    fp32 scales padded to a multiple of 16 rows."""
+    n, k = q.shape
+    u = (_pad_rows(q).to(torch.int16) + 128).to(torch.uint8)
+    packed = u.view(-1, ROWS, k // 4, 4).transpose(1, 2).contiguous()
+    return packed, _pad_rows(scale.float()).contiguous()
+
+
+def pack_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) codes 0..15 with w = (q - 8) * scale + zero per group -> the q4 layout
+    (N/16, K/8, 16, 4) uint8 (low nibble: inputs 8c..8c+3, high: 8c+4..8c+7) and the per group
+    [scale, zero] (N/16, K/group, 2, 16) as fp16 (exact for fastlfm's bf16-rounded scales and for
+    GGUF's fp16 ones)."""
+    n, k = q.shape
+    qp = _pad_rows(q).view(-1, ROWS, k // 8, 2, 4).permute(0, 2, 1, 3, 4)
+    packed = (qp[..., 0, :] | (qp[..., 1, :] << 4)).contiguous()
+    a, z = _pad_rows(scale.float()), _pad_rows(zero.float())
+    ac = torch.stack([a, z], 0).view(2, -1, ROWS, k // group_size).permute(1, 3, 0, 2).to(torch.float16).contiguous()
+    return packed, ac
+
+
+def supports(n: int, k: int, group_size: int | None = None) -> bool:
+    """Shapes the kernels take: inputs a multiple of the activation block (and of the int4 group,
+    itself a multiple of the block)."""
+    if k % BLOCK:
+        return False
+    return group_size is None or (group_size % BLOCK == 0 and k % group_size == 0)
+
+
+# ----------------------------------------------------------------------------- products
+# Each product takes (rows, in_features) fp32 / bf16 inputs, or (rows, 2 in_features) with
+# `silu_gate` (SiLU(gate) * up of [gate | up]), optionally RMSNorm-ed first (`norm` = (weight, eps));
+# it returns residual + x W^T in `out_dtype` (the residual's dtype when one is given).
+Norm = "tuple[torch.Tensor, float] | None"
+
+
+def _call(op, x: torch.Tensor, weights: tuple, n: int, out_dtype: torch.dtype, residual: torch.Tensor | None,
+          norm: Norm, silu_gate: bool) -> torch.Tensor:
+    """op(x, *weights, out, residual, norm weight, eps, silu_gate): the ops' common signature."""
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        x = x.float()
+    out = torch.empty(x.shape[0], n, dtype=residual.dtype if residual is not None else out_dtype)
+    norm_weight, eps = norm if norm is not None else (None, 0.0)
+    op(x.contiguous(), *weights, out, residual, norm_weight, eps, silu_gate)
+    return out
+
+
+def gemv_int8(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, n: int, out_dtype: torch.dtype,
+              residual: torch.Tensor | None = None, norm: Norm = None, silu_gate: bool = False) -> torch.Tensor:
+    return _call(torch.ops.fastlfm_cpu.gemv_q8, x, (packed, scale), n, out_dtype, residual, norm, silu_gate)
+
+
+def gemv_int4(x: torch.Tensor, packed: torch.Tensor, ac: torch.Tensor, group_size: int, n: int,
+              out_dtype: torch.dtype, residual: torch.Tensor | None = None, norm: Norm = None,
+              silu_gate: bool = False) -> torch.Tensor:
+    return _call(torch.ops.fastlfm_cpu.gemv_q4, x, (packed, ac, group_size), n, out_dtype, residual, norm,
+                 silu_gate)
+
+
+def gemv_bf16(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype, residual: torch.Tensor | None = None,
+              norm: Norm = None, silu_gate: bool = False) -> torch.Tensor:
+    return _call(torch.ops.fastlfm_cpu.gemv_bf16, x, (weight,), weight.shape[0], out_dtype, residual, norm,
+                 silu_gate)
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(-1) of (rows, n) fp32 rows: the first maximum, or the first NaN (as torch)."""
+    return torch.ops.fastlfm_cpu.argmax_rows(x.contiguous())

@@ -1,0 +1,217 @@
+"""fastlfm's CPU kernels (fastlfm.cpu_gemv: AVX-512 VNNI / BF16 products) and the modules that use
+them (fastlfm.cpu_linear), on both paths: the kernels and torch's (`kernels` fixture).
+
+Oracles: the product computed by hand in float64 from the weight's formula (int8: q * scale;
+int4: (q - 8) * scale + zero) and from the input as the kernels see it (int8 / int4: the input
+quantized to int8 in blocks of 32, scale max|x| / 127, rounded to nearest even, written here in
+torch; bf16: the input rounded to bf16); the model's own RMSNorm (fastlfm.ops.rms_norm, checked
+against transformers in test_model_parity) and F.silu for the folded prologues."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastlfm import cpu_gemv
+from fastlfm.cpu_linear import (GEMV_ROWS, Int4Linear, Int8Embedding, Int8Linear, PlainLinear, quantize_int4,
+                                quantize_int8)
+from fastlfm.ops import rms_norm
+
+HAS_INSTRUCTIONS = all(f in cpu_gemv.cpu_flags() for f in cpu_gemv.REQUIRED_FLAGS)
+needs_kernels = pytest.mark.skipif(not HAS_INSTRUCTIONS, reason="this CPU lacks AVX-512 VNNI / BF16")
+
+
+def test_the_kernels_build_wherever_the_cpu_has_the_instructions():
+    if HAS_INSTRUCTIONS and os.environ.get(cpu_gemv.ENV, "1") != "0":
+        assert cpu_gemv.available(), cpu_gemv.unavailable_reason()
+    else:
+        assert not cpu_gemv.available() and cpu_gemv.unavailable_reason()
+
+
+@pytest.fixture(params=["fastlfm", "torch"])
+def kernels(request, monkeypatch):
+    """Which kernels the modules built in the test use: fastlfm's (where the CPU has them) or torch's."""
+    if request.param == "fastlfm":
+        if not HAS_INSTRUCTIONS:
+            pytest.skip("this CPU lacks AVX-512 VNNI / BF16")
+        assert cpu_gemv.available()
+    else:
+        monkeypatch.setattr(cpu_gemv, "_state", {"ok": False, "error": "turned off by the test"})
+    return request.param
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def blocks_as_int8(x: torch.Tensor) -> torch.Tensor:
+    """x as the int8 / int4 kernels multiply it: int8 in blocks of 32 along the last axis, scale
+    max|x| / 127 (the rounding computed in fp32 like the kernel: x * (127 / max|x|))."""
+    xb = x.float().reshape(*x.shape[:-1], -1, 32)
+    amax = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    return (torch.round(xb * inv).double() * (amax.double() / 127)).reshape(x.shape)
+
+
+def int8_oracle(x, w):
+    return blocks_as_int8(x) @ w.dequantize().double().t()
+
+
+SHAPES = [(1, 100, 96), (3, 64, 1024), (2, 33, 4608), (9, 16, 32)]  # (rows, out, in): padding, several rows
+
+
+@needs_kernels
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_int8_kernel_equals_the_hand_product(m, n, k):
+    x, w = torch.randn(m, k, generator=_gen(0)), quantize_int8(torch.randn(n, k, generator=_gen(1)))
+    packed, scale = cpu_gemv.pack_int8(w.q, w.scale)
+    assert cpu_gemv.available()
+    y = cpu_gemv.gemv_int8(x, packed, scale, n, torch.float32)
+    ref = int8_oracle(x, w)
+    assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@needs_kernels
+@pytest.mark.parametrize("group", [32, 64])
+@pytest.mark.parametrize("m,n,k", [s for s in SHAPES if s[2] % 64 == 0])
+def test_int4_kernel_equals_the_hand_product(m, n, k, group):
+    x, w = torch.randn(m, k, generator=_gen(2)), quantize_int4(torch.randn(n, k, generator=_gen(3)), group)
+    packed, sz = cpu_gemv.pack_int4(w.q, w.scale, w.zero, group)
+    assert cpu_gemv.available()
+    y = cpu_gemv.gemv_int4(x, packed, sz, group, n, torch.float32)
+    ref = blocks_as_int8(x) @ w.dequantize().double().t()
+    assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@needs_kernels
+@pytest.mark.parametrize("m,n,k", [s for s in SHAPES if s[2] % 32 == 0])
+def test_bf16_kernel_equals_the_hand_product(m, n, k):
+    x, w = torch.randn(m, k, generator=_gen(4)), torch.randn(n, k, generator=_gen(5)).bfloat16()
+    assert cpu_gemv.available()
+    y = cpu_gemv.gemv_bf16(x, w, torch.float32)
+    ref = x.bfloat16().double() @ w.double().t()
+    assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@needs_kernels
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_residual_add_and_output_dtype(out_dtype):
+    n, k = 40, 256
+    x, w = torch.randn(2, k, generator=_gen(6)), quantize_int8(torch.randn(n, k, generator=_gen(7)))
+    residual = torch.randn(2, n, generator=_gen(8)).to(out_dtype)
+    packed, scale = cpu_gemv.pack_int8(w.q, w.scale)
+    assert cpu_gemv.available()
+    y = cpu_gemv.gemv_int8(x, packed, scale, n, out_dtype, residual)
+    ref = (int8_oracle(x, w) + residual.double()).to(out_dtype)
+    assert y.dtype == out_dtype
+    torch.testing.assert_close(y, ref, rtol=1e-2 if out_dtype == torch.bfloat16 else 1e-5, atol=1e-4)
+    wb = torch.randn(n, k, generator=_gen(9)).bfloat16()
+    y = cpu_gemv.gemv_bf16(x, wb, out_dtype, residual)
+    ref = (x.bfloat16().double() @ wb.double().t() + residual.double()).to(out_dtype)
+    torch.testing.assert_close(y, ref, rtol=1e-2 if out_dtype == torch.bfloat16 else 1e-5, atol=1e-4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["int8", "int4", "bf16"])
+def test_folded_norm_and_gate_equal_the_separate_ops(kind, dtype):
+    """RMSNorm (LFM2's) and SiLU(gate) * up folded into the product give what the model's own ops
+    followed by the same kernel give."""
+    n, k = 48, 128
+    assert cpu_gemv.available()
+    w = torch.randn(n, k, generator=_gen(10))
+    if kind == "int8":
+        q = quantize_int8(w)
+        packed, scale = cpu_gemv.pack_int8(q.q, q.scale)
+        run = lambda x, **kw: cpu_gemv.gemv_int8(x, packed, scale, n, torch.float32, **kw)  # noqa: E731
+    elif kind == "int4":
+        q = quantize_int4(w, 32)
+        packed, sz = cpu_gemv.pack_int4(q.q, q.scale, q.zero, 32)
+        run = lambda x, **kw: cpu_gemv.gemv_int4(x, packed, sz, 32, n, torch.float32, **kw)  # noqa: E731
+    else:
+        wb = w.bfloat16()
+        run = lambda x, **kw: cpu_gemv.gemv_bf16(x, wb, torch.float32, **kw)  # noqa: E731
+    x = (torch.randn(3, k, generator=_gen(11)) * 3).to(dtype)
+    norm_w = (1 + 0.1 * torch.randn(k, generator=_gen(12))).to(dtype)
+    fused = run(x, norm=(norm_w, 1e-5))
+    separate = run(rms_norm(x, norm_w, 1e-5))
+    torch.testing.assert_close(fused, separate, rtol=1e-4, atol=1e-4 * separate.abs().max().item())
+    gate_up = torch.randn(3, 2 * k, generator=_gen(13)).to(dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    fused = run(gate_up, silu_gate=True)
+    separate = run((F.silu(gate) * up).contiguous())
+    torch.testing.assert_close(fused, separate, rtol=1e-4, atol=1e-4 * separate.abs().max().item())
+
+
+@needs_kernels
+def test_a_nan_input_gives_nan_not_numbers():
+    n, k = 16, 64
+    q = quantize_int8(torch.randn(n, k, generator=_gen(14)))
+    packed, scale = cpu_gemv.pack_int8(q.q, q.scale)
+    x = torch.randn(2, k, generator=_gen(15))
+    x[1, 5] = float("nan")
+    assert cpu_gemv.available()
+    y = cpu_gemv.gemv_int8(x, packed, scale, n, torch.float32)
+    assert torch.isfinite(y[0]).all() and torch.isnan(y[1]).all()
+
+
+# ----------------------------------------------------------------------------- the modules, both paths
+def test_int8_module(kernels):
+    w = quantize_int8(torch.randn(96, 128, generator=_gen(16)) * 0.05)
+    x = torch.randn(4, 128, generator=_gen(17))
+    module = Int8Linear(w)
+    assert module.gemv == (kernels == "fastlfm")
+    # what each kernel multiplies: int8 blocks of the input (fastlfm's), the input in bf16 (torch's)
+    ref = int8_oracle(x, w) if module.gemv else x.bfloat16().double() @ w.dequantize().double().t()
+    torch.testing.assert_close(module(x).double(), ref, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("group", [32, 64])
+def test_int4_module(kernels, group):
+    w = quantize_int4(torch.randn(96, 128, generator=_gen(18)) * 0.05, group)
+    x = torch.randn(4, 128, generator=_gen(19))
+    module = Int4Linear(w)
+    assert module.gemv == (kernels == "fastlfm")
+    x_seen = blocks_as_int8(x) if module.gemv else x.bfloat16().double()
+    torch.testing.assert_close(module(x).double(), x_seen @ w.dequantize().double().t(), rtol=1e-2, atol=1e-2)
+
+
+def test_bf16_module_rows_through_either_kernel(kernels):
+    """Up to GEMV_ROWS rows through fastlfm's product, more through oneDNN: the same numbers."""
+    w = torch.randn(80, 96, generator=_gen(20)).bfloat16()
+    module = PlainLinear(w)
+    assert module.gemv == (kernels == "fastlfm")
+    for rows in (1, GEMV_ROWS, GEMV_ROWS + 3):
+        x = torch.randn(rows, 96, generator=_gen(rows)).bfloat16()
+        ref = (x.double() @ w.double().t()).bfloat16()
+        torch.testing.assert_close(module(x), ref, rtol=1e-2, atol=1e-2)
+
+
+def test_int8_embedding_and_tied_head_share_one_table(kernels):
+    w = torch.randn(64, 32, generator=_gen(21)) * 0.05
+    emb = Int8Embedding(quantize_int8(w), torch.float32)
+    head = emb.head()
+    table = "packed" if emb.gemv else "q"
+    assert getattr(head, table).data_ptr() == getattr(emb, table).data_ptr()  # one copy
+    ids = torch.tensor([[0, 5, 17, 63]])
+    deq = quantize_int8(w).dequantize()
+    torch.testing.assert_close(emb(ids), deq[ids], rtol=0, atol=0)  # q * scale, exact in fp32
+    x = torch.randn(2, 32, generator=_gen(22))
+    ref = int8_oracle(x, quantize_int8(w)) if head.gemv else x.bfloat16().double() @ deq.double().t()
+    torch.testing.assert_close(head(x).double(), ref, rtol=1e-2, atol=1e-2)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_argmax_rows_equals_torch_argmax(dtype):
+    """First maximum on ties, first NaN when there is one, any row length (not only multiples of 16)."""
+    assert cpu_gemv.available()
+    for v in (1, 15, 16, 17, 65536, 65539):
+        x = torch.randn(3, v, generator=_gen(v)).to(dtype)
+        x[1] = x[1].round()  # many ties
+        if v > 3:
+            x[2, 3] = float("nan")
+            x[2, v - 1] = float("nan")
+        got = cpu_gemv.argmax_rows(x)
+        assert got.tolist() == x.argmax(-1).tolist(), v
