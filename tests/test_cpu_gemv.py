@@ -215,3 +215,68 @@ def test_argmax_rows_equals_torch_argmax(dtype):
             x[2, v - 1] = float("nan")
         got = cpu_gemv.argmax_rows(x)
         assert got.tolist() == x.argmax(-1).tolist(), v
+
+
+# ----------------------------------------------------------------------------- the rest of a decode step
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reset", [False, True])
+def test_conv_step_equals_the_torch_ops(dtype, reset):
+    """C * conv(B * x) over the slot's state and the state shift, with the roundings of the eager ops
+    (each product and sum in the activations' dtype): bit-equal. D = 1030: vector and scalar tails."""
+    D, K = 1030, 3
+    bcx = torch.randn(3 * D, generator=_gen(30)).to(dtype)
+    w = torch.randn(D, 1, K, generator=_gen(31)).to(dtype)
+    state = torch.randn(K - 1, D, generator=_gen(32)).to(dtype)
+    expected_state = torch.zeros_like(state) if reset else state.clone()
+    b, c, x = bcx.chunk(3)
+    bx = b * x
+    taps = w.view(D, K)
+    out = bx * taps[:, K - 1]
+    for lag in range(1, K):
+        out = out + expected_state[K - 1 - lag] * taps[:, K - 1 - lag]
+    expected = c * out
+    expected_state = torch.stack([expected_state[1], bx])
+    assert cpu_gemv.available()
+    got = cpu_gemv.conv_step(bcx, w, None, state, reset)
+    assert torch.equal(got, expected) and torch.equal(state, expected_state)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qk_norm_rope_equals_the_model_ops(dtype):
+    from fastlfm.ops import apply_rope
+    H, Hkv, d = 16, 8, 64
+    q = torch.randn(H, d, generator=_gen(33)).to(dtype) * 3
+    k = torch.randn(Hkv, d, generator=_gen(34)).to(dtype)
+    qw, kw = (1 + 0.1 * torch.randn(2, d, generator=_gen(35))).to(dtype)
+    angles = torch.randn(d // 2, generator=_gen(36)) * 10
+    cos, sin = torch.cat([angles, angles]).cos().to(dtype), torch.cat([angles, angles]).sin().to(dtype)
+    assert cpu_gemv.available()
+    got_q, got_k = cpu_gemv.qk_norm_rope(q, k, qw, kw, 1e-5, cos, sin)
+    for got, x, w in ((got_q, q, qw), (got_k, k, kw)):
+        ref = apply_rope(rms_norm(x[None, None], w, 1e-5), cos[None, None], sin[None, None])[0, 0]
+        # rsqrt vs 1 / sqrt may differ in the last fp32 bit: at most one step of the dtype
+        torch.testing.assert_close(got, ref, rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=1e-6)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 37, 300])
+def test_paged_decode_attention_equals_sdpa_over_the_gathered_history(dtype, n):
+    H, Hkv, d, bs = 16, 8, 64, 16
+    blocks = -(-n // bs)
+    k_cache = torch.randn(blocks + 5, bs, Hkv, d, generator=_gen(37)).to(dtype)
+    v_cache = torch.randn(blocks + 5, bs, Hkv, d, generator=_gen(38)).to(dtype)
+    table = torch.randperm(blocks + 5, generator=_gen(39))[:blocks].to(torch.int32)  # scattered blocks
+    slot = int(table[(n - 1) // bs]) * bs + (n - 1) % bs  # the new token's position
+    q, k, v = (torch.randn(h, d, generator=_gen(40 + h)).to(dtype) for h in (H, Hkv, Hkv))
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    k_ref.view(-1, Hkv, d)[slot], v_ref.view(-1, Hkv, d)[slot] = k, v
+    kh = k_ref[table.long()].flatten(0, 1)[:n].transpose(0, 1)[None]
+    vh = v_ref[table.long()].flatten(0, 1)[:n].transpose(0, 1)[None]
+    ref = F.scaled_dot_product_attention(q[None, :, None].float(), kh.float(), vh.float(), enable_gqa=True)[0, :, 0]
+    assert cpu_gemv.available()
+    got = cpu_gemv.paged_decode_attention(q, k, v, k_cache, v_cache, table, n, slot)
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)  # the token's K/V written at its slot
+    torch.testing.assert_close(got.float(), ref, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)

@@ -30,8 +30,9 @@ BLOCK = 32  # inputs per activation scale
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "fma")
 _SOURCE = Path(__file__).parent / "csrc" / "cpu_gemv.cpp"
 # -fopenmp: at::parallel_for is OpenMP code inlined from ATen's headers (serial without it); at
-# run time the library binds to the libgomp.so.1 that torch has already loaded.
-_CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx512bf16",
+# run time the library binds to the libgomp.so.1 that torch has already loaded. -ffp-contract=off:
+# a product and a sum stay two roundings, as in the torch ops the small kernels stand in for.
+_CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx512bf16",
            "-mfma", "-mf16c"]
 _LDFLAGS = ["-fopenmp"]
 
@@ -160,3 +161,24 @@ def gemv_bf16(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype, res
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     """x.argmax(-1) of (rows, n) fp32 rows: the first maximum, or the first NaN (as torch)."""
     return torch.ops.fastlfm_cpu.argmax_rows(x.contiguous())
+
+
+# The small ops of a batch-1 decode step (engine/context.py), one call each; see csrc/cpu_gemv.cpp.
+def conv_step(bcx: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: torch.Tensor,
+              reset: bool) -> torch.Tensor:
+    """LFM2's conv block after in_proj for one token: bcx = [B | C | x] (3D,), weight (D, 1, K), the
+    slot's state (K-1, D) updated in place (zeroed first if `reset`); returns C * conv(B * x) (D,)."""
+    return torch.ops.fastlfm_cpu.conv_step(bcx.contiguous(), weight.contiguous(), bias, state, reset)
+
+
+def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
+                 cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head RMSNorm then rotate-half RoPE of one token's q (H, d) and k (Hkv, d)."""
+    return torch.ops.fastlfm_cpu.qk_norm_rope(q, k, q_weight, k_weight, eps, cos, sin)
+
+
+def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                           v_cache: torch.Tensor, table: torch.Tensor, n: int, slot: int) -> torch.Tensor:
+    """Write one token's k / v (Hkv, d) at `slot` of the paged caches, then its attention output
+    (H, d) over the n positions of its blocks (`table`)."""
+    return torch.ops.fastlfm_cpu.paged_decode_attention(q, k, v, k_cache, v_cache, table, n, slot)

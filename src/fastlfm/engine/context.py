@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import cpu_gemv
 from ..cpu_linear import CpuLinear
 from ..models.lfm2 import MixingContext, RMSNorm, can_fuse
 from ..ops import packed_causal_conv
@@ -161,6 +162,11 @@ class PagedContext(MixingContext):
                                                         self.past[:nd])
         tables, lens, slots = self.block_tables[:nd], self.context_lens[:nd], self.slot_mapping[:nd]
         Hkv, d = k.shape[1:]
+        if nd == 1 and self._cpu_decode_one(q) and k_cache.dtype == q.dtype:
+            # Batch-1 decode on the CPU: the K/V write and the attention over the sequence's blocks, one call
+            n = int(lens[0])
+            return cpu_gemv.paged_decode_attention(q[0], k[0], v[0], k_cache, v_cache,
+                                                   tables[0, :-(-n // self.block_size)], n, int(slots[0]))[None]
         k_cache.view(-1, Hkv, d)[slots] = k
         v_cache.view(-1, Hkv, d)[slots] = v
         if nd == 1 and q.device.type == "cpu":
@@ -173,7 +179,18 @@ class PagedContext(MixingContext):
             return F.scaled_dot_product_attention(q.view(1, q.shape[1], 1, d), kh, vh, enable_gqa=True).view(q.shape)
         return paged_decode_attention_ref(q, k_cache, v_cache, tables, lens)
 
+    def _cpu_decode_one(self, x: torch.Tensor) -> bool:
+        """A batch-1 decode step on the CPU, where fastlfm's CPU kernels run (`cpu_gemv`): the step's
+        small ops (qk-norm + RoPE, attention, the conv step) then run as one call each."""
+        return self.decode_only and self.num_decode == 1 and x.device.type == "cpu" \
+            and x.dtype in (torch.float32, torch.bfloat16) and cpu_gemv.available()
+
     def qk_norm_rope(self, q, k, q_norm, k_norm, cos, sin):
+        if self._cpu_decode_one(q) and type(q_norm) is RMSNorm and type(k_norm) is RMSNorm \
+                and q_norm.eps == k_norm.eps and q_norm.weight.dtype == q.dtype == k_norm.weight.dtype == cos.dtype:
+            q1, k1 = cpu_gemv.qk_norm_rope(q[0, 0], k[0, 0], q_norm.weight, k_norm.weight, q_norm.eps, cos[0, 0],
+                                           sin[0, 0])
+            return q1.view(q.shape), k1.view(k.shape)
         if self.decode_only and self.use_triton and type(q_norm) is RMSNorm and type(k_norm) is RMSNorm \
                 and q_norm.eps == k_norm.eps:
             from .kernels import ops as kernel_ops
@@ -216,6 +233,12 @@ class PagedContext(MixingContext):
 
     # -- short conv ---------------------------------------------------------------------
     def gated_short_conv(self, layer_idx, bcx, weight, bias):
+        if self._cpu_decode_one(bcx) and weight.dtype == bcx.dtype and (bias is None or bias.dtype == bcx.dtype):
+            # B*x -> K-tap FIR over the slot's state -> *C, and the state shift, in one call
+            pool = self.conv_states[self.conv_index[layer_idx]]
+            state = pool[int(self.conv_slots[0])]
+            y = cpu_gemv.conv_step(bcx.reshape(-1), weight, bias, state, int(self.past[0]) == 0)
+            return y.view(1, 1, -1)
         if self.decode_only and self.use_triton and weight.shape[-1] == 3:
             # B*x -> 3-tap FIR over the slot's state -> *C, and the state shift, in one kernel.
             from .kernels import ops as kernel_ops
