@@ -85,12 +85,14 @@ def test_int4_kernel_equals_the_hand_product(m, n, k, group):
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m,n,k", [s for s in SHAPES if s[2] % 32 == 0])
-def test_bf16_kernel_equals_the_hand_product(m, n, k):
-    x, w = torch.randn(m, k, generator=_gen(4)), torch.randn(n, k, generator=_gen(5)).bfloat16()
+def test_dense_kernel_equals_the_hand_product(m, n, k, dtype):
+    """fp32 and bf16 weights (bf16: the input rounded to bf16, as torch's bf16 linear)."""
+    x, w = torch.randn(m, k, generator=_gen(4)), torch.randn(n, k, generator=_gen(5)).to(dtype)
     assert cpu_gemv.available()
-    y = cpu_gemv.gemv_bf16(x, w, torch.float32)
-    ref = x.bfloat16().double() @ w.double().t()
+    y = cpu_gemv.gemv_dense(x, w, torch.float32)
+    ref = x.to(dtype).double() @ w.double().t()
     assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
@@ -107,14 +109,14 @@ def test_residual_add_and_output_dtype(out_dtype):
     assert y.dtype == out_dtype
     torch.testing.assert_close(y, ref, rtol=1e-2 if out_dtype == torch.bfloat16 else 1e-5, atol=1e-4)
     wb = torch.randn(n, k, generator=_gen(9)).bfloat16()
-    y = cpu_gemv.gemv_bf16(x, wb, out_dtype, residual)
+    y = cpu_gemv.gemv_dense(x, wb, out_dtype, residual)
     ref = (x.bfloat16().double() @ wb.double().t() + residual.double()).to(out_dtype)
     torch.testing.assert_close(y, ref, rtol=1e-2 if out_dtype == torch.bfloat16 else 1e-5, atol=1e-4)
 
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("kind", ["int8", "int4", "bf16"])
+@pytest.mark.parametrize("kind", ["int8", "int4", "bf16", "fp32"])
 def test_folded_norm_and_gate_equal_the_separate_ops(kind, dtype):
     """RMSNorm (LFM2's) and SiLU(gate) * up folded into the product give what the model's own ops
     followed by the same kernel give."""
@@ -130,8 +132,8 @@ def test_folded_norm_and_gate_equal_the_separate_ops(kind, dtype):
         packed, sz = cpu_gemv.pack_int4(q.q, q.scale, q.zero, 32)
         run = lambda x, **kw: cpu_gemv.gemv_int4(x, packed, sz, 32, n, torch.float32, **kw)  # noqa: E731
     else:
-        wb = w.bfloat16()
-        run = lambda x, **kw: cpu_gemv.gemv_bf16(x, wb, torch.float32, **kw)  # noqa: E731
+        wd = w.to(torch.bfloat16 if kind == "bf16" else torch.float32)
+        run = lambda x, **kw: cpu_gemv.gemv_dense(x, wd, torch.float32, **kw)  # noqa: E731
     x = (torch.randn(3, k, generator=_gen(11)) * 3).to(dtype)
     norm_w = (1 + 0.1 * torch.randn(k, generator=_gen(12))).to(dtype)
     fused = run(x, norm=(norm_w, 1e-5))
@@ -177,15 +179,17 @@ def test_int4_module(kernels, group):
     torch.testing.assert_close(module(x).double(), x_seen @ w.dequantize().double().t(), rtol=1e-2, atol=1e-2)
 
 
-def test_bf16_module_rows_through_either_kernel(kernels):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_float_module_rows_through_either_kernel(kernels, dtype):
     """Up to GEMV_ROWS rows through fastlfm's product, more through oneDNN: the same numbers."""
-    w = torch.randn(80, 96, generator=_gen(20)).bfloat16()
+    w = torch.randn(80, 96, generator=_gen(20)).to(dtype)
     module = PlainLinear(w)
     assert module.gemv == (kernels == "fastlfm")
     for rows in (1, GEMV_ROWS, GEMV_ROWS + 3):
-        x = torch.randn(rows, 96, generator=_gen(rows)).bfloat16()
-        ref = (x.double() @ w.double().t()).bfloat16()
-        torch.testing.assert_close(module(x), ref, rtol=1e-2, atol=1e-2)
+        x = torch.randn(rows, 96, generator=_gen(rows)).to(dtype)
+        ref = (x.double() @ w.double().t()).to(dtype)
+        tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+        torch.testing.assert_close(module(x), ref, rtol=tol, atol=tol)
 
 
 def test_int8_embedding_and_tied_head_share_one_table(kernels):

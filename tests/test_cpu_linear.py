@@ -291,7 +291,25 @@ def test_measure_float_kernels_times_both_kernels():
     assert all(t is None or (t[0] > 0 and t[1] > 0) for t in times.values())  # None: the host was too busy
 
 
-def test_mixed_choices_give_the_unprepared_logits(fp32_model, ids, fresh_decisions, monkeypatch):
+@pytest.fixture
+def torch_kernels(monkeypatch):
+    """fastlfm's own CPU kernels off (as on a CPU without AVX-512): torch's kernels, chosen by timing."""
+    from fastlfm import cpu_gemv
+    monkeypatch.setattr(cpu_gemv, "_state", {"ok": False, "error": "turned off by the test"})
+
+
+def test_with_fastlfm_kernels_float_weights_stay_plain_unmeasured(fp32_model, fresh_decisions, monkeypatch):
+    """Where fastlfm's kernels run, fp32 / bf16 projections are PlainLinear on them: nothing to time."""
+    from fastlfm import cpu_gemv
+    if not cpu_gemv.available():
+        pytest.skip(f"fastlfm's CPU kernels do not run here: {cpu_gemv.unavailable_reason()}")
+    monkeypatch.setattr(cpu_linear, "measure_float_kernels", lambda s: pytest.fail("nothing to measure"))
+    model = prepare_for_cpu(copy.deepcopy(fp32_model))
+    kinds = {type(m) for m in model.modules() if isinstance(m, (PackedLinear, PlainLinear, torch.nn.Linear))}
+    assert kinds == {PlainLinear} and all(m.gemv for m in model.modules() if isinstance(m, PlainLinear))
+
+
+def test_mixed_choices_give_the_unprepared_logits(fp32_model, ids, fresh_decisions, torch_kernels, monkeypatch):
     """qkv and w2 packed, the rest plain F.linear: same logits; the plain head still reads the
     tied embedding (no second copy)."""
     cfg = fp32_model.config
@@ -329,7 +347,8 @@ def test_forced_choices_and_the_environment_variable(fp32_model, fresh_decisions
 
 
 @pytest.mark.parametrize("pack", [False, True, "auto"])
-def test_engine_pack_cpu_weights_modes_give_the_same_tokens(tiny_ckpt, fresh_decisions, monkeypatch, pack):
+def test_engine_pack_cpu_weights_modes_give_the_same_tokens(tiny_ckpt, fresh_decisions, torch_kernels, monkeypatch,
+                                                           pack):
     """pack_cpu_weights=False keeps the model's nn.Linear layers; True packs all; "auto" (here with
     mixed fake timings: residual adds through PlainLinear and PackedLinear.add_to) decodes the
     same greedy tokens and logprobs."""
@@ -353,7 +372,7 @@ def test_engine_pack_cpu_weights_modes_give_the_same_tokens(tiny_ckpt, fresh_dec
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_plain_linear_one_row_and_many_rows_equal_the_product(dtype):
+def test_plain_linear_one_row_and_many_rows_equal_the_product(dtype, torch_kernels):
     """PlainLinear runs one row through F.linear and several through oneDNN on the same unpacked
     weight: both equal x W^T computed in float64 (to the dtype's rounding)."""
     g = torch.Generator().manual_seed(0)

@@ -4,11 +4,12 @@ torch's CPU kernels leave batch-1 decode below memory speed: its bf16 products s
 and its int8 / int4 weight-only kernels de-quantize every weight to floating point
 (bench/cpu_kernels.py; BENCHMARKS.md, issue 19). These kernels multiply as llama.cpp does: the
 input row is quantized to int8 in blocks of 32 and int8 / int4 weights are multiplied with
-AVX-512 VNNI integer dot products; bf16 weights with AVX-512 BF16 pair dot products.
+AVX-512 VNNI integer dot products; bf16 weights with AVX-512 BF16 pair dot products, fp32 ones with
+FMA.
 
 They need AVX-512 (F, BW, VNNI, BF16) and a C++ compiler: `torch.utils.cpp_extension` compiles
-them once per host and torch version (~30 s, cached under ~/.cache/torch_extensions) and later
-processes load the cached library. Elsewhere, or with `FASTLFM_CPU_GEMV=0`, `available()` is
+them once per host and torch version (~15 s, into ~/.cache/fastlfm/cpu_kernels) and later
+processes load the built library directly (~10 ms). Elsewhere, or with `FASTLFM_CPU_GEMV=0`, `available()` is
 False and fastlfm.cpu_linear uses torch's kernels.
 """
 
@@ -25,6 +26,7 @@ import torch
 log = logging.getLogger(__name__)
 
 ENV = "FASTLFM_CPU_GEMV"  # "0" turns the kernels off (torch's kernels then run every product)
+BUILD_DIR_ENV = "FASTLFM_CPU_GEMV_DIR"  # where they are built (default ~/.cache/fastlfm/cpu_kernels)
 ROWS = 16  # output rows per interleaved group (csrc/cpu_gemv.cpp)
 BLOCK = 32  # inputs per activation scale
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "fma")
@@ -65,19 +67,39 @@ def unavailable_reason() -> str | None:
     return None if available() else str(_state["error"])
 
 
+def _build_root() -> Path:
+    """Where the kernels are built: $FASTLFM_CPU_GEMV_DIR, else the user's cache."""
+    if os.environ.get(BUILD_DIR_ENV):
+        return Path(os.environ[BUILD_DIR_ENV])
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache, "fastlfm", "cpu_kernels")
+
+
 def _build() -> tuple[bool, str | None]:
     if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "off"):
         return False, f"{ENV}={os.environ[ENV]}"
     missing = [f for f in REQUIRED_FLAGS if f not in cpu_flags()]
     if missing:
         return False, f"this CPU lacks {', '.join(missing)}"
-    from torch.utils import cpp_extension
+    # The name carries a hash of the source, the flags and torch's version: an edited kernel or
+    # another torch gets its own build, never a stale one.
+    key = _SOURCE.read_bytes() + " ".join(_CFLAGS + _LDFLAGS).encode() + torch.__version__.encode()
+    name = f"fastlfm_cpu_gemv_{hashlib.sha1(key).hexdigest()[:12]}"
+    folder = _build_root() / name
+    library = folder / f"{name}.so"
+    if library.is_file() and not (folder / "lock").exists():  # built before: load it (~10 ms)
+        try:
+            torch.ops.load_library(str(library))
+            return True, None
+        except OSError:
+            pass  # damaged: build it again below
+    from torch.utils import cpp_extension  # (imports setuptools: only when building)
 
-    # The name carries the source's hash: an edited kernel gets its own build, never a stale one.
-    digest = hashlib.sha1(_SOURCE.read_bytes() + " ".join(_CFLAGS + _LDFLAGS).encode()).hexdigest()[:12]
     try:
-        cpp_extension.load(f"fastlfm_cpu_gemv_{digest}", [str(_SOURCE)], extra_cflags=_CFLAGS,
-                           extra_ldflags=_LDFLAGS, is_python_module=False, verbose=False)
+        folder.mkdir(parents=True, exist_ok=True)
+        log.info("fastlfm: compiling its CPU kernels (once per host and torch version, ~15 s)")
+        cpp_extension.load(name, [str(_SOURCE)], extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS,
+                           build_directory=str(folder), is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, no ninja, a failed build: torch's kernels instead
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return False, f"building {_SOURCE.name} failed: {first}"
@@ -152,14 +174,16 @@ def gemv_int4(x: torch.Tensor, packed: torch.Tensor, ac: torch.Tensor, group_siz
                  silu_gate)
 
 
-def gemv_bf16(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype, residual: torch.Tensor | None = None,
-              norm: Norm = None, silu_gate: bool = False) -> torch.Tensor:
-    return _call(torch.ops.fastlfm_cpu.gemv_bf16, x, (weight,), weight.shape[0], out_dtype, residual, norm,
+def gemv_dense(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype, residual: torch.Tensor | None = None,
+               norm: Norm = None, silu_gate: bool = False) -> torch.Tensor:
+    """A plain (N, K) fp32 or bf16 weight (bf16: the input rounded to bf16 first, as torch's bf16
+    linear does)."""
+    return _call(torch.ops.fastlfm_cpu.gemv_dense, x, (weight,), weight.shape[0], out_dtype, residual, norm,
                  silu_gate)
 
 
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:
-    """x.argmax(-1) of (rows, n) fp32 rows: the first maximum, or the first NaN (as torch)."""
+    """x.argmax(-1) of (rows, n) fp32 / bf16 rows: the first maximum, or the first NaN (as torch)."""
     return torch.ops.fastlfm_cpu.argmax_rows(x.contiguous())
 
 

@@ -231,9 +231,8 @@ class GemvLinear(CpuLinear):
 
 
 class PlainLinear(GemvLinear):
-    """fp32 / bf16 weight kept as it is. A bf16 weight where fastlfm's kernels run (`cpu_gemv`)
-    always: up to `GEMV_ROWS` rows (decode) through its AVX-512 BF16 product, more (a prefill)
-    through oneDNN. Otherwise chosen where pre-packing is not faster for one row on this host:
+    """fp32 / bf16 weight kept as it is. Always where fastlfm's kernels run (`cpu_gemv`): up to
+    `GEMV_ROWS` rows (decode) through its AVX-512 product, more (a prefill) through oneDNN. Otherwise chosen where pre-packing is not faster for one row on this host:
     one row runs through `F.linear` (torch's default kernel), several through oneDNN on the same
     unpacked weight, which there is as fast as the packed one (and up to 20% faster than
     F.linear for the wide projections). The weight shares the source tensor's storage (a tied
@@ -248,7 +247,7 @@ class PlainLinear(GemvLinear):
         self._gemv_rows = GEMV_ROWS
 
     def _gemv(self, rows, residual, norm, silu_gate):
-        return cpu_gemv.gemv_bf16(rows, self.weight, self.dtype, residual, norm, silu_gate)
+        return cpu_gemv.gemv_dense(rows, self.weight, self.dtype, residual, norm, silu_gate)
 
     def _mm_torch(self, x):  # x: (rows, in_features)
         x = x.to(self.dtype)
@@ -257,14 +256,14 @@ class PlainLinear(GemvLinear):
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.weight, None, "none", [None], "")
 
 
-# Rows up to which a bf16 product runs through fastlfm's kernel (decode of a few sequences); more
+# Rows up to which a float product runs through fastlfm's kernel (decode of a few sequences); more
 # rows (prefill, large decode batches) go to oneDNN, whose blocked kernels use the matrix units.
 GEMV_ROWS = 8
 
 
 def gemv_runs(weight: torch.Tensor) -> bool:
-    """Whether fastlfm's bf16 kernel takes this weight on this host (`cpu_gemv.available`)."""
-    return (weight.dtype == torch.bfloat16 and weight.dim() == 2 and weight.is_contiguous()
+    """Whether fastlfm's dense kernel takes this fp32 / bf16 weight on this host (`cpu_gemv.available`)."""
+    return (weight.dtype in (torch.float32, torch.bfloat16) and weight.dim() == 2 and weight.is_contiguous()
             and cpu_gemv.supports(*weight.shape) and cpu_gemv.available())
 
 
@@ -741,7 +740,7 @@ def prepare_for_cpu(model: nn.Module, quantization: str | None = None, group_siz
         pack = resolve_pack(pack)
         if pack == "auto":
             decisions = choose_float_kernels(_float_samples(model))
-            # bf16 weights that fastlfm's kernel takes stay plain: it beats both of torch's for decode
+            # weights that fastlfm's kernel takes stay plain: it beats both of torch's for decode
             packs = lambda w: not gemv_runs(w) and decisions.get((w.dtype, tuple(w.shape)), True)  # noqa: E731
         else:
             packs = lambda w: pack  # noqa: E731

@@ -1,6 +1,6 @@
 // Matrix-vector products for CPU decode (a few rows of activations against a weight that is
 // read once per step), at memory speed: AVX-512 with VNNI (int8 dot products) and BF16 (bf16
-// pair dot products). Built on first use by fastlfm.cpu_gemv (torch.utils.cpp_extension).
+// pair dot products; fp32 with FMA). Built on first use by fastlfm.cpu_gemv (torch.utils.cpp_extension).
 //
 // Layout: int8 / int4 weights are interleaved in groups of 16 output rows so that one 64-byte
 // load holds 16 rows x (4 int8 | 8 int4) consecutive inputs; each of the 16 accumulator lanes is
@@ -281,53 +281,53 @@ void gemv_q4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& ac, int
   });
 }
 
-// y = x W^T, W a plain row-major (N, K) bf16 weight (the layout oneDNN also runs prefill on);
-// x is rounded to bf16 (as torch's bf16 linear does). Four rows at a time share the input's loads;
-// each row's 16 lanes are summed at its end.
-void gemv_bf16(const at::Tensor& x, const at::Tensor& w, at::Tensor& out, const c10::optional<at::Tensor>& residual,
-               const c10::optional<at::Tensor>& norm_weight, double eps, bool silu_gate) {
-  check_common(x, out, residual);
-  const int64_t M = x.size(0), K = w.size(1), N = out.size(1);
-  TORCH_CHECK(K % 32 == 0 && w.dim() == 2 && w.size(0) == N && w.is_contiguous() &&
-              w.scalar_type() == at::kBFloat16, "gemv_bf16: weight/input shape mismatch");
-  thread_local std::vector<float> xf;
-  prologue_rows(x, K, norm_weight, eps, silu_gate, xf);
-  thread_local std::vector<at::BFloat16> xb;
-  xb.resize(M * K);
-  for (int64_t i = 0; i < M * K; ++i) xb[i] = static_cast<at::BFloat16>(xf[i]);
-  const uint16_t* X = reinterpret_cast<const uint16_t*>(xb.data());
-  const uint16_t* W = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-  const bool bf16_out = out.scalar_type() == at::kBFloat16;
-  const float* R = residual && !bf16_out ? residual->data_ptr<float>() : nullptr;
-  const at::BFloat16* Rb = residual && bf16_out ? residual->data_ptr<at::BFloat16>() : nullptr;
-  auto store = [&](int64_t m, int64_t n, float y) {
-    if (bf16_out) {
-      if (Rb) y += static_cast<float>(Rb[m * N + n]);
-      out.data_ptr<at::BFloat16>()[m * N + n] = static_cast<at::BFloat16>(y);
-    } else {
-      if (R) y += R[m * N + n];
-      out.data_ptr<float>()[m * N + n] = y;
-    }
-  };
+// Dense weights, one k step of four rows: bf16 pairs through vdpbf16ps (32 inputs per load),
+// fp32 through FMA (16 inputs per load).
+template <typename WT> struct Dense;
+template <> struct Dense<at::BFloat16> {
+  using X = at::BFloat16;  // the input as the product takes it: rounded to bf16, like torch's bf16 linear
+  static constexpr int64_t step = 32;
+  static __m512 load_x(const X* x) { return _mm512_castsi512_ps(_mm512_loadu_si512(x)); }
+  static __m512 dot(__m512 acc, const at::BFloat16* w, __m512 x) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(w), (__m512bh)_mm512_castps_si512(x));
+  }
+};
+template <> struct Dense<float> {
+  using X = float;
+  static constexpr int64_t step = 16;
+  static __m512 load_x(const X* x) { return _mm512_loadu_ps(x); }
+  static __m512 dot(__m512 acc, const float* w, __m512 x) { return _mm512_fmadd_ps(_mm512_loadu_ps(w), x, acc); }
+};
+
+// y = x W^T, W a plain row-major (N, K) fp32 or bf16 weight (the layout oneDNN also runs prefill
+// on). Four rows at a time share the input's loads; each row's 16 lanes are summed at its end.
+template <typename WT, typename OT>
+void gemv_dense_impl(const typename Dense<WT>::X* X, const WT* W, OT* out, const OT* R, int64_t M, int64_t N,
+                     int64_t K) {
+  using D = Dense<WT>;
   constexpr int64_t R4 = 4;
+  auto store = [&](int64_t m, int64_t n, float y) {
+    if (R) y += static_cast<float>(R[m * N + n]);
+    out[m * N + n] = static_cast<OT>(y);
+  };
   at::parallel_for(0, (N + R4 - 1) / R4, 4, [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t n0 = blk * R4, rows = std::min<int64_t>(R4, N - n0);
+      const WT* w0 = W + n0 * K;
       for (int64_t m = 0; m < M; ++m) {  // inner: the four rows stay in L1 across the inputs
-        const uint16_t* xm = X + m * K;
+        const typename D::X* xm = X + m * K;
         if (rows == R4) {
-          const uint16_t* w0 = W + n0 * K;
           __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(),
                  a3 = _mm512_setzero_ps();
-          for (int64_t k = 0; k < K; k += 32) {
+          for (int64_t k = 0; k < K; k += D::step) {
             if (m == 0) {  // the next four rows, while these stream
               for (int64_t r = 0; r < R4; ++r) _mm_prefetch(reinterpret_cast<const char*>(w0 + (R4 + r) * K + k), _MM_HINT_T0);
             }
-            const __m512bh xv = (__m512bh)_mm512_loadu_si512(xm + k);
-            a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w0 + k), xv);
-            a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(w0 + K + k), xv);
-            a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(w0 + 2 * K + k), xv);
-            a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(w0 + 3 * K + k), xv);
+            const __m512 xv = D::load_x(xm + k);
+            a0 = D::dot(a0, w0 + k, xv);
+            a1 = D::dot(a1, w0 + K + k, xv);
+            a2 = D::dot(a2, w0 + 2 * K + k, xv);
+            a3 = D::dot(a3, w0 + 3 * K + k, xv);
           }
           store(m, n0, _mm512_reduce_add_ps(a0));
           store(m, n0 + 1, _mm512_reduce_add_ps(a1));
@@ -336,16 +336,41 @@ void gemv_bf16(const at::Tensor& x, const at::Tensor& w, at::Tensor& out, const 
         } else {
           for (int64_t r = 0; r < rows; ++r) {
             __m512 a = _mm512_setzero_ps();
-            for (int64_t k = 0; k < K; k += 32) {
-              a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(W + (n0 + r) * K + k),
-                                   (__m512bh)_mm512_loadu_si512(xm + k));
-            }
+            for (int64_t k = 0; k < K; k += D::step) a = D::dot(a, w0 + r * K + k, D::load_x(xm + k));
             store(m, n0 + r, _mm512_reduce_add_ps(a));
           }
         }
       }
     }
   });
+}
+
+void gemv_dense(const at::Tensor& x, const at::Tensor& w, at::Tensor& out, const c10::optional<at::Tensor>& residual,
+                const c10::optional<at::Tensor>& norm_weight, double eps, bool silu_gate) {
+  check_common(x, out, residual);
+  const int64_t M = x.size(0), K = w.size(1), N = out.size(1);
+  const bool bf16_weight = w.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(K % (bf16_weight ? 32 : 16) == 0 && w.dim() == 2 && w.size(0) == N && w.is_contiguous() &&
+              (bf16_weight || w.scalar_type() == at::kFloat), "gemv_dense: weight/input shape mismatch");
+  thread_local std::vector<float> xf;
+  prologue_rows(x, K, norm_weight, eps, silu_gate, xf);
+  const bool bf16_out = out.scalar_type() == at::kBFloat16;
+  auto run = [&](auto w_tag, auto o_tag, const auto* X) {
+    using WT = decltype(w_tag);
+    using OT = decltype(o_tag);
+    gemv_dense_impl<WT, OT>(X, w.data_ptr<WT>(), out.data_ptr<OT>(), residual ? residual->data_ptr<OT>() : nullptr,
+                            M, N, K);
+  };
+  if (bf16_weight) {
+    thread_local std::vector<at::BFloat16> xb;
+    xb.resize(M * K);
+    for (int64_t i = 0; i < M * K; ++i) xb[i] = static_cast<at::BFloat16>(xf[i]);
+    if (bf16_out) run(at::BFloat16(), at::BFloat16(), xb.data());
+    else run(at::BFloat16(), 0.f, xb.data());
+  } else {
+    if (bf16_out) run(0.f, at::BFloat16(), xf.data());
+    else run(0.f, 0.f, xf.data());
+  }
 }
 
 // The index of each row's largest value, the first one on ties and the first NaN if any (as
@@ -609,7 +634,7 @@ TORCH_LIBRARY(fastlfm_cpu, lib) {
           "float eps, bool silu_gate) -> ()");
   lib.def("gemv_q4(Tensor x, Tensor w, Tensor ac, int group, Tensor(a!) out, Tensor? residual, "
           "Tensor? norm_weight, float eps, bool silu_gate) -> ()");
-  lib.def("gemv_bf16(Tensor x, Tensor w, Tensor(a!) out, Tensor? residual, Tensor? norm_weight, float eps, "
+  lib.def("gemv_dense(Tensor x, Tensor w, Tensor(a!) out, Tensor? residual, Tensor? norm_weight, float eps, "
           "bool silu_gate) -> ()");
   lib.def("argmax_rows(Tensor x) -> Tensor");
   lib.def("conv_step(Tensor bcx, Tensor weight, Tensor? bias, Tensor(a!) state, bool reset) -> Tensor");
@@ -622,7 +647,7 @@ TORCH_LIBRARY(fastlfm_cpu, lib) {
 TORCH_LIBRARY_IMPL(fastlfm_cpu, CPU, lib) {
   lib.impl("gemv_q8", &gemv_q8);
   lib.impl("gemv_q4", &gemv_q4);
-  lib.impl("gemv_bf16", &gemv_bf16);
+  lib.impl("gemv_dense", &gemv_dense);
   lib.impl("argmax_rows", &argmax_rows);
   lib.impl("conv_step", &conv_step);
   lib.impl("qk_norm_rope", &qk_norm_rope);
