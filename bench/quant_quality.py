@@ -33,7 +33,7 @@ def main() -> None:
 
     from fastlfm.cpu_linear import prepare_for_cpu
     from fastlfm.loading import DEMO_MODEL_DIR
-    from fastlfm.models import load_model
+    from fastlfm import load_model  # (GGUF files load through the top-level function)
     from fastlfm.sampling import SamplingParams
     from fastlfm.engine import LLMEngine
     from fastlfm.testing.demo_tasks import heldout_items, score_replies
@@ -51,7 +51,7 @@ def main() -> None:
 
     variants = {
         "fp32 (reference)": lambda: fp32(),
-        "bf16 packed": lambda: prepare_for_cpu(load_model(DEMO_MODEL_DIR, dtype=torch.bfloat16)),
+        "bf16": lambda: prepare_for_cpu(load_model(DEMO_MODEL_DIR, dtype=torch.bfloat16)),
         "int8": lambda: prepare_for_cpu(fp32(), "int8"),
         "int4 g32": lambda: prepare_for_cpu(fp32(), "int4", 32),
         "int4 g64": lambda: prepare_for_cpu(fp32(), "int4", 64),
