@@ -95,6 +95,13 @@ def _build() -> tuple[bool, str | None]:
             pass  # damaged: build it again below
     from torch.utils import cpp_extension  # (imports setuptools: only when building)
 
+    path = os.environ.get("PATH", "")
+    try:
+        import ninja  # the PyPI package (a dependency): its binary, even where the venv is not on PATH
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + path
+    except ImportError:
+        pass  # a ninja on PATH, if any
     try:
         folder.mkdir(parents=True, exist_ok=True)
         log.info("fastlfm: compiling its CPU kernels (once per host and torch version, ~15 s)")
@@ -103,6 +110,8 @@ def _build() -> tuple[bool, str | None]:
     except Exception as e:  # no compiler, no ninja, a failed build: torch's kernels instead
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return False, f"building {_SOURCE.name} failed: {first}"
+    finally:
+        os.environ["PATH"] = path
     return True, None
 
 
