@@ -1,4 +1,4 @@
-"""Batch-1 (and prefill-sized) matrix products on CPU: which torch kernel streams an LFM2
+"""Batch-1 (and prefill-sized) matrix products on CPU: which kernel streams an LFM2
 weight fastest? Every candidate runs on every LFM2-350M / LFM2-1.2B decode weight shape
 (after the engine's q/k/v and w1/w3 fusion), over enough distinct weights that none stays
 in cache, and reports the weight read rate (GB/s) at M=1 and the time at M=128.
@@ -9,7 +9,8 @@ Candidates: fp32 / bf16 `F.linear` (torch's default path), fp32 input-major `F.l
 oneDNN pre-packed linear (`torch.ops.mkldnn._reorder_linear_weight` + `_linear_pointwise`),
 MKL packed GEMM (fp32, `torch.ops.mkl._mkl_linear`), int8 per-channel
 (`aten._weight_int8pack_mm`) and int4 group-wise (`aten._weight_int4pack_mm_for_cpu`,
-groups 32 / 64) with bf16 and fp32 activations.
+groups 32 / 64) with bf16 and fp32 activations; and fastlfm's own kernels (fastlfm.cpu_gemv:
+`gemv_dense` fp32 / bf16, `gemv_q8`, `gemv_q4` g32 / g64 with int8 inputs) where the CPU runs them.
 """
 
 from __future__ import annotations
@@ -69,6 +70,33 @@ def candidates(N: int, K: int):
 
             out[f"int4 g{g} _weight_int4pack_mm_for_cpu, {tag} x"] = (
                 0.5 + 4 / g, int4, lambda x, p, g=g: torch.ops.aten._weight_int4pack_mm_for_cpu(x, p[0], g, p[1]), act)
+    out.update(fastlfm_candidates(N, K))
+    return out
+
+
+def fastlfm_candidates(N: int, K: int):
+    """fastlfm's own kernels (fastlfm.cpu_gemv) where this CPU runs them: the weight as the engine
+    stores it, bf16 inputs (the engine's activations), the output in bf16."""
+    from fastlfm import cpu_gemv
+    from fastlfm.cpu_linear import quantize_int4, quantize_int8
+
+    if not cpu_gemv.available():
+        print(f"(fastlfm's kernels do not run here: {cpu_gemv.unavailable_reason()})")
+        return {}
+    bf16 = torch.bfloat16
+    out = {
+        "fp32 fastlfm gemv_dense": (4, lambda w: w.contiguous(), lambda x, w: cpu_gemv.gemv_dense(x, w, torch.float32),
+                                    torch.float32),
+        "bf16 fastlfm gemv_dense": (2, lambda w: w.bfloat16(), lambda x, w: cpu_gemv.gemv_dense(x, w, bf16), bf16),
+        "int8 fastlfm gemv_q8 (int8 x)": (
+            1 + 4 / K, lambda w: cpu_gemv.pack_int8(*(lambda q: (q.q, q.scale))(quantize_int8(w))),
+            lambda x, p: cpu_gemv.gemv_int8(x, p[0], p[1], N, bf16), bf16),
+    }
+    for g in (32, 64):
+        if K % g == 0:
+            out[f"int4 g{g} fastlfm gemv_q4 (int8 x)"] = (
+                0.5 + 4 / g, lambda w, g=g: (lambda q: cpu_gemv.pack_int4(q.q, q.scale, q.zero, g))(quantize_int4(w, g)),
+                lambda x, p, g=g: cpu_gemv.gemv_int4(x, p[0], p[1], g, N, bf16), bf16)
     return out
 
 
