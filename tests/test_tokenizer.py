@@ -522,6 +522,22 @@ def test_text_stream_equals_decode_for_any_ids(tok):
                 tok.decode(ids, skip_special_tokens=skip)
 
 
+def test_token_bytes_are_what_the_decoder_makes_of_each_token(tok):
+    """Oracle: tokenizers' own ByteLevel decoder. A token whose bytes are whole UTF-8 characters
+    decodes to exactly them; one that is not (a partial character) decodes to replacement text;
+    added tokens are their own UTF-8."""
+    table, whole = tok.token_bytes, 0
+    assert len(table) == tok._backend.get_vocab_size(with_added_tokens=True)
+    for i, b in enumerate(table):
+        text = tok.decode([i])
+        try:
+            assert b.decode() == text, (i, b, text)
+            whole += 1
+        except UnicodeDecodeError:
+            assert "\ufffd" in text, (i, b, text)
+    assert whole > len(table) // 2
+
+
 def _byte_token(tok, value: int) -> int:
     return next(i for i, b in enumerate(tok.token_bytes) if b == bytes([value]))
 
