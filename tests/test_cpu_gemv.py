@@ -284,3 +284,15 @@ def test_paged_decode_attention_equals_sdpa_over_the_gathered_history(dtype, n):
     got = cpu_gemv.paged_decode_attention(q, k, v, k_cache, v_cache, table, n, slot)
     assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)  # the token's K/V written at its slot
     torch.testing.assert_close(got.float(), ref, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)
+
+
+def test_a_shape_only_fastlfm_takes_stays_quantized(kernels):
+    """int4 with 40 output rows: torch's int4 kernel needs N % 16 (the weight then runs de-quantized
+    in bf16); fastlfm's pads the rows and keeps it int4. Either way the product is the weight's."""
+    from fastlfm.cpu_linear import PackedLinear, make_linear
+    w = quantize_int4(torch.randn(40, 64, generator=_gen(50)) * 0.05, 32)
+    module = make_linear(w)
+    assert type(module) is (Int4Linear if kernels == "fastlfm" else PackedLinear)
+    x = torch.randn(3, 64, generator=_gen(51))
+    x_seen = blocks_as_int8(x) if kernels == "fastlfm" else x.bfloat16().double()
+    torch.testing.assert_close(module(x).double(), x_seen @ w.dequantize().double().t(), rtol=2e-2, atol=2e-2)

@@ -9,8 +9,8 @@ FMA.
 
 They need AVX-512 (F, BW, VNNI, BF16) and a C++ compiler: `torch.utils.cpp_extension` compiles
 them once per host and torch version (~15 s, into ~/.cache/fastlfm/cpu_kernels) and later
-processes load the built library directly (~10 ms). Elsewhere, or with `FASTLFM_CPU_GEMV=0`, `available()` is
-False and fastlfm.cpu_linear uses torch's kernels.
+processes load the built library directly (~10 ms). Elsewhere, or with `FASTLFM_CPU_GEMV=0`,
+`available()` is False and fastlfm.cpu_linear uses torch's kernels.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import logging
 import os
 import threading
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -34,8 +35,8 @@ _SOURCE = Path(__file__).parent / "csrc" / "cpu_gemv.cpp"
 # -fopenmp: at::parallel_for is OpenMP code inlined from ATen's headers (serial without it); at
 # run time the library binds to the libgomp.so.1 that torch has already loaded. -ffp-contract=off:
 # a product and a sum stay two roundings, as in the torch ops the small kernels stand in for.
-_CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx512bf16",
-           "-mfma", "-mf16c"]
+_CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+           "-mavx512vnni", "-mavx512bf16", "-mfma", "-mf16c"]
 _LDFLAGS = ["-fopenmp"]
 
 _lock = threading.Lock()
@@ -116,10 +117,10 @@ def _build() -> tuple[bool, str | None]:
 
 
 # ----------------------------------------------------------------------------- weight layouts
-def _pad_rows(t: torch.Tensor, fill: float = 0) -> torch.Tensor:
-    n = t.shape[0]
-    pad = -n % ROWS
-    return t if not pad else torch.cat([t, t.new_full((pad, *t.shape[1:]), fill)])
+def _pad_rows(t: torch.Tensor) -> torch.Tensor:
+    """t with zero rows appended up to a multiple of ROWS."""
+    pad = -t.shape[0] % ROWS
+    return t if not pad else torch.cat([t, t.new_zeros((pad, *t.shape[1:]))])
 
 
 def pack_int8(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,9 +141,8 @@ def pack_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_si
     n, k = q.shape
     qp = _pad_rows(q).view(-1, ROWS, k // 8, 2, 4).permute(0, 2, 1, 3, 4)
     packed = (qp[..., 0, :] | (qp[..., 1, :] << 4)).contiguous()
-    a, z = _pad_rows(scale.float()), _pad_rows(zero.float())
-    ac = torch.stack([a, z], 0).view(2, -1, ROWS, k // group_size).permute(1, 3, 0, 2).to(torch.float16).contiguous()
-    return packed, ac
+    scale_zero = torch.stack([_pad_rows(scale.float()), _pad_rows(zero.float())], 0)
+    return packed, scale_zero.view(2, -1, ROWS, k // group_size).permute(1, 3, 0, 2).to(torch.float16).contiguous()
 
 
 def supports(n: int, k: int, group_size: int | None = None) -> bool:
@@ -157,7 +157,7 @@ def supports(n: int, k: int, group_size: int | None = None) -> bool:
 # Each product takes (rows, in_features) fp32 / bf16 inputs, or (rows, 2 in_features) with
 # `silu_gate` (SiLU(gate) * up of [gate | up]), optionally RMSNorm-ed first (`norm` = (weight, eps));
 # it returns residual + x W^T in `out_dtype` (the residual's dtype when one is given).
-Norm = "tuple[torch.Tensor, float] | None"
+Norm = Optional[tuple[torch.Tensor, float]]
 
 
 def _call(op, x: torch.Tensor, weights: tuple, n: int, out_dtype: torch.dtype, residual: torch.Tensor | None,
@@ -176,10 +176,10 @@ def gemv_int8(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, n: int
     return _call(torch.ops.fastlfm_cpu.gemv_q8, x, (packed, scale), n, out_dtype, residual, norm, silu_gate)
 
 
-def gemv_int4(x: torch.Tensor, packed: torch.Tensor, ac: torch.Tensor, group_size: int, n: int,
+def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group_size: int, n: int,
               out_dtype: torch.dtype, residual: torch.Tensor | None = None, norm: Norm = None,
               silu_gate: bool = False) -> torch.Tensor:
-    return _call(torch.ops.fastlfm_cpu.gemv_q4, x, (packed, ac, group_size), n, out_dtype, residual, norm,
+    return _call(torch.ops.fastlfm_cpu.gemv_q4, x, (packed, scale_zero, group_size), n, out_dtype, residual, norm,
                  silu_gate)
 
 

@@ -8,6 +8,10 @@ speed, and fewer bytes per weight go faster still. bench/cpu_kernels.py measures
 candidate on every LFM2 decode shape (table in BENCHMARKS.md); this module installs the
 winners:
 
+- where fastlfm's own kernels run (`cpu_gemv`: AVX-512 VNNI + BF16), they take every
+  projection (`GemvLinear`): fp32 / bf16 decode in `PlainLinear` (prefill through oneDNN on the
+  same weight), int8 / int4 products at any row count, with the RMSNorm, SwiGLU gate and
+  residual folded in (`fused`, the engine's `ctx.linear`). Elsewhere torch's kernels:
 - fp32 / bf16 weights: `PackedLinear`, oneDNN's packed linear (the packed weight also serves
   prefill: oneDNN runs any row count on it), or `PlainLinear` (torch's `F.linear`) for the
   (dtype, shape) pairs where packing is not faster on this host: `prepare_for_cpu(pack="auto")`
@@ -232,10 +236,11 @@ class GemvLinear(CpuLinear):
 
 class PlainLinear(GemvLinear):
     """fp32 / bf16 weight kept as it is. Always where fastlfm's kernels run (`cpu_gemv`): up to
-    `GEMV_ROWS` rows (decode) through its AVX-512 product, more (a prefill) through oneDNN. Otherwise chosen where pre-packing is not faster for one row on this host:
-    one row runs through `F.linear` (torch's default kernel), several through oneDNN on the same
-    unpacked weight, which there is as fast as the packed one (and up to 20% faster than
-    F.linear for the wide projections). The weight shares the source tensor's storage (a tied
+    `GEMV_ROWS` rows (decode) through its AVX-512 product, more (a prefill) through oneDNN.
+    Otherwise chosen where pre-packing is not faster for one row on this host: one row runs
+    through `F.linear` (torch's default kernel), several through oneDNN on the same unpacked
+    weight, which there is as fast as the packed one (and up to 20% faster than F.linear for the
+    wide projections). The weight shares the source tensor's storage (a tied
     LM head keeps reading the embedding's table: no copy)."""
 
     def __init__(self, weight: torch.Tensor):
@@ -376,8 +381,12 @@ class FusedAway(nn.Module):
 
 
 def kernel_supports(weight: Weight) -> bool:
-    """Whether torch's CPU kernel takes this shape (int8: K % 32; int4: N % 16 and K % group)."""
+    """Whether a quantized kernel takes this shape: fastlfm's where they run (`cpu_gemv.supports`:
+    the modules then use them), else torch's (int8: K % 32; int4: N % 16 and K % group)."""
     N, K = weight.shape
+    if isinstance(weight, (Int8Weight, Int4Weight)) and cpu_gemv.available() \
+            and cpu_gemv.supports(N, K, getattr(weight, "group_size", None)):
+        return True
     if isinstance(weight, Int8Weight):
         return K % 32 == 0  # other K crash or misbehave in torch 2.13's _weight_int8pack_mm
     if isinstance(weight, Int4Weight):

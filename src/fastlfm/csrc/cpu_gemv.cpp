@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -137,6 +138,31 @@ void check_common(const at::Tensor& x, const at::Tensor& out, const c10::optiona
   }
 }
 
+// The input rows after the prologue, quantized to int8 blocks, in the calling thread's buffers
+// (the workers of the product read them through the returned pointer).
+const QuantizedRow* quantized_rows(const at::Tensor& x, int64_t K, const c10::optional<at::Tensor>& norm_weight,
+                                   double eps, bool silu_gate, bool offset128) {
+  thread_local std::vector<float> xf;
+  thread_local std::vector<QuantizedRow> xq;
+  prologue_rows(x, K, norm_weight, eps, silu_gate, xf);
+  xq.resize(x.size(0));
+  for (int64_t m = 0; m < x.size(0); ++m) quantize_row(xf.data() + m * K, K, offset128, xq[m]);
+  return xq.data();
+}
+
+// Rows 0..M-1 of the input in tiles of four (then one tile of the 1-3 left): tile(MT constant, m0).
+template <typename Tile>
+inline void over_tiles(int64_t M, Tile&& tile) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) tile(std::integral_constant<int, 4>(), m);
+  switch (M - m) {
+    case 3: tile(std::integral_constant<int, 3>(), m); break;
+    case 2: tile(std::integral_constant<int, 2>(), m); break;
+    case 1: tile(std::integral_constant<int, 1>(), m); break;
+    default: break;
+  }
+}
+
 // One row group (16 outputs) of the q8 product for MT input rows at once: each weight load feeds
 // MT dot products (prefill runs at the VNNI rate, not the load rate), two chains per row.
 template <int MT>
@@ -180,12 +206,7 @@ void gemv_q8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, 
   check_common(x, out, residual);
   const int64_t M = x.size(0), K = scale.numel() ? w.numel() / scale.numel() : 0, N = out.size(1);
   TORCH_CHECK(K % BLOCK == 0 && w.numel() == (N + ROWS - 1) / ROWS * ROWS * K, "gemv_q8: weight/input shape mismatch");
-  thread_local std::vector<float> xf;
-  prologue_rows(x, K, norm_weight, eps, silu_gate, xf);
-  thread_local std::vector<QuantizedRow> xq;
-  xq.resize(M);
-  for (int64_t m = 0; m < M; ++m) quantize_row(xf.data() + m * K, K, true, xq[m]);
-  const QuantizedRow* XQ = xq.data();  // (the workers see the caller's thread-local buffers through it)
+  const QuantizedRow* XQ = quantized_rows(x, K, norm_weight, eps, silu_gate, true);
   const uint8_t* W = w.data_ptr<uint8_t>();
   const float* S = scale.data_ptr<float>();
   const at::Tensor* res = residual ? &*residual : nullptr;
@@ -194,21 +215,16 @@ void gemv_q8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, 
     for (int64_t g = g0; g < g1; ++g) {
       const uint8_t* Wg = W + g * ROWS * K;
       const __m512 s = _mm512_loadu_ps(S + g * ROWS);
-      int64_t m = 0;
-      for (; m + 4 <= M; m += 4) q8_tile<4>(Wg, nb, XQ, s, out, res, m, g * ROWS, N);
-      switch (M - m) {
-        case 3: q8_tile<3>(Wg, nb, XQ, s, out, res, m, g * ROWS, N); break;
-        case 2: q8_tile<2>(Wg, nb, XQ, s, out, res, m, g * ROWS, N); break;
-        case 1: q8_tile<1>(Wg, nb, XQ, s, out, res, m, g * ROWS, N); break;
-        default: break;
-      }
+      over_tiles(M, [&](auto mt, int64_t m0) {
+        q8_tile<decltype(mt)::value>(Wg, nb, XQ, s, out, res, m0, g * ROWS, N);
+      });
     }
   });
 }
 
 // One row group of the q4 product for MT input rows at once (as q8_tile).
 template <int MT>
-inline void q4_tile(const uint8_t* Wg, const uint16_t* ACg, int64_t nb, int64_t per_group, const QuantizedRow* XQ,
+inline void q4_tile(const uint8_t* Wg, const uint16_t* SZg, int64_t nb, int64_t per_group, const QuantizedRow* XQ,
                     const at::Tensor& out, const at::Tensor* res, int64_t m0, int64_t n0, int64_t N) {
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   const int32_t* xq4[MT];
@@ -231,9 +247,9 @@ inline void q4_tile(const uint8_t* Wg, const uint16_t* ACg, int64_t nb, int64_t 
         hi[j] = _mm512_dpbusd_epi32(hi[j], wh, _mm512_set1_epi32(xb[2 * t + 1]));
       }
     }
-    const uint16_t* acb = ACg + (b / per_group) * 2 * ROWS;
-    const __m512 a = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(acb)));
-    const __m512 z = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(acb + ROWS)));
+    const uint16_t* szb = SZg + (b / per_group) * 2 * ROWS;
+    const __m512 a = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(szb)));
+    const __m512 z = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(szb + ROWS)));
     const __m512 c = _mm512_fmadd_ps(a, _mm512_set1_ps(-8.f), z);  // w = a q + c = (q - 8) a + z
     for (int j = 0; j < MT; ++j) {
       const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(lo[j], hi[j]));
@@ -244,39 +260,30 @@ inline void q4_tile(const uint8_t* Wg, const uint16_t* ACg, int64_t nb, int64_t 
   for (int j = 0; j < MT; ++j) store_rows(acc[j], out, res, m0 + j, n0, N);
 }
 
-// y = x W^T, W int4 in groups of `group` inputs, in the q4 layout; `ac`: (N/16, K/group, 2, 16)
+// y = x W^T, W int4 in groups of `group` inputs, in the q4 layout; `scale_zero`: (N/16, K/group, 2, 16)
 // fp16 [scale a, zero z] per row group and input group (w = (q - 8) a + z: the zero is stored,
 // not c = z - 8a, so fp16 holds both exactly).
-void gemv_q4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& ac, int64_t group, at::Tensor& out,
+void gemv_q4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale_zero, int64_t group, at::Tensor& out,
              const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& norm_weight, double eps,
              bool silu_gate) {
   check_common(x, out, residual);
-  TORCH_CHECK(ac.scalar_type() == at::kHalf && ac.dim() == 4, "gemv_q4: the coefficients must be fp16 (N/16, G, 2, 16)");
-  const int64_t M = x.size(0), K = ac.size(1) * group, N = out.size(1);
+  TORCH_CHECK(scale_zero.scalar_type() == at::kHalf && scale_zero.dim() == 4,
+              "gemv_q4: scale_zero must be fp16 (N/16, K/group, 2, 16)");
+  const int64_t M = x.size(0), K = scale_zero.size(1) * group, N = out.size(1);
   TORCH_CHECK(group % BLOCK == 0 && w.numel() == (N + ROWS - 1) / ROWS * ROWS * K / 2,
               "gemv_q4: weight/input shape mismatch");
-  thread_local std::vector<float> xf;
-  prologue_rows(x, K, norm_weight, eps, silu_gate, xf);
-  thread_local std::vector<QuantizedRow> xq;
-  xq.resize(M);
-  for (int64_t m = 0; m < M; ++m) quantize_row(xf.data() + m * K, K, false, xq[m]);
-  const QuantizedRow* XQ = xq.data();
+  const QuantizedRow* XQ = quantized_rows(x, K, norm_weight, eps, silu_gate, false);
   const uint8_t* W = w.data_ptr<uint8_t>();
-  const uint16_t* AC = reinterpret_cast<const uint16_t*>(ac.data_ptr<at::Half>());
+  const uint16_t* SZ = reinterpret_cast<const uint16_t*>(scale_zero.data_ptr<at::Half>());
   const at::Tensor* res = residual ? &*residual : nullptr;
   const int64_t groups = (N + ROWS - 1) / ROWS, nb = K / BLOCK, ng = K / group, per_group = group / BLOCK;
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
       const uint8_t* Wg = W + g * ROWS * K / 2;
-      const uint16_t* ACg = AC + g * ng * 2 * ROWS;
-      int64_t m = 0;
-      for (; m + 4 <= M; m += 4) q4_tile<4>(Wg, ACg, nb, per_group, XQ, out, res, m, g * ROWS, N);
-      switch (M - m) {
-        case 3: q4_tile<3>(Wg, ACg, nb, per_group, XQ, out, res, m, g * ROWS, N); break;
-        case 2: q4_tile<2>(Wg, ACg, nb, per_group, XQ, out, res, m, g * ROWS, N); break;
-        case 1: q4_tile<1>(Wg, ACg, nb, per_group, XQ, out, res, m, g * ROWS, N); break;
-        default: break;
-      }
+      const uint16_t* SZg = SZ + g * ng * 2 * ROWS;
+      over_tiles(M, [&](auto mt, int64_t m0) {
+        q4_tile<decltype(mt)::value>(Wg, SZg, nb, per_group, XQ, out, res, m0, g * ROWS, N);
+      });
     }
   });
 }
@@ -632,7 +639,7 @@ TORCH_LIBRARY(fastlfm_cpu, lib) {
   // prologue: silu_gate (x = [gate | up]) then RMSNorm with norm_weight (if given), see prologue_rows
   lib.def("gemv_q8(Tensor x, Tensor w, Tensor scale, Tensor(a!) out, Tensor? residual, Tensor? norm_weight, "
           "float eps, bool silu_gate) -> ()");
-  lib.def("gemv_q4(Tensor x, Tensor w, Tensor ac, int group, Tensor(a!) out, Tensor? residual, "
+  lib.def("gemv_q4(Tensor x, Tensor w, Tensor scale_zero, int group, Tensor(a!) out, Tensor? residual, "
           "Tensor? norm_weight, float eps, bool silu_gate) -> ()");
   lib.def("gemv_dense(Tensor x, Tensor w, Tensor(a!) out, Tensor? residual, Tensor? norm_weight, float eps, "
           "bool silu_gate) -> ()");
