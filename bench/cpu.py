@@ -161,7 +161,14 @@ class FastlfmRunner:
 
 
 def cold_start(source: str, dtype: str, quantization: str | None, threads: int) -> float:
-    """Seconds from launching a fresh Python process to the first generated token."""
+    """Seconds from launching a fresh Python process to the first generated token. fastlfm's
+    modules are byte-compiled first, as `pip install` does (with PYTHONDONTWRITEBYTECODE set, as on
+    some machines, every start would compile them again: ~0.15 s)."""
+    import compileall
+
+    import fastlfm
+
+    compileall.compile_dir(os.path.dirname(fastlfm.__file__), quiet=1)
     code = ("import time, torch; torch.set_num_threads({t}); from fastlfm import LLM; "
             "llm = LLM({s!r}, dtype={d!r}, quantization={q!r}); "
             "out = llm.generate('Hello, how are you today?', max_new_tokens=1, ignore_eos=True); "

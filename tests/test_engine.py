@@ -3,6 +3,7 @@ exactly the tokens of the reference model (Lfm2ForCausalLM + Lfm2Cache, parity-t
 against transformers), and every KV block and conv slot must come back."""
 
 import asyncio
+import os
 
 import pytest
 import torch
@@ -516,3 +517,23 @@ def test_bad_prefill_graph_tokens_is_named(model):
     for bad in (-1, 2.5, "all"):
         with pytest.raises(ValueError, match="prefill_graph_tokens"):
             LLMEngine(model, max_num_seqs=2, max_model_len=32, prefill_graph_tokens=bad)
+
+
+def test_cpu_cache_pool_is_zeros_that_take_memory_only_as_they_fill():
+    """The CPU pool (model_runner.zeros): reads as zeros, writes stick, and a 256 MiB pool does not
+    raise the process's resident memory by its size up front (pages come zeroed on first touch)."""
+    from fastlfm.engine.model_runner import zeros
+
+    def resident_bytes() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    before = resident_bytes()
+    pool = zeros((256, 16, 8, 64, 64), torch.bfloat16, torch.device("cpu"))  # 256 MiB
+    assert resident_bytes() - before < 32 << 20
+    assert pool.shape == (256, 16, 8, 64, 64) and pool.dtype == torch.bfloat16 and pool.is_contiguous()
+    assert not pool[7].any() and not pool[-1].any()
+    pool[3, 2, 1] = 1.5
+    assert float(pool[3, 2, 1].sum()) == 1.5 * 64 * 64 and float(pool.sum()) == 1.5 * 64 * 64
+    small = zeros((3, 5), torch.float32, torch.device("cpu"))
+    assert torch.equal(small, torch.zeros(3, 5))

@@ -538,6 +538,21 @@ def test_token_bytes_are_what_the_decoder_makes_of_each_token(tok):
     assert whole > len(table) // 2
 
 
+def test_id_to_bytes_is_the_table_and_empty_outside_the_vocabulary(tok_dir):
+    """The per-id lookup the text stream uses equals the whole table (oracle above: the decoder),
+    for an added token outside the byte-level alphabet too (its own UTF-8), and is b"" for ids the
+    vocabulary does not have."""
+    fresh = Tokenizer.from_pretrained(tok_dir)
+    fresh._backend.add_tokens(["héllo wörld ✓"])  # space, Latin-1 and a symbol: not byte-level characters
+    added = fresh._backend.token_to_id("héllo wörld ✓")
+    table = fresh.token_bytes
+    assert table[added] == "héllo wörld ✓".encode() and fresh.decode([added]) == "héllo wörld ✓"
+    lookup = Tokenizer.from_pretrained(tok_dir)
+    lookup._backend.add_tokens(["héllo wörld ✓"])
+    assert [lookup.id_to_bytes(i) for i in reversed(range(len(table)))][::-1] == table
+    assert lookup.id_to_bytes(-1) == lookup.id_to_bytes(len(table)) == lookup.id_to_bytes(10**12) == b""
+
+
 def _byte_token(tok, value: int) -> int:
     return next(i for i, b in enumerate(tok.token_bytes) if b == bytes([value]))
 

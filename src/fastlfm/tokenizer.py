@@ -16,11 +16,14 @@ strings, never half of a multi-byte character, O(1) amortized work per token.
 
 from __future__ import annotations
 
+import bisect
 import codecs
 import dataclasses
 import functools
+import itertools
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -381,6 +384,7 @@ class Tokenizer:
         from tokenizers import AddedToken
 
         self._backend = backend
+        self._id_bytes: dict[int, bytes] = {}  # id_to_bytes, filled as ids come
         # Plain encode/decode never pads or truncates (transformers disables both by default).
         self._backend.no_truncation()
         self._backend.no_padding()
@@ -399,10 +403,12 @@ class Tokenizer:
                 extras.append(tok)
         self._extra_special: list[str] = extras
 
-        vocab = self._backend.get_vocab(with_added_tokens=True)
+        def known(content: str) -> bool:  # a lookup: get_vocab() builds a dict of the whole vocabulary (50 ms)
+            return self._backend.token_to_id(content) is not None
+
         for entry in added_tokens:
             content = entry["content"]
-            if content in vocab:
+            if known(content):
                 continue
             tok = AddedToken(
                 content,
@@ -413,8 +419,7 @@ class Tokenizer:
                 special=bool(entry.get("special", False)),
             )
             self._backend.add_tokens([tok])
-            vocab[content] = self._backend.token_to_id(content)
-        missing = [t for t in [*named.values(), *extras] if t not in vocab]
+        missing = [t for t in [*named.values(), *extras] if not known(t)]
         if missing:
             self._backend.add_special_tokens(
                 [AddedToken(t, special=True, normalized=False) for t in dict.fromkeys(missing)]
@@ -633,30 +638,59 @@ class Tokenizer:
         return frozenset(i for i, t in self._backend.get_added_tokens_decoder().items() if t.special)
 
     @functools.cached_property
-    def token_bytes(self) -> list[bytes] | None:
-        """The bytes each id decodes to, for byte-level tokenizers (None for others).
+    def _byte_level_map(self):
+        """The charmap codec table of the byte-level alphabet (None unless the decoder is ByteLevel)."""
+        if type(self._backend.decoder).__name__ != "ByteLevel":
+            return None
+        alphabet = _byte_level_alphabet()
+        return codecs.charmap_build("".join(sorted(alphabet, key=alphabet.__getitem__)))
+
+    @property
+    def is_byte_level(self) -> bool:
+        """Whether every id decodes to fixed bytes (:meth:`id_to_bytes`): a ByteLevel decoder."""
+        return self._byte_level_map is not None
+
+    def id_to_bytes(self, token_id: int) -> bytes:
+        """The bytes `token_id` decodes to, for byte-level tokenizers (b"" for an id outside the
+        vocabulary); remembered per id, so a process's first text costs nothing up front.
 
         With a ByteLevel decoder, ``decode(ids)`` is the UTF-8 decoding (invalid sequences
         replaced) of the ids' bytes laid end to end, so text can be built byte by byte: a
         token string maps to bytes through the byte-level alphabet, or, when it has a character
         outside it (an added token), to its own UTF-8 bytes, as the decoder does.
         """
-        if type(self._backend.decoder).__name__ != "ByteLevel":
+        known = self._id_bytes.get(token_id)
+        if known is None:
+            in_vocab = 0 <= token_id < self._backend.get_vocab_size(with_added_tokens=True)
+            token = self._backend.id_to_token(token_id) if in_vocab else None
+            known = b"" if token is None else self._token_to_bytes(token)
+            self._id_bytes[token_id] = known
+        return known
+
+    def _token_to_bytes(self, token: str) -> bytes:
+        try:
+            return codecs.charmap_encode(token, "strict", self._byte_level_map)[0]
+        except UnicodeEncodeError:  # a character outside the alphabet (an added token): its own UTF-8
+            return token.encode()
+
+    @functools.cached_property
+    def token_bytes(self) -> list[bytes] | None:
+        """:meth:`id_to_bytes` of every id (None for tokenizers that are not byte-level), for
+        callers that need the whole table (grammars)."""
+        if not self.is_byte_level:
             return None
-        # A charmap codec of the byte-level alphabet encodes a token in C (LFM2's 65,536 in ~30 ms,
-        # a per-character loop took 3-5x that in every process's first generation); a token with a
-        # character outside the alphabet (an added token) is its own UTF-8, as the decoder does.
-        by_byte = sorted(_byte_level_alphabet().items(), key=lambda item: item[1])
-        encoding_map = codecs.charmap_build("".join(c for c, _ in by_byte))
-
-        def token_to_bytes(token: str) -> bytes:
-            try:
-                return codecs.charmap_encode(token, "strict", encoding_map)[0]
-            except UnicodeEncodeError:
-                return token.encode()
-
-        return [token_to_bytes(self._backend.id_to_token(i) or "")
-                for i in range(self._backend.get_vocab_size(with_added_tokens=True))]
+        # One charmap encoding of all tokens laid end to end, cut at the token boundaries (a byte
+        # per character): ~70 ms for LFM2's 65,536, a call per token takes twice that.
+        id_to_token = self._backend.id_to_token
+        tokens = [id_to_token(i) or "" for i in range(self._backend.get_vocab_size(with_added_tokens=True))]
+        joined = "".join(tokens)
+        encoded = codecs.charmap_encode(joined, "replace", self._byte_level_map)[0]
+        ends = list(itertools.accumulate(map(len, tokens)))
+        table = [encoded[start:end] for start, end in zip([0, *ends], ends)]
+        outside = re.compile("[^" + re.escape("".join(_byte_level_alphabet())) + "]")
+        for i in sorted({bisect.bisect_right(ends, m.start()) for m in outside.finditer(joined)}):
+            table[i] = self._token_to_bytes(tokens[i])
+        return table
 
     @property
     def add_bos_token(self) -> bool:
@@ -845,7 +879,7 @@ class TextStream:
     whose bytes never all arrived comes out as U+FFFD). The deltas concatenate to
     ``tokenizer.decode(ids, skip_special_tokens=...)`` cut before the first stop string.
 
-    Byte-level tokenizers (LFM2's): each id maps to fixed bytes (``Tokenizer.token_bytes``) and
+    Byte-level tokenizers (LFM2's): each id maps to fixed bytes (``Tokenizer.id_to_bytes``) and
     Python's incremental UTF-8 decoder turns the byte stream into text. tokenizers' own
     ``DecodeStream`` does not fit here: while its text ends in U+FFFD it re-decodes a window
     that grows by one id per step, so a run of ids that never completes a character (lone
@@ -861,8 +895,8 @@ class TextStream:
         self.stop_strings = [s for s in stop_strings if s]
         self._max_held = max((len(s) - 1 for s in self.stop_strings), default=0)
         self._skip = tokenizer.special_token_ids - frozenset(keep_token_ids) if skip_special_tokens else frozenset()
-        self._bytes = tokenizer.token_bytes
-        if self._bytes is not None:
+        self._id_to_bytes = tokenizer.id_to_bytes if tokenizer.is_byte_level else None
+        if self._id_to_bytes is not None:
             self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         else:
             from tokenizers.decoders import DecodeStream
@@ -882,8 +916,8 @@ class TextStream:
         """Append one generated id; return the newly released text (possibly "")."""
         if self.stopped or token_id in self._skip:
             return ""
-        if self._bytes is not None:
-            piece = self._utf8.decode(self._bytes[token_id] if 0 <= token_id < len(self._bytes) else b"")
+        if self._id_to_bytes is not None:
+            piece = self._utf8.decode(self._id_to_bytes(token_id))
         else:
             piece = self._stream.step(self._backend, token_id)
             if piece is None:
@@ -896,7 +930,7 @@ class TextStream:
         """End of generation: release the held-back text and any incomplete character."""
         if self.stopped:
             return ""
-        if self._bytes is not None:
+        if self._id_to_bytes is not None:
             tail = self._utf8.decode(b"", final=True)
         else:  # the ids DecodeStream still waits on, decoded after their context id
             tail = ""
