@@ -537,3 +537,20 @@ def test_cpu_cache_pool_is_zeros_that_take_memory_only_as_they_fill():
     assert float(pool[3, 2, 1].sum()) == 1.5 * 64 * 64 and float(pool.sum()) == 1.5 * 64 * 64
     small = zeros((3, 5), torch.float32, torch.device("cpu"))
     assert torch.equal(small, torch.zeros(3, 5))
+
+
+def test_merge_outputs_is_what_the_outputs_added_in_order():
+    """Held outputs merged once equal the outputs laid end to end (tokens, text, logprobs), with the
+    last one's state; a single output is itself."""
+    from fastlfm.engine.llm_engine import RequestOutput, TokenLogprob, merge_outputs
+
+    history = list(range(20))
+    outs = [RequestOutput("r", [10 + i], f"t{i} ", i == 3, "length" if i == 3 else None, 10, 11 + i, history,
+                          logprobs=[TokenLogprob(10 + i, -0.5 * i, [])]) for i in range(4)]
+    merged = merge_outputs(outs)
+    assert merged.new_token_ids == [10, 11, 12, 13] and merged.new_text == "t0 t1 t2 t3 "
+    assert [lp.token_id for lp in merged.logprobs] == [10, 11, 12, 13]
+    assert (merged.finished, merged.finish_reason, merged.num_tokens) == (True, "length", 14)
+    assert merged.token_ids == history[10:14]
+    assert outs[0].merged(outs[1]).new_token_ids == [10, 11] and merge_outputs(outs[:1]) is outs[0]
+    assert outs[0].new_token_ids == [10]  # the inputs are left as they were

@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, AsyncIterator
 
-from .llm_engine import EngineStats, LLMEngine, RequestOutput
+from .llm_engine import EngineStats, LLMEngine, RequestOutput, merge_outputs
 from .multimodal import check_image_inputs
 
 
@@ -49,9 +49,10 @@ class EngineLoop:
         self.engine, self.sink = engine, sink
         self.stream_interval_s, self.stream_every_step = stream_interval_s, stream_every_step
         self.stream_events_per_s = stream_events_per_s
-        # loop thread only: live requests, outputs not yet handed out, when each request last got one
+        # loop thread only: live requests, outputs not yet handed out (merged once, when they go: a
+        # merge per step costs ~5 us a stream, 0.5 ms a step at 100 streams), when each last got one
         self._live: set[str] = set()
-        self._held: dict[str, RequestOutput] = {}
+        self._held: dict[str, list[RequestOutput]] = {}
         self._last_sent: dict[str, float] = {}
         self._wake = threading.Condition(threading.Lock())
         self._submissions: deque = deque()
@@ -103,16 +104,13 @@ class EngineLoop:
             if out.error is not None:
                 send.append((rid, out.error))
                 continue
-            held = self._held.pop(rid, None)
-            if held is not None:
-                out = held.merged(out)
             if every_step or out.finished or rid not in self._last_sent or now - self._last_sent[rid] >= interval:
-                send.append((rid, out))
+                send.append((rid, out))  # _deliver puts what was held in front
             else:
-                self._held[rid] = out
+                self._held.setdefault(rid, []).append(out)
         # held outputs of requests that had no token this step (preempted, waiting) still go on time
         for rid in [rid for rid in self._held if now - self._last_sent[rid] >= interval]:
-            send.append((rid, self._held.pop(rid)))
+            send.append((rid, merge_outputs(self._held.pop(rid))))
         self._deliver(send)
 
     def _deliver(self, items: list[tuple[str, Any]]) -> None:
@@ -121,7 +119,7 @@ class EngineLoop:
         for request_id, item in items:
             held = self._held.pop(request_id, None)
             if held is not None and not isinstance(item, BaseException):
-                item = held.merged(item)
+                item = merge_outputs([*held, item])
             if request_id not in self._live:
                 self._last_sent.pop(request_id, None)
                 continue
@@ -209,12 +207,15 @@ class StreamingFrontend:
             while True:
                 item, held = (held, None) if held is not None else (await queue.get(), None)
                 # A consumer that fell behind gets what it missed as one output (one SSE event, not many).
+                behind = [item]
                 while not isinstance(item, BaseException) and not item.finished and not queue.empty():
-                    later = queue.get_nowait()
-                    if isinstance(later, BaseException):
-                        held = later
+                    item = queue.get_nowait()
+                    if isinstance(item, BaseException):
+                        held, item = item, behind[-1]
                         break
-                    item = item.merged(later)
+                    behind.append(item)
+                if len(behind) > 1:
+                    item = merge_outputs(behind)
                 if isinstance(item, BaseException):
                     finished = True
                     raise item

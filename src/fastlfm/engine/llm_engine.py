@@ -84,9 +84,19 @@ class RequestOutput:
 
     def merged(self, later: "RequestOutput") -> "RequestOutput":
         """This output and a later one of the same request as one output (what both added)."""
-        lp = None if self.logprobs is None else self.logprobs + (later.logprobs or [])
-        return replace(later, new_token_ids=self.new_token_ids + later.new_token_ids,
-                       new_text=self.new_text + later.new_text, logprobs=lp)
+        return merge_outputs([self, later])
+
+
+def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
+    """Consecutive outputs of one request as one (what they all added): one copy of each part, so
+    holding n outputs back and merging them once costs O(n), not O(n^2) of pairwise merges."""
+    last = outputs[-1]
+    if len(outputs) == 1:
+        return last
+    first = outputs[0]
+    lp = None if first.logprobs is None else [x for o in outputs for x in (o.logprobs or ())]
+    return replace(last, new_token_ids=[t for o in outputs for t in o.new_token_ids],
+                   new_text="".join(o.new_text for o in outputs), logprobs=lp)
 
 
 @dataclass
