@@ -700,14 +700,13 @@ class LLMEngine:
                 upto: int | None = None, error: BaseException | None = None) -> RequestOutput:
         """`upto`: the tokens known on the host (later ones may still be in flight)."""
         stream = seq.text_stream
+        # Positional, in the fields' order: a step makes one per running request, and keywords
+        # cost the dataclass's __init__ twice the time (2.3 vs 1.0 us).
         return RequestOutput(
-            request_id=seq.request_id, new_token_ids=list(new_ids), new_text=new_text,
-            finished=seq.is_finished, finish_reason=seq.finish_reason, num_prompt_tokens=seq.num_prompt_tokens,
-            num_tokens=len(seq.token_ids) if upto is None else upto, all_token_ids=seq.token_ids,
-            logprobs=list(new_lp) if seq.params.logprobs is not None else None,
-            text_stream=stream, num_chars=stream.num_chars if stream is not None else 0, error=error,
-            num_cached_tokens=seq.num_cached_tokens or 0,
-        )
+            seq.request_id, list(new_ids), new_text, seq.is_finished, seq.finish_reason, seq.num_prompt_tokens,
+            len(seq.token_ids) if upto is None else upto, seq.token_ids,
+            list(new_lp) if seq.params.logprobs is not None else None,
+            stream, stream.num_chars if stream is not None else 0, error, seq.num_cached_tokens or 0)
 
     # -- synchronous API ----------------------------------------------------------------
     def iter_outputs(self, seqs: Seq[Sequence]) -> "OutputStream":

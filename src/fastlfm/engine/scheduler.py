@@ -75,20 +75,22 @@ class Scheduler:
         #    Those whose last token is in flight only wait to be finished: no step, no preemption.
         kept = [s for s in self.running if s.awaiting_finish]
         queue = deque(s for s in self.running if not s.awaiting_finish)
+        block_size = bm.block_size
         while queue and budget > 0:
             seq = queue.popleft()
             n = min(seq.num_uncomputed_tokens, budget)
             target = seq.num_computed_tokens + n
-            while bm.extra_blocks_needed(seq, target) > bm.num_free_blocks:
-                if self.evict_parked():
+            if target > len(seq.block_table) * block_size:  # most decode steps fit the blocks it has
+                while bm.extra_blocks_needed(seq, target) > bm.num_free_blocks:
+                    if self.evict_parked():
+                        continue
+                    victim = queue.pop() if queue else seq
+                    self._preempt(victim)
+                    if victim is seq:
+                        break
+                if seq.status is not SequenceStatus.RUNNING:
                     continue
-                victim = queue.pop() if queue else seq
-                self._preempt(victim)
-                if victim is seq:
-                    break
-            if seq.status is not SequenceStatus.RUNNING:
-                continue
-            bm.grow(seq, target)
+                bm.grow(seq, target)
             chosen.append((seq, n))
             kept.append(seq)
             budget -= n
