@@ -106,6 +106,8 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=1024)
     ap.add_argument("--output-len", type=int, default=1024)
     ap.add_argument("--checkpoint-dir", default="/tmp")
+    ap.add_argument("--warmup-full", action="store_true", help="run the whole load once before timing (first "
+                    "prefills of these shapes compile and tune)")
     args = ap.parse_args()
     folder = prepare_checkpoint(args.model, args.checkpoint_dir)
     engine = LLMEngine.from_pretrained(folder, dtype="bfloat16", max_num_seqs=256, lazy_graphs=False)
@@ -113,7 +115,8 @@ def main() -> None:
     vocab = engine.config.vocab_size
     prompts = [torch.randint(500, vocab, (args.input_len,), generator=gen).tolist() for _ in range(args.num)]
     params = SamplingParams(max_new_tokens=args.output_len, temperature=0.0, ignore_eos=True)
-    run_direct(engine, prompts[:8], SamplingParams(max_new_tokens=16, temperature=0.0, ignore_eos=True))  # warm
+    run_direct(engine, prompts if args.warmup_full else prompts[:8],
+               params if args.warmup_full else SamplingParams(max_new_tokens=16, temperature=0.0, ignore_eos=True))
     rows, profile_text = [], ""
     for name in ("engine.step loop", "EngineLoop + sink", "EngineLoop + sink, profiled"):
         if name == "engine.step loop":
