@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from fastlfm.server.benchmark import percentile, render_table
+from fastlfm.server.benchmark import RequestResult, percentile, render_table, summarize
 from fastlfm.testing import tiny_config, write_checkpoint
 
 
@@ -21,6 +21,16 @@ def test_percentile_by_hand():
     assert percentile([1.0, 2.0, 3.0, 4.0], 99) == pytest.approx(3.97)
     assert percentile([7.0], 99) == 7.0
     assert percentile([], 50) != percentile([], 50)  # NaN
+
+
+def test_mean_in_flight_is_busy_time_over_the_run():
+    """By hand: slot 1 runs [0, 4], [4, 6], [7, 8] (empty over [6, 7]), slot 2 runs [0, 1]: 8 s of
+    requests over an 8 s run, 1.0 in flight on average of the 2 allowed."""
+    runs = [(0, 4), (4, 6), (7, 8), (0, 1)]
+    results = [RequestResult(ok=True, start=a, end=b, output_tokens=3, ttft=0.1, chunk_times=[a + 0.1, b])
+               for a, b in runs]
+    level = summarize(results, 2)
+    assert level["duration_s"] == 8 and level["mean_in_flight"] == 1.0
 
 
 def test_table_puts_sglang_published_figures_beside_ours():

@@ -228,6 +228,9 @@ def summarize(results: list[RequestResult], concurrency: int) -> dict:
         "output_tokens": out_tokens,
         "output_tok_s": out_tokens / duration if ok else 0.0,
         "request_per_s": len(ok) / duration if ok else 0.0,
+        # requests in flight on average over the run: below `concurrency`, slots stood empty (ramp,
+        # tail, or time between a request's end and the next one's start)
+        "mean_in_flight": sum(r.end - r.start for r in results) / duration if results and duration > 0 else 0.0,
         "ttft_ms": _p50_p99([r.ttft * ms for r in ok if r.chunk_times]),
         "itl_ms": _p50_p99([x * ms for x in itl]),
         "tpot_ms": _p50_p99([x * ms for x in tpot]),
@@ -527,7 +530,8 @@ def main(argv: list[str] | None = None) -> int:
             level["client_processes"] = procs
             report["levels"].append(level)
             print(f"concurrency {c}: {level['output_tok_s']:,.0f} output tok/s, TTFT p50 "
-                  f"{_fmt(level['ttft_ms']['p50'])} ms, failed {level['failed']}", file=sys.stderr)
+                  f"{_fmt(level['ttft_ms']['p50'])} ms, failed {level['failed']}, requests in flight on average "
+                  f"{level['mean_in_flight']:.1f}", file=sys.stderr)
         if server is not None:
             report["sigterm_exit_s"] = server.stop()
             server = None
