@@ -81,12 +81,18 @@ void prologue_rows(const at::Tensor& x, int64_t K, const c10::optional<at::Tenso
   const float* xf = bf16 ? nullptr : x.data_ptr<float>();
   auto in = [&](int64_t i) { return bf16 ? static_cast<float>(xb[i]) : xf[i]; };
   auto round_in = [bf16](float v) { return bf16 ? bf16_round(v) : v; };
+  // The norm weight is read in its own dtype (fp32 or bf16): a conversion to a new tensor per call
+  // costs a dispatch and an allocation, twice a layer in a decode step.
   at::Tensor nw;
   if (norm_weight) {
     TORCH_CHECK(norm_weight->numel() == K, "cpu_gemv: norm weight has ", norm_weight->numel(), " values, not ", K);
-    nw = norm_weight->to(at::kFloat).contiguous();
+    const bool direct = norm_weight->is_contiguous() &&
+                        (norm_weight->scalar_type() == at::kFloat || norm_weight->scalar_type() == at::kBFloat16);
+    nw = direct ? *norm_weight : norm_weight->to(at::kFloat).contiguous();
   }
-  const float* nwp = norm_weight ? nw.data_ptr<float>() : nullptr;
+  const float* nwf = norm_weight && nw.scalar_type() == at::kFloat ? nw.data_ptr<float>() : nullptr;
+  const at::BFloat16* nwb = norm_weight && nw.scalar_type() == at::kBFloat16 ? nw.data_ptr<at::BFloat16>() : nullptr;
+  auto nw_at = [&](int64_t k) { return nwf ? nwf[k] : static_cast<float>(nwb[k]); };
   rows.resize(M * K);
   for (int64_t m = 0; m < M; ++m) {
     float* r = rows.data() + m * K;
@@ -99,11 +105,11 @@ void prologue_rows(const at::Tensor& x, int64_t K, const c10::optional<at::Tenso
     } else {
       for (int64_t k = 0; k < K; ++k) r[k] = in(base + k);
     }
-    if (nwp) {
+    if (norm_weight) {
       float ss = 0.f;
       for (int64_t k = 0; k < K; ++k) ss += r[k] * r[k];
       const float inv = 1.f / std::sqrt(ss / static_cast<float>(K) + static_cast<float>(eps));
-      for (int64_t k = 0; k < K; ++k) r[k] = round_in(nwp[k] * round_in(r[k] * inv));
+      for (int64_t k = 0; k < K; ++k) r[k] = round_in(nw_at(k) * round_in(r[k] * inv));
     }
   }
 }
