@@ -5,15 +5,8 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/fastlfm-out}; mkdir -p "$OUT"; export OUT
 export PYTHONUNBUFFERED=1 PYTHONPATH=src
-source bench/server_env.sh || exit 1
-folder=$(python3 -c "from fastlfm.server.benchmark import prepare_checkpoint; print(prepare_checkpoint('LFM2-1.2B', '/tmp'))")
-port=$(python3 -c "from fastlfm.server.benchmark import free_port; print(free_port())")
-url="http://127.0.0.1:$port"
-python3 -m fastlfm.cli serve "$folder" --host 127.0.0.1 --port "$port" --served-model-name LFM2-1.2B \
-    --max-request-bytes 16777216 --log-level warning > "$OUT/server.log" 2>&1 &
-pid=$!
-for i in $(seq 300); do curl -sf "$url/health" >/dev/null && break; sleep 1; done
-echo "server up after ${i} s"
+source bench/serve_start.sh || exit 1
+start_server LFM2-1.2B
 for fmt in text ids text; do
     echo "##### prompts as $fmt"
     timeout 90 python3 bench/serve.py --url "$url" --label "LFM2-1.2B-$fmt" --tokenizer "$folder" --concurrency 100 \
