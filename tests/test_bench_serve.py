@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from fastlfm.server.benchmark import RequestResult, percentile, render_table, summarize
+from fastlfm.server.benchmark import RequestResult, percentile, render_table, split_load, summarize
 from fastlfm.testing import tiny_config, write_checkpoint
 
 
@@ -31,6 +31,19 @@ def test_mean_in_flight_is_busy_time_over_the_run():
                for a, b in runs]
     level = summarize(results, 2)
     assert level["duration_s"] == 8 and level["mean_in_flight"] == 1.0
+
+
+def test_client_processes_get_requests_in_proportion_to_their_slots():
+    """By hand: 100 slots over 8 processes are 4 x 13 + 4 x 12; 200 requests are then 26 and 24 (two waves
+    each, where dealing them evenly gave 25 to a 12-slot process: a third wave of one); every request goes
+    to exactly one process."""
+    assert split_load(200, 100, 8) == [(0, 26, 13), (26, 26, 13), (52, 26, 13), (78, 26, 13),
+                                       (104, 24, 12), (128, 24, 12), (152, 24, 12), (176, 24, 12)]
+    for n, c, p in [(1000, 100, 8), (7, 3, 2), (5, 16, 8), (33, 17, 5)]:
+        shares = split_load(n, c, p)
+        assert sum(k for _, k, _ in shares) == n and sum(s for _, _, s in shares) == c
+        assert [start for start, _, _ in shares] == [sum(k for _, k, _ in shares[:i]) for i in range(p)]
+        assert all(abs(k - n * s / c) < 1 for _, k, s in shares)
 
 
 def test_table_puts_sglang_published_figures_beside_ours():

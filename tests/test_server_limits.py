@@ -427,6 +427,20 @@ def test_ctrl_c_stops_the_server_and_its_engine_process_quietly(ckpt, tmp_path):
         assert not alive, alive
 
 
+def test_sigint_marks_the_shutdown_as_interrupted_and_sigterm_does_not():
+    """`fastlfm serve` exits 130 after a Ctrl-C from what the server noted, not only when uvicorn's re-raised
+    signal comes back as KeyboardInterrupt (it did not always: the test above saw exit 0 now and then)."""
+    from fastlfm.server.http import make_server
+
+    async def app(scope, receive, send):  # never called: no request is served
+        raise AssertionError
+
+    for sig, interrupted in ((signal.SIGTERM, False), (signal.SIGINT, True)):
+        server = make_server(app, port=0)
+        server.handle_exit(sig, None)
+        assert server.should_exit and server.interrupted is interrupted
+
+
 # ----------------------------------------------------------------------------- numbers
 
 

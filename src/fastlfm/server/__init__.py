@@ -134,4 +134,4 @@ def main(argv: list[str] | None = None) -> int:
         server.run()
     except KeyboardInterrupt:  # Ctrl-C: uvicorn drained and shut down, then re-raised it; no traceback
         return 130
-    return 0
+    return 130 if server.interrupted else 0

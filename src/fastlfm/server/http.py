@@ -40,6 +40,7 @@ import errno
 import json
 import logging
 import os
+import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -318,6 +319,15 @@ class FastLFMServer(uvicorn.Server):
     a few seconds later, cancels whatever is left (logging a traceback for each)."""
 
     drain_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+    interrupted = False  # a SIGINT (Ctrl-C) started the shutdown
+
+    def handle_exit(self, sig, frame) -> None:
+        # Noted here because uvicorn's way of reporting it (raising the signal again once it has shut
+        # down, for the handler it replaced) did not always reach the caller as KeyboardInterrupt:
+        # `fastlfm serve` then exited 0 after a Ctrl-C, now and then.
+        if sig == signal.SIGINT:
+            self.interrupted = True
+        super().handle_exit(sig, frame)
 
     async def startup(self, sockets=None) -> None:
         loop = asyncio.get_running_loop()
