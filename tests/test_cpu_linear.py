@@ -57,6 +57,23 @@ def test_int4_quantization_error(group):
     assert (groups <= q.scale[..., None] / 2 + 1e-6).all()  # within half a step of the group's scale
 
 
+def test_quantizing_by_row_chunks_is_the_whole_weight_at_once(monkeypatch):
+    """Quantization runs over chunks of rows (cache-sized temporaries): with chunks of 7 rows (an uneven
+    last one) the codes and scales equal one chunk of all rows, within the rounding bound above, and the
+    weight (fp32: no copy on the way in otherwise) is left as it was."""
+    import fastlfm.cpu_linear as cpu_linear
+
+    w = _weight(seed=3)  # fp32 (96, 128)
+    before = w.clone()
+    whole8, whole4 = quantize_int8(w), quantize_int4(w, 32)
+    monkeypatch.setattr(cpu_linear, "_QUANT_CHUNK_BYTES", 7 * 4 * w.shape[1])
+    part8, part4 = quantize_int8(w), quantize_int4(w, 32)
+    assert torch.equal(w, before)
+    assert torch.equal(part8.q, whole8.q) and torch.equal(part8.scale, whole8.scale)
+    assert all(torch.equal(getattr(part4, f), getattr(whole4, f)) for f in ("q", "scale", "zero"))
+    assert ((part8.dequantize() - w).abs() <= part8.scale[:, None] / 2 + 1e-7).all()
+
+
 # The kernel modules (Int8Linear, Int4Linear, Int8Embedding, PlainLinear) on both kernel paths:
 # tests/test_cpu_gemv.py.
 

@@ -99,10 +99,27 @@ def _kernel_exact(t: torch.Tensor) -> torch.Tensor:
     return t.to(_KERNEL_DTYPE).float()
 
 
+# Rows quantized at a time: the fp32 temporaries of a chunk stay in cache (whole-weight temporaries made
+# quantizing a 350M model at load take ~2 s, memory-bound).
+_QUANT_CHUNK_BYTES = 1 << 20
+
+
+def _row_chunks(w: torch.Tensor):
+    """(start, stop, fp32 copy of rows start:stop) over `w`, about _QUANT_CHUNK_BYTES of fp32 each."""
+    step = max(1, _QUANT_CHUNK_BYTES // (4 * w.shape[1]))
+    for start in range(0, w.shape[0], step):
+        stop = min(start + step, w.shape[0])
+        yield start, stop, w[start:stop].detach().to(torch.float32, copy=True)
+
+
 def quantize_int8(w: torch.Tensor) -> Int8Weight:
-    w = w.detach().float()
-    scale = _kernel_exact(w.abs().amax(dim=1).clamp(min=1e-12) / 127)
-    return Int8Weight((w / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale)
+    q = torch.empty(w.shape, dtype=torch.int8)
+    scale = torch.empty(w.shape[0])
+    for start, stop, rows in _row_chunks(w):
+        s = _kernel_exact(rows.abs().amax(dim=1).clamp_(min=1e-12) / 127)
+        q[start:stop] = rows.div_(s[:, None]).round_().clamp_(-127, 127)  # whole numbers: the cast is exact
+        scale[start:stop] = s
+    return Int8Weight(q, scale)
 
 
 def quantize_int4(w: torch.Tensor, group_size: int = 32) -> Int4Weight:
@@ -110,11 +127,15 @@ def quantize_int4(w: torch.Tensor, group_size: int = 32) -> Int4Weight:
     N, K = w.shape
     if K % group_size:
         raise ValueError(f"int4 group size {group_size} does not divide the input size {K}")
-    wg = w.detach().float().view(N, K // group_size, group_size)
-    lo, hi = wg.amin(-1), wg.amax(-1)
-    scale = _kernel_exact(((hi - lo) / 15).clamp(min=1e-12))
-    zero = _kernel_exact(lo + 8 * scale)
-    q = ((wg - zero[..., None]) / scale[..., None] + 8).round().clamp(0, 15).to(torch.uint8).view(N, K)
+    q = torch.empty(N, K, dtype=torch.uint8)
+    scale, zero = torch.empty(N, K // group_size), torch.empty(N, K // group_size)
+    for start, stop, rows in _row_chunks(w):
+        wg = rows.view(-1, K // group_size, group_size)
+        lo, hi = wg.amin(-1), wg.amax(-1)
+        s = _kernel_exact(((hi - lo) / 15).clamp_(min=1e-12))
+        z = _kernel_exact(lo + 8 * s)
+        q[start:stop] = wg.sub_(z[..., None]).div_(s[..., None]).add_(8).round_().clamp_(0, 15).view(-1, K)
+        scale[start:stop], zero[start:stop] = s, z
     return Int4Weight(q, scale, zero, group_size)
 
 
