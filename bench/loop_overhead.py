@@ -30,7 +30,7 @@ import torch
 
 from fastlfm.engine import LLMEngine
 from fastlfm.engine.async_engine import EngineLoop
-from fastlfm.engine.engine_process import _wire
+from fastlfm.engine.engine_process import delivery_message
 from fastlfm.sampling import SamplingParams
 from fastlfm.server.benchmark import prepare_checkpoint
 
@@ -52,12 +52,16 @@ def run_loop(engine: LLMEngine, prompts, params, profile: bool) -> tuple[float, 
     loop thread's top functions."""
     read_fd, write_fd = os.pipe()
     reader, writer = os.fdopen(read_fd, "rb"), os.fdopen(write_fd, "wb")
-    threading.Thread(target=lambda: [None for _ in iter(lambda: reader.read1(1 << 20), b"")], daemon=True).start()
+
+    def drain() -> None:  # the server's reading end: keeps the pipe from filling
+        while reader.read1(1 << 20):
+            pass
+
+    threading.Thread(target=drain, daemon=True).start()
     finished, done = [0], threading.Event()
 
-    def sink(items):  # as engine_process.run_engine_process's
-        message = ("out", ([(rid, _wire(item)) for rid, item in items], engine.stats()))
-        writer.write(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+    def sink(items):  # as engine_process.run_engine_process's, into a pipe drained by a thread
+        writer.write(pickle.dumps(delivery_message(engine, items), protocol=pickle.HIGHEST_PROTOCOL))
         writer.flush()
         finished[0] += sum(1 for _, item in items if getattr(item, "finished", True))
         if finished[0] == len(prompts):

@@ -2,7 +2,7 @@
 # Device call 2 of session 8 (2026-12-03), issue 16. Call 1 measured the server at c=100 at 27.0k out tok/s
 # and TTFT p50 at c=1 20.9 ms, against 34.0k / 15.2 ms in session 7: an A/B on this one machine says
 # whether the code or the host changed. bench/ab_base/src is commit 0e6543f's src (untracked, carried by
-# the working tree); each side starts its own server (bench/serve_stage.sh: LFM2-1.2B, c=1 and c=100).
+# the working tree; made with `mkdir -p bench/ab_base && git archive 0e6543f src | tar -x -C bench/ab_base`); each side starts its own server (bench/serve_stage.sh: LFM2-1.2B, c=1 and c=100).
 # Then bench/loop_overhead.py (the engine's step loop against EngineLoop + the engine process's sink).
 set -uo pipefail
 OUT=${OUT:-/tmp/fastlfm-out}; mkdir -p "$OUT"; export OUT

@@ -16,14 +16,11 @@ strings, never half of a multi-byte character, O(1) amortized work per token.
 
 from __future__ import annotations
 
-import bisect
 import codecs
 import dataclasses
 import functools
-import itertools
 import json
 import os
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -676,21 +673,10 @@ class Tokenizer:
     @functools.cached_property
     def token_bytes(self) -> list[bytes] | None:
         """:meth:`id_to_bytes` of every id (None for tokenizers that are not byte-level), for
-        callers that need the whole table (grammars)."""
+        callers that need the whole table."""
         if not self.is_byte_level:
             return None
-        # One charmap encoding of all tokens laid end to end, cut at the token boundaries (a byte
-        # per character): ~70 ms for LFM2's 65,536, a call per token takes twice that.
-        id_to_token = self._backend.id_to_token
-        tokens = [id_to_token(i) or "" for i in range(self._backend.get_vocab_size(with_added_tokens=True))]
-        joined = "".join(tokens)
-        encoded = codecs.charmap_encode(joined, "replace", self._byte_level_map)[0]
-        ends = list(itertools.accumulate(map(len, tokens)))
-        table = [encoded[start:end] for start, end in zip([0, *ends], ends)]
-        outside = re.compile("[^" + re.escape("".join(_byte_level_alphabet())) + "]")
-        for i in sorted({bisect.bisect_right(ends, m.start()) for m in outside.finditer(joined)}):
-            table[i] = self._token_to_bytes(tokens[i])
-        return table
+        return [self.id_to_bytes(i) for i in range(self._backend.get_vocab_size(with_added_tokens=True))]
 
     @property
     def add_bos_token(self) -> bool:

@@ -74,6 +74,12 @@ def _wire(item: Any) -> Any:
                    error=None if item.error is None else _picklable(item.error))
 
 
+def delivery_message(engine: LLMEngine, items: list[tuple[str, Any]]) -> tuple:
+    """What the engine process sends for one delivery of (request id, output or exception) pairs:
+    their wire deltas and the engine's stats."""
+    return ("out", ([(rid, _wire(item)) for rid, item in items], engine.stats()))
+
+
 def run_engine_process(conn, model: str, engine_kwargs: dict, loop_kwargs: dict) -> None:
     """The engine process's main: build the engine, report ready, then serve the pipe until "stop"
     or until the server's end of it closes (the server died: nobody is left to serve)."""
@@ -91,7 +97,7 @@ def run_engine_process(conn, model: str, engine_kwargs: dict, loop_kwargs: dict)
     send_lock = threading.Lock()
 
     def sink(items: list[tuple[str, Any]]) -> None:  # the loop's thread: stats read between steps
-        message = ("out", ([(rid, _wire(item)) for rid, item in items], engine.stats()))
+        message = delivery_message(engine, items)
         with send_lock:
             try:
                 _send(conn, message)
