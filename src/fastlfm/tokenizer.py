@@ -658,8 +658,10 @@ class Tokenizer:
         """
         known = self._id_bytes.get(token_id)
         if known is None:
-            in_vocab = 0 <= token_id < self._backend.get_vocab_size(with_added_tokens=True)
-            token = self._backend.id_to_token(token_id) if in_vocab else None
+            try:
+                token = self._backend.id_to_token(token_id)  # None past the vocabulary
+            except OverflowError:  # negative, or past what the backend's ids can hold
+                token = None
             known = b"" if token is None else self._token_to_bytes(token)
             self._id_bytes[token_id] = known
         return known
