@@ -219,6 +219,57 @@ def check_qk_norm_rope(device, dtype, B=3, Hq=8, Hkv=2, d=64, seed=0) -> float:
     return max(rel_err(out_q, ref_q), rel_err(out_k, ref_k))
 
 
+def check_rms_norm_rows(device, dtype, N=300, D=2048, seed=0) -> float:
+    """The prefill step's RMSNorm kernel against ops.rms_norm, on strided rows."""
+    from fastlfm.engine.kernels.rowwise import rms_norm as rms_norm_rows
+    from fastlfm.ops import rms_norm
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = (3 * torch.randn(N, D + 64, generator=g)).to(device=device, dtype=dtype)[:, 32:32 + D]
+    w = (1 + 0.2 * torch.randn(D, generator=g)).to(device=device, dtype=dtype)
+    return rel_err(rms_norm_rows(x, w, 1e-5), rms_norm(x, w, 1e-5))
+
+
+def check_silu_mul_rows(device, dtype, N=300, I=2816, seed=0) -> float:
+    """The prefill step's SiLU(gate) * up kernel against the eager ops."""
+    import torch.nn.functional as F
+
+    from fastlfm.engine.kernels.rowwise import silu_mul
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = (3 * torch.randn(N, 2 * I, generator=g)).to(device=device, dtype=dtype)
+    return rel_err(silu_mul(x), F.silu(x[:, :I]) * x[:, I:])
+
+
+def check_conv_prefill(device, dtype, D=1200, seed=0) -> float:
+    """The prefill step's gated conv (packed chunks: decode rows, fresh and continuing chunks, chunks
+    shorter than the state, an empty row) and the state shift, against the eager packed conv."""
+    import torch.nn.functional as F
+
+    from fastlfm.engine.kernels.conv import gated_conv_prefill, shift_conv_states
+    from fastlfm.ops import packed_causal_conv
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    lens, past, slots = [1, 70, 2, 0, 33, 1], [5, 0, 1, 0, 9, 0], [4, 0, 6, 2, 1, 5]
+    N = sum(lens)
+    bcx, weight, pool = rnd(N, 3 * D), rnd(D, 1, 3), rnd(8, 2, D)
+    lens_t, past_t = torch.tensor(lens, device=device), torch.tensor(past, device=device)
+    slots_t = torch.tensor(slots, device=device)
+    cu = F.pad(lens_t.cumsum(0), (1, 0))
+    seq_of_token = torch.repeat_interleave(torch.arange(len(lens), device=device), lens_t)
+    pos_in_chunk = torch.arange(N, device=device) - cu[seq_of_token]
+    state = pool[slots_t].masked_fill(past_t[:, None, None] == 0, 0)
+    b, c, x = bcx.chunk(3, -1)
+    ref_y, ref_state = packed_causal_conv(b * x, weight, None, cu, pos_in_chunk, seq_of_token, state.transpose(1, 2))
+    pool_k = pool.clone()
+    out = gated_conv_prefill(bcx, weight, None, pool_k, slots_t, past_t, seq_of_token, pos_in_chunk)
+    shift_conv_states(bcx, pool_k, slots_t, past_t, cu)
+    others = [i for i in range(8) if i not in slots]
+    assert torch.equal(pool_k[others], pool[others]), "conv prefill kernels wrote outside their slots"
+    return max(rel_err(out, c * ref_y), rel_err(pool_k[slots_t], ref_state.transpose(1, 2)))
+
+
 def moe_loop_reference(x, expert_ids, expert_weights, gate_up, down) -> torch.Tensor:
     """The MoE experts pair by pair (independent of the kernels' sort and block schedule), rounding
     where the model does: each projection, SiLU, * up, * weight. (T, k, D)."""
@@ -496,7 +547,9 @@ def main() -> int:
         tol = 1e-5 if dtype == torch.float32 else 1e-2
         checks = [("gated conv decode", check_conv), ("paged attention decode", check_attention),
                   ("fused decode linear", check_fused_linear), ("in_proj + gated conv", check_in_proj_gated_conv),
-                  ("qk-norm + rope", check_qk_norm_rope), ("moe experts (grouped)", check_moe)]
+                  ("qk-norm + rope", check_qk_norm_rope), ("moe experts (grouped)", check_moe),
+                  ("rows: rms norm", check_rms_norm_rows), ("rows: silu * up", check_silu_mul_rows),
+                  ("rows: gated conv prefill", check_conv_prefill)]
         checks += [(f"  history in {n} splits", lambda *a, n=n, **k: check_attention(*a, splits=n, **k)) for n in (2, 8)]
         # GQA groups 1, 2, 4; cache blocks of 16 and 64; head dims 64 and 128
         checks += [(f"paged prefill {hq}/{hkv}/{d}/{bs}",

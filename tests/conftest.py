@@ -8,6 +8,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 # CPU kernel choices measured by the tests' engines go to a file of this run, not the user's cache.
 os.environ["FASTLFM_CPU_KERNELS_FILE"] = os.path.join(tempfile.mkdtemp(prefix="fastlfm-tests-"), "cpu_kernels.json")
 torch.set_num_threads(2)
+# The engine's Triton kernels run on triton's interpreter where there is no GPU (tests/test_triton_kernels.py);
+# it must be set before the first kernel module is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -199,8 +199,7 @@ class PagedContext(MixingContext):
             q1, k1 = cpu_gemv.qk_norm_rope(q[0, 0], k[0, 0], q_norm.weight, k_norm.weight, q_norm.eps, cos[0, 0],
                                            sin[0, 0])
             return q1.view(q.shape), k1.view(k.shape)
-        if self.decode_only and self.use_triton and type(q_norm) is RMSNorm and type(k_norm) is RMSNorm \
-                and q_norm.eps == k_norm.eps:
+        if self.use_triton and type(q_norm) is RMSNorm and type(k_norm) is RMSNorm and q_norm.eps == k_norm.eps:
             from .kernels import ops as kernel_ops
             q, k = kernel_ops.qk_norm_rope_op(q[0], k[0], q_norm.weight, k_norm.weight, q_norm.eps, cos[0], sin[0])
             return q[None], k[None]
@@ -217,7 +216,30 @@ class PagedContext(MixingContext):
             from .kernels import ops as kernel_ops
             return kernel_ops.fused_linear_op(x[0], weight, *_norm_args(norm), silu_gate,
                                               residual[0] if residual is not None else None)[None]
+        if self.use_triton and not self.decode_only:
+            return self._linear_rows(x, proj, norm, silu_gate, residual)
         return super().linear(x, proj, norm=norm, silu_gate=silu_gate, residual=residual)
+
+    def _linear_rows(self, x, proj, norm, silu_gate, residual):
+        """A step that prefills, on CUDA (eager, not compiled): the norm and SiLU*mul as one Triton kernel
+        each, the residual added in the GEMM's epilogue (one rounding, not two)."""
+        from .kernels import rowwise
+
+        if type(norm) is RMSNorm:
+            x = rowwise.rms_norm(x, norm.weight, norm.eps)
+        elif norm is not None:
+            x = norm(x)
+        if silu_gate:
+            x = rowwise.silu_mul(x)
+        weight = proj if isinstance(proj, torch.Tensor) else proj.weight if can_fuse(proj) else None
+        if weight is None:  # a LoRA wrapper or a biased projection: its own forward
+            y = proj(x)
+            return y if residual is None else residual + y
+        if residual is None or residual.dtype != x.dtype:
+            y = F.linear(x, weight)
+            return y if residual is None else residual + y
+        rows = x.reshape(-1, x.shape[-1])
+        return torch.addmm(residual.reshape(-1, weight.shape[0]), rows, weight.t()).view(*x.shape[:-1], -1)
 
     def _fused_linear_weight(self, proj, norm) -> torch.Tensor | None:
         """The weight to run through the fused Triton kernel (norm / SiLU*mul / residual folded in),
@@ -252,7 +274,42 @@ class PagedContext(MixingContext):
             from .kernels import ops as kernel_ops
             pool = self.conv_states[self.conv_index[layer_idx]]
             return kernel_ops.gated_conv_decode_step_op(bcx[0], weight, bias, pool, self.conv_slots, self.past)[None]
+        if self.use_triton and not self.decode_only:
+            return self._gated_short_conv_rows(layer_idx, bcx[0], weight, bias)[None]
         return self._gated_short_conv_eager(layer_idx, bcx, weight, bias)
+
+    def _gated_short_conv_rows(self, layer_idx, bcx, weight, bias):
+        """A step that prefills, on CUDA: the gated conv of every packed chunk in one Triton kernel, the
+        conv-state snapshots (prefix caching) taken, then the states shifted."""
+        from .kernels import conv
+
+        pool = self.conv_states[self.conv_index[layer_idx]]
+        out = conv.gated_conv_prefill(bcx, weight, bias, pool, self.conv_slots, self.past, self.seq_of_token,
+                                      self.pos_in_chunk)
+        if self.conv_snapshots is not None:
+            def conv_inputs(rows):
+                b_gate, _, h = bcx.index_select(0, rows).chunk(3, dim=-1)
+                return b_gate * h
+
+            self._save_conv_snapshots(layer_idx, conv_inputs, lambda: self._states_before(pool))
+        conv.shift_conv_states(bcx, pool, self.conv_slots, self.past, self.cu_seqlens)
+        return out
+
+    def _states_before(self, pool):
+        """(S, K-1, D): each row's conv state before this step (zeros for a fresh sequence)."""
+        return pool[self.conv_slots].masked_fill_(self.fresh[:, None, None], 0)
+
+    def _save_conv_snapshots(self, layer_idx, conv_inputs, states_before):
+        """Conv states at the block ends inside this step's chunks into their snapshots (prefix caching):
+        the K-1 conv inputs before each block end, `conv_inputs(rows)` of the step's packed rows, or
+        from the row's state before the step (`states_before()`) where they lie before the chunk."""
+        snapshots, ids, rows, before = self.conv_snapshots
+        taken = conv_inputs(rows)
+        if before is not None:
+            dst, src = before
+            taken.index_copy_(0, dst, states_before().flatten(0, 1).index_select(0, src).to(taken.dtype))
+        snapshots[self.conv_index[layer_idx]].index_copy_(
+            0, ids, taken.view(ids.shape[0], -1, taken.shape[-1]).to(snapshots.dtype))
 
     def in_proj_gated_conv(self, layer_idx, x, in_proj, weight, bias, *, norm=None):
         proj_weight = self._fused_linear_weight(in_proj, norm)
@@ -272,7 +329,7 @@ class PagedContext(MixingContext):
         x = v[0]
         if self.decode_only and x.shape[0] == 1 and x.device.type == "cpu":
             return self._conv_step_in_place(pool[int(self.conv_slots[0])], x, weight, bias)[None]
-        state = pool[self.conv_slots].masked_fill_(self.fresh[:, None, None], 0)  # (S, K-1, D)
+        state = self._states_before(pool)  # (S, K-1, D)
         if self.decode_only:
             # One new input per row: out = sum_k w_k * (state ++ x)_k, then shift the state.
             K = weight.shape[-1]
@@ -288,13 +345,7 @@ class PagedContext(MixingContext):
         out, new_state = packed_causal_conv(x, weight, bias, self.cu_seqlens, self.pos_in_chunk,
                                             self.seq_of_token, state.transpose(1, 2))
         if self.conv_snapshots is not None:
-            snapshots, ids, rows, before = self.conv_snapshots
-            taken = x.index_select(0, rows)
-            if before is not None:  # rows before their chunk's start come from the row's state
-                dst, src = before
-                taken.index_copy_(0, dst, state.flatten(0, 1).index_select(0, src).to(x.dtype))
-            snapshots[self.conv_index[layer_idx]].index_copy_(
-                0, ids, taken.view(ids.shape[0], state.shape[1], x.shape[-1]).to(snapshots.dtype))
+            self._save_conv_snapshots(layer_idx, lambda rows: x.index_select(0, rows), lambda: state)
         pool[self.conv_slots] = new_state.transpose(1, 2).to(pool.dtype)
         return out[None]
 

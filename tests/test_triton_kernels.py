@@ -1,0 +1,146 @@
+"""The Triton kernels of a prefill step on CUDA (engine/kernels/rowwise.py, the prefill part of
+engine/kernels/conv.py), run by triton's interpreter on the CPU (conftest sets TRITON_INTERPRET=1
+where there is no GPU), against float64 computations by hand; and the engine with those kernels
+against the engine without them."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastlfm.engine.kernels import conv, rowwise
+
+
+def test_the_kernels_run_in_the_interpreter_here():
+    import os
+
+    assert torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# fp16, not bf16, for the half-precision cases: the interpreter casts to bf16 by truncation (the GPU rounds).
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rms_norm_over_strided_rows(dtype):
+    g = torch.Generator().manual_seed(0)
+    wide = torch.randn(2, 7, 160, generator=g).to(dtype) * 3
+    x = wide[..., 30:130]  # rows 160 apart, 100 wide
+    weight = (torch.rand(100, generator=g) + 0.5).to(dtype)
+    out = rowwise.rms_norm(x, weight, 1e-5)
+    xd = x.double()
+    normed = xd / (xd.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt()
+    expected = weight.double() * normed.to(dtype).double()  # the normalised x is rounded before * weight
+    assert out.shape == x.shape and out.dtype == dtype
+    tol = 1e-6 if dtype == torch.float32 else 1e-3
+    torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
+
+
+def test_rms_norm_takes_the_promoted_dtype_of_weight_and_input():
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    assert rowwise.rms_norm(x, torch.ones(8), 1e-6).dtype == torch.float32  # as `weight * normed` would be
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_silu_mul(dtype):
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(5, 2 * 1500, generator=g) * 4).to(dtype)  # |x| < ~20: fp16 products stay finite  # I = 1500: more than one block per row
+    out = rowwise.silu_mul(x)
+    gate, up = x.double().chunk(2, dim=-1)
+    assert out.shape == (5, 1500) and out.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(out.double(), gate * torch.sigmoid(gate) * up, atol=1e-6, rtol=1e-6)
+    else:  # rounded where eager fp16 rounds (SiLU, then the product)
+        eager = F.silu(x[:, :1500]) * x[:, 1500:]
+        torch.testing.assert_close(out.double(), eager.double(), atol=1e-3, rtol=1e-3)
+
+
+def test_qk_norm_rope_over_the_rows_of_a_prefill_step():
+    """Every token's heads normalised and rotated at its own position, q and k read from strided views
+    of one fused qkv row (40 heads: not a power of two), against float64 by hand (rotate-half RoPE)."""
+    from fastlfm.engine.kernels.qk_norm_rope import qk_norm_rope
+
+    g = torch.Generator().manual_seed(3)
+    N, Hq, Hkv, d = 37, 10, 5, 16
+    qkv = 3 * torch.randn(N, (Hq + 2 * Hkv) * d, generator=g)
+    q, k = qkv[:, :Hq * d].view(N, Hq, d), qkv[:, Hq * d:(Hq + Hkv) * d].view(N, Hkv, d)
+    qw, kw = 1 + 0.2 * torch.randn(d, generator=g), 1 + 0.2 * torch.randn(d, generator=g)
+    positions = torch.randint(0, 5000, (N,), generator=g).double()
+    angles = positions[:, None] * (1.0 / 1e6 ** (torch.arange(0, d, 2).double() / d))
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+
+    def by_hand(x, w):
+        x = x.double()
+        x = w.double() * x / (x.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt()
+        rotated = torch.cat((-x[..., d // 2:], x[..., :d // 2]), -1)
+        return x * cos[:, None] + rotated * sin[:, None]
+
+    out_q, out_k = qk_norm_rope(q, k, qw, kw, 1e-5, cos.float(), sin.float())
+    torch.testing.assert_close(out_q.double(), by_hand(q, qw), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_k.double(), by_hand(k, kw), atol=1e-5, rtol=1e-5)
+
+
+def conv_by_hand(bcx, weight, bias, state, fresh):
+    """One sequence: its inputs B*x after the K-1 of its state (zeros when fresh), each output the K-tap
+    window ending at its token, + bias, times C; and the last K-1 inputs. float64."""
+    D = bcx.shape[1] // 3
+    K = weight.shape[-1]
+    b, c, x = bcx.double().split(D, dim=1)
+    inputs = torch.cat((torch.zeros(K - 1, D, dtype=torch.float64) if fresh else state.double(), b * x))
+    w = weight.double().view(D, K)
+    y = torch.stack([(inputs[t:t + K] * w.t()).sum(0) for t in range(bcx.shape[0])]) if bcx.shape[0] else c
+    if bias is not None:
+        y = y + bias.double()
+    return c * y, inputs[-(K - 1):]
+
+
+@pytest.mark.parametrize("K", [3, 4])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gated_conv_prefill_and_state_shift(K, with_bias):
+    g = torch.Generator().manual_seed(K + 10 * with_bias)
+    D = 300
+    lens = [1, 5, 2, 0, 9, 1]  # decode rows, chunks shorter than the state, an empty row
+    past = [3, 0, 1, 0, 7, 0]  # 0: a fresh sequence (its state reads as zeros, whatever the slot holds)
+    slots = [4, 0, 6, 2, 1, 5]
+    N = sum(lens)
+    bcx = torch.randn(N, 3 * D + 8, generator=g)[:, :3 * D]  # rows wider than 3D (a strided view)
+    weight = torch.randn(D, 1, K, generator=g)
+    bias = torch.randn(D, generator=g) if with_bias else None
+    pool = torch.randn(8, K - 1, D, generator=g)
+    before = pool.clone()
+    cu = F.pad(torch.tensor(lens).cumsum(0), (1, 0))
+    seq_of_token = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
+    pos_in_chunk = torch.arange(N) - cu[seq_of_token]
+    args = (torch.tensor(slots), torch.tensor(past))
+    out = conv.gated_conv_prefill(bcx, weight, bias, pool, *args, seq_of_token, pos_in_chunk)
+    assert torch.equal(pool, before), "the outputs' kernel must leave the states alone"
+    conv.shift_conv_states(bcx, pool, *args, cu)
+    for s, (n, p, slot) in enumerate(zip(lens, past, slots)):
+        start = int(cu[s])
+        expected, state = conv_by_hand(bcx[start:start + n], weight, bias, before[slot], fresh=p == 0)
+        torch.testing.assert_close(out[start:start + n].double(), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(pool[slot].double(), state, atol=1e-6, rtol=1e-6)
+    untouched = [i for i in range(8) if i not in slots]
+    assert torch.equal(pool[untouched], before[untouched])
+
+
+def test_engine_on_the_triton_path_gives_the_plain_engines_tokens(wandering_ckpt):
+    """The engine as it runs on CUDA (the runner's Triton path: these prefill kernels and the decode
+    kernels), here on the interpreter: chunked prefill beside decodes (a budget of 16 tokens), and a
+    prompt resumed from the prefix cache (a conv state restored from a snapshot the Triton path took),
+    give the greedy tokens of the same engine on its plain torch path (fp32)."""
+    from fastlfm.engine import LLMEngine
+    from fastlfm.models import load_model
+    from fastlfm.sampling import SamplingParams
+
+    model = load_model(wandering_ckpt, dtype=torch.float32, device="cpu")
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(10, 1000, (n,), generator=g).tolist() for n in (5, 40, 1, 23)]
+    params = SamplingParams(max_new_tokens=3, temperature=0.0, ignore_eos=True)
+    tokens = {}
+    for triton_path in (False, True):
+        engine = LLMEngine(model, max_num_seqs=4, max_model_len=64, max_num_batched_tokens=16, block_size=16,
+                           num_kv_blocks=32, enforce_eager=True, pack_cpu_weights=False)
+        engine.runner.use_triton = triton_path
+        first = [o.token_ids for o in engine.generate(prompts, params)]
+        again = engine.generate(prompts[1:2], params)[0]
+        engine.check_no_leaks()
+        assert again.num_cached_tokens == 32  # two blocks of its 40 tokens from the cache
+        tokens[triton_path] = first, again.token_ids
+    assert tokens[True] == tokens[False]
