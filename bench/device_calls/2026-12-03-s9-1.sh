@@ -6,8 +6,7 @@
 # bench/ab_base/src is commit ced146c's src (untracked, carried by the working tree; made with
 # `mkdir -p bench/ab_base && git archive ced146c src | tar -x -C bench/ab_base`).
 # 1. the kernel checks (new kernels in bf16, the engine on the Triton path with prefill graphs);
-# 2. the server, base then new (LFM2-1.2B, c=1 and c=100 with 400 requests; the client is always src's);
-# 3. bench/prefill.py, base then new: prefill tok/s, one 1k prompt's latency, GPU time by kernel.
+# 2. the server, base then new (LFM2-1.2B, c=1 and c=100 with 400 requests; the client is always src's).
 set -uo pipefail
 OUT=${OUT:-/tmp/fastlfm-out}; mkdir -p "$OUT"; export OUT
 export PYTHONUNBUFFERED=1
@@ -25,8 +24,4 @@ for side in base new; do
             2>&1 | grep -v "^$" | grep -E "concurrency|^\| |in flight" | tee -a "$OUT/serve-$side.log"
     done
     kill -TERM "$pid"; wait "$pid"
-done
-for side in base new; do
-    src=src; [[ $side == base ]] && src=bench/ab_base/src
-    PYTHONPATH=$src timeout 120 python3 bench/prefill.py --label $side 2>&1 | grep -v "^$" | tail -24 | tee "$OUT/prefill-$side.log"
 done
