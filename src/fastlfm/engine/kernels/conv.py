@@ -70,7 +70,7 @@ def gated_conv_decode_step(bcx: torch.Tensor, weight: torch.Tensor, bias: torch.
 # gated conv is ~20 passes over the step's (N, D) activations (gates, a shifted copy, a mask and a
 # state gather per tap, the state's new rows); here one pass computes the outputs and a second,
 # one program per sequence, shifts the states once every output has read them.
-@triton.jit
+@triton.jit(do_not_specialize=["N"])  # one compiled kernel for every step's token count
 def _gated_conv_prefill_kernel(BCX, W, Bias, S, Slots, Past, SeqOf, PosIn, O, N, D, s_bcx, s_slot, s_tap, s_o,
                                K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr,
                                BLOCK_D: tl.constexpr):

@@ -18,7 +18,8 @@ def _rows_per_program(width: int) -> int:
     return max(1, 4096 // triton.next_power_of_2(width))
 
 
-@triton.jit
+# do_not_specialize: one compiled kernel for every step's token count (no JIT compile mid-serving)
+@triton.jit(do_not_specialize=["N"])
 def _rms_norm_kernel(X, W, Y, N, D, s_x, s_y, eps, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     d = tl.arange(0, BLOCK_D)
@@ -45,7 +46,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return out.view(*x.shape[:-1], D)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _silu_mul_kernel(X, Y, N, I, s_x, s_y, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
