@@ -11,6 +11,6 @@ start_server() {
         --max-request-bytes 16777216 --log-level warning "$@" > "$OUT/server.log" 2>&1 &
     pid=$!
     local i
-    for i in $(seq 300); do curl -sf "$url/health" >/dev/null && break; sleep 1; done
+    for i in $(seq 300); do curl -sf "$url/health" >/dev/null && break; kill -0 "$pid" 2>/dev/null || break; sleep 1; done
     echo "server up after ${i} s"
 }

@@ -15,15 +15,15 @@ set -uo pipefail
 OUT=${OUT:-/tmp/fastlfm-out}; mkdir -p "$OUT"; export OUT
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
-PYTHONPATH=src timeout 100 python3 bench/check_kernels.py 2>&1 | grep -v "^$" | tail -40 > "$OUT/check_kernels.log"
+[[ -n "${CHECKS:-}" ]] && PYTHONPATH=src timeout 100 python3 bench/check_kernels.py 2>&1 | grep -v "^$" | tail -40 > "$OUT/check_kernels.log"
 grep -E "FAIL|DIFFER|rows:|qk|engine" "$OUT/check_kernels.log"
 export PYTHONPATH=src; source bench/serve_start.sh || exit 1
 serve_side() {  # serve_side LABEL SRC
     echo "##### server $1 ($2)"
-    PYTHONPATH=$2 start_server LFM2-1.2B
+    PYTHONPATH=$2:/tmp/site start_server LFM2-1.2B
     for c in 1 100; do
         n=8; [[ $c == 100 ]] && n=400
-        PYTHONPATH=src timeout 60 python3 bench/serve.py --url "$url" --label LFM2-1.2B --tokenizer "$folder" \
+        PYTHONPATH=src:/tmp/site timeout 60 python3 bench/serve.py --url "$url" --label LFM2-1.2B --tokenizer "$folder" \
             --concurrency $c --num-prompts $n --input-len 1024 --output-len 1024 --quiet --output-dir "$OUT/$1" \
             2>&1 | grep -v "^$" | grep -E "concurrency|^\| |in flight" | tee -a "$OUT/serve-$1.log"
     done
@@ -31,7 +31,7 @@ serve_side() {  # serve_side LABEL SRC
 }
 steps_side() {  # steps_side LABEL SRC [flags]
     local label=$1 src=$2; shift 2
-    PYTHONPATH=$src timeout 150 python3 bench/steps.py --label $label --decode-batch 100 "$@" 2>&1 | grep -v "^$" \
+    PYTHONPATH=$src:/tmp/site timeout 150 python3 bench/steps.py --label $label --decode-batch 100 "$@" 2>&1 | grep -v "^$" \
         | grep -vi "warn" | tail -45 > "$OUT/steps-$label.log"
     grep -E "^\||x$|ms a step|GPU time" "$OUT/steps-$label.log"
 }
