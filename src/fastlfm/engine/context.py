@@ -82,7 +82,9 @@ class PagedContext(MixingContext):
     Host data: `num_decode` leading rows of one token each; `max_chunk_len`, a bound on the other
     rows' chunk lengths (None: `num_tokens`; a captured prefill graph cannot read the lengths). The
     rows after the decode rows attend in one call (`paged_prefill_attention`: a Triton kernel on
-    CUDA, sync-free, so a step that prefills can be graph-captured). A decode step of one
+    CUDA, sync-free, so a step that prefills can be graph-captured). On CUDA such a step (eager, not
+    compiled) also runs its norms, SiLU*mul, gated convs and QK-norm + RoPE as Triton kernels and adds
+    residuals in the GEMM (`_linear_rows`, `_gated_short_conv_rows`). A decode step of one
     row runs the projections whose weight shape is in `fused_linear_shapes` through the fused
     Triton kernels (a conv block's in_proj together with its conv step). `moe_kernel` (default:
     `use_triton`): MoE experts through the fused Triton kernels, in every step.
