@@ -1,7 +1,7 @@
-"""The Triton kernels of a prefill step on CUDA (engine/kernels/rowwise.py, the prefill part of
-engine/kernels/conv.py), run by triton's interpreter on the CPU (conftest sets TRITON_INTERPRET=1
-where there is no GPU), against float64 computations by hand; and the engine with those kernels
-against the engine without them."""
+"""The engine's Triton kernels run by triton's interpreter on the CPU (conftest sets TRITON_INTERPRET=1
+where there is no GPU): those of a prefill step on CUDA (engine/kernels/rowwise.py, the prefill part of
+engine/kernels/conv.py, QK-norm + RoPE) and the MoE experts, against float64 computations by hand; and
+the engine on its Triton path against the engine without it."""
 
 import pytest
 import torch
@@ -144,3 +144,34 @@ def test_engine_on_the_triton_path_gives_the_plain_engines_tokens(wandering_ckpt
         assert again.num_cached_tokens == 32  # two blocks of its 40 tokens from the cache
         tokens[triton_path] = first, again.token_ids
     assert tokens[True] == tokens[False]
+
+
+@pytest.mark.parametrize("T,k", [(1, 4), (7, 3), (24, 4)])
+def test_fused_moe_kernels_against_a_pair_by_pair_loop(T, k):
+    """The MoE experts' Triton kernels (tokens sorted by expert on the device, grouped gate_up GEMM with
+    SiLU*mul, grouped down GEMM, weighted back to each (token, slot) pair) against each pair computed on
+    its own in float64: random routing, an expert that no token chooses, and every token on one expert.
+    D and I are not multiples of the kernels' tiles."""
+    from fastlfm.engine.kernels import moe
+
+    g = torch.Generator().manual_seed(T)
+    E, D, I = 8, 40, 24
+    gate_up, down = torch.randn(E, 2 * I, D, generator=g) / D**0.5, torch.randn(E, D, I, generator=g) / I**0.5
+    x = 2 * torch.randn(T, D, generator=g)
+    random_ids = torch.rand(T, E, generator=g).topk(k, dim=-1).indices
+    scores = torch.rand(T, E, generator=g)
+    scores[:, 5] = -1
+    unused = scores.topk(k, dim=-1).indices  # expert 5: chosen by no token
+    scores = torch.rand(T, E, generator=g)
+    scores[:, 2] = 2
+    same = scores.topk(k, dim=-1).indices  # expert 2: chosen by every token
+    for ids in (random_ids, unused, same):
+        weights = torch.rand(T, k, generator=g)
+        out = moe.fused_moe(x, ids, weights, gate_up, down)
+        expected = torch.empty(T, k, D, dtype=torch.float64)
+        for t in range(T):
+            for slot, e in enumerate(ids[t].tolist()):
+                h = gate_up[e].double() @ x[t].double()
+                expected[t, slot] = weights[t, slot].double() * (down[e].double() @ (F.silu(h[:I]) * h[I:]))
+        assert out.shape == (T, k, D)
+        torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-4)
