@@ -120,16 +120,28 @@ def test_gated_conv_prefill_and_state_shift(K, with_bias):
     assert torch.equal(pool[untouched], before[untouched])
 
 
-def test_engine_on_the_triton_path_gives_the_plain_engines_tokens(wandering_ckpt):
-    """The engine as it runs on CUDA (the runner's Triton path: these prefill kernels and the decode
-    kernels), here on the interpreter: chunked prefill beside decodes (a budget of 16 tokens), and a
-    prompt resumed from the prefix cache (a conv state restored from a snapshot the Triton path took),
-    give the greedy tokens of the same engine on its plain torch path (fp32)."""
+@pytest.fixture(scope="module")
+def moe_ckpt(tmp_path_factory):
+    from fastlfm.testing import tiny_moe_config, write_checkpoint
+
+    # the larger init scale makes greedy outputs wander (see conftest's wandering_ckpt)
+    return write_checkpoint(tmp_path_factory.mktemp("moe-triton"), tiny_moe_config(initializer_range=0.2),
+                            tokenizer=False)
+
+
+@pytest.mark.parametrize("family", ["dense", "moe"])
+def test_engine_on_the_triton_path_gives_the_plain_engines_tokens(family, request):
+    """The engine as it runs on CUDA (the runner's Triton path: these prefill kernels, the decode
+    kernels and for LFM2-MoE the experts' kernels in every step), here on the interpreter: chunked
+    prefill beside decodes (a budget of 16 tokens), and a prompt resumed from the prefix cache (a conv
+    state restored from a snapshot the Triton path took), give the greedy tokens of the same engine on
+    its plain torch path (fp32)."""
     from fastlfm.engine import LLMEngine
     from fastlfm.models import load_model
     from fastlfm.sampling import SamplingParams
 
-    model = load_model(wandering_ckpt, dtype=torch.float32, device="cpu")
+    folder = request.getfixturevalue("wandering_ckpt" if family == "dense" else "moe_ckpt")
+    model = load_model(folder, dtype=torch.float32, device="cpu")
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(10, 1000, (n,), generator=g).tolist() for n in (5, 40, 1, 23)]
     params = SamplingParams(max_new_tokens=3, temperature=0.0, ignore_eos=True)
