@@ -68,6 +68,12 @@ def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
     return out
 
 
+def _plain_weight(proj: torch.nn.Module | torch.Tensor) -> torch.Tensor | None:
+    """The weight of a bare weight or a plain bias-free nn.Linear, which a kernel may multiply by
+    itself; None for a module with more to its forward (a LoRA wrapper, a bias)."""
+    return proj if isinstance(proj, torch.Tensor) else proj.weight if can_fuse(proj) else None
+
+
 def _norm_args(norm: RMSNorm | None) -> tuple[torch.Tensor | None, float]:
     """(weight, eps) of the RMSNorm a fused kernel folds in; (None, 0.0) for none."""
     return (norm.weight, norm.eps) if norm is not None else (None, 0.0)
@@ -233,15 +239,12 @@ class PagedContext(MixingContext):
             x = norm(x)
         if silu_gate:
             x = rowwise.silu_mul(x)
-        weight = proj if isinstance(proj, torch.Tensor) else proj.weight if can_fuse(proj) else None
-        if weight is None:  # a LoRA wrapper or a biased projection: its own forward
-            y = proj(x)
-            return y if residual is None else residual + y
-        if residual is None or residual.dtype != x.dtype:
-            y = F.linear(x, weight)
-            return y if residual is None else residual + y
-        rows = x.reshape(-1, x.shape[-1])
-        return torch.addmm(residual.reshape(-1, weight.shape[0]), rows, weight.t()).view(*x.shape[:-1], -1)
+        weight = _plain_weight(proj)
+        if weight is not None and residual is not None and residual.dtype == x.dtype:
+            rows = x.reshape(-1, x.shape[-1])
+            return torch.addmm(residual.reshape(-1, weight.shape[0]), rows, weight.t()).view(*x.shape[:-1], -1)
+        y = F.linear(x, weight) if weight is not None else proj(x)  # else: a LoRA wrapper or a biased projection
+        return y if residual is None else residual + y
 
     def _fused_linear_weight(self, proj, norm) -> torch.Tensor | None:
         """The weight to run through the fused Triton kernel (norm / SiLU*mul / residual folded in),
@@ -251,7 +254,7 @@ class PagedContext(MixingContext):
             return None
         if norm is not None and type(norm) is not RMSNorm:
             return None
-        weight = proj if isinstance(proj, torch.Tensor) else proj.weight if can_fuse(proj) else None
+        weight = _plain_weight(proj)
         return weight if weight is not None and tuple(weight.shape) in self.fused_linear_shapes else None
 
     # -- MoE experts -------------------------------------------------------------------
