@@ -10,6 +10,8 @@ in the `fastlfm.cli` process, and only when one of these is set):
                          then, `chunk`: tokens in that step), `tok` (its first token processed), `deliv`
                          (handed to the stream), `n` (prompt tokens); and one line per chat body with
                          `prep0` / `prep1` (JSON, template, tokenizer). bench/host_trace/report.py sums it up.
+  FASTLFM_TRACE_STEPS=1 with FASTLFM_TRACE: also one line per engine step (start, host seconds, rows, decode
+                         rows, tokens): report.py --steps sums the timeline up.
   FASTLFM_FAKE_FORWARD=1 the model runner's execute is replaced by a sleep of 1.5 ms + tokens / 165k
                          (an H200 on LFM2-1.2B; the GIL is free meanwhile), logits all on token 1000.
   FASTLFM_FAKE_HOST=B,R  with the fake forward: a step that is not pure decode first holds the GIL
@@ -105,8 +107,11 @@ if _ACTIVE:
         llm_engine.LLMEngine.add_request = add_request
         _schedule = scheduler.Scheduler.schedule
 
+        _last_batch: list = [None]
+
         def schedule(self):
             batch = _schedule(self)
+            _last_batch[0] = batch
             for seq, n in zip(batch.seqs, batch.num_tokens):
                 _event("sched", seq.request_id, cached=seq.num_computed_tokens, chunk=n)
             return batch
@@ -144,10 +149,18 @@ if _ACTIVE:
         serving.OpenAIServing.prepare_completion_body = prepare_completion_body
         _step = llm_engine.LLMEngine._step
 
+        _every_step = bool(os.environ.get("FASTLFM_TRACE_STEPS"))
+
         def _step_traced(self):  # steps whose host part took over 30 ms: what they held
             t0 = time.monotonic()
+            _last_batch[0] = None
             outputs = _step(self)
             dt = time.monotonic() - t0
+            batch = _last_batch[0]
+            if _every_step and batch is not None and not batch.is_empty:
+                # one line per step: its rows, decode rows and tokens (a timeline: bench/host_trace/report.py --steps)
+                _out.write(json.dumps({"step": t0, "s": dt, "rows": len(batch.seqs), "dec": batch.num_decode,
+                                       "ntok": sum(batch.num_tokens)}) + "\n")
             if dt > 0.03:
                 _out.write(json.dumps({"slow_step": t0, "s": dt, "running": len(self.scheduler.running)}) + "\n")
             return outputs
