@@ -50,6 +50,10 @@ def main(argv=None):
     print(f"Triton JIT compiles while serving: {len(jits)}, {sum(r['s'] for r in jits):.2f} s")
     for r in jits:
         print(f"  +{r['jit'] - t0:7.3f} s  {r['s'] * 1e3:6.0f} ms  {r['kernel']}  {r['key'][:160]}")
+    gcs = [r for r in rows if "gc" in r and r["gc"] >= t0]
+    print(f"garbage collections of 5 ms or more while serving: {len(gcs)}, {sum(r['s'] for r in gcs):.2f} s")
+    for r in gcs[:20]:
+        print(f"  +{r['gc'] - t0:7.3f} s  {r['s'] * 1e3:6.0f} ms  generation {r['generation']}  pid {r['pid']}")
     print(f"engine steps over 30 ms while serving: {len(slow)}")
     for r in slow[:20]:
         print(f"  +{r['slow_step'] - t0:7.3f} s  {r['s'] * 1e3:6.0f} ms  running {r['running']}")

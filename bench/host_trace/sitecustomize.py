@@ -166,6 +166,18 @@ if _ACTIVE:
             return outputs
 
         llm_engine.LLMEngine._step = _step_traced
+        import gc
+
+        _gc_start = [0.0]
+
+        def _gc_event(phase: str, info: dict) -> None:  # collections of 5 ms or more, in either process
+            if phase == "start":
+                _gc_start[0] = time.monotonic()
+            elif time.monotonic() - _gc_start[0] >= 0.005:
+                _out.write(json.dumps({"gc": _gc_start[0], "s": time.monotonic() - _gc_start[0],
+                                       "generation": info.get("generation"), "pid": os.getpid()}) + "\n")
+
+        gc.callbacks.append(_gc_event)
         try:  # every Triton JIT compile while serving (each stalls the engine thread)
             from triton.runtime import jit as _jit
 
@@ -178,7 +190,7 @@ if _ACTIVE:
                         return _compile(self, key, *args, **kwargs)
                     finally:
                         _out.write(json.dumps({"jit": t0, "s": time.monotonic() - t0,
-                                               "kernel": getattr(self, "__name__", "?"), "key": str(key)[:300]}) + "\n")
+                                               "kernel": getattr(self, "__name__", "?"), "key": str(key)[:2000]}) + "\n")
 
                 _jit.JITFunction._do_compile = _do_compile
         except ImportError:

@@ -17,6 +17,7 @@ which must not be pickled at every token; the client rebuilds `token_ids` / `tex
 from __future__ import annotations
 
 import asyncio
+import gc
 import multiprocessing
 import os
 import pickle
@@ -29,7 +30,7 @@ from typing import Any
 
 from ..structured import GrammarCache
 from .async_engine import (DEFAULT_STREAM_EVENTS_PER_S, DEFAULT_STREAM_INTERVAL_S, EngineDeadError, EngineLoop,
-                           StreamingFrontend)
+                           StreamingFrontend, freeze_startup_heap)
 from .llm_engine import EngineStats, LLMEngine, load_tokenizer
 
 # Seconds the engine process gets to finish its loop after "stop" (then it is killed).
@@ -46,6 +47,7 @@ class EngineInfo:
     generation_config: dict | None
     eos_token_ids: frozenset[int]
     stats: EngineStats
+    frozen_objects: int = 0  # objects the engine process hid from later full collections (gc.freeze)
 
 
 def _send(conn, message: tuple) -> None:
@@ -92,8 +94,10 @@ def run_engine_process(conn, model: str, engine_kwargs: dict, loop_kwargs: dict)
     except BaseException as e:  # a bad checkpoint or option: the server reports it and exits
         _send(conn, ("error", _picklable(e)))
         return
+    freeze_startup_heap()  # the model, compiled graphs and captures: no collection walks them again
     _send(conn, ("ready", EngineInfo(engine.config, engine.max_model_len, engine.max_num_seqs,
-                                     engine.generation_config, frozenset(engine.eos_token_ids), engine.stats())))
+                                     engine.generation_config, frozenset(engine.eos_token_ids), engine.stats(),
+                                     gc.get_freeze_count())))
     send_lock = threading.Lock()
 
     def sink(items: list[tuple[str, Any]]) -> None:  # the loop's thread: stats read between steps
@@ -163,6 +167,7 @@ class EngineProcessClient(StreamingFrontend):
         self._stats = info.stats
         self.tokenizer, self.processor = load_tokenizer(model, info.config)
         self._eos_token_ids = info.eos_token_ids
+        self.frozen_objects = info.frozen_objects
         self._grammars: GrammarCache | None = None
         # per live request: its token ids so far and its text, rebuilt from the deltas
         self._history: dict[str, tuple[list[int], list[str]]] = {}

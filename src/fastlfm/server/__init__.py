@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().error(f"--stream-events-per-s must be positive, got {args.stream_events_per_s}")
 
     from ..engine import AsyncLLMEngine
+    from ..engine.async_engine import freeze_startup_heap
     from ..engine.engine_process import EngineProcessClient
     from .app import DEFAULT_MAX_QUEUE_LEN, create_app
     from .http import make_server
@@ -130,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, RuntimeError) as e:  # CheckpointError is a ValueError
         print(f"fastlfm serve: error: {e}", file=sys.stderr)
         return 1
+    freeze_startup_heap()  # torch, the app, (without --no-engine-process) the engine: out of later full collections
     try:
         server.run()
     except KeyboardInterrupt:  # Ctrl-C: uvicorn drained and shut down, then re-raised it; no traceback
