@@ -30,6 +30,12 @@ from fastlfm.sampling import SamplingParams
 from fastlfm.server.benchmark import prepare_checkpoint
 
 
+MOE_SHAPES = ("LFM2-8B-A1B", "LFM2-24B-A2B")
+# bench/gpu.py's MoE engine: 128 rows, a KV pool beside the weights (the engine's default would size it
+# from all free memory, which the random weights' making leaves fragmented).
+MOE_ENGINE_OPTIONS = dict(max_num_seqs=128, max_model_len=4096, gpu_memory_utilization=0.6)
+
+
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -56,7 +62,8 @@ def timed(fn, reps: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="LFM2-1.2B", help="a shape (random bf16 weights) or a checkpoint folder")
+    ap.add_argument("--model", default="LFM2-1.2B", help="a shape (random bf16 weights: dense ones through a "
+                    "checkpoint, LFM2-MoE ones made on the device) or a checkpoint folder")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the script (with a tiny checkpoint)")
     ap.add_argument("--label", default="")
     ap.add_argument("--prompt-len", type=int, default=1024)
@@ -66,8 +73,15 @@ def main() -> None:
     ap.add_argument("--decode-batch", type=int, default=0, help="also profile decode steps at this batch size")
     args = ap.parse_args()
 
-    folder = prepare_checkpoint(args.model, args.checkpoint_dir)
-    engine = LLMEngine.from_pretrained(folder, device=args.device)
+    if args.model in MOE_SHAPES:  # 16-48 GB of weights: made on the device, no checkpoint (and no transformers peer)
+        from fastlfm.testing import random_model, real_moe_config
+
+        folder, args.no_hf = None, True
+        model = random_model(real_moe_config(args.model), args.device, torch.bfloat16)
+        engine = LLMEngine(model, enable_prefix_caching=False, **MOE_ENGINE_OPTIONS)
+    else:
+        folder = prepare_checkpoint(args.model, args.checkpoint_dir)
+        engine = LLMEngine.from_pretrained(folder, device=args.device)
     vocab = engine.config.vocab_size
     g = torch.Generator().manual_seed(0)
     params = SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True)

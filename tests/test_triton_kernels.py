@@ -158,7 +158,7 @@ def test_engine_on_the_triton_path_gives_the_plain_engines_tokens(family, reques
     assert tokens[True] == tokens[False]
 
 
-@pytest.mark.parametrize("T,k", [(1, 4), (7, 3), (24, 4)])
+@pytest.mark.parametrize("T,k", [(1, 4), (7, 3), (24, 4), (600, 4)])  # 600: prefill's 128-row tiles
 def test_fused_moe_kernels_against_a_pair_by_pair_loop(T, k):
     """The MoE experts' Triton kernels (tokens sorted by expert on the device, grouped gate_up GEMM with
     SiLU*mul, grouped down GEMM, weighted back to each (token, slot) pair) against each pair computed on
