@@ -129,6 +129,9 @@ def _merge_splits_kernel(Q, Kn, Vn, O, PM, PL, PA, scale, s_qb, s_qh, s_knb, s_k
     tl.store(O + b * s_ob + h * s_oh + d, out.to(O.dtype.element_ty))
 
 
+DECODE_LAUNCH = dict(num_warps=4)
+
+
 def num_history_splits(batch: int, kv_heads: int, device: torch.device) -> int:
     """Programs per (sequence, KV head): enough for about two per SM, at most 32."""
     # (CPU: triton's interpreter, where every program is slow: as if 16 SMs)
@@ -139,11 +142,12 @@ def num_history_splits(batch: int, kv_heads: int, device: torch.device) -> int:
 
 def paged_decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
                            v_cache: torch.Tensor, block_tables: torch.Tensor, past: torch.Tensor,
-                           splits: int | None = None) -> torch.Tensor:
+                           splits: int | None = None, launch: dict | None = None) -> torch.Tensor:
     """q: (B, Hq, d); k_new/v_new: (B, Hkv, d), written into the caches (num_blocks, block_size, Hkv,
     d) at position past[b] of each sequence's blocks (block_tables (B, W)); past (B,): the tokens
     cached before the new one, which attends to them and itself. Returns (B, Hq, d), contiguous.
-    `splits`: programs per history (default: from the batch size)."""
+    `splits`: programs per history (default: from the batch size); `launch`: the history kernel's
+    num_warps / num_stages (bench/decode_attention.py tries them)."""
     B, Hq, D = q.shape
     block_size, Hkv = k_cache.shape[1], k_cache.shape[2]
     assert q.stride(2) == 1 and k_new.stride(2) == 1 and v_new.stride(2) == 1
@@ -164,7 +168,7 @@ def paged_decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Te
         block_tables.stride(0), out.stride(0), out.stride(1), block_size,
         GROUP=group, GROUP_PAD=group_pad, D=D, BLOCK=block_size, SPLITS=splits,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 caches: no tf32 rounding
-        num_warps=4,
+        **(launch or DECODE_LAUNCH),
     )
     if splits > 1:
         _merge_splits_kernel[(B, Hq)](
