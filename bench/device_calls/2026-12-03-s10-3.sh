@@ -17,7 +17,7 @@ PYTHONPATH=src:/tmp/site start_server LFM2-1.2B
 for c in 1 100; do
     n=8; [[ $c == 100 ]] && n=400
     PYTHONPATH=src:/tmp/site timeout 60 python3 bench/serve.py --url "$url" --label LFM2-1.2B --tokenizer "$folder" \
-        --concurrency $c --num-prompts $n --input-len 1024 --output-len 1024 --seed 1 --quiet --output-dir "$OUT/serve" \
+        --concurrency $c --num-prompts $n --input-len 1024 --output-len 1024 --seed $((c + 1)) --quiet --output-dir "$OUT/serve" \
         2>&1 | grep -v "^$" | grep -E "concurrency|^\| [0-9]|in flight|server counted" | tee -a "$LOG"
 done
 kill -TERM "$pid"; wait "$pid"
