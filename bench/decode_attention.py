@@ -23,15 +23,19 @@ from fastlfm.engine.kernels.paged_attention import DECODE_LAUNCH, num_history_sp
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--batch", type=int, default=100)
+    ap.add_argument("--batch", type=int, nargs="+", default=[100])
     ap.add_argument("--history", type=int, nargs="+", default=[1024, 2048])
     ap.add_argument("--heads", type=int, nargs=3, default=[32, 8, 64], metavar=("HQ", "HKV", "D"))
     ap.add_argument("--block", type=int, default=64)
+    ap.add_argument("--splits-only", action="store_true", help="the default launch settings, 1 / 2 / 4 splits")
     args = ap.parse_args(argv)
-    (Hq, Hkv, d), B, block = args.heads, args.batch, args.block
+    (Hq, Hkv, d), block = args.heads, args.block
     dev, dt = torch.device("cuda"), torch.bfloat16
     g = torch.Generator(device=dev).manual_seed(0)
-    for history in args.history:
+    launches = [dict(num_warps=w, num_stages=st) for w, st in itertools.product((2, 4, 8), (1, 2, 3, 4))]
+    if args.splits_only:
+        launches = [{**DECODE_LAUNCH, "num_stages": 3}]
+    for B, history in itertools.product(args.batch, args.history):
         nb = -(-(history + 1) // block)
         k_cache = torch.randn(B * nb + 1, block, Hkv, d, device=dev, dtype=dt, generator=g)
         v_cache = torch.randn_like(k_cache)
@@ -42,8 +46,7 @@ def main(argv=None) -> int:
         ref = paged_decode_attention(q, kn, vn, k_cache, v_cache, tables, past).float()
         auto = num_history_splits(B, Hkv, dev)
         results = []
-        for splits, warps, stages in itertools.product((1, 2, 4), (2, 4, 8), (1, 2, 3, 4)):
-            launch = dict(num_warps=warps, num_stages=stages)
+        for splits, launch in itertools.product((1, 2, 4), launches):
             try:
                 out = paged_decode_attention(q, kn, vn, k_cache, v_cache, tables, past, splits=splits, launch=launch)
                 err = (out.float() - ref).abs().max().item()
@@ -57,7 +60,7 @@ def main(argv=None) -> int:
         results.sort(key=lambda r: r[0])
         print(f"\nbatch {B}, history {history} ({kv_bytes / 1e6:.0f} MB of K/V): default (splits {auto}, {DECODE_LAUNCH}) "
               f"{default[0]:.1f} us = {kv_bytes / default[0] / 1e6:.2f} TB/s")
-        for us, splits, launch, err in results[:6]:
+        for us, splits, launch, err in results[:6 if not args.splits_only else 3]:
             print(f"  {us:7.1f} us  {kv_bytes / us / 1e6:.2f} TB/s  splits {splits} {launch}  max diff vs default {err:.1e}")
     return 0
 

@@ -133,11 +133,17 @@ DECODE_LAUNCH = dict(num_warps=4)
 
 
 def num_history_splits(batch: int, kv_heads: int, device: torch.device) -> int:
-    """Programs per (sequence, KV head): enough for about two per SM, at most 32."""
+    """Programs per (sequence, KV head): enough for about two per SM, at most 32; and 2 while there
+    are fewer than 8 (sequence, KV head) programs per SM: at batch 100 (800 programs on 132 SMs)
+    two halves of each history read 1-2k tokens of K/V at 3.4-3.8 TB/s, one at 3.0
+    (bench/decode_attention.py, H200: 61 vs 70 us at 1k tokens, 110 vs 137 us at 2k)."""
     # (CPU: triton's interpreter, where every program is slow: as if 16 SMs)
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 16
-    want = -(-2 * sms // max(batch * kv_heads, 1))
-    return 1 if want <= 2 else min(32, triton.next_power_of_2(want) // 2)
+    programs = max(batch * kv_heads, 1)
+    want = -(-2 * sms // programs)
+    if want > 2:
+        return min(32, triton.next_power_of_2(want) // 2)
+    return 2 if programs < 8 * sms else 1
 
 
 def paged_decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
