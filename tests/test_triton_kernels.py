@@ -187,3 +187,18 @@ def test_fused_moe_kernels_against_a_pair_by_pair_loop(T, k):
                 expected[t, slot] = weights[t, slot].double() * (down[e].double() @ (F.silu(h[:I]) * h[I:]))
         assert out.shape == (T, k, D)
         torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_history_splits_pick_what_was_fastest_on_the_h200(monkeypatch):
+    """Decode attention's split count at the batch sizes timed on an H200 (132 SMs, LFM2's 8 KV heads,
+    1k and 2k tokens of history; bench/decode_attention.py, BENCHMARKS.md session 10): the measured
+    fastest, or within 3% of it (batch 128: 1 split 79 / 152 us, 2 splits 84 / 155, 4 splits 81 / 147)."""
+    import types
+
+    from fastlfm.engine.kernels.paged_attention import num_history_splits
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(multi_processor_count=132))
+    measured_best = {32: 2, 64: 1, 100: 2, 128: 1}
+    assert {b: num_history_splits(b, 8, torch.device("cuda")) for b in measured_best} == measured_best
+    # small batches: split (BENCHMARKS.md, 2026-12-01: batch 1 in 32 splits 6.6 us vs 8.2 in one; batch 8 in 4, 7.2 vs 8.4)
+    assert [num_history_splits(b, 8, torch.device("cuda")) for b in (1, 8)] == [32, 4]

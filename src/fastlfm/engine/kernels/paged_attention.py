@@ -133,17 +133,20 @@ DECODE_LAUNCH = dict(num_warps=4)
 
 
 def num_history_splits(batch: int, kv_heads: int, device: torch.device) -> int:
-    """Programs per (sequence, KV head): enough for about two per SM, at most 32; and 2 while there
-    are fewer than 8 (sequence, KV head) programs per SM: at batch 100 (800 programs on 132 SMs)
-    two halves of each history read 1-2k tokens of K/V at 3.4-3.8 TB/s, one at 3.0
-    (bench/decode_attention.py, H200: 61 vs 70 us at 1k tokens, 110 vs 137 us at 2k)."""
+    """Programs per (sequence, KV head) history. Small batches: enough for about two programs per
+    SM, at most 32. Larger ones: 1 or 2, whichever leaves the least idle in the last wave of
+    programs (ties: 1), a wave being 5 programs per SM: fitted to bench/decode_attention.py on the
+    H200 (132 SMs, 8 KV heads, 1k and 2k tokens of history), where it picks the faster count at
+    batch 32 (2), 64 (1) and 100 (2: 62 / 110 us against 70 / 137) and one within 3% at 128 (1).
+    Two splits at every batch size cost batch 64 a quarter more time."""
     # (CPU: triton's interpreter, where every program is slow: as if 16 SMs)
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 16
     programs = max(batch * kv_heads, 1)
     want = -(-2 * sms // programs)
     if want > 2:
         return min(32, triton.next_power_of_2(want) // 2)
-    return 2 if programs < 8 * sms else 1
+    wave = 5 * sms
+    return min((1, 2), key=lambda splits: -(-programs * splits // wave) / splits)
 
 
 def paged_decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
