@@ -20,7 +20,7 @@ import triton.testing
 
 from fastlfm.models.config import Lfm2Config
 from fastlfm.testing import real_config
-from moe_tiles import copy_bandwidth  # bench/, the script's folder, is on sys.path
+from gpu import copy_bandwidth  # bench/, the script's folder, is on sys.path
 
 
 @triton.jit
@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     shapes = {"conv in_proj": (3 * D, D), "out/o_proj": (D, D), "qkv": ((H + 2 * KV) * hd, D),
               "gate_up": (2 * I, D), "down": (D, I), "lm_head": (c.vocab_size, D)}
     dev = torch.device("cuda")
-    bw = copy_bandwidth(dev)
+    bw = copy_bandwidth()
     print(f"{args.model}: copy bandwidth {bw / 1e12:.2f} TB/s")
     grid = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT=s, num_warps=w, num_stages=st)
             for bm, bn, bk, s, w, st in itertools.product((128,), (64, 128), (64, 128), (1, 2, 4), (4,), (3, 4))]

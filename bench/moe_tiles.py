@@ -29,6 +29,7 @@ import triton.testing  # noqa: E402
 
 from fastlfm.engine.kernels import moe  # noqa: E402
 from fastlfm.testing import real_moe_config  # noqa: E402
+from gpu import copy_bandwidth  # noqa: E402  (bench/, the script's folder, is on sys.path)
 
 
 def tile_grid(tokens_per_expert: float, smoke: bool) -> tuple[list[int], list[dict]]:
@@ -55,24 +56,6 @@ def time_graph(fn) -> float:
     return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=30)
 
 
-def copy_bandwidth(device) -> float:
-    """Device-to-device copy, bytes read + written per second (as bench/gpu.py measures it: CUDA-graph
-    timing of a 1 GiB copy gave 2.7 TB/s where these events give ~4.2 on the H200)."""
-    if device.type != "cuda":
-        return float("nan")
-    x = torch.empty(1 << 30, dtype=torch.uint8, device=device)
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    start, end = torch.cuda.Event(True), torch.cuda.Event(True)
-    start.record()
-    for _ in range(20):
-        y.copy_(x)
-    end.record()
-    torch.cuda.synchronize()
-    return 2 * x.numel() * 20 / (start.elapsed_time(end) / 1e3)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="LFM2-8B-A1B", help="an LFM2-MoE shape (testing.real_moe_config)")
@@ -89,7 +72,7 @@ def main(argv=None) -> int:
     g = torch.Generator(device=device).manual_seed(0)
     gate_up = torch.randn(E, 2 * I, D, device=device, dtype=dtype, generator=g) * 0.02
     down = torch.randn(E, D, I, device=device, dtype=dtype, generator=g) * 0.02
-    bw = copy_bandwidth(device)
+    bw = copy_bandwidth() if device.type == "cuda" else float("nan")
     per_expert = (gate_up[0].numel() + down[0].numel()) * gate_up.element_size()
     print(f"{args.model}: E={E} top-{k} D={D} I={I}; copy bandwidth {bw / 1e12:.2f} TB/s; {per_expert / 2**20:.1f} MiB an expert")
     for T in args.tokens:
