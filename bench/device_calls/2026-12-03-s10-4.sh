@@ -4,7 +4,7 @@
 # 1-2. the server (LFM2-1.2B, defaults + serve_stage.sh's limits): c=1 (8 requests), c=100 (400 new prompts), then
 #    bench/reliability.py at full scale (1,000 mixed requests), SIGTERM timed;
 # 3. bench/decode_attention.py --splits-only at batch 32, 64, 100, 128 and 1k / 2k of history;
-# (3. LFM2-350M: cut, see the end.)
+# (LFM2-350M: cut, see the end.)
 set -uo pipefail
 OUT=${OUT:-/tmp/fastlfm-out}; mkdir -p "$OUT"; export OUT
 export PYTHONUNBUFFERED=1
