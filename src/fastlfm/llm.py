@@ -18,6 +18,7 @@ import torch
 
 from .generation import DEFAULT_ENGINE_OPTIONS, GenerationMixin
 from .engine.multimodal import IMAGE_KEYS
+from .loading import collection_paused
 from .sampling import SamplingParams, resolve_params
 
 __all__ = ["LLM", "Conversation", "GenerationResult"]
@@ -84,6 +85,12 @@ class LLM:
                  device: str | torch.device | None = None, dtype: str | torch.dtype | None = "auto",
                  engine_options: dict[str, Any] | None = None, quantization: str | None = None):
         self.engine_options = _checked_engine_options(engine_options or {})
+        with collection_paused():  # model, tokenizer and image processor
+            self._load(model, tokenizer, device, dtype, quantization)
+        self._engine = None
+        self.last_result: GenerationResult | None = None
+
+    def _load(self, model, tokenizer, device, dtype, quantization) -> None:
         from .generation import load_model_and_tokenizer
         from .loading import resolve_dtype, resolve_model_dir
         from .tokenizer import Tokenizer
@@ -119,8 +126,6 @@ class LLM:
 
             self.processor = (Lfm2VlProcessor.from_pretrained(folder, tokenizer) if folder is not None
                               else Lfm2VlProcessor(tokenizer))
-        self._engine = None
-        self.last_result: GenerationResult | None = None
 
     @property
     def engine(self):
