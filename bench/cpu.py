@@ -184,6 +184,20 @@ def cold_start(source: str, dtype: str, quantization: str | None, threads: int) 
     return end - t
 
 
+def cold_starts(folder: Path, args) -> list[tuple[str, list[float]]]:
+    """args.repeats cold starts of the checkpoint in `folder` for its bf16 and int4 classes in args.classes,
+    each once the CPU is quiet."""
+    out = []
+    for cls in [c for c in ("bf16", "int4") if c in args.classes]:
+        dtype, quant, _ = CLASSES[cls]
+        xs = []
+        for _ in range(args.repeats):
+            wait_quiet(args.quiet_limit, args.max_wait)
+            xs.append(cold_start(str(folder), dtype, quant, args.threads))
+        out.append((cls, xs))
+    return out
+
+
 def cpu_busy(seconds: float) -> float:
     """Share of the machine's CPU time that was busy over the next `seconds` (/proc/stat)."""
     def sample():
@@ -331,12 +345,7 @@ def main() -> int:
             write_checkpoint(folder, real_config("LFM2-350M"), dtype=torch.bfloat16, tokenizer=True)
         print(f"# LFM2-350M cold start to first token, {args.threads} threads, {time.strftime('%Y-%m-%d %H:%M')}; "
               f"fastlfm from {os.path.dirname(__import__('fastlfm').__file__)}")
-        for cls in [c for c in ("bf16", "int4") if c in args.classes]:
-            dtype, quant, _ = CLASSES[cls]
-            xs = []
-            for _ in range(args.repeats):
-                wait_quiet(args.quiet_limit, args.max_wait)
-                xs.append(cold_start(str(folder), dtype, quant, args.threads))
+        for cls, xs in cold_starts(folder, args):
             print(f"LFM2-350M cold start to first token, {cls}: {spread(xs, 2)} s (goal < 2 s)")
         return 0
     if args.llama_cpp is None:
@@ -380,14 +389,7 @@ def main() -> int:
                         f.write(json.dumps(row) + "\n")
     cold = []
     if not args.no_cold_start and "LFM2-350M" in args.models:
-        folder = args.work / "lfm2-350m"
-        for cls in [c for c in ("bf16", "int4") if c in args.classes]:
-            dtype, quant, _ = CLASSES[cls]
-            xs = []
-            for _ in range(args.repeats):
-                wait_quiet(args.quiet_limit, args.max_wait)
-                xs.append(cold_start(str(folder), dtype, quant, args.threads))
-            cold.append((cls, xs))
+        cold = cold_starts(args.work / "lfm2-350m", args)
     load1 = os.getloadavg()[0]
 
     print(f"load average {load0:.2f} before, {load1:.2f} after; median of {args.repeats} interleaved repeats "
