@@ -91,6 +91,7 @@ class LLM:
         self.last_result: GenerationResult | None = None
 
     def _load(self, model, tokenizer, device, dtype, quantization) -> None:
+        """Sets self.model, self.tokenizer and self.processor (LFM2-VL's images, else None)."""
         from .generation import load_model_and_tokenizer
         from .loading import resolve_dtype, resolve_model_dir
         from .tokenizer import Tokenizer
