@@ -329,6 +329,33 @@ def check_moe(device, dtype, seed=0, E=16, D=96, I=80) -> float:
     return max(errs)
 
 
+def check_moe_router(device, dtype, seed=0) -> float:
+    """The router's kernel against ops.moe_route (the model's path) at LFM2-MoE's shapes (D 2048; 32 experts
+    top-4 with the expert bias, 64 experts; 1, 100 and 4,096 tokens): the weights' relative error, or inf if
+    the chosen experts differ where the float64 scores leave no near-tie (< 1e-5) at the k-th place."""
+    from fastlfm.engine.kernels import moe
+    from fastlfm.ops import moe_route
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    errs = []
+    for E, k, T in ((32, 4, 1), (32, 4, 100), (64, 4, 100), (32, 4, 4096)):
+        x = torch.randn(T, 2048, generator=g).to(device=device, dtype=dtype)
+        gate = (torch.randn(E, 2048, generator=g) / 2048**0.5).to(device=device, dtype=dtype)
+        bias = (0.05 * torch.randn(E, generator=g)).to(device)
+        ids, weights = moe.route_top_k(x, gate, bias, k, True, 1.0)
+        want_ids, want = moe_route(x, gate, bias, k, True, 1.0)
+        choice = torch.sigmoid(x.double() @ gate.double().t()) + bias.double()
+        ranked = choice.sort(dim=-1, descending=True).values
+        clear = (ranked[:, k - 1] - ranked[:, k]) > 1e-5
+        # the same k experts (their order, by score, may differ where two of them nearly tie), same weights
+        ids, order = ids.sort(dim=-1)
+        want_ids, want_order = want_ids.sort(dim=-1)
+        if not torch.equal(ids[clear], want_ids[clear]):
+            return float("inf")
+        errs.append(rel_err(weights.gather(1, order)[clear], want.gather(1, want_order)[clear]))
+    return max(errs)
+
+
 def check_moe_schedule(device) -> bool:
     """The worst-case grid holds every routing (blocks needed <= max_blocks, skewed and spread runs), and
     the align kernel's sort and block table equal torch's sort and table (E not a power of two too)."""
@@ -548,6 +575,7 @@ def main() -> int:
         checks = [("gated conv decode", check_conv), ("paged attention decode", check_attention),
                   ("fused decode linear", check_fused_linear), ("in_proj + gated conv", check_in_proj_gated_conv),
                   ("qk-norm + rope", check_qk_norm_rope), ("moe experts (grouped)", check_moe),
+                  ("moe router", check_moe_router),
                   ("rows: rms norm", check_rms_norm_rows), ("rows: silu * up", check_silu_mul_rows),
                   ("rows: gated conv prefill", check_conv_prefill)]
         checks += [(f"  history in {n} splits", lambda *a, n=n, **k: check_attention(*a, splits=n, **k)) for n in (2, 8)]

@@ -64,19 +64,23 @@ def test_engine_tokens_equal_reference_on_the_grouped_path(model, prompts, refer
 
 
 def test_every_step_uses_the_kernel_op_on_the_triton_path(model, monkeypatch):
-    """With the Triton path (CUDA), decode, prefill and mixed steps all hand the experts to the fused
-    op (a stand-in here records the calls and computes the reference), with the layer's stacked weights
-    and the router's choice; without it, the reference path."""
+    """With the Triton path (CUDA), decode, prefill and mixed steps all hand the routing and the experts
+    to the fused ops (stand-ins here record the calls and compute the reference), with the layer's router
+    and stacked weights; without it, the reference path."""
     import fastlfm.engine.kernels as kernels
 
-    calls = []
+    calls, routes = [], []
 
     def fake_op(x, expert_ids, expert_weights, gate_up, down):
         calls.append((x.shape[0], gate_up, down))
         return ops.moe_swiglu_experts(x, expert_ids, expert_weights, gate_up, down)
 
+    def fake_route(x, gate_weight, expert_bias, top_k, normalize, scale):
+        routes.append((x.shape[0], gate_weight, expert_bias, top_k))
+        return ops.moe_route(x, gate_weight, expert_bias, top_k, normalize, scale)
+
     stub = types.ModuleType("fastlfm.engine.kernels.ops")
-    stub.moe_experts_op = fake_op
+    stub.moe_experts_op, stub.moe_route_op = fake_op, fake_route
     monkeypatch.setitem(sys.modules, "fastlfm.engine.kernels.ops", stub)
     monkeypatch.setattr(kernels, "ops", stub, raising=False)
     engine = LLMEngine(model, max_num_seqs=3, max_model_len=32, block_size=4)
@@ -100,6 +104,8 @@ def test_every_step_uses_the_kernel_op_on_the_triton_path(model, monkeypatch):
         got, want = step(lens, past, use_triton=True)
         assert torch.allclose(got, want, atol=1e-6)
         assert calls[-1][0] == sum(lens) and calls[-1][1] is experts.gate_up_proj and calls[-1][2] is experts.down_proj
-    assert len(calls) == 3
+        block = layer.feed_forward
+        assert routes[-1] == (sum(lens), block.gate.weight, block.expert_bias, model.config.num_experts_per_tok)
+    assert len(calls) == len(routes) == 3
     step([1, 1], [2, 2], use_triton=False)
-    assert len(calls) == 3
+    assert len(calls) == len(routes) == 3

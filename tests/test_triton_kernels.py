@@ -189,6 +189,41 @@ def test_fused_moe_kernels_against_a_pair_by_pair_loop(T, k):
         torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("T,E,k,bias,normalize,scale,dtype", [
+    (1, 32, 4, True, True, 1.0, torch.float32),  # LFM2-8B-A1B's router at batch 1
+    (40, 32, 4, True, True, 1.0, torch.bfloat16),
+    (7, 64, 4, True, True, 1.0, torch.float32),  # LFM2-24B-A2B's 64 experts
+    (19, 8, 3, False, False, 2.5, torch.float32),  # experts padded to 16, no bias, unnormalized, scaled
+])
+def test_route_kernel_against_float64(T, E, k, bias, normalize, scale, dtype):
+    """The router's kernel (fp32 logits, sigmoid, top-k of score + bias, unbiased weights normalized and
+    scaled) against the same computed in float64 by hand; the inputs are checked to have no near-tie at
+    the k-th expert, where float32 rounding may pick either."""
+    from fastlfm.engine.kernels import moe
+
+    g = torch.Generator().manual_seed(T * E + k)
+    D = 72  # not a multiple of the kernel's 64-wide K tiles
+    x = torch.randn(T, D, generator=g).to(dtype)
+    gate = (torch.randn(E, D, generator=g) / D**0.5).to(dtype)
+    expert_bias = 0.1 * torch.randn(E, generator=g) if bias else None
+    scores = torch.sigmoid(x.double() @ gate.double().t())
+    choice = scores + (expert_bias.double() if bias else 0)
+    ranked = choice.sort(dim=-1, descending=True).values
+    assert (ranked[:, k - 1] - ranked[:, k]).min() > 1e-5, "a near-tie at the k-th expert: pick another seed"
+    want = choice.topk(k, dim=-1).indices
+    w = scores.gather(1, want)
+    if normalize:
+        w = w / (w.sum(-1, keepdim=True) + 1e-6)
+    ids, weights = moe.route_top_k(x, gate, expert_bias, k, normalize, scale)
+    assert ids.dtype == torch.int64 and weights.dtype == dtype
+    # the same experts with the same weights (the order within the k follows the scores, which may nearly tie)
+    ids, order = ids.sort(dim=-1)
+    want, want_order = want.sort(dim=-1)
+    assert torch.equal(ids, want)
+    torch.testing.assert_close(weights.gather(1, order).double(), (w * scale).to(dtype).gather(1, want_order).double(),
+                               atol=1e-6, rtol=1e-5 if dtype == torch.float32 else 8e-3)
+
+
 def test_history_splits_pick_what_was_fastest_on_the_h200(monkeypatch):
     """Decode attention's split count at the batch sizes timed on an H200 (132 SMs, LFM2's 8 KV heads,
     1k and 2k tokens of history; bench/decode_attention.py, BENCHMARKS.md session 10): the measured

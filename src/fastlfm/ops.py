@@ -132,6 +132,25 @@ def packed_causal_conv(
 
 
 # ----------------------------------------------------------------------------- MoE experts
+def moe_route(x: torch.Tensor, gate_weight: torch.Tensor, expert_bias: torch.Tensor | None, top_k: int,
+              normalize: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """LFM2-MoE's router: x (T, D) -> chosen expert ids (T, k) int64 and their weights (T, k) in x's dtype.
+
+    Sigmoid scores of x W_gate^T; the expert bias only chooses the experts (top-k of score + bias), the
+    unbiased scores weight them (normalized over the k if `normalize`), times `scale`. In float32
+    throughout: in bf16, experts whose scores differ by less than bf16's resolution (~0.004 near 0.5,
+    common among 32-64 experts) would be chosen by rounding, and two implementations that round
+    differently would choose differently (transformers rounds the logits and scores to the model dtype;
+    in float32 the two agree)."""
+    scores = F.linear(x.float(), gate_weight.float()).sigmoid()
+    choice = scores if expert_bias is None else scores + expert_bias.float()
+    experts = choice.topk(top_k, dim=-1).indices
+    weights = scores.gather(1, experts)
+    if normalize:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-6)
+    return experts, (weights * scale).to(x.dtype)
+
+
 def sort_by_expert(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The (token, slot) pairs of `expert_ids` (T, k) in expert order, found on the device (no host
     sync): `order` (T*k,) lists pair indices (token * k + slot) expert by expert, and `ends` (E,) int32

@@ -93,7 +93,7 @@ class PagedContext(MixingContext):
     residuals in the GEMM (`_linear_rows`, `_gated_short_conv_rows`). A decode step of one
     row runs the projections whose weight shape is in `fused_linear_shapes` through the fused
     Triton kernels (a conv block's in_proj together with its conv step). `moe_kernel` (default:
-    `use_triton`): MoE experts through the fused Triton kernels, in every step.
+    `use_triton`): MoE routing and experts through the fused Triton kernels, in every step.
     `conv_snapshots` (prefix caching, eager steps): (snapshot pool (conv layers, snapshots, K-1, D),
     snapshot ids (M,), rows (M*(K-1),) of the step's conv inputs, None or (those of the rows that lie
     before their chunk, their rows in the (S*(K-1)) row states)): conv states at block ends inside
@@ -257,7 +257,13 @@ class PagedContext(MixingContext):
         weight = _plain_weight(proj)
         return weight if weight is not None and tuple(weight.shape) in self.fused_linear_shapes else None
 
-    # -- MoE experts -------------------------------------------------------------------
+    # -- MoE routing and experts ------------------------------------------------------
+    def moe_route(self, x, gate_weight, expert_bias, top_k, normalize, scale):
+        if self.moe_kernel:  # one launch per layer instead of the router's eight small kernels
+            from .kernels import ops as kernel_ops
+            return kernel_ops.moe_route_op(x, gate_weight, expert_bias, top_k, normalize, scale)
+        return super().moe_route(x, gate_weight, expert_bias, top_k, normalize, scale)
+
     def moe_experts(self, x, expert_ids, expert_weights, gate_up, down):
         if self.moe_kernel:
             # Every step, decode (in the CUDA graph: a fixed grid, routing read on the device), prefill

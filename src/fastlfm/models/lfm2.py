@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..loading import PretrainedMixin
-from ..ops import apply_rope, causal_conv, moe_swiglu_experts, packed_causal_conv, rms_norm, rope_cos_sin
+from ..ops import (apply_rope, causal_conv, moe_route, moe_swiglu_experts, packed_causal_conv, rms_norm,
+                   rope_cos_sin)
 from .config import Lfm2Config
 
 
@@ -38,14 +39,16 @@ class ForwardContext(Protocol):
                          bias: torch.Tensor | None) -> torch.Tensor: ...
     def in_proj_gated_conv(self, layer_idx: int, x: torch.Tensor, in_proj: nn.Module, weight: torch.Tensor,
                            bias: torch.Tensor | None, *, norm: nn.Module | None = None) -> torch.Tensor: ...
+    def moe_route(self, x: torch.Tensor, gate_weight: torch.Tensor, expert_bias: torch.Tensor | None, top_k: int,
+                  normalize: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]: ...
     def moe_experts(self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor,
                     gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor: ...
 
 
 class MixingContext:
-    """Shared defaults: no padding to mask, projections, QK-norm + RoPE and MoE experts as plain ops,
+    """Shared defaults: no padding to mask, projections, QK-norm + RoPE and MoE routing and experts as plain ops,
     and the conv block's gates around `short_conv`. A backend with fused kernels overrides `linear`,
-    `qk_norm_rope`, `gated_short_conv`, `in_proj_gated_conv` or `moe_experts`."""
+    `qk_norm_rope`, `gated_short_conv`, `in_proj_gated_conv`, `moe_route` or `moe_experts`."""
 
     def mask_padding(self, x):
         return x
@@ -78,6 +81,11 @@ class MixingContext:
         """The conv block up to out_proj: `gated_short_conv` of in_proj(norm(x)). One call, so that an
         engine can run a batch-1 decode step of it as one kernel."""
         return self.gated_short_conv(layer_idx, self.linear(x, in_proj, norm=norm), weight, bias)
+
+    def moe_route(self, x: torch.Tensor, gate_weight: torch.Tensor, expert_bias: torch.Tensor | None, top_k: int,
+                  normalize: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """An MoE layer's router (ops.moe_route): each token's k expert ids (T, k) and weights (T, k)."""
+        return moe_route(x, gate_weight, expert_bias, top_k, normalize, scale)
 
     def moe_experts(self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor,
                     gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:

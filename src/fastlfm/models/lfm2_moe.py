@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import ConfigError, Lfm2Config
@@ -86,28 +85,18 @@ class Lfm2MoeBlock(nn.Module):
         else:
             self.expert_bias = None
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(tokens, D) -> chosen expert ids (tokens, k) and their weights (tokens, k), in x's dtype.
-
-        In float32 throughout (logits, scores, bias, top-k, weights): in bf16, experts whose scores
-        differ by less than bf16's resolution (~0.004 near 0.5, common among 32-64 experts) would be
-        chosen by rounding, and the compiled engine and the eager model round differently.
-        (transformers rounds the logits and scores to the model dtype; in float32 the two agree.)"""
-        logits = F.linear(x.float(), self.gate.weight.float())
-        scores = logits.sigmoid()
-        choice = scores if self.expert_bias is None else scores + self.expert_bias.float()
-        experts = choice.topk(self.top_k, dim=-1).indices
-        weights = scores.gather(1, experts)
-        if self.norm_topk_prob:
-            weights = weights / (weights.sum(-1, keepdim=True) + 1e-6)
-        return experts, (weights * self.scale).to(x.dtype)
+    def route(self, x: torch.Tensor, ctx: ForwardContext | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens, D) -> chosen expert ids (tokens, k) and their weights (tokens, k), in x's dtype
+        (ops.moe_route: in float32 throughout)."""
+        return (ctx or PLAIN_OPS).moe_route(x, self.gate.weight, self.expert_bias, self.top_k, self.norm_topk_prob,
+                                            self.scale)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext | None = None, norm: nn.Module | None = None,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
         """sum over each token's chosen experts of weight * expert(u), u = norm(x) (+ residual)."""
         u = norm(x) if norm is not None else x
         tokens = u.reshape(-1, u.shape[-1])
-        expert_ids, weights = self.route(tokens)
+        expert_ids, weights = self.route(tokens, ctx)
         per_expert = (ctx or PLAIN_OPS).moe_experts(tokens, expert_ids, weights, self.experts.gate_up_proj,
                                                     self.experts.down_proj)  # (tokens, k, D)
         y = per_expert.sum(1).view(u.shape)

@@ -1,5 +1,5 @@
 """The decode kernels (paged attention, QK-norm + RoPE, the conv step, batch-1 projections and
-conv blocks, MoE experts) as torch custom ops, so that torch.compile traces a whole decode step as
+conv blocks, MoE routing and experts) as torch custom ops, so that torch.compile traces a whole decode step as
 one graph: without them every mixing call is a graph break, and inductor cannot fuse across the breaks.
 
 The ops write the KV cache / conv state in place without declaring it (`mutates_args=()`):
@@ -14,7 +14,7 @@ import torch
 
 from .conv import gated_conv_decode_step
 from .linear import fused_linear, in_proj_gated_conv
-from .moe import fused_moe
+from .moe import fused_moe, route_top_k
 from .qk_norm_rope import qk_norm_rope
 from .paged_attention import paged_decode_attention
 
@@ -73,6 +73,17 @@ def qk_norm_rope_op(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_
 @qk_norm_rope_op.register_fake
 def _(q, k, q_weight, k_weight, eps, cos, sin):
     return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+@torch.library.custom_op("fastlfm::moe_route", mutates_args=())
+def moe_route_op(x: torch.Tensor, gate_weight: torch.Tensor, expert_bias: torch.Tensor | None, top_k: int,
+                 normalize: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return route_top_k(x, gate_weight, expert_bias, top_k, normalize, scale)
+
+
+@moe_route_op.register_fake
+def _(x, gate_weight, expert_bias, top_k, normalize, scale):
+    return x.new_empty((x.shape[0], top_k), dtype=torch.int64), x.new_empty((x.shape[0], top_k))
 
 
 @torch.library.custom_op("fastlfm::moe_experts", mutates_args=())
