@@ -224,6 +224,19 @@ def test_route_kernel_against_float64(T, E, k, bias, normalize, scale, dtype):
                                atol=1e-6, rtol=1e-5 if dtype == torch.float32 else 8e-3)
 
 
+def test_route_kernel_leaves_large_steps_to_torch(monkeypatch):
+    """Steps of more tokens than the router's kernel takes (prefill) route through the reference ops."""
+    from fastlfm.engine.kernels import moe
+    from fastlfm.ops import moe_route
+
+    monkeypatch.setattr(moe, "_route_kernel", None)  # a launch would fail
+    monkeypatch.setattr(moe, "ROUTE_KERNEL_MAX_TOKENS", 4)
+    g = torch.Generator().manual_seed(0)
+    x, gate, bias = torch.randn(5, 16, generator=g), torch.randn(8, 16, generator=g), torch.randn(8, generator=g)
+    got, want = moe.route_top_k(x, gate, bias, 2, True, 1.5), moe_route(x, gate, bias, 2, True, 1.5)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 def test_history_splits_pick_what_was_fastest_on_the_h200(monkeypatch):
     """Decode attention's split count at the batch sizes timed on an H200 (132 SMs, LFM2's 8 KV heads,
     1k and 2k tokens of history; bench/decode_attention.py, BENCHMARKS.md session 10): the measured

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ...ops import sort_by_expert
+from ...ops import moe_route, sort_by_expert
 
 
 @triton.jit
@@ -101,68 +101,72 @@ def _down_kernel(Inter, W, PairOut, RouteW, Order, BlockExpert, BlockStart, Ends
     tl.store(PairOut + pairs.to(tl.int64)[:, None] * D + n[None, :], y, mask=live[:, None] & n_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["T"])
-def _route_kernel(X, Wg, Bias, Ids, RouteW, T, D, E, s_xt, scale, TOP_K: tl.constexpr, K_PAD: tl.constexpr,
-                  NORMALIZE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, EXPERTS: tl.constexpr,
-                  BLOCK_K: tl.constexpr):
-    """BLOCK_T tokens: fp32 logits (IEEE dots), sigmoid scores, top-k of score + bias (k rounds of the
-    row's maximum, the lowest expert id among equals), their unbiased scores normalized and scaled."""
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_ok = t < T
+@triton.jit
+def _route_kernel(X, Wg, Bias, Ids, RouteW, D, E, s_xt, scale, TOP_K: tl.constexpr, K_PAD: tl.constexpr,
+                  NORMALIZE: tl.constexpr, HAS_BIAS: tl.constexpr, EXPERTS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One token: fp32 logits (products summed in fp32; no tl.dot, whose IEEE fp32 path ran some 65 us for
+    16 tokens of LFM2-8B-A1B's router in one program on the H200), sigmoid scores, top-k of score + bias
+    (k rounds of the maximum, the lowest expert id among equals), their unbiased scores normalized and
+    scaled."""
+    t = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, EXPERTS)
     e_ok = e < E
-    logits = tl.zeros([BLOCK_T, EXPERTS], tl.float32)
+    acc = tl.zeros([EXPERTS, BLOCK_K], tl.float32)
     for k0 in range(0, D, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < D
-        x = tl.load(X + t.to(tl.int64)[:, None] * s_xt + k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(Wg + e[None, :] * D + k[:, None], mask=k_ok[:, None] & e_ok[None, :], other=0.0)  # W^T tile
-        logits = tl.dot(x.to(tl.float32), w.to(tl.float32), logits, input_precision="ieee")
-    scores = tl.sigmoid(logits)
+        x = tl.load(X + t * s_xt + k, mask=k_ok, other=0.0).to(tl.float32)
+        w = tl.load(Wg + e[:, None] * D + k[None, :], mask=e_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += w.to(tl.float32) * x[None, :]
+    scores = tl.sigmoid(tl.sum(acc, 1))
     choice = scores
     if HAS_BIAS:
-        choice += tl.load(Bias + e, mask=e_ok, other=0.0).to(tl.float32)[None, :]
-    choice = tl.where(e_ok[None, :], choice, float("-inf"))
+        choice += tl.load(Bias + e, mask=e_ok, other=0.0).to(tl.float32)
+    choice = tl.where(e_ok, choice, float("-inf"))
     slot = tl.arange(0, K_PAD)
-    ids = tl.zeros([BLOCK_T, K_PAD], tl.int32)
-    weights = tl.zeros([BLOCK_T, K_PAD], tl.float32)
+    ids = tl.zeros([K_PAD], tl.int32)
+    weights = tl.zeros([K_PAD], tl.float32)
     for j in tl.static_range(TOP_K):
-        best = tl.max(choice, 1)
-        pick = tl.min(tl.where(choice == best[:, None], e[None, :], EXPERTS), 1)
-        hit = e[None, :] == pick[:, None]
-        ids = tl.where(slot[None, :] == j, pick[:, None], ids)
-        weights = tl.where(slot[None, :] == j, tl.sum(tl.where(hit, scores, 0.0), 1)[:, None], weights)
-        choice = tl.where(hit, float("-inf"), choice)
+        pick = tl.min(tl.where(choice == tl.max(choice, 0), e, EXPERTS), 0)
+        ids = tl.where(slot == j, pick, ids)
+        weights = tl.where(slot == j, tl.sum(tl.where(e == pick, scores, 0.0), 0), weights)
+        choice = tl.where(e == pick, float("-inf"), choice)
     if NORMALIZE:
-        weights = weights / (tl.sum(weights, 1)[:, None] + 1e-6)
+        weights = weights / (tl.sum(weights, 0) + 1e-6)
     weights = weights * scale
-    out = t.to(tl.int64)[:, None] * TOP_K + slot[None, :]
-    ok = t_ok[:, None] & (slot[None, :] < TOP_K)
-    tl.store(Ids + out, ids.to(tl.int64), mask=ok)
-    tl.store(RouteW + out, weights.to(RouteW.dtype.element_ty), mask=ok)
+    ok = slot < TOP_K
+    tl.store(Ids + t * TOP_K + slot, ids.to(tl.int64), mask=ok)
+    tl.store(RouteW + t * TOP_K + slot, weights.to(RouteW.dtype.element_ty), mask=ok)
+
+
+# Tokens a step may route through the kernel; larger steps (prefill) use torch's GEMM and top-k, where
+# one program per token re-reading the router's weights would cost more than the kernels it saves.
+ROUTE_KERNEL_MAX_TOKENS = 1024
 
 
 def route_top_k(x: torch.Tensor, gate_weight: torch.Tensor, expert_bias: torch.Tensor | None, top_k: int,
                 normalize: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """ops.moe_route in one kernel launch (a decode step's router was some eight small kernels: the
-    fp32 GEMM, sigmoid, bias, top-k, gather, sum, divide, scale). Only the logits' accumulation order
-    differs from the reference."""
+    """ops.moe_route in one kernel launch for decode-sized steps (in a decode step the router was some
+    eight small kernels: casts, the fp32 GEMM, sigmoid and bias, top-k, gather, sum, divide, scale). Only
+    the order in which the logits' products are summed differs from the reference."""
     T, D = x.shape
     E = gate_weight.shape[0]
     if gate_weight.shape != (E, D) or not 1 <= top_k <= E:
         raise ValueError(f"route_top_k: x {tuple(x.shape)}, gate {tuple(gate_weight.shape)}, top_k {top_k}")
+    if T > ROUTE_KERNEL_MAX_TOKENS:
+        return moe_route(x, gate_weight, expert_bias, top_k, normalize, scale)
     x = x if x.stride(1) == 1 else x.contiguous()
     gate_weight = gate_weight.contiguous()
     ids = torch.empty((T, top_k), dtype=torch.int64, device=x.device)
     weights = torch.empty((T, top_k), dtype=x.dtype, device=x.device)
     if T == 0:
         return ids, weights
-    block_t = 16  # tl.dot's smallest M; a decode step of 100 tokens is 7 programs
+    experts = triton.next_power_of_2(E)
     bias = expert_bias if expert_bias is not None else weights  # not read without HAS_BIAS
-    _route_kernel[(triton.cdiv(T, block_t),)](
-        x, gate_weight, bias, ids, weights, T, D, E, x.stride(0), float(scale), TOP_K=top_k,
-        K_PAD=triton.next_power_of_2(top_k), NORMALIZE=bool(normalize), HAS_BIAS=expert_bias is not None,
-        BLOCK_T=block_t, EXPERTS=max(16, triton.next_power_of_2(E)), BLOCK_K=64, num_warps=4)
+    _route_kernel[(T,)](x, gate_weight, bias, ids, weights, D, E, x.stride(0), float(scale), TOP_K=top_k,
+                        K_PAD=triton.next_power_of_2(top_k), NORMALIZE=bool(normalize),
+                        HAS_BIAS=expert_bias is not None, EXPERTS=experts, BLOCK_K=max(32, 4096 // experts),
+                        num_warps=4)
     return ids, weights
 
 

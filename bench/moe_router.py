@@ -1,0 +1,69 @@
+"""The MoE router's Triton kernel (fastlfm.engine.kernels.moe.route_top_k) against the torch ops it
+replaces (ops.moe_route: casts, fp32 GEMM, sigmoid + bias, top-k, gather, normalize), eager and under
+torch.compile as the engine's decode graphs ran them, at LFM2-MoE's router shapes. Each is timed as a
+CUDA-graph replay (as in a decode step); the table gives microseconds per layer and per decode step
+(x the model's MoE layers).
+
+  GPU:  PYTHONPATH=src python bench/moe_router.py [--tokens 1 100 256 1024]
+  CPU:  PYTHONPATH=src python bench/moe_router.py --device cpu   (a smoke run on triton's interpreter)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+if "--device" in sys.argv and sys.argv[sys.argv.index("--device") + 1] == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from fastlfm.engine.kernels import moe  # noqa: E402
+from fastlfm.models.lfm2_moe import Lfm2MoeConfig  # noqa: E402
+from fastlfm.ops import moe_route  # noqa: E402
+from fastlfm.testing import real_moe_config  # noqa: E402
+
+
+def time_us(fn, device: str) -> float:
+    if device == "cpu":
+        import time
+        t = time.perf_counter()
+        fn()
+        return 1e6 * (time.perf_counter() - t)
+    import triton.testing
+    return 1e3 * triton.testing.do_bench_cudagraph(fn)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--models", nargs="+", default=["LFM2-8B-A1B", "LFM2-24B-A2B"])
+    ap.add_argument("--tokens", nargs="+", type=int, default=[1, 100, 256, 1024])
+    args = ap.parse_args()
+    dev, dtype = args.device, (torch.bfloat16 if args.device == "cuda" else torch.float16)
+    compiled = torch.compile(moe_route, dynamic=False) if dev == "cuda" else moe_route
+    print("| model | tokens | Triton kernel us | torch ops us (eager) | torch ops us (compiled) | kernel / compiled "
+          "| step saving us (x MoE layers) |")
+    print("|---|---|---|---|---|---|---|")
+    for name in args.models:
+        cfg = Lfm2MoeConfig.from_dict(real_moe_config(name))
+        E, k, D = cfg.num_experts, cfg.num_experts_per_tok, cfg.hidden_size
+        layers = cfg.num_hidden_layers - cfg.num_dense_layers
+        g = torch.Generator().manual_seed(0)
+        gate = (torch.randn(E, D, generator=g) / D**0.5).to(dev, dtype)
+        bias = (0.05 * torch.randn(E, generator=g)).to(dev)
+        for T in args.tokens if dev == "cuda" else [1, 8]:
+            x = torch.randn(T, D, generator=g).to(dev, dtype)
+            run = {"kernel": lambda: moe.route_top_k(x, gate, bias, k, cfg.norm_topk_prob, cfg.routed_scaling_factor),
+                   "eager": lambda: moe_route(x, gate, bias, k, cfg.norm_topk_prob, cfg.routed_scaling_factor),
+                   "compiled": lambda: compiled(x, gate, bias, k, cfg.norm_topk_prob, cfg.routed_scaling_factor)}
+            for fn in run.values():
+                fn()  # compile / JIT outside the timing
+            us = {n: time_us(fn, dev) for n, fn in run.items()}
+            print(f"| {name} | {T} | {us['kernel']:.1f} | {us['eager']:.1f} | {us['compiled']:.1f} | "
+                  f"{us['kernel'] / us['compiled']:.2f} | {(us['compiled'] - us['kernel']) * layers:.0f} ({layers}) |")
+
+
+if __name__ == "__main__":
+    main()
