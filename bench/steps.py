@@ -9,11 +9,11 @@ defaults), greedy, `ignore_eos`:
   position) as the peer;
 - one 1,024-token prompt alone to its first token (the engine side of TTFT at c=1), ms;
 - GPU time by kernel of a 16 x 1,024 prefill;
-- `--decode-batch B`: B prompts of 1,024 tokens prefilled, then decode steps at batch B: wall time per
+- `--decode-batch B [B ...]`: B prompts of 1,024 tokens prefilled, then decode steps at batch B: wall time per
   step and GPU time by kernel of 20 steps (the kernels inside the CUDA graph replays).
 Each prompt is new (random ids), so the prefix cache serves nothing.
 
-    python bench/steps.py [--model LFM2-1.2B] [--label new] [--no-hf] [--no-profile] [--decode-batch 100]
+    python bench/steps.py [--model LFM2-1.2B] [--label new] [--no-hf] [--no-profile] [--decode-batch 1 100]
 
 Compare code versions by running it with another PYTHONPATH (e.g. an older src/).
 """
@@ -70,7 +70,8 @@ def main() -> None:
     ap.add_argument("--checkpoint-dir", default="/tmp")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers peer")
     ap.add_argument("--no-profile", action="store_true")
-    ap.add_argument("--decode-batch", type=int, default=0, help="also profile decode steps at this batch size")
+    ap.add_argument("--decode-batch", type=int, nargs="*", default=[], help="also profile decode steps at these "
+                    "batch sizes")
     args = ap.parse_args()
 
     if args.model in MOE_SHAPES:  # 16-48 GB of weights: made on the device, no checkpoint (and no transformers peer)
@@ -119,8 +120,8 @@ def main() -> None:
             engine.generate(prompts, params)
             sync()
         print_kernels(prof, f"a 16 x {args.prompt_len} prefill")
-    if args.decode_batch:
-        profile_decode(engine, fresh(args.decode_batch))
+    for batch in args.decode_batch:
+        profile_decode(engine, fresh(batch))
 
 
 def print_kernels(prof, what: str, steps: int = 1) -> None:
@@ -129,7 +130,7 @@ def print_kernels(prof, what: str, steps: int = 1) -> None:
     total = sum(getattr(e, key) for e in events)
     print(f"GPU time of {what}: {total / 1e3 / steps:.3f} ms{' a step' if steps > 1 else ''}; top kernels "
           f"(ms{' a step' if steps > 1 else ''}, calls):")
-    for e in events[:14]:
+    for e in events[:20]:
         print(f"  {getattr(e, key) / 1e3 / steps:7.3f} {e.count:6d}  {e.key[:90]}")
 
 
