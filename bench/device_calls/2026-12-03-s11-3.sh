@@ -7,5 +7,6 @@ OUT=${OUT:-/tmp/fastlfm-out}; mkdir -p "$OUT"; export OUT
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 LOG=$OUT/call.log
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$LOG"
+source bench/wheels_env.sh || exit 1  # steps.py imports fastlfm.server (uvicorn)
 timeout 300 python3 bench/steps.py --model LFM2-8B-A1B --no-profile --decode-batch 1 100 2>&1 | grep -v "^$" \
     | grep -vi warn | tail -70 | tee -a "$LOG"
