@@ -1,10 +1,10 @@
 """The MoE router's Triton kernel (fastlfm.engine.kernels.moe.route_top_k) against the torch ops it
 replaces (ops.moe_route: casts, fp32 GEMM, sigmoid + bias, top-k, gather, normalize), eager and under
-torch.compile as the engine's decode graphs ran them, at LFM2-MoE's router shapes. Each is timed as a
-CUDA-graph replay (as in a decode step); the table gives microseconds per layer and per decode step
-(x the model's MoE layers).
+torch.compile as the engine's decode graphs ran them, at LFM2-MoE's router shapes. Each is timed with L2
+flushed first (in a decode step the experts' weights stream through it); the table gives microseconds per
+layer and per decode step (x the model's MoE layers).
 
-  GPU:  PYTHONPATH=src python bench/moe_router.py [--tokens 1 100 256 1024]
+  GPU:  PYTHONPATH=src python bench/moe_router.py [--tokens 1 100 256 1024] [--configs]
   CPU:  PYTHONPATH=src python bench/moe_router.py --device cpu   (a smoke run on triton's interpreter)
 """
 
@@ -32,7 +32,8 @@ def time_us(fn, device: str) -> float:
         fn()
         return 1e6 * (time.perf_counter() - t)
     import triton.testing
-    return 1e3 * triton.testing.do_bench_cudagraph(fn)
+    return 1e3 * triton.testing.do_bench(fn)  # L2 flushed before each call, as in a decode step (the experts
+    # stream through it), and launched: a graph replay with L2 warm hid how long the router's loads wait
 
 
 def main() -> None:
@@ -40,9 +41,11 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--models", nargs="+", default=["LFM2-8B-A1B", "LFM2-24B-A2B"])
     ap.add_argument("--tokens", nargs="+", type=int, default=[1, 100, 256, 1024])
+    ap.add_argument("--configs", action="store_true", help="also time other tiles of the kernel at 1 and 100 tokens")
     args = ap.parse_args()
     dev, dtype = args.device, (torch.bfloat16 if args.device == "cuda" else torch.float16)
     compiled = torch.compile(moe_route, dynamic=False) if dev == "cuda" else moe_route
+    notes = []
     print("| model | tokens | Triton kernel us | torch ops us (eager) | torch ops us (compiled) | kernel / compiled "
           "| step saving us (x MoE layers) |")
     print("|---|---|---|---|---|---|---|")
@@ -63,6 +66,20 @@ def main() -> None:
             us = {n: time_us(fn, dev) for n, fn in run.items()}
             print(f"| {name} | {T} | {us['kernel']:.1f} | {us['eager']:.1f} | {us['compiled']:.1f} | "
                   f"{us['kernel'] / us['compiled']:.2f} | {(us['compiled'] - us['kernel']) * layers:.0f} ({layers}) |")
+            if args.configs and T in (1, 100):
+                tried = []
+                for block_k in (128, 256, 512, 1024, 2048):
+                    for warps in (4, 8, 16):
+                        if block_k * E // (32 * warps) > 256:  # products a thread holds
+                            continue
+                        cfg_k = dict(BLOCK_K=block_k, num_warps=warps)
+                        fn = lambda c=cfg_k: moe.route_top_k(x, gate, bias, k, cfg.norm_topk_prob,  # noqa: E731
+                                                             cfg.routed_scaling_factor, config=c)
+                        fn()
+                        tried.append((time_us(fn, dev), block_k, warps))
+                notes.append(f"{name}, {T} tokens, kernel configs (us, BLOCK_K, warps), best first: "
+                             + ", ".join(f"{u:.1f}/{b}/{w}" for u, b, w in sorted(tried)[:8]))
+    print("\n".join(notes))
 
 
 if __name__ == "__main__":

@@ -104,21 +104,23 @@ def _down_kernel(Inter, W, PairOut, RouteW, Order, BlockExpert, BlockStart, Ends
 @triton.jit
 def _route_kernel(X, Wg, Bias, Ids, RouteW, D, E, s_xt, scale, TOP_K: tl.constexpr, K_PAD: tl.constexpr,
                   NORMALIZE: tl.constexpr, HAS_BIAS: tl.constexpr, EXPERTS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One token: fp32 logits (products summed in fp32; no tl.dot, whose IEEE fp32 path ran some 65 us for
-    16 tokens of LFM2-8B-A1B's router in one program on the H200), sigmoid scores, top-k of score + bias
-    (k rounds of the maximum, the lowest expert id among equals), their unbiased scores normalized and
-    scaled."""
+    """One token: fp32 logits (products summed in fp32), sigmoid scores, top-k of score + bias (k rounds of
+    the maximum, the lowest expert id among equals), their unbiased scores normalized and scaled.
+
+    Measured on the H200 inside LFM2-8B-A1B's decode steps (where the experts' stream has pushed the
+    router's weights out of L2): a K loop of 16 small tiles waited on each load in turn, 22 us a call;
+    tl.dot's IEEE fp32 path (16 tokens a program) 65 us. So the weights come in a few wide tiles."""
     t = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, EXPERTS)
     e_ok = e < E
-    acc = tl.zeros([EXPERTS, BLOCK_K], tl.float32)
+    logits = tl.zeros([EXPERTS], tl.float32)
     for k0 in range(0, D, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < D
         x = tl.load(X + t * s_xt + k, mask=k_ok, other=0.0).to(tl.float32)
         w = tl.load(Wg + e[:, None] * D + k[None, :], mask=e_ok[:, None] & k_ok[None, :], other=0.0)
-        acc += w.to(tl.float32) * x[None, :]
-    scores = tl.sigmoid(tl.sum(acc, 1))
+        logits += tl.sum(w.to(tl.float32) * x[None, :], 1)
+    scores = tl.sigmoid(logits)
     choice = scores
     if HAS_BIAS:
         choice += tl.load(Bias + e, mask=e_ok, other=0.0).to(tl.float32)
@@ -145,10 +147,11 @@ ROUTE_KERNEL_MAX_TOKENS = 1024
 
 
 def route_top_k(x: torch.Tensor, gate_weight: torch.Tensor, expert_bias: torch.Tensor | None, top_k: int,
-                normalize: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                normalize: bool, scale: float, config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """ops.moe_route in one kernel launch for decode-sized steps (in a decode step the router was some
     eight small kernels: casts, the fp32 GEMM, sigmoid and bias, top-k, gather, sum, divide, scale). Only
-    the order in which the logits' products are summed differs from the reference."""
+    the order in which the logits' products are summed differs from the reference. `config`: BLOCK_K and
+    num_warps (bench/moe_router.py tries others)."""
     T, D = x.shape
     E = gate_weight.shape[0]
     if gate_weight.shape != (E, D) or not 1 <= top_k <= E:
@@ -162,11 +165,12 @@ def route_top_k(x: torch.Tensor, gate_weight: torch.Tensor, expert_bias: torch.T
     if T == 0:
         return ids, weights
     experts = triton.next_power_of_2(E)
+    # a few wide tiles (see the kernel): 32,768 products a tile, over 512 threads
+    config = config or dict(BLOCK_K=min(triton.next_power_of_2(D), max(32, 32768 // experts)), num_warps=16)
     bias = expert_bias if expert_bias is not None else weights  # not read without HAS_BIAS
     _route_kernel[(T,)](x, gate_weight, bias, ids, weights, D, E, x.stride(0), float(scale), TOP_K=top_k,
                         K_PAD=triton.next_power_of_2(top_k), NORMALIZE=bool(normalize),
-                        HAS_BIAS=expert_bias is not None, EXPERTS=experts, BLOCK_K=max(32, 4096 // experts),
-                        num_warps=4)
+                        HAS_BIAS=expert_bias is not None, EXPERTS=experts, **config)
     return ids, weights
 
 
