@@ -4,7 +4,7 @@ torch.compile as the engine's decode graphs ran them, at LFM2-MoE's router shape
 flushed first (in a decode step the experts' weights stream through it); the table gives microseconds per
 layer and per decode step (x the model's MoE layers).
 
-  GPU:  PYTHONPATH=src python bench/moe_router.py [--tokens 1 100 256 1024] [--configs]
+  GPU:  PYTHONPATH=src python bench/moe_router.py [--tokens 1 100 256 1024] [--configs] [--align]
   CPU:  PYTHONPATH=src python bench/moe_router.py --device cpu   (a smoke run on triton's interpreter)
 """
 
@@ -36,12 +36,22 @@ def time_us(fn, device: str) -> float:
     # stream through it), and launched: a graph replay with L2 warm hid how long the router's loads wait
 
 
+def replay_us(fn, device: str) -> float:
+    """CUDA-graph replay time (for kernels whose data is tiny and stays in L2 anyway)."""
+    if device == "cpu":
+        return time_us(fn, device)
+    import triton.testing
+    return 1e3 * triton.testing.do_bench_cudagraph(fn)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--models", nargs="+", default=["LFM2-8B-A1B", "LFM2-24B-A2B"])
     ap.add_argument("--tokens", nargs="+", type=int, default=[1, 100, 256, 1024])
     ap.add_argument("--configs", action="store_true", help="also time other tiles of the kernel at 1 and 100 tokens")
+    ap.add_argument("--align", action="store_true", help="also time the align kernel (sort by expert, block table) "
+                    "over chunk sizes and warps at 1, 100 and 256 tokens (CUDA-graph replays)")
     args = ap.parse_args()
     dev, dtype = args.device, (torch.bfloat16 if args.device == "cuda" else torch.float16)
     compiled = torch.compile(moe_route, dynamic=False) if dev == "cuda" else moe_route
@@ -79,6 +89,20 @@ def main() -> None:
                         tried.append((time_us(fn, dev), block_k, warps))
                 notes.append(f"{name}, {T} tokens, kernel configs (us, BLOCK_K, warps), best first: "
                              + ", ".join(f"{u:.1f}/{b}/{w}" for u, b, w in sorted(tried)[:8]))
+            if args.align and T in (1, 100, 256):
+                ids = run["kernel"]()[0]
+                block_m = moe.default_config(ids.numel(), E)["BLOCK_M"]
+                tried = []
+                for chunk in (None, 128, 256, 512, 1024):
+                    for warps in (4, 8, 16):
+                        if chunk is None and warps != 4:
+                            continue
+                        cfg_a = None if chunk is None else dict(CHUNK=chunk, num_warps=warps)
+                        fn = lambda c=cfg_a: moe.route_blocks(ids, E, block_m, config=c)  # noqa: E731
+                        fn()
+                        tried.append((replay_us(fn, dev), "default" if chunk is None else f"{chunk}/{warps}"))
+                notes.append(f"{name}, {T} tokens, align kernel (us, CHUNK/warps), best first: "
+                             + ", ".join(f"{u:.1f}/{c}" for u, c in sorted(tried)))
     print("\n".join(notes))
 
 

@@ -217,10 +217,11 @@ def _align_kernel(ExpertIds, Order, Ends, BlockExpert, BlockStart, num_pairs, nu
 ALIGN_KERNEL_MAX_PAIRS = 4096  # decode steps up to 1024 sequences at top-4
 
 
-def route_blocks(expert_ids: torch.Tensor, num_experts: int, block_m: int
+def route_blocks(expert_ids: torch.Tensor, num_experts: int, block_m: int, config: dict | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(order, ends, block_expert, block_start): the pairs of expert_ids (T, k) sorted by expert (pair
-    indices), each expert's run end, and each block's expert (-1: spare) and first row."""
+    indices), each expert's run end, and each block's expert (-1: spare) and first row. `config`: the
+    align kernel's CHUNK and num_warps (bench/moe_router.py --align tries others)."""
     num_pairs = expert_ids.numel()
     if num_pairs > ALIGN_KERNEL_MAX_PAIRS:
         order, ends = sort_by_expert(expert_ids, num_experts)
@@ -232,8 +233,9 @@ def route_blocks(expert_ids: torch.Tensor, num_experts: int, block_m: int
     block_expert = torch.empty(blocks, dtype=torch.int32, device=dev)
     block_start = torch.empty(blocks, dtype=torch.int32, device=dev)
     padded = triton.next_power_of_2(num_experts)
+    config = config or dict(CHUNK=max(16, 4096 // padded), num_warps=4)
     _align_kernel[(1,)](expert_ids.reshape(-1), order, ends, block_expert, block_start, num_pairs, num_experts,
-                        blocks, BLOCK_M=block_m, EXPERTS=padded, CHUNK=max(16, 4096 // padded), num_warps=4)
+                        blocks, BLOCK_M=block_m, EXPERTS=padded, **config)
     return order, ends, block_expert, block_start
 
 

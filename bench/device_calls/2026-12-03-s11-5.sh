@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Device call 5 of session 11 (2026-12-03): the MoE align kernel (10 us a layer at batch 100, 4 us at batch 1 in
+# call 3) over chunk sizes and warps (bench/moe_router.py --align), and the decode steps' kernels at batch 1 and
+# 100 with the wide-tile router kernel of call 4 (bench/steps.py).
+set -uo pipefail
+OUT=${OUT:-/tmp/fastlfm-out}; mkdir -p "$OUT"; export OUT
+export PYTHONPATH=src PYTHONUNBUFFERED=1
+LOG=$OUT/call.log
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$LOG"
+timeout 60 python3 bench/moe_router.py --models LFM2-8B-A1B --tokens 1 100 256 --align 2>&1 | grep -vi warn | tail -8 \
+    | tee -a "$LOG"
+source bench/wheels_env.sh || exit 1  # steps.py imports fastlfm.server (uvicorn)
+timeout 150 python3 bench/steps.py --model LFM2-8B-A1B --no-profile --decode-batch 1 100 2>&1 | grep -v "^$" \
+    | grep -vi warn | tail -50 | tee -a "$LOG"
