@@ -9,6 +9,3 @@ LOG=$OUT/call.log
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$LOG"
 timeout 60 python3 bench/moe_router.py --models LFM2-8B-A1B --tokens 1 100 256 --align 2>&1 | grep -vi warn | tail -8 \
     | tee -a "$LOG"
-source bench/wheels_env.sh || exit 1  # steps.py imports fastlfm.server (uvicorn)
-timeout 150 python3 bench/steps.py --model LFM2-8B-A1B --no-profile --decode-batch 1 100 2>&1 | grep -v "^$" \
-    | grep -vi warn | tail -50 | tee -a "$LOG"
