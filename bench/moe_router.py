@@ -55,7 +55,6 @@ def main() -> None:
     args = ap.parse_args()
     dev, dtype = args.device, (torch.bfloat16 if args.device == "cuda" else torch.float16)
     compiled = torch.compile(moe_route, dynamic=False) if dev == "cuda" else moe_route
-    notes = []
     print("| model | tokens | Triton kernel us | torch ops us (eager) | torch ops us (compiled) | kernel / compiled "
           "| step saving us (x MoE layers) |")
     print("|---|---|---|---|---|---|---|")
@@ -87,7 +86,7 @@ def main() -> None:
                                                              cfg.routed_scaling_factor, config=c)
                         fn()
                         tried.append((time_us(fn, dev), block_k, warps))
-                notes.append(f"{name}, {T} tokens, kernel configs (us, BLOCK_K, warps), best first: "
+                print(f"{name}, {T} tokens, kernel configs (us, BLOCK_K, warps), best first: "
                              + ", ".join(f"{u:.1f}/{b}/{w}" for u, b, w in sorted(tried)[:8]))
             if args.align and T in (1, 100, 256):
                 ids = run["kernel"]()[0]
@@ -101,9 +100,8 @@ def main() -> None:
                         fn = lambda c=cfg_a: moe.route_blocks(ids, E, block_m, config=c)  # noqa: E731
                         fn()
                         tried.append((replay_us(fn, dev), "default" if chunk is None else f"{chunk}/{warps}"))
-                notes.append(f"{name}, {T} tokens, align kernel (us, CHUNK/warps), best first: "
+                print(f"{name}, {T} tokens, align kernel (us, CHUNK/warps), best first: "
                              + ", ".join(f"{u:.1f}/{c}" for u, c in sorted(tried)))
-    print("\n".join(notes))
 
 
 if __name__ == "__main__":
