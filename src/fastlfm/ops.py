@@ -131,7 +131,7 @@ def packed_causal_conv(
     return out, new_state
 
 
-# ----------------------------------------------------------------------------- MoE experts
+# ----------------------------------------------------------------------------- MoE routing and experts
 def moe_route(x: torch.Tensor, gate_weight: torch.Tensor, expert_bias: torch.Tensor | None, top_k: int,
               normalize: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """LFM2-MoE's router: x (T, D) -> chosen expert ids (T, k) int64 and their weights (T, k) in x's dtype.
