@@ -224,6 +224,25 @@ def test_route_kernel_against_float64(T, E, k, bias, normalize, scale, dtype):
                                atol=1e-6, rtol=1e-5 if dtype == torch.float32 else 8e-3)
 
 
+def test_route_kernel_gives_real_distinct_experts_for_nan_rows():
+    """A token whose hidden state is NaN (an overflow) still gets k distinct ids of real experts, so the
+    sort by expert stays right for the other tokens of the step, whose routing is unchanged."""
+    from fastlfm.engine.kernels import moe
+    from fastlfm.ops import moe_route
+
+    g = torch.Generator().manual_seed(1)
+    x, gate, bias = torch.randn(6, 40, generator=g), torch.randn(12, 40, generator=g), torch.randn(12, generator=g)
+    x[2] = float("nan")
+    x[4, 7] = float("inf")
+    ids, weights = moe.route_top_k(x, gate, bias, 4, True, 1.0)
+    assert ((ids >= 0) & (ids < 12)).all()
+    assert all(len(set(row)) == 4 for row in ids.tolist())
+    want, want_w = moe_route(x, gate, bias, 4, True, 1.0)
+    clean = [0, 1, 3, 5]
+    assert torch.equal(ids[clean].sort(-1).values, want[clean].sort(-1).values)
+    assert torch.isnan(weights[2]).all() and torch.isfinite(weights[clean]).all()
+
+
 def test_route_kernel_leaves_large_steps_to_torch(monkeypatch):
     """Steps of more tokens than the router's kernel takes (prefill) route through the reference ops."""
     from fastlfm.engine.kernels import moe

@@ -124,15 +124,20 @@ def _route_kernel(X, Wg, Bias, Ids, RouteW, D, E, s_xt, scale, TOP_K: tl.constex
     choice = scores
     if HAS_BIAS:
         choice += tl.load(Bias + e, mask=e_ok, other=0.0).to(tl.float32)
-    choice = tl.where(e_ok, choice, float("-inf"))
+    # NaN (a token whose hidden state overflowed) counts as -inf, and a round picks among the experts not yet
+    # taken: every id is a real expert and a token's k ids differ, whatever the values (an id past the
+    # experts would break the sort by expert for every token of the step).
+    choice = tl.where(choice == choice, choice, float("-inf"))
+    free = e_ok
     slot = tl.arange(0, K_PAD)
     ids = tl.zeros([K_PAD], tl.int32)
     weights = tl.zeros([K_PAD], tl.float32)
     for j in tl.static_range(TOP_K):
-        pick = tl.min(tl.where(choice == tl.max(choice, 0), e, EXPERTS), 0)
+        best = tl.max(tl.where(free, choice, float("-inf")), 0)
+        pick = tl.min(tl.where(free & (choice == best), e, EXPERTS), 0)
         ids = tl.where(slot == j, pick, ids)
         weights = tl.where(slot == j, tl.sum(tl.where(e == pick, scores, 0.0), 0), weights)
-        choice = tl.where(e == pick, float("-inf"), choice)
+        free = free & (e != pick)
     if NORMALIZE:
         weights = weights / (tl.sum(weights, 0) + 1e-6)
     weights = weights * scale
