@@ -202,7 +202,7 @@ def test_route_kernel_against_float64(T, E, k, bias, normalize, scale, dtype):
     from fastlfm.engine.kernels import moe
 
     g = torch.Generator().manual_seed(T * E + k)
-    D = 72  # not a multiple of the kernel's 64-wide K tiles
+    D = 1100  # over one K tile (1,024 wide for 32 experts, 512 for 64) and not a multiple of it
     x = torch.randn(T, D, generator=g).to(dtype)
     gate = (torch.randn(E, D, generator=g) / D**0.5).to(dtype)
     expert_bias = 0.1 * torch.randn(E, generator=g) if bias else None
@@ -224,6 +224,7 @@ def test_route_kernel_against_float64(T, E, k, bias, normalize, scale, dtype):
                                atol=1e-6, rtol=1e-5 if dtype == torch.float32 else 8e-3)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy on NaN
 def test_route_kernel_gives_real_distinct_experts_for_nan_rows():
     """A token whose hidden state is NaN (an overflow) still gets k distinct ids of real experts, so the
     sort by expert stays right for the other tokens of the step, whose routing is unchanged."""
@@ -237,7 +238,7 @@ def test_route_kernel_gives_real_distinct_experts_for_nan_rows():
     ids, weights = moe.route_top_k(x, gate, bias, 4, True, 1.0)
     assert ((ids >= 0) & (ids < 12)).all()
     assert all(len(set(row)) == 4 for row in ids.tolist())
-    want, want_w = moe_route(x, gate, bias, 4, True, 1.0)
+    want = moe_route(x, gate, bias, 4, True, 1.0)[0]
     clean = [0, 1, 3, 5]
     assert torch.equal(ids[clean].sort(-1).values, want[clean].sort(-1).values)
     assert torch.isnan(weights[2]).all() and torch.isfinite(weights[clean]).all()
