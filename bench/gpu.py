@@ -25,7 +25,7 @@ import torch
 from fastlfm.engine import LLMEngine
 from fastlfm.models import Lfm2ForCausalLM
 from fastlfm.sampling import SamplingParams
-from fastlfm.testing import real_config, real_moe_config, tiny_config, write_checkpoint
+from fastlfm.testing import MOE_SHAPES, real_config, real_moe_config, tiny_config, write_checkpoint
 
 DEV = "cuda"
 
@@ -664,7 +664,6 @@ def engine_start_times(name, folder, notes) -> None:
 
 
 # ----------------------------------------------------------------------------- LFM2-MoE (issue 17)
-MOE_MODELS = ("LFM2-8B-A1B", "LFM2-24B-A2B")
 
 
 @dataclass
@@ -1009,7 +1008,7 @@ def main():
             engine_start_times(name, folder, notes)
         return
     for name in args.models:
-        if name in MOE_MODELS:
+        if name in MOE_SHAPES:
             try:
                 all_ok &= bench_moe_model(name, bw, flops, args, rows, notes)
             except Exception as e:  # the next model still runs (its memory: freed below)

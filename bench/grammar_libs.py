@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import tempfile
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from grammar_threads import VOCAB, walks  # noqa: E402
 from structured import SCHEMAS  # noqa: E402
 
 from fastlfm.sampling import SamplingParams  # noqa: E402
@@ -37,23 +37,7 @@ from fastlfm.structured import GrammarCache, unpack_bitmask  # noqa: E402
 from fastlfm.testing.tokenizer_files import write_tokenizer_files  # noqa: E402
 from fastlfm.tokenizer import Tokenizer  # noqa: E402
 
-VOCAB = 65536
 EOS = 7
-
-
-def walks(cache: GrammarCache, params: SamplingParams, rows: int, steps: int) -> list[list[int]]:
-    """Per row, `steps` tokens llguidance allows in turn (seeded random choices)."""
-    words = VOCAB // 32
-    out = []
-    for r in range(rows):
-        rng, m, path = random.Random(r), cache.matcher(params), []
-        mask = torch.empty((1, words), dtype=torch.int32)
-        for _ in range(steps):
-            m.unsafe_compute_mask_ptr(mask.data_ptr(), words * 4)
-            path.append(rng.choice(unpack_bitmask(mask, VOCAB)[0].nonzero().flatten().tolist()))
-            m.consume_token(path[-1])
-        out.append(path)
-    return out
 
 
 def xgrammar_tokenizer(xgr, tok: Tokenizer):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import torch
 
@@ -22,12 +23,12 @@ if "--device" in sys.argv and sys.argv[sys.argv.index("--device") + 1] == "cpu":
 from fastlfm.engine.kernels import moe  # noqa: E402
 from fastlfm.models.lfm2_moe import Lfm2MoeConfig  # noqa: E402
 from fastlfm.ops import moe_route  # noqa: E402
-from fastlfm.testing import real_moe_config  # noqa: E402
+from fastlfm.testing import MOE_SHAPES, real_moe_config  # noqa: E402
+from moe_tiles import time_graph  # noqa: E402  (bench/, the script's folder, is on sys.path)
 
 
 def time_us(fn, device: str) -> float:
     if device == "cpu":
-        import time
         t = time.perf_counter()
         fn()
         return 1e6 * (time.perf_counter() - t)
@@ -36,18 +37,35 @@ def time_us(fn, device: str) -> float:
     # stream through it), and launched: a graph replay with L2 warm hid how long the router's loads wait
 
 
-def replay_us(fn, device: str) -> float:
-    """CUDA-graph replay time (for kernels whose data is tiny and stays in L2 anyway)."""
-    if device == "cpu":
-        return time_us(fn, device)
-    import triton.testing
-    return 1e3 * triton.testing.do_bench_cudagraph(fn)
+def router_tiles(route, E: int, device: str) -> str:
+    """The router kernel's time over K tile widths and warps (`route(config)` runs it), best first."""
+    tried = []
+    for block_k in (128, 256, 512, 1024, 2048):
+        for warps in (4, 8, 16):
+            if block_k * E // (32 * warps) > 256:  # products a thread holds
+                continue
+            config = dict(BLOCK_K=block_k, num_warps=warps)
+            route(config)  # JIT outside the timing
+            tried.append((time_us(lambda: route(config), device), f"{block_k}/{warps}"))
+    return ", ".join(f"{us:.1f}/{name}" for us, name in sorted(tried)[:8])
+
+
+def align_chunks(ids: torch.Tensor, E: int) -> str:
+    """The align kernel's time (default, then chunk sizes x warps) on the routing `ids`, best first."""
+    block_m = moe.default_config(ids.numel(), E)["BLOCK_M"]
+    configs = [None] + [dict(CHUNK=c, num_warps=w) for c in (128, 256, 512, 1024) for w in (4, 8, 16)]
+    tried = []
+    for config in configs:
+        moe.route_blocks(ids, E, block_m, config=config)  # JIT outside the timing
+        us = time_graph(lambda: moe.route_blocks(ids, E, block_m, config=config))  # tiny data: L2 is no matter
+        tried.append((us, "default" if config is None else f"{config['CHUNK']}/{config['num_warps']}"))
+    return ", ".join(f"{us:.1f}/{name}" for us, name in sorted(tried))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--models", nargs="+", default=["LFM2-8B-A1B", "LFM2-24B-A2B"])
+    ap.add_argument("--models", nargs="+", default=list(MOE_SHAPES), choices=MOE_SHAPES)
     ap.add_argument("--tokens", nargs="+", type=int, default=[1, 100, 256, 1024])
     ap.add_argument("--configs", action="store_true", help="also time other tiles of the kernel at 1 and 100 tokens")
     ap.add_argument("--align", action="store_true", help="also time the align kernel (sort by expert, block table) "
@@ -67,41 +85,20 @@ def main() -> None:
         bias = (0.05 * torch.randn(E, generator=g)).to(dev)
         for T in args.tokens if dev == "cuda" else [1, 8]:
             x = torch.randn(T, D, generator=g).to(dev, dtype)
-            run = {"kernel": lambda: moe.route_top_k(x, gate, bias, k, cfg.norm_topk_prob, cfg.routed_scaling_factor),
-                   "eager": lambda: moe_route(x, gate, bias, k, cfg.norm_topk_prob, cfg.routed_scaling_factor),
-                   "compiled": lambda: compiled(x, gate, bias, k, cfg.norm_topk_prob, cfg.routed_scaling_factor)}
+            route_args = (x, gate, bias, k, cfg.norm_topk_prob, cfg.routed_scaling_factor)
+            run = {"kernel": lambda: moe.route_top_k(*route_args), "eager": lambda: moe_route(*route_args),
+                   "compiled": lambda: compiled(*route_args)}
             for fn in run.values():
                 fn()  # compile / JIT outside the timing
             us = {n: time_us(fn, dev) for n, fn in run.items()}
             print(f"| {name} | {T} | {us['kernel']:.1f} | {us['eager']:.1f} | {us['compiled']:.1f} | "
                   f"{us['kernel'] / us['compiled']:.2f} | {(us['compiled'] - us['kernel']) * layers:.0f} ({layers}) |")
             if args.configs and T in (1, 100):
-                tried = []
-                for block_k in (128, 256, 512, 1024, 2048):
-                    for warps in (4, 8, 16):
-                        if block_k * E // (32 * warps) > 256:  # products a thread holds
-                            continue
-                        cfg_k = dict(BLOCK_K=block_k, num_warps=warps)
-                        fn = lambda c=cfg_k: moe.route_top_k(x, gate, bias, k, cfg.norm_topk_prob,  # noqa: E731
-                                                             cfg.routed_scaling_factor, config=c)
-                        fn()
-                        tried.append((time_us(fn, dev), block_k, warps))
-                print(f"{name}, {T} tokens, kernel configs (us, BLOCK_K, warps), best first: "
-                             + ", ".join(f"{u:.1f}/{b}/{w}" for u, b, w in sorted(tried)[:8]))
+                tiles = router_tiles(lambda c: moe.route_top_k(*route_args, config=c), E, dev)
+                print(f"{name}, {T} tokens, kernel configs (us, BLOCK_K/warps), best first: {tiles}")
             if args.align and T in (1, 100, 256):
-                ids = run["kernel"]()[0]
-                block_m = moe.default_config(ids.numel(), E)["BLOCK_M"]
-                tried = []
-                for chunk in (None, 128, 256, 512, 1024):
-                    for warps in (4, 8, 16):
-                        if chunk is None and warps != 4:
-                            continue
-                        cfg_a = None if chunk is None else dict(CHUNK=chunk, num_warps=warps)
-                        fn = lambda c=cfg_a: moe.route_blocks(ids, E, block_m, config=c)  # noqa: E731
-                        fn()
-                        tried.append((replay_us(fn, dev), "default" if chunk is None else f"{chunk}/{warps}"))
-                print(f"{name}, {T} tokens, align kernel (us, CHUNK/warps), best first: "
-                             + ", ".join(f"{u:.1f}/{c}" for u, c in sorted(tried)))
+                chunks = align_chunks(run["kernel"]()[0], E)
+                print(f"{name}, {T} tokens, align kernel (us, CHUNK/warps), best first: {chunks}")
 
 
 if __name__ == "__main__":

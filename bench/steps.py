@@ -28,9 +28,9 @@ import torch
 from fastlfm.engine import LLMEngine
 from fastlfm.sampling import SamplingParams
 from fastlfm.server.benchmark import prepare_checkpoint
+from fastlfm.testing import MOE_SHAPES
 
 
-MOE_SHAPES = ("LFM2-8B-A1B", "LFM2-24B-A2B")
 # 128 rows and a 4,096-token context, as bench/gpu.py's MoE engine; 60% of the GPU's memory for the
 # weights and the KV pool together (gpu.py sizes it from the weights instead).
 MOE_ENGINE_OPTIONS = dict(max_num_seqs=128, max_model_len=4096, gpu_memory_utilization=0.6)

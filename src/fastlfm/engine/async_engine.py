@@ -20,8 +20,9 @@ from .llm_engine import EngineStats, LLMEngine, RequestOutput, merge_outputs
 from .multimodal import check_image_inputs
 
 
-def freeze_startup_heap() -> None:
-    """Collect once, then hide every object alive now from the cyclic collector (gc.freeze).
+def freeze_startup_heap() -> int:
+    """Collect once, then hide every object alive now from the cyclic collector (gc.freeze); returns
+    how many objects are frozen.
 
     A full (generation 2) collection walks every tracked object. A serving process holds a few
     hundred thousand of them from its imports alone (torch: ~170k), and after torch.compile and the
@@ -31,6 +32,7 @@ def freeze_startup_heap() -> None:
     For processes fastlfm owns (the server's, its engine's), not a user's."""
     gc.collect()
     gc.freeze()
+    return gc.get_freeze_count()
 
 
 # With many streams, handing every token to the event loop costs it one SSE event per request

@@ -17,7 +17,6 @@ which must not be pickled at every token; the client rebuilds `token_ids` / `tex
 from __future__ import annotations
 
 import asyncio
-import gc
 import multiprocessing
 import os
 import pickle
@@ -94,10 +93,10 @@ def run_engine_process(conn, model: str, engine_kwargs: dict, loop_kwargs: dict)
     except BaseException as e:  # a bad checkpoint or option: the server reports it and exits
         _send(conn, ("error", _picklable(e)))
         return
-    freeze_startup_heap()  # the model, compiled graphs and captures: no collection walks them again
+    frozen = freeze_startup_heap()  # the model, compiled graphs and captures: no collection walks them again
     _send(conn, ("ready", EngineInfo(engine.config, engine.max_model_len, engine.max_num_seqs,
                                      engine.generation_config, frozenset(engine.eos_token_ids), engine.stats(),
-                                     gc.get_freeze_count())))
+                                     frozen)))
     send_lock = threading.Lock()
 
     def sink(items: list[tuple[str, Any]]) -> None:  # the loop's thread: stats read between steps

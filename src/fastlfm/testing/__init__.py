@@ -130,6 +130,7 @@ _MOE = {
     "LFM2-8B-A1B": dict(layers=24, attn=[2, 6, 10, 14, 18, 21], experts=32, moe_ff=1792),
     "LFM2-24B-A2B": dict(layers=40, attn=[2, 6, 10, 14, 18, 22, 26, 30, 34, 37], experts=64, moe_ff=1536),
 }
+MOE_SHAPES = tuple(_MOE)  # the released LFM2-MoE shapes real_moe_config knows
 
 
 def real_moe_config(name: str, **overrides: Any) -> dict[str, Any]:
