@@ -4,7 +4,7 @@ torch.compile as the engine's decode graphs ran them, at LFM2-MoE's router shape
 flushed first (in a decode step the experts' weights stream through it); the table gives microseconds per
 layer and per decode step (x the model's MoE layers).
 
-  GPU:  PYTHONPATH=src python bench/moe_router.py [--tokens 1 100 256 1024] [--configs [TOKENS ...]] [--align]
+  GPU:  PYTHONPATH=src python bench/moe_router.py [--tokens 1 100 256 1024] [--configs] [--align]
   CPU:  PYTHONPATH=src python bench/moe_router.py --device cpu   (a smoke run on triton's interpreter)
 """
 
@@ -37,20 +37,16 @@ def time_us(fn, device: str) -> float:
     # stream through it), and launched: a graph replay with L2 warm hid how long the router's loads wait
 
 
-def router_tiles(route, E: int, device: str, dot: bool) -> str:
-    """The router kernels' times over their tiles (`route(config)` runs one), best first: the one-token
-    kernel over K tile widths and warps, and with `dot` (16-bit inputs) the tensor-core kernel over tokens
-    a program, K tiles, warps and pipeline stages."""
-    configs = [dict(BLOCK_K=block_k, num_warps=warps) for block_k in (128, 256, 512, 1024, 2048) for warps in (4, 8, 16)
-               if block_k * E // (32 * warps) <= 256]  # products a thread holds
-    if dot:
-        configs += [dict(BLOCK_T=block_t, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
-                    for block_t in (16, 32) for block_k in (64, 128, 256) for warps in (4, 8) for stages in (2, 3, 4)]
+def router_tiles(route, E: int, device: str) -> str:
+    """The router kernel's time over K tile widths and warps (`route(config)` runs it), best first."""
     tried = []
-    for config in configs:
-        route(config)  # JIT outside the timing
-        name = "/".join(str(v) for v in config.values())
-        tried.append((time_us(lambda: route(config), device), name))
+    for block_k in (128, 256, 512, 1024, 2048):
+        for warps in (4, 8, 16):
+            if block_k * E // (32 * warps) > 256:  # products a thread holds
+                continue
+            config = dict(BLOCK_K=block_k, num_warps=warps)
+            route(config)  # JIT outside the timing
+            tried.append((time_us(lambda: route(config), device), f"{block_k}/{warps}"))
     return ", ".join(f"{us:.1f}/{name}" for us, name in sorted(tried)[:8])
 
 
@@ -71,8 +67,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--models", nargs="+", default=list(MOE_SHAPES), choices=MOE_SHAPES)
     ap.add_argument("--tokens", nargs="+", type=int, default=[1, 100, 256, 1024])
-    ap.add_argument("--configs", type=int, nargs="*", default=None, metavar="TOKENS",
-                    help="also time the kernels' other tiles at these token counts (default with no value: 1 and 100)")
+    ap.add_argument("--configs", action="store_true", help="also time other tiles of the kernel at 1 and 100 tokens")
     ap.add_argument("--align", action="store_true", help="also time the align kernel (sort by expert, block table) "
                     "over chunk sizes and warps at 1, 100 and 256 tokens (CUDA-graph replays)")
     args = ap.parse_args()
@@ -98,9 +93,9 @@ def main() -> None:
             us = {n: time_us(fn, dev) for n, fn in run.items()}
             print(f"| {name} | {T} | {us['kernel']:.1f} | {us['eager']:.1f} | {us['compiled']:.1f} | "
                   f"{us['kernel'] / us['compiled']:.2f} | {(us['compiled'] - us['kernel']) * layers:.0f} ({layers}) |")
-            if args.configs is not None and T in (args.configs or (1, 100)):
-                tiles = router_tiles(lambda c: moe.route_top_k(*route_args, config=c), E, dev, dtype != torch.float32)
-                print(f"{name}, {T} tokens, kernel configs (us, [BLOCK_T/]BLOCK_K/warps[/stages]), best first: {tiles}")
+            if args.configs and T in (1, 100):
+                tiles = router_tiles(lambda c: moe.route_top_k(*route_args, config=c), E, dev)
+                print(f"{name}, {T} tokens, kernel configs (us, BLOCK_K/warps), best first: {tiles}")
             if args.align and T in (1, 100, 256):
                 chunks = align_chunks(run["kernel"]()[0], E)
                 print(f"{name}, {T} tokens, align kernel (us, CHUNK/warps), best first: {chunks}")

@@ -14,7 +14,6 @@ defaults), greedy, `ignore_eos`:
 Each prompt is new (random ids), so the prefix cache serves nothing.
 
     python bench/steps.py [--model LFM2-1.2B] [--label new] [--no-hf] [--no-profile] [--decode-batch 1 100]
-                          [--router-config BLOCK_T=16,BLOCK_K=128,num_warps=4]
 
 Compare code versions by running it with another PYTHONPATH (e.g. an older src/).
 """
@@ -73,14 +72,7 @@ def main() -> None:
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--decode-batch", type=int, nargs="*", default=[], help="also profile decode steps at these "
                     "batch sizes")
-    ap.add_argument("--router-config", metavar="KEY=N,...", help="LFM2-MoE: the router kernel's config for every "
-                    "step instead of kernels.moe.router_config's choice, e.g. BLOCK_T=16,BLOCK_K=128,num_warps=4")
     args = ap.parse_args()
-    if args.router_config:
-        from fastlfm.engine.kernels import moe
-
-        config = {k: int(v) for k, v in (item.split("=") for item in args.router_config.split(","))}
-        moe.router_config = lambda *shape: dict(config)
 
     if args.model in MOE_SHAPES:  # 16-48 GB of weights: made on the device, no checkpoint (and no transformers peer)
         from fastlfm.testing import random_model, real_moe_config

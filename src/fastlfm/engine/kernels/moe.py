@@ -102,40 +102,10 @@ def _down_kernel(Inter, W, PairOut, RouteW, Order, BlockExpert, BlockStart, Ends
 
 
 @triton.jit
-def _top_k_weights(logits, Bias, E, TOP_K: tl.constexpr, K_PAD: tl.constexpr, NORMALIZE: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, EXPERTS: tl.constexpr, scale):
-    """Rows of fp32 router logits [R, EXPERTS] -> ids [R, K_PAD] and weights [R, K_PAD]: sigmoid scores,
-    top-k of score + bias (k rounds of the maximum, the lowest expert id among equals), their unbiased
-    scores normalized and scaled."""
-    e = tl.arange(0, EXPERTS)[None, :]
-    scores = tl.sigmoid(logits)
-    choice = scores
-    if HAS_BIAS:
-        choice += tl.load(Bias + e, mask=e < E, other=0.0).to(tl.float32)
-    # NaN (a token whose hidden state overflowed) counts as -inf, and a round picks among the experts not yet
-    # taken: every id is a real expert and a token's k ids differ, whatever the values (an id past the
-    # experts would break the sort by expert for every token of the step).
-    choice = tl.where(choice == choice, choice, float("-inf"))
-    free = tl.broadcast_to(e < E, choice.shape)
-    slot = tl.arange(0, K_PAD)[None, :]
-    ids = tl.zeros([logits.shape[0], K_PAD], tl.int32)
-    weights = tl.zeros([logits.shape[0], K_PAD], tl.float32)
-    for j in tl.static_range(TOP_K):
-        best = tl.max(tl.where(free, choice, float("-inf")), 1)[:, None]
-        pick = tl.min(tl.where(free & (choice == best), e, EXPERTS), 1)[:, None]
-        ids = tl.where(slot == j, pick, ids)
-        weights = tl.where(slot == j, tl.sum(tl.where(e == pick, scores, 0.0), 1)[:, None], weights)
-        free = free & (e != pick)
-    if NORMALIZE:
-        weights = weights / (tl.sum(weights, 1)[:, None] + 1e-6)
-    return ids, weights * scale
-
-
-# T is not specialised: a new batch size's eager step would compile a variant.
-@triton.jit(do_not_specialize=["T"])
-def _route_kernel(X, Wg, Bias, Ids, RouteW, T, D, E, s_xt, scale, TOP_K: tl.constexpr, K_PAD: tl.constexpr,
+def _route_kernel(X, Wg, Bias, Ids, RouteW, D, E, s_xt, scale, TOP_K: tl.constexpr, K_PAD: tl.constexpr,
                   NORMALIZE: tl.constexpr, HAS_BIAS: tl.constexpr, EXPERTS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One token: fp32 logits (products summed in fp32), then `_top_k_weights`.
+    """One token: fp32 logits (products summed in fp32), sigmoid scores, top-k of score + bias (k rounds of
+    the maximum, the lowest expert id among equals), their unbiased scores normalized and scaled.
 
     Measured on the H200 inside LFM2-8B-A1B's decode steps (where the experts' stream has pushed the
     router's weights out of L2): a K loop of 16 small tiles waited on each load in turn, 22 us a call;
@@ -150,37 +120,30 @@ def _route_kernel(X, Wg, Bias, Ids, RouteW, T, D, E, s_xt, scale, TOP_K: tl.cons
         x = tl.load(X + t * s_xt + k, mask=k_ok, other=0.0).to(tl.float32)
         w = tl.load(Wg + e[:, None] * D + k[None, :], mask=e_ok[:, None] & k_ok[None, :], other=0.0)
         logits += tl.sum(w.to(tl.float32) * x[None, :], 1)
-    ids, weights = _top_k_weights(logits[None, :], Bias, E, TOP_K, K_PAD, NORMALIZE, HAS_BIAS, EXPERTS, scale)
-    slot = tl.arange(0, K_PAD)[None, :]
+    scores = tl.sigmoid(logits)
+    choice = scores
+    if HAS_BIAS:
+        choice += tl.load(Bias + e, mask=e_ok, other=0.0).to(tl.float32)
+    # NaN (a token whose hidden state overflowed) counts as -inf, and a round picks among the experts not yet
+    # taken: every id is a real expert and a token's k ids differ, whatever the values (an id past the
+    # experts would break the sort by expert for every token of the step).
+    choice = tl.where(choice == choice, choice, float("-inf"))
+    free = e_ok
+    slot = tl.arange(0, K_PAD)
+    ids = tl.zeros([K_PAD], tl.int32)
+    weights = tl.zeros([K_PAD], tl.float32)
+    for j in tl.static_range(TOP_K):
+        best = tl.max(tl.where(free, choice, float("-inf")), 0)
+        pick = tl.min(tl.where(free & (choice == best), e, EXPERTS), 0)
+        ids = tl.where(slot == j, pick, ids)
+        weights = tl.where(slot == j, tl.sum(tl.where(e == pick, scores, 0.0), 0), weights)
+        free = free & (e != pick)
+    if NORMALIZE:
+        weights = weights / (tl.sum(weights, 0) + 1e-6)
+    weights = weights * scale
     ok = slot < TOP_K
     tl.store(Ids + t * TOP_K + slot, ids.to(tl.int64), mask=ok)
     tl.store(RouteW + t * TOP_K + slot, weights.to(RouteW.dtype.element_ty), mask=ok)
-
-
-@triton.jit(do_not_specialize=["T"])
-def _route_dot_kernel(X, Wg, Bias, Ids, RouteW, T, D, E, s_xt, scale, TOP_K: tl.constexpr, K_PAD: tl.constexpr,
-                      NORMALIZE: tl.constexpr, HAS_BIAS: tl.constexpr, EXPERTS: tl.constexpr, BLOCK_K: tl.constexpr,
-                      BLOCK_T: tl.constexpr):
-    """BLOCK_T tokens of 16-bit activations: the logits as one tensor-core GEMM tile (16-bit products are
-    exact in fp32 and accumulate in fp32, like the reference's fp32 GEMM up to the order of the sum),
-    then `_top_k_weights`. At a batch of tokens the router's weights are read once a block, not once a token."""
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_ok = t < T
-    e = tl.arange(0, EXPERTS)
-    e_ok = e < E
-    logits = tl.zeros([BLOCK_T, EXPERTS], tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < D
-        x = tl.load(X + t.to(tl.int64)[:, None] * s_xt + k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(Wg + e[None, :] * D + k[:, None], mask=k_ok[:, None] & e_ok[None, :], other=0.0)
-        logits = tl.dot(x, w, logits)
-    ids, weights = _top_k_weights(logits, Bias, E, TOP_K, K_PAD, NORMALIZE, HAS_BIAS, EXPERTS, scale)
-    slot = tl.arange(0, K_PAD)[None, :]
-    ok = t_ok[:, None] & (slot < TOP_K)
-    out = t.to(tl.int64)[:, None] * TOP_K + slot
-    tl.store(Ids + out, ids.to(tl.int64), mask=ok)
-    tl.store(RouteW + out, weights.to(RouteW.dtype.element_ty), mask=ok)
 
 
 # Tokens a step may route through the kernel; larger steps (prefill) use torch's GEMM and top-k, where
@@ -188,21 +151,12 @@ def _route_dot_kernel(X, Wg, Bias, Ids, RouteW, T, D, E, s_xt, scale, TOP_K: tl.
 ROUTE_KERNEL_MAX_TOKENS = 1024
 
 
-def router_config(tokens: int, experts: int, hidden: int, dtype: torch.dtype) -> dict:
-    """The router kernel and its tiles for a step of `tokens`: BLOCK_T present picks `_route_dot_kernel`
-    (16-bit activations; BLOCK_T tokens a program), else `_route_kernel` (one token a program; K tiles of
-    BLOCK_K)."""
-    experts = max(16, triton.next_power_of_2(experts))
-    # a few wide tiles (see the kernel): 32,768 products a tile, over 512 threads
-    return dict(BLOCK_K=min(triton.next_power_of_2(hidden), max(32, 32768 // experts)), num_warps=16)
-
-
 def route_top_k(x: torch.Tensor, gate_weight: torch.Tensor, expert_bias: torch.Tensor | None, top_k: int,
                 normalize: bool, scale: float, config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """ops.moe_route in one kernel launch for decode-sized steps (in a decode step the router was some
     eight small kernels: casts, the fp32 GEMM, sigmoid and bias, top-k, gather, sum, divide, scale). Only
-    the order in which the logits' products are summed differs from the reference. `config`: the kernel
-    and its tiles (`router_config`'s choice by default; bench/moe_router.py tries others)."""
+    the order in which the logits' products are summed differs from the reference. `config`: BLOCK_K and
+    num_warps (bench/moe_router.py tries others)."""
     T, D = x.shape
     E = gate_weight.shape[0]
     if gate_weight.shape != (E, D) or not 1 <= top_k <= E:
@@ -215,18 +169,13 @@ def route_top_k(x: torch.Tensor, gate_weight: torch.Tensor, expert_bias: torch.T
     weights = torch.empty((T, top_k), dtype=x.dtype, device=x.device)
     if T == 0:
         return ids, weights
-    config = dict(config or router_config(T, E, D, x.dtype))
-    if "BLOCK_T" in config:
-        if x.dtype not in (torch.float16, torch.bfloat16) or gate_weight.dtype != x.dtype:
-            raise ValueError(f"route_top_k: the dot kernel takes 16-bit activations and weights of one dtype, "
-                             f"not {x.dtype} and {gate_weight.dtype}")
-        kernel, grid = _route_dot_kernel, (triton.cdiv(T, config["BLOCK_T"]),)
-    else:
-        kernel, grid = _route_kernel, (T,)
+    experts = triton.next_power_of_2(E)
+    # a few wide tiles (see the kernel): 32,768 products a tile, over 512 threads
+    config = config or dict(BLOCK_K=min(triton.next_power_of_2(D), max(32, 32768 // experts)), num_warps=16)
     bias = expert_bias if expert_bias is not None else weights  # not read without HAS_BIAS
-    kernel[grid](x, gate_weight, bias, ids, weights, T, D, E, x.stride(0), float(scale), TOP_K=top_k,
-                 K_PAD=triton.next_power_of_2(top_k), NORMALIZE=bool(normalize), HAS_BIAS=expert_bias is not None,
-                 EXPERTS=max(16, triton.next_power_of_2(E)), **config)
+    _route_kernel[(T,)](x, gate_weight, bias, ids, weights, D, E, x.stride(0), float(scale), TOP_K=top_k,
+                        K_PAD=triton.next_power_of_2(top_k), NORMALIZE=bool(normalize),
+                        HAS_BIAS=expert_bias is not None, EXPERTS=experts, **config)
     return ids, weights
 
 
