@@ -312,15 +312,12 @@ template <> struct Dense<float> {
   static __m512 dot(__m512 acc, const float* w, __m512 x) { return _mm512_fmadd_ps(_mm512_loadu_ps(w), x, acc); }
 };
 
-#ifndef DENSE_PREFETCH
-#define DENSE_PREFETCH 0
-#endif
 // y = x W^T, W a plain row-major (N, K) fp32 or bf16 weight (the layout oneDNN also runs prefill
 // on). The weight is read as one sequential stream, row after row (four accumulators along a
-// row; each row's 16 lanes summed at its end), with software prefetch DENSE_PREFETCH bytes ahead.
-// An earlier version read four rows at once (four interleaved 2-4 KB streams, each row group
-// prefetched one group ahead): on a Zen 4 host it streamed 12 GB/s on one core where a plain sum
-// reads 30 GB/s, as the hardware prefetcher never settled on the short interleaved streams.
+// row; each row's 16 lanes summed at its end), which the hardware prefetcher follows. An earlier
+// version read four rows at once (four interleaved 2-4 KB streams, each row group prefetched one
+// group ahead): on a Zen 4 host it streamed 12 GB/s on one core where a plain sum reads 30 GB/s;
+// software prefetch 0.5-8 KB ahead of the one stream was no faster than none there.
 template <typename WT, typename OT>
 void gemv_dense_impl(const typename Dense<WT>::X* X, const WT* W, OT* out, const OT* R, int64_t M, int64_t N,
                      int64_t K) {
@@ -335,10 +332,6 @@ void gemv_dense_impl(const typename Dense<WT>::X* X, const WT* W, OT* out, const
                a3 = _mm512_setzero_ps();
         int64_t k = 0;
         for (; k + 4 * S <= K; k += 4 * S) {
-          if (DENSE_PREFETCH > 0 && m == 0) {
-            const char* ahead = reinterpret_cast<const char*>(w + k) + DENSE_PREFETCH;
-            for (int64_t l = 0; l < 4 * S * int64_t(sizeof(WT)); l += 64) _mm_prefetch(ahead + l, _MM_HINT_T0);
-          }
           a0 = D::dot(a0, w + k, D::load_x(xm + k));
           a1 = D::dot(a1, w + k + S, D::load_x(xm + k + S));
           a2 = D::dot(a2, w + k + 2 * S, D::load_x(xm + k + 2 * S));
