@@ -37,50 +37,98 @@ struct QuantizedRow {  // one input row quantized to int8 in blocks of BLOCK
   std::vector<float> zero_term;  // per block: -128 * scale * sum(q) (q8) or scale * sum(q) (q4)
 };
 
+// (K a multiple of BLOCK.) The same values as a scalar loop of nearbyint(x * 127 / amax) per block:
+// the conversion rounds to nearest even, as nearbyint does in the default rounding mode.
 void quantize_row(const float* x, int64_t K, bool offset128, QuantizedRow& out) {
+  static_assert(BLOCK == 32, "two zmm registers a block");
   const int64_t nb = K / BLOCK;
   out.q.resize(K);
   out.scale.resize(nb);
   out.zero_term.resize(nb);
   for (int64_t b = 0; b < nb; ++b) {
     const float* xb = x + b * BLOCK;
-    float amax = 0.f;
-    bool nan = false;
-    for (int64_t i = 0; i < BLOCK; ++i) {
-      const float v = std::fabs(xb[i]);
-      amax = std::max(amax, v);
-      nan |= v != v;
-    }
+    const __m512 v0 = _mm512_loadu_ps(xb), v1 = _mm512_loadu_ps(xb + 16);
     // A NaN input makes the block's scale NaN: the outputs are NaN, not numbers.
+    const bool nan = _mm512_cmp_ps_mask(v0, v0, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(v1, v1, _CMP_UNORD_Q);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
     const float scale = nan ? std::nanf("") : amax / 127.f;
-    const float inv = !nan && amax > 0.f ? 127.f / amax : 0.f;
-    int32_t sum = 0;
-    for (int64_t i = 0; i < BLOCK; ++i) {
-      const int32_t v = nan ? 0 : static_cast<int32_t>(std::nearbyint(xb[i] * inv));
-      out.q[b * BLOCK + i] = static_cast<int8_t>(v);
-      sum += v;
-    }
+    const __m512 inv = _mm512_set1_ps(!nan && amax > 0.f ? 127.f / amax : 0.f);
+    const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out.q.data() + b * BLOCK), _mm512_cvtsepi32_epi8(q0));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out.q.data() + b * BLOCK + 16), _mm512_cvtsepi32_epi8(q1));
+    const int32_t sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
     out.scale[b] = scale;
     out.zero_term[b] = offset128 ? -128.f * scale * static_cast<float>(sum) : scale * static_cast<float>(sum);
   }
 }
 
-inline float bf16_round(float v) {  // round to nearest even bf16, kept as fp32
-  return static_cast<float>(static_cast<at::BFloat16>(v));
+template <typename T>
+inline float ld(const T* p, int64_t i) { return static_cast<float>(p[i]); }
+
+// 16 values as fp32 lanes, and back; `round16` applies the dtype's rounding (bf16: nearest even).
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::BFloat16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(at::BFloat16* p, __m512 v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v)); }
+template <typename T> inline __m512 round16(__m512 v);
+template <> inline __m512 round16<float>(__m512 v) { return v; }
+template <> inline __m512 round16<at::BFloat16>(__m512 v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+}
+
+// exp of 16 fp32 lanes: 2^n e^r with n = round(x / ln 2), r = x - n ln 2 (ln 2 in two parts) and
+// e^r by its degree-6 Taylor polynomial (|r| <= ln2 / 2: relative error ~1e-7, about one fp32 step).
+// NaN stays NaN; below -88 the result is ~0, as expf's.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-88.f), x);  // (a NaN x is returned by max as it is)
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  for (const float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
 }
 
 // The input rows as fp32 after the optional prologue the engine folds into a projection: SiLU(gate) *
 // up of a (M, 2K) input = [gate | up], or LFM2's RMSNorm (statistics in fp32, the normalized row
-// rounded to the input's dtype, then times the weight), with the roundings of the unfused ops.
+// rounded to the input's dtype, then times the weight), with the roundings of the unfused ops; 16
+// values at a time (K a multiple of 16).
+template <typename T, typename N>
+void prologue_rows_as(const T* x, int64_t M, int64_t width, int64_t K, const N* nw, float eps, bool silu_gate,
+                      float* rows) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (int64_t m = 0; m < M; ++m) {
+    float* r = rows + m * K;
+    const T* xm = x + m * width;
+    for (int64_t k = 0; k < K; k += 16) {
+      if (silu_gate) {
+        const __m512 g = load16(xm + k), u = load16(xm + K + k);
+        const __m512 silu = round16<T>(_mm512_div_ps(g, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)))));
+        _mm512_storeu_ps(r + k, round16<T>(_mm512_mul_ps(silu, u)));
+      } else {
+        _mm512_storeu_ps(r + k, load16(xm + k));
+      }
+    }
+    if (nw != nullptr) {
+      __m512 squares = _mm512_setzero_ps();
+      for (int64_t k = 0; k < K; k += 16) squares = _mm512_fmadd_ps(_mm512_loadu_ps(r + k), _mm512_loadu_ps(r + k), squares);
+      const __m512 inv = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(squares) / static_cast<float>(K) + eps));
+      for (int64_t k = 0; k < K; k += 16) {
+        const __m512 normed = round16<T>(_mm512_mul_ps(_mm512_loadu_ps(r + k), inv));
+        _mm512_storeu_ps(r + k, round16<T>(_mm512_mul_ps(load16(nw + k), normed)));
+      }
+    }
+  }
+}
+
 void prologue_rows(const at::Tensor& x, int64_t K, const c10::optional<at::Tensor>& norm_weight, double eps,
                    bool silu_gate, std::vector<float>& rows) {
   const int64_t M = x.size(0), width = x.size(1);
   TORCH_CHECK(width == (silu_gate ? 2 * K : K), "cpu_gemv: input width ", width, " does not fit in_features ", K);
-  const bool bf16 = x.scalar_type() == at::kBFloat16;
-  const at::BFloat16* xb = bf16 ? x.data_ptr<at::BFloat16>() : nullptr;
-  const float* xf = bf16 ? nullptr : x.data_ptr<float>();
-  auto in = [&](int64_t i) { return bf16 ? static_cast<float>(xb[i]) : xf[i]; };
-  auto round_in = [bf16](float v) { return bf16 ? bf16_round(v) : v; };
+  TORCH_CHECK(K % 16 == 0, "cpu_gemv: in_features ", K, " is not a multiple of 16");
   // The norm weight is read in its own dtype (fp32 or bf16): a conversion to a new tensor per call
   // costs a dispatch and an allocation, twice a layer in a decode step.
   at::Tensor nw;
@@ -90,28 +138,19 @@ void prologue_rows(const at::Tensor& x, int64_t K, const c10::optional<at::Tenso
                         (norm_weight->scalar_type() == at::kFloat || norm_weight->scalar_type() == at::kBFloat16);
     nw = direct ? *norm_weight : norm_weight->to(at::kFloat).contiguous();
   }
-  const float* nwf = norm_weight && nw.scalar_type() == at::kFloat ? nw.data_ptr<float>() : nullptr;
-  const at::BFloat16* nwb = norm_weight && nw.scalar_type() == at::kBFloat16 ? nw.data_ptr<at::BFloat16>() : nullptr;
-  auto nw_at = [&](int64_t k) { return nwf ? nwf[k] : static_cast<float>(nwb[k]); };
   rows.resize(M * K);
-  for (int64_t m = 0; m < M; ++m) {
-    float* r = rows.data() + m * K;
-    const int64_t base = m * width;
-    if (silu_gate) {
-      for (int64_t k = 0; k < K; ++k) {
-        const float g = in(base + k), u = in(base + K + k);
-        r[k] = round_in(round_in(g / (1.f + std::exp(-g))) * u);
-      }
+  auto run = [&](const auto* xs) {
+    const float e = static_cast<float>(eps);
+    if (!norm_weight) {
+      prologue_rows_as(xs, M, width, K, static_cast<const float*>(nullptr), e, silu_gate, rows.data());
+    } else if (nw.scalar_type() == at::kFloat) {
+      prologue_rows_as(xs, M, width, K, nw.data_ptr<float>(), e, silu_gate, rows.data());
     } else {
-      for (int64_t k = 0; k < K; ++k) r[k] = in(base + k);
+      prologue_rows_as(xs, M, width, K, nw.data_ptr<at::BFloat16>(), e, silu_gate, rows.data());
     }
-    if (norm_weight) {
-      float ss = 0.f;
-      for (int64_t k = 0; k < K; ++k) ss += r[k] * r[k];
-      const float inv = 1.f / std::sqrt(ss / static_cast<float>(K) + static_cast<float>(eps));
-      for (int64_t k = 0; k < K; ++k) r[k] = round_in(nw_at(k) * round_in(r[k] * inv));
-    }
-  }
+  };
+  if (x.scalar_type() == at::kBFloat16) run(x.data_ptr<at::BFloat16>());
+  else run(x.data_ptr<float>());
 }
 
 // Writes 16 fp32 results (plus the residual's 16 values, if any) as the output's dtype.
@@ -422,22 +461,6 @@ at::Tensor argmax_rows(const at::Tensor& x) {
 // torch ops whose dispatch costs more than their arithmetic (0.2-0.45 ms per layer). They round
 // to the activations' dtype after each operation exactly where the unfused torch ops do.
 
-template <typename T>
-inline float ld(const T* p, int64_t i) { return static_cast<float>(p[i]); }
-
-// 16 values as fp32 lanes, and back; `round16` applies the dtype's rounding (bf16: nearest even).
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const at::BFloat16* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-}
-inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-inline void store16(at::BFloat16* p, __m512 v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v)); }
-template <typename T> inline __m512 round16(__m512 v);
-template <> inline __m512 round16<float>(__m512 v) { return v; }
-template <> inline __m512 round16<at::BFloat16>(__m512 v) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
-}
-
 // LFM2's conv block after in_proj, one token: bcx = [B | C | x] (3D), y = C * conv(B * x) over the
 // slot's state (K-1, D; zeroed first when `reset`), which then shifts in B * x.
 template <typename T, typename S>
@@ -545,20 +568,6 @@ std::tuple<at::Tensor, at::Tensor> qk_norm_rope(const at::Tensor& q, const at::T
   if (q.scalar_type() == at::kBFloat16) run(at::BFloat16());
   else run(0.f);
   return {qo, ko};
-}
-
-// exp of 16 fp32 lanes: 2^n e^r with n = round(x / ln 2), r = x - n ln 2 (ln 2 in two parts) and
-// e^r by its degree-6 Taylor polynomial (|r| <= ln2 / 2: relative error ~1e-7, about one fp32 step).
-// NaN stays NaN; below -88 the result is ~0, as expf's.
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-88.f), x);  // (a NaN x is returned by max as it is)
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
-  __m512 p = _mm512_set1_ps(1.f / 720);
-  for (const float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-  return _mm512_scalef_ps(p, n);
 }
 
 // One token's attention over its sequence in the paged cache: k / v (Hkv, d) are written at `slot`,
