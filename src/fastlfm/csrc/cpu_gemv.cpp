@@ -29,7 +29,7 @@ namespace {
 
 constexpr int64_t ROWS = 16;   // output rows per interleaved group (one zmm of fp32 lanes)
 constexpr int64_t BLOCK = 32;  // inputs per activation scale
-constexpr int64_t PREFETCH = 4096;  // bytes ahead of the weight stream  // bytes ahead of the weight stream  // bytes ahead of the weight stream  // bytes ahead of the weight stream  // bytes ahead of the weight stream  // bytes ahead of the weight stream
+constexpr int64_t PREFETCH = 4096;  // bytes ahead of the weight stream
 
 struct QuantizedRow {  // one input row quantized to int8 in blocks of BLOCK
   std::vector<int8_t> q;
@@ -53,7 +53,9 @@ void quantize_row(const float* x, int64_t K, bool offset128, QuantizedRow& out) 
     const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
     const float scale = nan ? std::nanf("") : amax / 127.f;
     const __m512 inv = _mm512_set1_ps(!nan && amax > 0.f ? 127.f / amax : 0.f);
-    const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
+    // (the codes of a NaN block are 0, as NaN * 0 would convert to INT_MIN)
+    const __m512i q0 = nan ? _mm512_setzero_si512() : _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv));
+    const __m512i q1 = nan ? _mm512_setzero_si512() : _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out.q.data() + b * BLOCK), _mm512_cvtsepi32_epi8(q0));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out.q.data() + b * BLOCK + 16), _mm512_cvtsepi32_epi8(q1));
     const int32_t sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
