@@ -296,3 +296,40 @@ def test_a_shape_only_fastlfm_takes_stays_quantized(kernels):
     x = torch.randn(3, 64, generator=_gen(51))
     x_seen = blocks_as_int8(x) if kernels == "fastlfm" else x.bfloat16().double()
     torch.testing.assert_close(module(x).double(), x_seen @ w.dequantize().double().t(), rtol=2e-2, atol=2e-2)
+
+
+def test_weights_on_huge_pages_are_2mb_aligned_tensors_that_outlive_their_mapping(monkeypatch):
+    """The kernels' large weights live in 2 MB-aligned anonymous memory (advised as huge pages); the
+    tensor keeps its mapping alive; small ones, and all with FASTLFM_HUGE_PAGES=0, are plain tensors."""
+    import gc
+
+    big = cpu_gemv.empty_on_huge_pages((1024, 1024), torch.float32)  # 4 MB
+    assert big.shape == (1024, 1024) and big.dtype == torch.float32 and big.is_contiguous()
+    assert big.data_ptr() % cpu_gemv.HUGE_PAGE == 0
+    big.fill_(2.0)
+    gc.collect()
+    _ = [torch.randn(256, 256) for _ in range(16)]  # memory churn after the mapping's last Python name is gone
+    assert big.sum().item() == 2.0 * 1024 * 1024
+    small = cpu_gemv.empty_on_huge_pages((16, 16), torch.bfloat16)
+    assert small.shape == (16, 16) and small.dtype == torch.bfloat16
+    monkeypatch.setenv(cpu_gemv.HUGE_PAGES_ENV, "0")
+    plain = cpu_gemv.empty_on_huge_pages((1024, 1024), torch.float32)
+    assert plain.untyped_storage().nbytes() == 4 * 1024 * 1024  # torch's own allocation, not a sliced mapping
+
+
+@pytest.mark.parametrize("huge", ["1", "0"])
+def test_packed_layouts_do_not_depend_on_the_pages(monkeypatch, huge):
+    """pack_int8 / pack_int4 give the same bytes in huge-page memory as in torch's (the layout written
+    out by hand: row group, input quad / octet, row in group, lane)."""
+    monkeypatch.setenv(cpu_gemv.HUGE_PAGES_ENV, huge)
+    g = torch.Generator().manual_seed(5)
+    n, k = 2048, 1024  # 2 MB of int8 codes: over the huge-page threshold
+    q8 = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    packed, _ = cpu_gemv.pack_int8(q8, torch.ones(n))
+    r, c, j = 37, 501, 2  # one code checked by hand
+    assert int(packed[r // 16, c // 4, r % 16, c % 4]) == int(q8[r, c]) + 128
+    assert torch.equal(packed.permute(0, 2, 1, 3).reshape(n, k).to(torch.int16) - 128, q8.to(torch.int16))
+    q4 = torch.randint(0, 16, (n, 2 * k), generator=g, dtype=torch.uint8)
+    packed4, _ = cpu_gemv.pack_int4(q4, torch.ones(n, 2 * k // 32), torch.zeros(n, 2 * k // 32), 32)
+    byte = int(packed4[r // 16, c // 8, r % 16, j])
+    assert byte & 0xF == int(q4[r, 8 * (c // 8) + j]) and byte >> 4 == int(q4[r, 8 * (c // 8) + 4 + j])
