@@ -127,8 +127,9 @@ def empty_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Ten
     """An uninitialised CPU tensor for a weight the kernels stream, in anonymous memory advised as
     transparent huge pages (2 MB), where the OS allows it (Linux; THP "madvise" or "always"). A decode
     step reads every weight once: with 4 KB pages the hardware prefetchers stop at each page boundary
-    and every page costs a TLB miss. Measured on a 2-core Zen 4 host (bench notes, BENCHMARKS.md session
-    12): q8 26-28 -> 30-31 GB/s, fp32 29-30 -> 32-33, bf16 27-28 -> 28-29. Below 2 MB: torch.empty."""
+    and every page costs a TLB miss. Used for the int8 / int4 layouts (BENCHMARKS.md session 12, a
+    2-core Zen 4 host: 350M decode +12% int8, +7% int4; quantizing at load 0.3-0.5 s longer, as the
+    kernel zeroes or compacts memory for each huge page). Below 2 MB: torch.empty."""
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE") or os.environ.get(HUGE_PAGES_ENV, "1") == "0":
         return torch.empty(shape, dtype=dtype)
