@@ -267,8 +267,9 @@ def test_qk_norm_rope_equals_the_model_ops(dtype):
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", [1, 37, 300])
-def test_paged_decode_attention_equals_sdpa_over_the_gathered_history(dtype, n):
-    H, Hkv, d, bs = 16, 8, 64, 16
+@pytest.mark.parametrize("H, Hkv, d", [(16, 8, 64), (32, 8, 64), (6, 6, 128), (12, 3, 24)])  # (d=24: scalar path)
+def test_paged_decode_attention_equals_sdpa_over_the_gathered_history(dtype, n, H, Hkv, d):
+    bs = 16
     blocks = -(-n // bs)
     k_cache = torch.randn(blocks + 5, bs, Hkv, d, generator=_gen(37)).to(dtype)
     v_cache = torch.randn(blocks + 5, bs, Hkv, d, generator=_gen(38)).to(dtype)
