@@ -93,10 +93,13 @@ def fastlfm_candidates(N: int, K: int):
             lambda x, p: cpu_gemv.gemv_int8(x, p[0], p[1], N, bf16), bf16),
     }
     for g in (32, 64):
-        if K % g == 0:
-            out[f"int4 g{g} fastlfm gemv_q4 (int8 x)"] = (
-                0.5 + 4 / g, lambda w, g=g: (lambda q: cpu_gemv.pack_int4(q.q, q.scale, q.zero, g))(quantize_int4(w, g)),
-                lambda x, p, g=g: cpu_gemv.gemv_int4(x, p[0], p[1], g, N, bf16), bf16)
+        for sym in (True, False):  # symmetric: an fp16 scale per group (Q4_0); else scale + zero
+            if K % g == 0:
+                out[f"int4 g{g}{'' if sym else ' +zero'} fastlfm gemv_q4 (int8 x)"] = (
+                    0.5 + (2 if sym else 4) / g,
+                    lambda w, g=g, sym=sym: (lambda q: cpu_gemv.pack_int4(q.q, q.scale, q.zero, g))(
+                        quantize_int4(w, g, symmetric=sym)),
+                    lambda x, p, g=g: cpu_gemv.gemv_int4(x, p[0], p[1], g, N, bf16), bf16)
     return out
 
 

@@ -1,8 +1,8 @@
 """Quality of fastlfm's CPU weight formats against fp32, on the bundled demo model (a real,
 trained tiny LFM2: its answers can be right or wrong, unlike random-weight fixtures).
 
-Formats: bf16 (oneDNN packed), int8 per channel, int4 groups of 32 / 64 (embedding and head
-int8 in both), and GGUF Q8_0 / Q4_0 files written from the same weights (gguf package).
+Formats: bf16 (oneDNN packed), int8 per channel, int4 groups of 32 / 64 (symmetric, as Q4_0, and
+min/max with a zero per group; embedding and head int8 in all), and GGUF Q8_0 / Q4_0 files written from the same weights (gguf package).
 Metrics, on the held-out task questions with their reference answers (teacher-forced over the
 whole rendered conversation, answer tokens only):
 - perplexity of the reference answers (fp32's next to it), and the mean KL(fp32 || format) per token;
@@ -49,12 +49,25 @@ def main() -> None:
     def fp32():
         return load_model(DEMO_MODEL_DIR, dtype=torch.float32)
 
+    def min_max_int4(group: int):
+        """int4 with a zero per group (fastlfm's format before it became Q4_0's symmetric one)."""
+        from fastlfm import cpu_linear
+
+        symmetric = cpu_linear.quantize_int4
+        cpu_linear.quantize_int4 = lambda w, g=32: symmetric(w, g, symmetric=False)
+        try:
+            return prepare_for_cpu(fp32(), "int4", group)
+        finally:
+            cpu_linear.quantize_int4 = symmetric
+
     variants = {
         "fp32 (reference)": lambda: fp32(),
         "bf16": lambda: prepare_for_cpu(load_model(DEMO_MODEL_DIR, dtype=torch.bfloat16)),
         "int8": lambda: prepare_for_cpu(fp32(), "int8"),
         "int4 g32": lambda: prepare_for_cpu(fp32(), "int4", 32),
         "int4 g64": lambda: prepare_for_cpu(fp32(), "int4", 64),
+        "int4 g32 min/max (+zero)": lambda: min_max_int4(32),
+        "int4 g64 min/max (+zero)": lambda: min_max_int4(64),
         "GGUF Q8_0": lambda: load_model(write_gguf(DEMO_MODEL_DIR, tmp / "demo-Q8_0.gguf", "Q8_0")),
         "GGUF Q4_0": lambda: load_model(write_gguf(DEMO_MODEL_DIR, tmp / "demo-Q4_0.gguf", "Q4_0", embed_type="Q8_0")),
     }

@@ -73,11 +73,14 @@ def test_int8_kernel_equals_the_hand_product(m, n, k):
 
 
 @needs_kernels
+@pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("group", [32, 64])
 @pytest.mark.parametrize("m,n,k", [s for s in SHAPES if s[2] % 64 == 0])
-def test_int4_kernel_equals_the_hand_product(m, n, k, group):
-    x, w = torch.randn(m, k, generator=_gen(2)), quantize_int4(torch.randn(n, k, generator=_gen(3)), group)
+def test_int4_kernel_equals_the_hand_product(m, n, k, group, symmetric):
+    x = torch.randn(m, k, generator=_gen(2))
+    w = quantize_int4(torch.randn(n, k, generator=_gen(3)), group, symmetric=symmetric)
     packed, sz = cpu_gemv.pack_int4(w.q, w.scale, w.zero, group)
+    assert sz.shape == (-(-n // 16), k // group, 1 if symmetric else 2, 16)  # symmetric: no zeros stored
     assert cpu_gemv.available()
     y = cpu_gemv.gemv_int4(x, packed, sz, group, n, torch.float32)
     ref = blocks_as_int8(x) @ w.dequantize().double().t()
@@ -169,9 +172,10 @@ def test_int8_module(kernels):
     torch.testing.assert_close(module(x).double(), ref, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("group", [32, 64])
-def test_int4_module(kernels, group):
-    w = quantize_int4(torch.randn(96, 128, generator=_gen(18)) * 0.05, group)
+def test_int4_module(kernels, group, symmetric):
+    w = quantize_int4(torch.randn(96, 128, generator=_gen(18)) * 0.05, group, symmetric=symmetric)
     x = torch.randn(4, 128, generator=_gen(19))
     module = Int4Linear(w)
     assert module.gemv == (kernels == "fastlfm")

@@ -49,12 +49,34 @@ def test_int8_quantization_error():
 
 
 @pytest.mark.parametrize("group", [32, 64])
-def test_int4_quantization_error(group):
+def test_int4_min_max_quantization_error(group):
     w = _weight(seed=1)
-    q = quantize_int4(w, group)
-    assert q.q.max() <= 15 and q.scale.shape == (96, 128 // group)
+    q = quantize_int4(w, group, symmetric=False)
+    assert q.q.max() <= 15 and q.scale.shape == q.zero.shape == (96, 128 // group)
     groups = (q.dequantize() - w).abs().view(96, -1, group)
     assert (groups <= q.scale[..., None] / 2 + 1e-6).all()  # within half a step of the group's scale
+
+
+@pytest.mark.parametrize("group", [32, 64])
+def test_int4_symmetric_quantization_is_q4_0(group):
+    """The default int4 is GGUF's Q4_0 (llama.cpp's reference quantizer, written out here: d = m / -8
+    for the group's value m of largest magnitude, code = min(15, trunc(w / d + 8.5))), up to the
+    scale's rounding to bf16 (the kernels' scale dtype), and errs by at most half a step but where the
+    level 8 (= -7/8 m) clamps the far side."""
+    w = _weight(seed=1)
+    w[0, :group] = 0  # an all-zero group: codes 8, value 0
+    q = quantize_int4(w, group)
+    assert q.zero is None and q.q.max() <= 15 and q.scale.shape == (96, 128 // group)
+    wg = w.view(96, -1, group)
+    m = wg.gather(-1, wg.abs().argmax(-1, keepdim=True))
+    d = (m / -8).bfloat16().float()
+    d_safe = torch.where(d == 0, torch.ones_like(d), d)
+    codes = torch.where(d == 0, 8.0, (wg / d_safe + 8.5).floor().clamp(0, 15))
+    assert torch.equal(q.q.view(96, -1, group).float(), codes)
+    err = (q.dequantize() - w).abs().view(96, -1, group)
+    step = q.scale.abs()[..., None]
+    assert (err <= torch.maximum(step / 2, wg.abs() - 7 * step) + 1e-6).all()
+    assert torch.equal(q.dequantize()[0, :group], torch.zeros(group))
 
 
 def test_quantizing_by_row_chunks_is_the_whole_weight_at_once(monkeypatch):
@@ -70,7 +92,10 @@ def test_quantizing_by_row_chunks_is_the_whole_weight_at_once(monkeypatch):
     part8, part4 = quantize_int8(w), quantize_int4(w, 32)
     assert torch.equal(w, before)
     assert torch.equal(part8.q, whole8.q) and torch.equal(part8.scale, whole8.scale)
-    assert all(torch.equal(getattr(part4, f), getattr(whole4, f)) for f in ("q", "scale", "zero"))
+    assert all(torch.equal(getattr(part4, f), getattr(whole4, f)) for f in ("q", "scale"))
+    whole4z = quantize_int4(w, 32, symmetric=False)
+    part4z = quantize_int4(w, 32, symmetric=False)
+    assert all(torch.equal(getattr(part4z, f), getattr(whole4z, f)) for f in ("q", "scale", "zero"))
     assert ((part8.dequantize() - w).abs() <= part8.scale[:, None] / 2 + 1e-7).all()
 
 
@@ -87,14 +112,14 @@ def test_packed_fp32_model_equals_plain(fp32_model, ids):
         torch.testing.assert_close(model(ids).logits, fp32_model(ids).logits, rtol=1e-5, atol=1e-5)
 
 
-def _dequantized_copy(model, scheme, group=32):
+def _dequantized_copy(model, scheme, group=32, symmetric=True):
     """The fp32 model with every projection replaced by its de-quantized weight (the oracle of
     what the quantized model computes) and the head / embedding de-quantized from int8."""
     ref = copy.deepcopy(model)
     with torch.no_grad():
         for name, m in ref.named_modules():
             if isinstance(m, torch.nn.Linear) and name != "lm_head":
-                q = quantize_int8(m.weight) if scheme == "int8" else quantize_int4(m.weight, group)
+                q = quantize_int8(m.weight) if scheme == "int8" else quantize_int4(m.weight, group, symmetric)
                 m.weight.copy_(q.dequantize())
         ref.model.embed_tokens.weight.copy_(quantize_int8(ref.model.embed_tokens.weight).dequantize())
     return ref
@@ -133,6 +158,28 @@ def test_quantized_engine_tokens_match_the_same_model_stepwise(tiny_ckpt):
             for _ in range(6):
                 seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
         assert out.token_ids == seq[len(p):]
+
+
+def test_a_saved_min_max_int4_checkpoint_loads_with_its_zeros(fp32_model, ids, tmp_path, monkeypatch):
+    """int4 with a zero per group (what fastlfm saved before its int4 became symmetric) loads and
+    computes its de-quantized model."""
+    from safetensors import safe_open
+
+    monkeypatch.setattr(cpu_linear, "quantize_int4",
+                        lambda w, group_size=32: quantize_int4(w, group_size, symmetric=False))
+    save_quantized(fp32_model, tmp_path, "int4")
+    monkeypatch.undo()
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert any(k.endswith(".zeros") for k in f.keys())
+    loaded = load_model(tmp_path)
+    assert loaded.cpu_linears == "int4"
+    with torch.no_grad():
+        got = loaded(ids).logits
+        oracle = _dequantized_copy(fp32_model, "int4", symmetric=False)(ids).logits
+        symmetric = _dequantized_copy(fp32_model, "int4")(ids).logits
+    scale = oracle.abs().max()
+    assert (got - oracle).abs().max() < 0.03 * scale
+    assert (symmetric - oracle).abs().max() > 0.03 * scale  # (the two schemes' models do differ)
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])

@@ -159,18 +159,20 @@ def pack_int8(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch
     return packed, _pad_rows(scale.float()).contiguous()
 
 
-def pack_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int
+def pack_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int
               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, K) codes 0..15 with w = (q - 8) * scale + zero per group -> the q4 layout
+    """(N, K) codes 0..15 with w = (q - 8) * scale (+ zero) per group -> the q4 layout
     (N/16, K/8, 16, 4) uint8 (low nibble: inputs 8c..8c+3, high: 8c+4..8c+7) and the per group
-    [scale, zero] (N/16, K/group, 2, 16) as fp16 (exact for fastlfm's bf16-rounded scales and for
-    GGUF's fp16 ones)."""
+    [scale, zero] (N/16, K/group, 2, 16), or [scale] (N/16, K/group, 1, 16) for zero None, as fp16
+    (exact for fastlfm's bf16-rounded scales and for GGUF's fp16 ones)."""
     n, k = q.shape
     qp = _pad_rows(q).view(-1, ROWS, k // 8, 2, 4).permute(0, 2, 1, 3, 4)
     packed = empty_on_huge_pages(qp[..., 0, :].shape, torch.uint8)
     torch.bitwise_or(qp[..., 0, :], qp[..., 1, :] << 4, out=packed)
-    scale_zero = torch.stack([_pad_rows(scale.float()), _pad_rows(zero.float())], 0)
-    return packed, scale_zero.view(2, -1, ROWS, k // group_size).permute(1, 3, 0, 2).to(torch.float16).contiguous()
+    parts = [scale] if zero is None else [scale, zero]
+    scale_zero = torch.stack([_pad_rows(t.float()) for t in parts], 0)
+    return packed, scale_zero.view(len(parts), -1, ROWS, k // group_size).permute(1, 3, 0, 2).to(
+        torch.float16).contiguous()
 
 
 def supports(n: int, k: int, group_size: int | None = None) -> bool:

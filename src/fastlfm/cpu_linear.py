@@ -18,8 +18,10 @@ winners:
   times both kernels once per process at load (`choose_float_kernels`).
 - int8, per output channel: `Int8Linear`, `aten._weight_int8pack_mm` (bf16 activations).
 - int4, group-wise (32 or 64 along the input): `Int4Linear`, `aten._weight_int4pack_mm_for_cpu`
-  (bf16 activations); w = (q - 8) * scale + zero per group, so GGUF Q4_0 (zero = 0) maps onto
-  it exactly.
+  (bf16 activations); w = (q - 8) * scale (+ zero) per group. fastlfm quantizes symmetrically
+  as GGUF's Q4_0 does (4.5 bits a weight with fp16 scales; a zero per group costs 0.5 bit more
+  and measured no better), so Q4_0 files map onto it exactly; min/max groups with a zero
+  (`quantize_int4(symmetric=False)`, older saved checkpoints) run on the same kernel.
 - the embedding and the tied LM head: `Int8Embedding` + an `Int8Linear` over the same int8
   table (per-row scales are the head's per-output-channel scales).
 
@@ -72,12 +74,12 @@ class Int8Weight:
 
 @dataclass
 class Int4Weight:
-    """w[n, k] ~= (q[n, k] - 8) * scale[n, g] + zero[n, g] for k in group g = k // group_size,
-    q in 0..15 (one uint8 each in memory; two per byte on disk)."""
+    """w[n, k] ~= (q[n, k] - 8) * scale[n, g] (+ zero[n, g]) for k in group g = k // group_size,
+    q in 0..15 (one uint8 each in memory; two per byte on disk); zero None: symmetric (Q4_0)."""
 
     q: torch.Tensor  # (N, K) uint8
     scale: torch.Tensor  # (N, K / group_size) float32
-    zero: torch.Tensor  # (N, K / group_size) float32
+    zero: torch.Tensor | None  # (N, K / group_size) float32, or None
     group_size: int
 
     @property
@@ -86,7 +88,12 @@ class Int4Weight:
 
     def dequantize(self) -> torch.Tensor:
         g = self.group_size
-        return (self.q.float() - 8) * self.scale.repeat_interleave(g, 1) + self.zero.repeat_interleave(g, 1)
+        w = (self.q.float() - 8) * self.scale.repeat_interleave(g, 1)
+        return w if self.zero is None else w + self.zero.repeat_interleave(g, 1)
+
+    def zeros(self) -> torch.Tensor:
+        """The zeros, explicit (0 where symmetric)."""
+        return torch.zeros_like(self.scale) if self.zero is None else self.zero
 
 
 QuantizedWeight = Union[Int8Weight, Int4Weight]
@@ -122,20 +129,30 @@ def quantize_int8(w: torch.Tensor) -> Int8Weight:
     return Int8Weight(q, scale)
 
 
-def quantize_int4(w: torch.Tensor, group_size: int = 32) -> Int4Weight:
-    """Asymmetric min/max per group: the 16 levels span [min, max] of the group."""
+def quantize_int4(w: torch.Tensor, group_size: int = 32, symmetric: bool = True) -> Int4Weight:
+    """symmetric (GGUF Q4_0's scheme): the group's value of largest magnitude m is level -8, scale
+    m / -8, so the levels span [-|m|, 7/8 |m|] on m's side; else min/max: the 16 levels span
+    [min, max] of the group, with a zero per group."""
     N, K = w.shape
     if K % group_size:
         raise ValueError(f"int4 group size {group_size} does not divide the input size {K}")
     q = torch.empty(N, K, dtype=torch.uint8)
-    scale, zero = torch.empty(N, K // group_size), torch.empty(N, K // group_size)
+    scale = torch.empty(N, K // group_size)
+    zero = None if symmetric else torch.empty(N, K // group_size)
     for start, stop, rows in _row_chunks(w):
         wg = rows.view(-1, K // group_size, group_size)
-        lo, hi = wg.amin(-1), wg.amax(-1)
-        s = _kernel_exact(((hi - lo) / 15).clamp_(min=1e-12))
-        z = _kernel_exact(lo + 8 * s)
-        q[start:stop] = wg.sub_(z[..., None]).div_(s[..., None]).add_(8).round_().clamp_(0, 15).view(-1, K)
-        scale[start:stop], zero[start:stop] = s, z
+        if symmetric:
+            m = wg.gather(-1, wg.abs().argmax(-1, keepdim=True))[..., 0]
+            s = _kernel_exact(m / -8)
+            s = torch.where(s.abs() < 1e-12, torch.full_like(s, 1e-12), s)  # an all-zero group: codes 8
+        else:
+            lo, hi = wg.amin(-1), wg.amax(-1)
+            s = _kernel_exact(((hi - lo) / 15).clamp_(min=1e-12))
+            z = _kernel_exact(lo + 8 * s)
+            wg = wg.sub_(z[..., None])
+            zero[start:stop] = z
+        q[start:stop] = wg.div_(s[..., None]).add_(8).round_().clamp_(0, 15).view(-1, K)
+        scale[start:stop] = s
     return Int4Weight(q, scale, zero, group_size)
 
 
@@ -159,7 +176,8 @@ def concat_weights(weights: list[Weight]) -> Weight:
         return Int8Weight(torch.cat([w.q for w in weights]), torch.cat([w.scale for w in weights]))
     if any(w.group_size != first.group_size for w in weights):
         raise TypeError("cannot fuse int4 projections with different group sizes")
-    return Int4Weight(*(torch.cat([getattr(w, f) for w in weights]) for f in ("q", "scale", "zero")),
+    zero = None if all(w.zero is None for w in weights) else torch.cat([w.zeros() for w in weights])
+    return Int4Weight(torch.cat([w.q for w in weights]), torch.cat([w.scale for w in weights]), zero,
                       first.group_size)
 
 
@@ -335,7 +353,7 @@ class Int4Linear(GemvLinear):
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
             weight.q.to(torch.int32).contiguous(), 1))
         # (K / group, N, 2): [scale, zero] per group and output channel
-        self.register_buffer("scale_zero", torch.stack([weight.scale, weight.zero], -1).transpose(0, 1)
+        self.register_buffer("scale_zero", torch.stack([weight.scale, weight.zeros()], -1).transpose(0, 1)
                              .contiguous().to(_KERNEL_DTYPE))
 
     def _gemv(self, rows, residual, norm, silu_gate):
@@ -827,8 +845,11 @@ def _quantized_tensors(name: str, w: QuantizedWeight) -> dict[str, torch.Tensor]
     if isinstance(w, Int8Weight):
         return {f"{name}.qweight": w.q, f"{name}.scales": w.scale}
     q = w.q
-    return {f"{name}.qweight": (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous(),  # two per byte, low nibble first
-            f"{name}.scales": w.scale, f"{name}.zeros": w.zero}
+    out = {f"{name}.qweight": (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous(),  # two per byte, low nibble first
+           f"{name}.scales": w.scale}
+    if w.zero is not None:
+        out[f"{name}.zeros"] = w.zero
+    return out
 
 
 @torch.no_grad()
@@ -894,14 +915,17 @@ def read_quantized_weights(tensors: dict[str, torch.Tensor], config: dict) -> di
         if q.dtype == torch.int8:
             out[name] = Int8Weight(q, scales.float())
             continue
-        zeros = tensors.pop(f"{name}.zeros", None)
-        if zeros is None or q.dtype != torch.uint8:
-            raise ValueError(f"quantized checkpoint: {name}.qweight is {q.dtype} without int8 storage or {name}.zeros")
+        zeros = tensors.pop(f"{name}.zeros", None)  # (none: symmetric)
+        if q.dtype != torch.uint8:
+            raise ValueError(f"quantized checkpoint: {name}.qweight is {q.dtype}, neither int8 nor packed int4 (uint8)")
         unpacked = torch.stack([q & 15, q >> 4], -1).view(q.shape[0], -1)
         g = unpacked.shape[1] // scales.shape[1]
         if scheme == "int4" and group_size and g != group_size:
             raise ValueError(f"quantized checkpoint: {name} has groups of {g}, config says {group_size}")
-        out[name] = Int4Weight(unpacked, scales.float(), zeros.float(), g)
+        if zeros is not None and zeros.shape != scales.shape:
+            raise ValueError(f"quantized checkpoint: {name}.zeros is {tuple(zeros.shape)}, "
+                             f"{name}.scales {tuple(scales.shape)}")
+        out[name] = Int4Weight(unpacked, scales.float(), zeros.float() if zeros is not None else None, g)
     return out
 
 

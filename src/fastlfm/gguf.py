@@ -9,7 +9,7 @@ this module maps it onto fastlfm (spec §5.2 for the names):
   Llama-3 split regex, whole words in the vocabulary kept as they are, as llama.cpp does),
   special-token ids and the chat template.
 - weights: F32 / F16 / BF16 tensors as float; Q4_0 blocks map exactly onto the int4 group-32
-  kernel ((q - 8) * d, zero 0); Q8_0 blocks (int8 with a scale per 32 values) become int8 per
+  kernel ((q - 8) * d, symmetric: no zeros stored); Q8_0 blocks (int8 with a scale per 32 values) become int8 per
   output channel, re-rounded to one scale per row (the int8 kernel has no group scales), with no
   float copy of the model kept; other block types (e.g. the Q6_K token embedding llama-quantize
   writes into Q4_0 files) are de-quantized by `gguf` and stored as int8.
@@ -178,7 +178,7 @@ def _q4_0(t) -> Int4Weight:
     d = torch.from_numpy(b[..., :2].copy().view(np.float16)[..., 0].astype(np.float32))
     qs = torch.from_numpy(b[..., 2:].copy())
     q = torch.cat([qs & 15, qs >> 4], dim=-1).reshape(b.shape[0], -1)
-    return Int4Weight(q, d, torch.zeros_like(d), 32)  # (q - 8) * d
+    return Int4Weight(q, d, None, 32)  # (q - 8) * d
 
 
 def _dequantized(t) -> torch.Tensor:

@@ -13,6 +13,7 @@
 // input); the weight's offset is folded out with the block sums of the quantized input:
 //   q8:  y[n] = s[n]   * sum_b xs_b * (dot_b(w + 128, xq) - 128 * sum_b(xq))
 //   q4:  y[n] = sum_b xs_b * (a[n, g(b)] * dot_b(q, xq) + c[n, g(b)] * sum_b(xq)), w = a q + c, c = z - 8a
+//        (symmetric int4, GGUF Q4_0's format: no zero z stored, c = -8a)
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -269,8 +270,9 @@ void gemv_q8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, 
   });
 }
 
-// One row group of the q4 product for MT input rows at once (as q8_tile).
-template <int MT>
+// One row group of the q4 product for MT input rows at once (as q8_tile); ZERO: a zero per group
+// follows each group's 16 scales (else symmetric).
+template <int MT, bool ZERO>
 inline void q4_tile(const uint8_t* Wg, const uint16_t* SZg, int64_t nb, int64_t per_group, const QuantizedRow* XQ,
                     const at::Tensor& out, const at::Tensor* res, int64_t m0, int64_t n0, int64_t N) {
   const __m512i low4 = _mm512_set1_epi8(0x0F);
@@ -294,9 +296,10 @@ inline void q4_tile(const uint8_t* Wg, const uint16_t* SZg, int64_t nb, int64_t 
         hi[j] = _mm512_dpbusd_epi32(hi[j], wh, _mm512_set1_epi32(xb[2 * t + 1]));
       }
     }
-    const uint16_t* szb = SZg + (b / per_group) * 2 * ROWS;
+    const uint16_t* szb = SZg + (b / per_group) * (ZERO ? 2 : 1) * ROWS;
     const __m512 a = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(szb)));
-    const __m512 z = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(szb + ROWS)));
+    const __m512 z = ZERO ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(szb + ROWS)))
+                          : _mm512_setzero_ps();
     const __m512 c = _mm512_fmadd_ps(a, _mm512_set1_ps(-8.f), z);  // w = a q + c = (q - 8) a + z
     for (int j = 0; j < MT; ++j) {
       const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(lo[j], hi[j]));
@@ -309,15 +312,19 @@ inline void q4_tile(const uint8_t* Wg, const uint16_t* SZg, int64_t nb, int64_t 
 
 // y = x W^T, W int4 in groups of `group` inputs, in the q4 layout; `scale_zero`: (N/16, K/group, 2, 16)
 // fp16 [scale a, zero z] per row group and input group (w = (q - 8) a + z: the zero is stored,
-// not c = z - 8a, so fp16 holds both exactly).
+// not c = z - 8a, so fp16 holds both exactly), or (N/16, K/group, 1, 16): scales alone, z = 0
+// (4.5 bits a weight instead of 5).
 void gemv_q4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale_zero, int64_t group, at::Tensor& out,
              const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& norm_weight, double eps,
              bool silu_gate) {
   check_common(x, out, residual);
-  TORCH_CHECK(scale_zero.scalar_type() == at::kHalf && scale_zero.dim() == 4,
-              "gemv_q4: scale_zero must be fp16 (N/16, K/group, 2, 16)");
+  TORCH_CHECK(scale_zero.scalar_type() == at::kHalf && scale_zero.dim() == 4 && scale_zero.is_contiguous() &&
+              (scale_zero.size(2) == 1 || scale_zero.size(2) == 2) && scale_zero.size(3) == ROWS,
+              "gemv_q4: scale_zero must be fp16 (N/16, K/group, 2 or 1, 16)");
+  const bool zero = scale_zero.size(2) == 2;
   const int64_t M = x.size(0), K = scale_zero.size(1) * group, N = out.size(1);
-  TORCH_CHECK(group % BLOCK == 0 && w.numel() == (N + ROWS - 1) / ROWS * ROWS * K / 2,
+  TORCH_CHECK(group % BLOCK == 0 && w.numel() == (N + ROWS - 1) / ROWS * ROWS * K / 2 &&
+              scale_zero.size(0) == (N + ROWS - 1) / ROWS,
               "gemv_q4: weight/input shape mismatch");
   const QuantizedRow* XQ = quantized_rows(x, K, norm_weight, eps, silu_gate, false);
   const uint8_t* W = w.data_ptr<uint8_t>();
@@ -327,9 +334,10 @@ void gemv_q4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale_z
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
       const uint8_t* Wg = W + g * ROWS * K / 2;
-      const uint16_t* SZg = SZ + g * ng * 2 * ROWS;
+      const uint16_t* SZg = SZ + g * ng * scale_zero.size(2) * ROWS;
       over_tiles(M, [&](auto mt, int64_t m0) {
-        q4_tile<decltype(mt)::value>(Wg, SZg, nb, per_group, XQ, out, res, m0, g * ROWS, N);
+        if (zero) q4_tile<decltype(mt)::value, true>(Wg, SZg, nb, per_group, XQ, out, res, m0, g * ROWS, N);
+        else q4_tile<decltype(mt)::value, false>(Wg, SZg, nb, per_group, XQ, out, res, m0, g * ROWS, N);
       });
     }
   });
