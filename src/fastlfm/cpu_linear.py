@@ -240,38 +240,63 @@ class PackedLinear(CpuLinear):
 
 
 class GemvLinear(CpuLinear):
-    """A projection that fastlfm's kernels (`cpu_gemv`) run where `self.gemv`: `_gemv` computes
-    residual + prologue(rows) W^T in one call, the RMSNorm (`norm.weight`, `norm.eps`: LFM2's norm) or
-    SiLU gate and the residual add folded in. `_gemv_rows` is the most rows it takes (more run
-    through `_mm_torch`)."""
+    """A projection that fastlfm's kernels (`cpu_gemv`) run where `self.gemv`: one call computes
+    residual + prologue(rows) W^T, the RMSNorm (`norm.weight`, `norm.eps`: LFM2's norm) or SiLU
+    gate and the residual add folded in. `_kernel()` names the op and this weight's arguments;
+    `_gemv_rows` is the most rows it takes (more run through `_mm_torch`).
+
+    A batch-1 decode step makes ~65 of these calls, so the call path is kept short: the op and its
+    weight arguments are looked up once (`_bound`, rebuilt after `.to()` / `_apply`), as each module
+    attribute lookup and Python frame costs ~1 us, a sizable share of a small product's time."""
 
     gemv = False
     _gemv_rows = 1 << 62
+    out_dtype: torch.dtype | None = None  # without a residual: this dtype, or (None) the input's
 
-    def _gemv(self, rows, residual, norm, silu_gate):
+    def _kernel(self) -> tuple:
+        """(op, its weight arguments): op(x, *weights, out, residual, norm weight, eps, silu_gate)."""
         raise NotImplementedError
 
     def _mm_torch(self, x):
         raise NotImplementedError
 
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_bound", None)  # the buffers may be new tensors
+        return super()._apply(fn, recurse)
+
+    def _run(self, rows: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor | None, eps: float,
+             silu_gate: bool) -> torch.Tensor:
+        """The kernel on 2-D fp32 / bf16 rows; the output in the residual's dtype if any."""
+        bound = self.__dict__.get("_bound")
+        if bound is None:
+            op, weights = self._kernel()
+            bound = self.__dict__["_bound"] = (op, weights)
+        dtype = residual.dtype if residual is not None else self.out_dtype or rows.dtype
+        out = torch.empty(rows.shape[0], self.out_features, dtype=dtype)
+        bound[0](rows.contiguous(), *bound[1], out, residual, norm_weight, eps, silu_gate)
+        return out
+
     def _mm(self, x):
         if self.gemv and x.shape[0] <= self._gemv_rows:
-            return self._gemv(x, None, None, False)
+            return self._run(x if x.dtype in _GEMV_DTYPES else x.float(), None, None, 0.0, False)
         return self._mm_torch(x)
 
     def add_to(self, x, residual):
         return self.fused(x, residual=residual)
 
     def fused(self, x, *, norm=None, silu_gate=False, residual=None):
-        width = self.in_features * (2 if silu_gate else 1)
-        rows = x.reshape(-1, width)
-        if not (self.gemv and rows.shape[0] <= self._gemv_rows and x.dtype in (torch.float32, torch.bfloat16)
-                and (residual is None or residual.dtype in (torch.float32, torch.bfloat16))):
+        rows = x.reshape(-1, x.shape[-1])
+        if not (self.gemv and rows.shape[0] <= self._gemv_rows and x.dtype in _GEMV_DTYPES
+                and (residual is None or residual.dtype in _GEMV_DTYPES)):
             y = super().fused(x, norm=norm, silu_gate=silu_gate)
             return y if residual is None else residual + y
         res = residual.reshape(-1, self.out_features).contiguous() if residual is not None else None
-        y = self._gemv(rows, res, (norm.weight, norm.eps) if norm is not None else None, silu_gate)
+        y = self._run(rows, res, norm.weight if norm is not None else None, norm.eps if norm is not None else 0.0,
+                      silu_gate)
         return y.view(*x.shape[:-1], self.out_features)
+
+
+_GEMV_DTYPES = (torch.float32, torch.bfloat16)  # the activations fastlfm's kernels take
 
 
 class PlainLinear(GemvLinear):
@@ -288,11 +313,12 @@ class PlainLinear(GemvLinear):
         self.dtype = weight.dtype
         # Plain attribute like PackedLinear.packed: the prepared model's state_dict has no projections.
         self.weight = weight.detach()
+        self.out_dtype = weight.dtype  # (as F.linear on the input converted to the weight's dtype)
         self.gemv = gemv_runs(self.weight)
         self._gemv_rows = GEMV_ROWS
 
-    def _gemv(self, rows, residual, norm, silu_gate):
-        return cpu_gemv.gemv_dense(rows, self.weight, self.dtype, residual, norm, silu_gate)
+    def _kernel(self):
+        return torch.ops.fastlfm_cpu.gemv_dense.default, (self.weight,)
 
     def _mm_torch(self, x):  # x: (rows, in_features)
         x = x.to(self.dtype)
@@ -329,9 +355,8 @@ class Int8Linear(GemvLinear):
             self.register_buffer("q", weight.q.contiguous())
             self.register_buffer("scale", weight.scale.to(_KERNEL_DTYPE))
 
-    def _gemv(self, rows, residual, norm, silu_gate):
-        return cpu_gemv.gemv_int8(rows, self.packed, self.scale, self.out_features, _out_dtype(rows), residual, norm,
-                                  silu_gate)
+    def _kernel(self):
+        return torch.ops.fastlfm_cpu.gemv_q8.default, (self.packed, self.scale)
 
     def _mm_torch(self, x):
         return torch.ops.aten._weight_int8pack_mm(x.to(_KERNEL_DTYPE).contiguous(), self.q, self.scale).to(x.dtype)
@@ -356,9 +381,8 @@ class Int4Linear(GemvLinear):
         self.register_buffer("scale_zero", torch.stack([weight.scale, weight.zeros()], -1).transpose(0, 1)
                              .contiguous().to(_KERNEL_DTYPE))
 
-    def _gemv(self, rows, residual, norm, silu_gate):
-        return cpu_gemv.gemv_int4(rows, self.packed, self.coefficients, self.group_size, self.out_features,
-                                  _out_dtype(rows), residual, norm, silu_gate)
+    def _kernel(self):
+        return torch.ops.fastlfm_cpu.gemv_q4.default, (self.packed, self.coefficients, self.group_size)
 
     def _mm_torch(self, x):
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(_KERNEL_DTYPE).contiguous(), self.packed,
@@ -367,10 +391,6 @@ class Int4Linear(GemvLinear):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", group_size={self.group_size}"
-
-
-def _out_dtype(x: torch.Tensor) -> torch.dtype:
-    return x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
 
 
 class Int8Embedding(nn.Module):
