@@ -338,3 +338,30 @@ def test_packed_layouts_do_not_depend_on_the_pages(monkeypatch, huge):
     packed4, _ = cpu_gemv.pack_int4(q4, torch.ones(n, 2 * k // 32), torch.zeros(n, 2 * k // 32), 32)
     byte = int(packed4[r // 16, c // 8, r % 16, j])
     assert byte & 0xF == int(q4[r, 8 * (c // 8) + j]) and byte >> 4 == int(q4[r, 8 * (c // 8) + 4 + j])
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group", [32, 64])
+def test_quantizing_at_load_in_one_pass_equals_the_torch_code(dtype, group, monkeypatch):
+    """The kernel library's quantizers (used at load where it runs) give the codes and scales of the
+    torch code (the fallback elsewhere), ties of magnitude (bf16 weights have many) and all-zero
+    groups included; its packers give the torch packers' layouts, rows padded (N = 40)."""
+    import fastlfm.cpu_linear as cpu_linear
+
+    w = (torch.randn(40, 256, generator=_gen(60)) * 0.05).to(dtype)
+    w[3, :group] = 0
+    w[5, 0], w[5, 7] = -0.2, 0.2  # the first of two equal magnitudes sets the scale's sign
+    w[6, 0], w[6, 7] = 0.2, -0.2
+    assert cpu_gemv.available()
+    fast4, fast8 = quantize_int4(w, group), quantize_int8(w)
+    monkeypatch.setattr(cpu_linear, "_quantizes_in_one_pass", lambda w: False)
+    ref4, ref8 = quantize_int4(w, group), quantize_int8(w)
+    assert torch.equal(fast4.q, ref4.q) and torch.equal(fast4.scale, ref4.scale) and fast4.zero is None
+    assert torch.equal(fast8.q, ref8.q) and torch.equal(fast8.scale, ref8.scale)
+    assert fast4.scale[5, 0] > 0 > fast4.scale[6, 0]  # scale = m / -8
+    packed4, packed8 = cpu_gemv.pack_int4(ref4.q, ref4.scale, None, group), cpu_gemv.pack_int8(ref8.q, ref8.scale)
+    monkeypatch.setattr(cpu_gemv, "available", lambda: False)
+    for fast, ref in ((packed4, cpu_gemv.pack_int4(ref4.q, ref4.scale, None, group)),
+                      (packed8, cpu_gemv.pack_int8(ref8.q, ref8.scale))):
+        assert all(torch.equal(a, b) for a, b in zip(fast, ref))

@@ -153,9 +153,13 @@ def pack_int8(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch
     """(N, K) int8 and (N,) scales -> the q8 layout (N/16, K/4, 16, 4) of `q + 128` as uint8 and
     fp32 scales padded to a multiple of 16 rows."""
     n, k = q.shape
-    u = (_pad_rows(q).to(torch.int16) + 128).to(torch.uint8)
-    layout = u.view(-1, ROWS, k // 4, 4).transpose(1, 2)
-    packed = empty_on_huge_pages(layout.shape, torch.uint8).copy_(layout)
+    shape = (-(-n // ROWS), k // 4, ROWS, 4)
+    packed = empty_on_huge_pages(shape, torch.uint8)
+    if available():  # (one pass, not a strided copy)
+        torch.ops.fastlfm_cpu.pack_q8_into(q.contiguous(), packed)
+    else:
+        u = (_pad_rows(q).to(torch.int16) + 128).to(torch.uint8)
+        packed.copy_(u.view(-1, ROWS, k // 4, 4).transpose(1, 2))
     return packed, _pad_rows(scale.float()).contiguous()
 
 
@@ -166,9 +170,12 @@ def pack_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, g
     [scale, zero] (N/16, K/group, 2, 16), or [scale] (N/16, K/group, 1, 16) for zero None, as fp16
     (exact for fastlfm's bf16-rounded scales and for GGUF's fp16 ones)."""
     n, k = q.shape
-    qp = _pad_rows(q).view(-1, ROWS, k // 8, 2, 4).permute(0, 2, 1, 3, 4)
-    packed = empty_on_huge_pages(qp[..., 0, :].shape, torch.uint8)
-    torch.bitwise_or(qp[..., 0, :], qp[..., 1, :] << 4, out=packed)
+    packed = empty_on_huge_pages((-(-n // ROWS), k // 8, ROWS, 4), torch.uint8)
+    if available():  # (one pass, not strided tensor ops)
+        torch.ops.fastlfm_cpu.pack_q4_into(q.contiguous(), packed)
+    else:
+        qp = _pad_rows(q).view(-1, ROWS, k // 8, 2, 4).permute(0, 2, 1, 3, 4)
+        torch.bitwise_or(qp[..., 0, :], qp[..., 1, :] << 4, out=packed)
     parts = [scale] if zero is None else [scale, zero]
     scale_zero = torch.stack([_pad_rows(t.float()) for t in parts], 0)
     return packed, scale_zero.view(len(parts), -1, ROWS, k // group_size).permute(1, 3, 0, 2).to(

@@ -119,7 +119,15 @@ def _row_chunks(w: torch.Tensor):
         yield start, stop, w[start:stop].detach().to(torch.float32, copy=True)
 
 
+def _quantizes_in_one_pass(w: torch.Tensor) -> bool:
+    """Whether fastlfm's kernel library quantizes this weight (the same values as the torch code below)."""
+    return w.dim() == 2 and w.dtype in (torch.float32, torch.bfloat16) and w.device.type == "cpu" \
+        and cpu_gemv.available()
+
+
 def quantize_int8(w: torch.Tensor) -> Int8Weight:
+    if _quantizes_in_one_pass(w):
+        return Int8Weight(*torch.ops.fastlfm_cpu.quantize_int8_rows(w.detach().contiguous()))
     q = torch.empty(w.shape, dtype=torch.int8)
     scale = torch.empty(w.shape[0])
     for start, stop, rows in _row_chunks(w):
@@ -136,6 +144,9 @@ def quantize_int4(w: torch.Tensor, group_size: int = 32, symmetric: bool = True)
     N, K = w.shape
     if K % group_size:
         raise ValueError(f"int4 group size {group_size} does not divide the input size {K}")
+    if symmetric and _quantizes_in_one_pass(w):
+        return Int4Weight(*torch.ops.fastlfm_cpu.quantize_int4_symmetric(w.detach().contiguous(), group_size),
+                          None, group_size)
     q = torch.empty(N, K, dtype=torch.uint8)
     scale = torch.empty(N, K // group_size)
     zero = None if symmetric else torch.empty(N, K // group_size)

@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -679,6 +680,146 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k, cons
   return out;
 }
 
+// ----------------------------------------------------------------------------- weights at load time
+// Quantizing and re-laying out a model's weights at load: the same values as fastlfm.cpu_linear's
+// torch code (quantize_int4 / quantize_int8, pack_int4 / pack_int8), in one pass over each row
+// instead of a dozen tensor ops with whole-weight temporaries and strided copies (350M int4: ~2 s
+// of a load).
+
+// fp32 row n of a (N, K) fp32 / bf16 weight into `row`
+inline void row_as_float(const at::Tensor& w, int64_t n, float* row) {
+  const int64_t K = w.size(1);
+  if (w.scalar_type() == at::kFloat) {
+    std::copy(w.data_ptr<float>() + n * K, w.data_ptr<float>() + (n + 1) * K, row);
+  } else {
+    const at::BFloat16* r = w.data_ptr<at::BFloat16>() + n * K;
+    for (int64_t k = 0; k < K; ++k) row[k] = static_cast<float>(r[k]);
+  }
+}
+
+void check_float_weight(const at::Tensor& w, const char* name) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16),
+              name, ": a contiguous (N, K) fp32 or bf16 weight");
+}
+
+inline float to_bf16_value(float v) { return static_cast<float>(static_cast<at::BFloat16>(v)); }
+
+// Symmetric int4, GGUF Q4_0's scheme: per group, m = the first value of largest magnitude, scale =
+// bf16(m / -8) (1e-12 for an all-zero group), code = clamp(round-half-even(w / scale + 8), 0, 15).
+std::tuple<at::Tensor, at::Tensor> quantize_int4_symmetric(const at::Tensor& w, int64_t group) {
+  check_float_weight(w, "quantize_int4_symmetric");
+  const int64_t N = w.size(0), K = w.size(1);
+  TORCH_CHECK(group > 0 && K % group == 0, "quantize_int4_symmetric: group ", group, " does not divide ", K);
+  at::Tensor q = at::empty({N, K}, w.options().dtype(at::kByte));
+  at::Tensor scale = at::empty({N, K / group}, w.options().dtype(at::kFloat));
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    std::vector<float> row(K);
+    for (int64_t n = n0; n < n1; ++n) {
+      row_as_float(w, n, row.data());
+      uint8_t* qn = q.data_ptr<uint8_t>() + n * K;
+      for (int64_t g = 0; g < K / group; ++g) {
+        const float* x = row.data() + g * group;
+        float m = 0.f, amax = 0.f;
+        if (group % 16 == 0) {  // the largest magnitude, then its first position
+          __m512 top = _mm512_setzero_ps();
+          for (int64_t i = 0; i < group; i += 16) top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_loadu_ps(x + i)));
+          amax = _mm512_reduce_max_ps(top);
+          for (int64_t i = 0; i < group && amax > 0.f; i += 16) {
+            const __mmask16 at = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_loadu_ps(x + i)), _mm512_set1_ps(amax), _CMP_EQ_OQ);
+            if (at) { m = x[i + __builtin_ctz(at)]; break; }
+          }
+        } else {
+          for (int64_t i = 0; i < group; ++i) {
+            if (std::fabs(x[i]) > amax) amax = std::fabs(x[i]), m = x[i];
+          }
+        }
+        float s = to_bf16_value(m / -8.f);
+        if (std::fabs(s) < 1e-12f) s = 1e-12f;
+        scale.data_ptr<float>()[n * (K / group) + g] = s;
+        int64_t i = 0;
+        if (group % 16 == 0) {  // (a true division, as the scalar loop's: the same codes)
+          for (; i < group; i += 16) {
+            __m512 c = _mm512_add_ps(_mm512_div_ps(_mm512_loadu_ps(x + i), _mm512_set1_ps(s)), _mm512_set1_ps(8.f));
+            c = _mm512_roundscale_ps(c, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            c = _mm512_min_ps(_mm512_set1_ps(15.f), _mm512_max_ps(_mm512_setzero_ps(), c));
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(qn + g * group + i), _mm512_cvtusepi32_epi8(_mm512_cvtps_epu32(c)));
+          }
+        }
+        for (; i < group; ++i) {
+          const float c = std::nearbyint(x[i] / s + 8.f);
+          qn[g * group + i] = static_cast<uint8_t>(std::min(15.f, std::max(0.f, c)));
+        }
+      }
+    }
+  });
+  return {q, scale};
+}
+
+// int8 per output row: scale = bf16(max |w| / 127) (at least 1e-12 / 127), code = clamp(round(w / scale), -127, 127).
+std::tuple<at::Tensor, at::Tensor> quantize_int8_rows(const at::Tensor& w) {
+  check_float_weight(w, "quantize_int8_rows");
+  const int64_t N = w.size(0), K = w.size(1);
+  at::Tensor q = at::empty({N, K}, w.options().dtype(at::kChar));
+  at::Tensor scale = at::empty({N}, w.options().dtype(at::kFloat));
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    std::vector<float> row(K);
+    for (int64_t n = n0; n < n1; ++n) {
+      row_as_float(w, n, row.data());
+      float amax = 0.f;
+      for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(row[k]));
+      const float s = to_bf16_value(std::max(amax, 1e-12f) / 127.f);
+      scale.data_ptr<float>()[n] = s;
+      int8_t* qn = q.data_ptr<int8_t>() + n * K;
+      for (int64_t k = 0; k < K; ++k) qn[k] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(row[k] / s))));
+    }
+  });
+  return {q, scale};
+}
+
+// (N, K) codes into the kernels' layouts (see the top of this file), written into `out` (which
+// the caller allocates, e.g. on huge pages); rows past N are zero codes (q8: the offset 128).
+void pack_q4_into(const at::Tensor& q, at::Tensor& out) {
+  TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == at::kByte && q.size(1) % 8 == 0,
+              "pack_q4_into: (N, K) uint8 codes, K a multiple of 8");
+  const int64_t N = q.size(0), K = q.size(1), groups = (N + ROWS - 1) / ROWS;
+  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kByte && out.numel() == groups * ROWS * K / 2,
+              "pack_q4_into: out must hold (N/16, K/8, 16, 4) bytes");
+  const uint8_t* src = q.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g)
+      for (int64_t c = 0; c < K / 8; ++c)
+        for (int64_t r = 0; r < ROWS; ++r) {
+          const int64_t n = g * ROWS + r;
+          uint32_t lo = 0, hi = 0;  // 4 codes each; < 16, so a shift moves no bit into the next byte
+          if (n < N) std::memcpy(&lo, src + n * K + 8 * c, 4), std::memcpy(&hi, src + n * K + 8 * c + 4, 4);
+          const uint32_t word = lo | (hi << 4);
+          std::memcpy(dst + ((g * (K / 8) + c) * ROWS + r) * 4, &word, 4);
+        }
+  });
+}
+
+void pack_q8_into(const at::Tensor& q, at::Tensor& out) {
+  TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == at::kChar && q.size(1) % 4 == 0,
+              "pack_q8_into: (N, K) int8 codes, K a multiple of 4");
+  const int64_t N = q.size(0), K = q.size(1), groups = (N + ROWS - 1) / ROWS;
+  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kByte && out.numel() == groups * ROWS * K,
+              "pack_q8_into: out must hold (N/16, K/4, 16, 4) bytes");
+  const int8_t* src = q.data_ptr<int8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g)
+      for (int64_t c = 0; c < K / 4; ++c)
+        for (int64_t r = 0; r < ROWS; ++r) {
+          const int64_t n = g * ROWS + r;
+          uint32_t word = 0;  // 4 codes; + 128 on an int8 flips its top bit
+          if (n < N) std::memcpy(&word, src + n * K + 4 * c, 4);
+          word ^= 0x80808080u;
+          std::memcpy(dst + ((g * (K / 4) + c) * ROWS + r) * 4, &word, 4);
+        }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fastlfm_cpu, lib) {
@@ -695,6 +836,10 @@ TORCH_LIBRARY(fastlfm_cpu, lib) {
           "-> (Tensor, Tensor)");
   lib.def("paged_decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, "
           "Tensor table, int n, int slot) -> Tensor");
+  lib.def("quantize_int4_symmetric(Tensor w, int group) -> (Tensor, Tensor)");
+  lib.def("quantize_int8_rows(Tensor w) -> (Tensor, Tensor)");
+  lib.def("pack_q4_into(Tensor q, Tensor(a!) out) -> ()");
+  lib.def("pack_q8_into(Tensor q, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastlfm_cpu, CPU, lib) {
@@ -705,4 +850,8 @@ TORCH_LIBRARY_IMPL(fastlfm_cpu, CPU, lib) {
   lib.impl("conv_step", &conv_step);
   lib.impl("qk_norm_rope", &qk_norm_rope);
   lib.impl("paged_decode_attention", &paged_decode_attention);
+  lib.impl("quantize_int4_symmetric", &quantize_int4_symmetric);
+  lib.impl("quantize_int8_rows", &quantize_int8_rows);
+  lib.impl("pack_q4_into", &pack_q4_into);
+  lib.impl("pack_q8_into", &pack_q8_into);
 }
