@@ -777,47 +777,43 @@ std::tuple<at::Tensor, at::Tensor> quantize_int8_rows(const at::Tensor& w) {
 }
 
 // (N, K) codes into the kernels' layouts (see the top of this file), written into `out` (which
-// the caller allocates, e.g. on huge pages); rows past N are zero codes (q8: the offset 128).
-void pack_q4_into(const at::Tensor& q, at::Tensor& out) {
-  TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == at::kByte && q.size(1) % 8 == 0,
-              "pack_q4_into: (N, K) uint8 codes, K a multiple of 8");
+// the caller allocates, e.g. on huge pages): `word(row, c)` gives the 4 bytes of row group column
+// c for a row (nullptr: a padding row past N); both layouts are (N/16, K/step, 16, 4).
+template <typename Word>
+void pack_layout(const at::Tensor& q, at::Tensor& out, int64_t step, Word&& word, const char* name) {
   const int64_t N = q.size(0), K = q.size(1), groups = (N + ROWS - 1) / ROWS;
-  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kByte && out.numel() == groups * ROWS * K / 2,
-              "pack_q4_into: out must hold (N/16, K/8, 16, 4) bytes");
-  const uint8_t* src = q.data_ptr<uint8_t>();
+  TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && K % step == 0, name, ": (N, K) codes, K a multiple of ", step);
+  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kByte && out.numel() == groups * ROWS * K / step * 4,
+              name, ": out must hold (N/16, K/", step, ", 16, 4) bytes");
+  const uint8_t* src = static_cast<const uint8_t*>(q.data_ptr());
   uint8_t* dst = out.data_ptr<uint8_t>();
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g)
-      for (int64_t c = 0; c < K / 8; ++c)
+      for (int64_t c = 0; c < K / step; ++c)
         for (int64_t r = 0; r < ROWS; ++r) {
           const int64_t n = g * ROWS + r;
-          uint32_t lo = 0, hi = 0;  // 4 codes each; < 16, so a shift moves no bit into the next byte
-          if (n < N) std::memcpy(&lo, src + n * K + 8 * c, 4), std::memcpy(&hi, src + n * K + 8 * c + 4, 4);
-          const uint32_t word = lo | (hi << 4);
-          std::memcpy(dst + ((g * (K / 8) + c) * ROWS + r) * 4, &word, 4);
+          const uint32_t w = word(n < N ? src + n * K : nullptr, c);
+          std::memcpy(dst + ((g * (K / step) + c) * ROWS + r) * 4, &w, 4);
         }
   });
 }
 
+void pack_q4_into(const at::Tensor& q, at::Tensor& out) {
+  TORCH_CHECK(q.scalar_type() == at::kByte, "pack_q4_into: uint8 codes 0..15");
+  pack_layout(q, out, 8, [](const uint8_t* row, int64_t c) {
+    uint32_t lo = 0, hi = 0;  // 4 codes each; < 16, so a shift moves no bit into the next byte
+    if (row) std::memcpy(&lo, row + 8 * c, 4), std::memcpy(&hi, row + 8 * c + 4, 4);
+    return lo | (hi << 4);
+  }, "pack_q4_into");
+}
+
 void pack_q8_into(const at::Tensor& q, at::Tensor& out) {
-  TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == at::kChar && q.size(1) % 4 == 0,
-              "pack_q8_into: (N, K) int8 codes, K a multiple of 4");
-  const int64_t N = q.size(0), K = q.size(1), groups = (N + ROWS - 1) / ROWS;
-  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kByte && out.numel() == groups * ROWS * K,
-              "pack_q8_into: out must hold (N/16, K/4, 16, 4) bytes");
-  const int8_t* src = q.data_ptr<int8_t>();
-  uint8_t* dst = out.data_ptr<uint8_t>();
-  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g)
-      for (int64_t c = 0; c < K / 4; ++c)
-        for (int64_t r = 0; r < ROWS; ++r) {
-          const int64_t n = g * ROWS + r;
-          uint32_t word = 0;  // 4 codes; + 128 on an int8 flips its top bit
-          if (n < N) std::memcpy(&word, src + n * K + 4 * c, 4);
-          word ^= 0x80808080u;
-          std::memcpy(dst + ((g * (K / 4) + c) * ROWS + r) * 4, &word, 4);
-        }
-  });
+  TORCH_CHECK(q.scalar_type() == at::kChar, "pack_q8_into: int8 codes");
+  pack_layout(q, out, 4, [](const uint8_t* row, int64_t c) {
+    uint32_t w = 0;  // 4 codes; + 128 on an int8 flips its top bit (padding rows: 0 + 128)
+    if (row) std::memcpy(&w, row + 4 * c, 4);
+    return w ^ 0x80808080u;
+  }, "pack_q8_into");
 }
 
 }  // namespace
