@@ -16,6 +16,7 @@ groups 32 / 64) with bf16 and fp32 activations; and fastlfm's own kernels (fastl
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 import torch
@@ -123,7 +124,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--models", nargs="+", default=["LFM2-350M", "LFM2-1.2B"])
-    ap.add_argument("--mb", type=float, default=160, help="fp32 MB of distinct weights per sweep (> cache)")
+    ap.add_argument("--mb", type=float, default=160,
+                    help="MB of distinct weights per sweep, in each kernel's own format (> the caches)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--only", nargs="*", default=None, help="substrings of candidate names to keep")
     args = ap.parse_args()
@@ -134,13 +136,15 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     for model in args.models:
         for label, (N, K) in shapes(model).items():
-            copies = max(2, int(args.mb * 2**20 / (N * K * 4)))
-            ws = [torch.randn(N, K, generator=g) * 0.02 for _ in range(copies)]
+            ws = [torch.randn(N, K, generator=g) * 0.02 for _ in range(2)]
             x1, x128 = torch.randn(1, K, generator=g), torch.randn(128, K, generator=g)
             for name, (nbytes, make, run, act) in candidates(N, K).items():
                 if args.only and not any(s in name for s in args.only):
                     continue
-                packs = [make(w) for w in ws]
+                # as many distinct copies as make args.mb of this format (int4 is 1/8 of fp32: sized by fp32
+                # bytes, the copies of a 4-bit kernel fit in a 32 MB L3 and read from it, not from memory)
+                copies = max(2, math.ceil(args.mb * 2**20 / (N * K * nbytes)))
+                packs = [make(ws[i % len(ws)].clone()) for i in range(copies)]  # (clone: a make may return its input)
                 t1 = time_kernel(run, packs, x1.to(act), args.reps)
                 t128 = time_kernel(run, packs[:2], x128.to(act), 2)
                 print(f"| {model} | {label} | {N}x{K} | {name} | {t1 * 1e3:.3f} | {N * K * nbytes / t1 / 1e9:.1f} "
