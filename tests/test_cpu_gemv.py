@@ -365,3 +365,25 @@ def test_quantizing_at_load_in_one_pass_equals_the_torch_code(dtype, group, monk
     for fast, ref in ((packed4, cpu_gemv.pack_int4(ref4.q, ref4.scale, None, group)),
                       (packed8, cpu_gemv.pack_int8(ref8.q, ref8.scale))):
         assert all(torch.equal(a, b) for a, b in zip(fast, ref))
+
+
+def test_a_module_runs_on_its_current_weights(kernels):
+    """The kernel modules bind their op's weight arguments once; assigning a weight / buffer anew or
+    converting the module (`_apply`) rebinds them: the product is the new weight's."""
+    w1, w2 = (quantize_int8(torch.randn(32, 64, generator=_gen(s)) * 0.05) for s in (70, 71))
+    x = torch.randn(2, 64, generator=_gen(72))
+    module = Int8Linear(w1)
+    first = module(x)
+    new = Int8Linear(w2)
+    for name in ("packed", "q", "scale"):
+        if hasattr(new, name):
+            setattr(module, name, getattr(new, name))
+    torch.testing.assert_close(module(x), new(x), rtol=0, atol=0)
+    assert not torch.equal(module(x), first)
+    plain = PlainLinear(torch.randn(32, 64, generator=_gen(73)))
+    plain(x[:1])
+    plain.weight = torch.randn(32, 64, generator=_gen(74))
+    torch.testing.assert_close(plain(x[:1]).double(), x[:1].double() @ plain.weight.double().t(), rtol=1e-5, atol=1e-5)
+    module.to("cpu")  # (_apply: the arguments are bound again, to the same tensors here)
+    assert "_bound" not in module.__dict__
+    torch.testing.assert_close(module(x), new(x), rtol=0, atol=0)

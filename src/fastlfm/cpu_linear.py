@@ -275,6 +275,10 @@ class GemvLinear(CpuLinear):
         self.__dict__.pop("_bound", None)  # the buffers may be new tensors
         return super()._apply(fn, recurse)
 
+    def __setattr__(self, name, value):
+        self.__dict__.pop("_bound", None)  # (a weight or buffer assigned anew)
+        super().__setattr__(name, value)
+
     def _run(self, rows: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor | None, eps: float,
              silu_gate: bool) -> torch.Tensor:
         """The kernel on 2-D fp32 / bf16 rows; the output in the residual's dtype if any."""
