@@ -172,3 +172,22 @@ def test_transformers_style_entry_points_read_a_gguf_file(tiny_ckpt, files):
     want = tok.decode(model.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1]:],
                       skip_special_tokens=True)
     assert out[0]["generated_text"][-1] == {"role": "assistant", "content": want}
+
+
+def test_the_faster_reader_reads_what_the_gguf_package_reads(files):
+    """fastlfm reads GGUF files through a subclass of gguf.GGUFReader (fields through a plain array
+    view of the file): every field and tensor equals the stock reader's."""
+    import gguf
+    import numpy as np
+
+    from fastlfm.gguf import _reader
+
+    for kind in ("BF16", "Q4_0"):
+        stock, fast = gguf.GGUFReader(str(files[kind])), _reader(files[kind])
+        assert type(fast) is not gguf.GGUFReader and list(stock.fields) == list(fast.fields)
+        for key, field in stock.fields.items():
+            a, b = field.contents(), fast.fields[key].contents()
+            assert (np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b), key
+        assert [(t.name, t.tensor_type, tuple(t.shape)) for t in stock.tensors] == \
+               [(t.name, t.tensor_type, tuple(t.shape)) for t in fast.tensors]
+        assert all(np.array_equal(a.data, b.data) for a, b in zip(stock.tensors, fast.tensors))
