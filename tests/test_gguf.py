@@ -191,3 +191,21 @@ def test_the_faster_reader_reads_what_the_gguf_package_reads(files):
         assert [(t.name, t.tensor_type, tuple(t.shape)) for t in stock.tensors] == \
                [(t.name, t.tensor_type, tuple(t.shape)) for t in fast.tensors]
         assert all(np.array_equal(a.data, b.data) for a, b in zip(stock.tensors, fast.tensors))
+
+
+def test_q8_0_rows_in_one_pass_equal_dequantize_then_quantize(files):
+    """Q8_0 projections become int8 per row in one pass where fastlfm's kernels run: the codes and
+    scales of de-quantizing the blocks (the format's d * q) and quantizing that again."""
+    import gguf
+
+    from fastlfm import cpu_gemv
+    from fastlfm.cpu_linear import quantize_int8
+    from fastlfm.gguf import _as_int8, _dequantized, _reader
+
+    if not cpu_gemv.available():
+        pytest.skip("fastlfm's CPU kernels do not run here (the other path is the oracle itself)")
+    q8 = [t for t in _reader(files["Q8_0"]).tensors if t.tensor_type == gguf.GGMLQuantizationType.Q8_0]
+    assert len(q8) > 5
+    for t in q8:
+        fast, ref = _as_int8(t), quantize_int8(_dequantized(t))
+        assert torch.equal(fast.q, ref.q) and torch.equal(fast.scale, ref.scale), t.name

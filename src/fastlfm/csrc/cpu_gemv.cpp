@@ -756,6 +756,14 @@ std::tuple<at::Tensor, at::Tensor> quantize_int4_symmetric(const at::Tensor& w, 
 }
 
 // int8 per output row: scale = bf16(max |w| / 127) (at least 1e-12 / 127), code = clamp(round(w / scale), -127, 127).
+inline float quantize_row_int8(const float* row, int64_t K, int8_t* q) {
+  float amax = 0.f;
+  for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(row[k]));
+  const float s = to_bf16_value(std::max(amax, 1e-12f) / 127.f);
+  for (int64_t k = 0; k < K; ++k) q[k] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(row[k] / s))));
+  return s;
+}
+
 std::tuple<at::Tensor, at::Tensor> quantize_int8_rows(const at::Tensor& w) {
   check_float_weight(w, "quantize_int8_rows");
   const int64_t N = w.size(0), K = w.size(1);
@@ -765,12 +773,32 @@ std::tuple<at::Tensor, at::Tensor> quantize_int8_rows(const at::Tensor& w) {
     std::vector<float> row(K);
     for (int64_t n = n0; n < n1; ++n) {
       row_as_float(w, n, row.data());
-      float amax = 0.f;
-      for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(row[k]));
-      const float s = to_bf16_value(std::max(amax, 1e-12f) / 127.f);
-      scale.data_ptr<float>()[n] = s;
-      int8_t* qn = q.data_ptr<int8_t>() + n * K;
-      for (int64_t k = 0; k < K; ++k) qn[k] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(row[k] / s))));
+      scale.data_ptr<float>()[n] = quantize_row_int8(row.data(), K, q.data_ptr<int8_t>() + n * K);
+    }
+  });
+  return {q, scale};
+}
+
+// GGUF Q8_0 rows (blocks of 32: an fp16 scale d, then 32 int8 q) as int8 per output row: each row
+// de-quantized (d * q, fp32) and quantized again as quantize_int8_rows does, without the whole
+// fp32 weight in memory (350M: 1.2 GB of temporaries, ~2.5 s in numpy).
+std::tuple<at::Tensor, at::Tensor> q8_0_to_int8_rows(const at::Tensor& blocks) {
+  TORCH_CHECK(blocks.dim() == 2 && blocks.is_contiguous() && blocks.scalar_type() == at::kByte && blocks.size(1) % 34 == 0,
+              "q8_0_to_int8_rows: (rows, blocks x 34 bytes) uint8");
+  const int64_t N = blocks.size(0), nb = blocks.size(1) / 34, K = nb * 32;
+  at::Tensor q = at::empty({N, K}, blocks.options().dtype(at::kChar));
+  at::Tensor scale = at::empty({N}, blocks.options().dtype(at::kFloat));
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    std::vector<float> row(K);
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* b = blocks.data_ptr<uint8_t>() + n * nb * 34;
+      for (int64_t j = 0; j < nb; ++j, b += 34) {
+        uint16_t half;
+        std::memcpy(&half, b, 2);
+        const float d = static_cast<float>(c10::bit_cast<at::Half>(half));
+        for (int64_t i = 0; i < 32; ++i) row[j * 32 + i] = d * static_cast<float>(static_cast<int8_t>(b[2 + i]));
+      }
+      scale.data_ptr<float>()[n] = quantize_row_int8(row.data(), K, q.data_ptr<int8_t>() + n * K);
     }
   });
   return {q, scale};
@@ -834,6 +862,7 @@ TORCH_LIBRARY(fastlfm_cpu, lib) {
           "Tensor table, int n, int slot) -> Tensor");
   lib.def("quantize_int4_symmetric(Tensor w, int group) -> (Tensor, Tensor)");
   lib.def("quantize_int8_rows(Tensor w) -> (Tensor, Tensor)");
+  lib.def("q8_0_to_int8_rows(Tensor blocks) -> (Tensor, Tensor)");
   lib.def("pack_q4_into(Tensor q, Tensor(a!) out) -> ()");
   lib.def("pack_q8_into(Tensor q, Tensor(a!) out) -> ()");
 }
@@ -848,6 +877,7 @@ TORCH_LIBRARY_IMPL(fastlfm_cpu, CPU, lib) {
   lib.impl("paged_decode_attention", &paged_decode_attention);
   lib.impl("quantize_int4_symmetric", &quantize_int4_symmetric);
   lib.impl("quantize_int8_rows", &quantize_int8_rows);
+  lib.impl("q8_0_to_int8_rows", &q8_0_to_int8_rows);
   lib.impl("pack_q4_into", &pack_q4_into);
   lib.impl("pack_q8_into", &pack_q8_into);
 }
