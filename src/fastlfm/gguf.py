@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from .cpu_linear import Int4Weight, Int8Weight, QuantizedWeight, quantize_int8
-from .loading import CheckpointError
+from .loading import CheckpointError, skipped_init
 from .tokenizer import LFM2_SPLIT_PATTERN  # GGUF pre-type "lfm2"
 
 _LLAMA3_PRE_TYPES = {"lfm2", "llama3", "llama-bpe", "llama-v3", "default"}
@@ -325,7 +325,7 @@ def load_gguf(path: str | os.PathLike, dtype: str | torch.dtype | None = "auto",
         scheme = "int4" if "int4" in kinds else "int8"
         model = build_quantized_model(cls, config, floats, qweights, head, torch_dtype, scheme)
     else:
-        with torch.device("meta"):
+        with torch.device("meta"), skipped_init():  # (weights come next: no random init)
             model = cls(config)
         expected = model.state_dict()
         missing = [k for k in expected if k not in floats and k != "lm_head.weight"]
