@@ -188,6 +188,11 @@ def test_the_faster_reader_reads_what_the_gguf_package_reads(files):
         for key, field in stock.fields.items():
             a, b = field.contents(), fast.fields[key].contents()
             assert (np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b), key
+            other = fast.fields[key]  # and the parts the contents come from
+            assert (field.offset, field.data, field.types) == (other.offset, other.data, other.types), key
+            assert [type(t) for t in field.types] == [type(t) for t in other.types], key
+            assert len(field.parts) == len(other.parts), key
+            assert all(x.dtype == y.dtype and np.array_equal(x, y) for x, y in zip(field.parts, other.parts)), key
         assert [(t.name, t.tensor_type, tuple(t.shape)) for t in stock.tensors] == \
                [(t.name, t.tensor_type, tuple(t.shape)) for t in fast.tensors]
         assert all(np.array_equal(a.data, b.data) for a, b in zip(stock.tensors, fast.tensors))

@@ -62,26 +62,60 @@ def _reader(path: Path):
 
 def _fast_reader_class(gguf) -> type:
     """gguf.GGUFReader, reading its fields through a plain ndarray view of the file instead of the
-    np.memmap: every slice of a memmap runs memmap.__array_finalize__ in Python, and the reader
-    slices a few times per element of each array field, so LFM2's 65,536-token vocabulary and its
-    merges took ~3.3 s to read (~1 s this way). Same values (tests/test_gguf.py compares both readers);
-    the stock reader where its private `_get` is not the one this replaces."""
+    np.memmap (every slice of a memmap runs memmap.__array_finalize__ in Python, and the reader
+    slices a few times per element of each array field) and string arrays in one loop: LFM2's
+    65,536-token vocabulary and its merges took ~3.3 s to read. The same fields, parts included
+    (tests/test_gguf.py compares both readers); the stock reader where its private methods are not
+    the ones this replaces."""
     import inspect
 
     import numpy as np  # comes with the gguf package
 
     stock = gguf.GGUFReader
-    if list(inspect.signature(stock._get).parameters) != ["self", "offset", "dtype", "count", "override_order"]:
+    if list(inspect.signature(stock._get).parameters) != ["self", "offset", "dtype", "count", "override_order"] \
+            or list(inspect.signature(stock._get_field_parts).parameters) != ["self", "orig_offs", "raw_type"]:
         return stock
 
+    kinds = gguf.GGUFValueType
+    string, array = int(kinds.STRING), int(kinds.ARRAY)  # (ints: enum lookups cost per element)
+
     class FastGGUFReader(stock):
-        def _get(self, offset, dtype, count=1, override_order=None):
+        def _plain(self) -> np.ndarray:
             plain = self.__dict__.get("_plain_data")
             if plain is None:
                 plain = self.__dict__["_plain_data"] = self.data.view(np.ndarray)
+            return plain
+
+        def _get(self, offset, dtype, count=1, override_order=None):
             count, dt = int(count), np.dtype(dtype)
-            arr = plain[offset:offset + dt.itemsize * count].view(dt)[:count]
+            arr = self._plain()[offset:offset + dt.itemsize * count].view(dt)[:count]
             return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
+
+        def _get_field_parts(self, orig_offs, raw_type):
+            # An array of strings (the vocabulary, the merges) or of numbers (token types) in one
+            # loop, with the parts the stock reader makes: per string its length (uint64) and its
+            # bytes, per number a 1-element array.
+            if raw_type != array:
+                return super()._get_field_parts(orig_offs, raw_type)
+            item_type, count = self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)
+            kind, n_items = int(item_type[0]), int(count[0])
+            scalar = self.gguf_scalar_to_np.get(kinds(kind)) if kind != array else None
+            if kind != string and scalar is None:  # nested arrays: the stock reader
+                return super()._get_field_parts(orig_offs, raw_type)
+            plain, offs, parts = self._plain(), orig_offs + 12, [item_type, count]
+            if scalar is not None:
+                dt = np.dtype(scalar).newbyteorder(self.byte_order)
+                whole = plain[offs:offs + dt.itemsize * n_items].view(dt)
+                parts += [whole[i:i + 1] for i in range(n_items)]
+                types = [kinds.ARRAY, kinds(kind)] if n_items else [kinds.ARRAY]
+                return 12 + dt.itemsize * n_items, parts, list(range(2, 2 + n_items)), types
+            length, data = np.dtype(np.uint64).newbyteorder(self.byte_order), []
+            for _ in range(n_items):
+                n = plain[offs:offs + 8].view(length)
+                parts += (n, plain[offs + 8:offs + 8 + int(n[0])])
+                data.append(len(parts) - 1)
+                offs += 8 + int(n[0])
+            return offs - orig_offs, parts, data, [kinds.ARRAY, kinds.STRING] if data else [kinds.ARRAY]
 
     return FastGGUFReader
 
