@@ -214,3 +214,45 @@ def test_q8_0_rows_in_one_pass_equal_dequantize_then_quantize(files):
     for t in q8:
         fast, ref = _as_int8(t), quantize_int8(_dequantized(t))
         assert torch.equal(fast.q, ref.q) and torch.equal(fast.scale, ref.scale), t.name
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q6_K"])
+def test_block_rows_to_int8_equal_the_gguf_packages_dequantize_then_quantize(kind):
+    """Random blocks of each type (Q6_K: what llama-quantize writes for the token embedding of a
+    Q4_0 file) through fastlfm's one-pass op give the int8 codes and scales of the `gguf` package's
+    de-quantization followed by `quantize_int8`."""
+    import gguf
+    import numpy as np
+
+    from fastlfm import cpu_gemv
+    from fastlfm.cpu_linear import quantize_int8
+
+    if not cpu_gemv.available():
+        pytest.skip("fastlfm's CPU kernels do not run here (the other path is the oracle itself)")
+    qtype = getattr(gguf.GGMLQuantizationType, kind)
+    block_bytes, d_at = (34, 0) if kind == "Q8_0" else (210, 208)
+    rng = np.random.default_rng(7)
+    raw = rng.integers(0, 256, size=(24, 4, block_bytes), dtype=np.uint8)  # 24 rows of 4 blocks
+    raw[..., d_at:d_at + 2] = (rng.random((24, 4, 1)) * 0.02).astype(np.float16).view(np.uint8)
+    raw = raw.reshape(24, -1)
+    ref = quantize_int8(torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(raw, qtype), dtype=np.float32)))
+    q, scale = torch.ops.fastlfm_cpu.gguf_blocks_to_int8_rows(torch.from_numpy(raw), int(qtype))
+    assert q.shape == ref.q.shape and torch.equal(q, ref.q) and torch.equal(scale, ref.scale)
+
+
+def test_q4_0_codes_in_one_pass_equal_the_numpy_unpacking(files, monkeypatch):
+    """Q4_0 blocks unpack to the same int4 codes and scales through fastlfm's op as through numpy."""
+    import gguf
+
+    from fastlfm import cpu_gemv
+    from fastlfm.gguf import _q4_0, _reader
+
+    if not cpu_gemv.available():
+        pytest.skip("fastlfm's CPU kernels do not run here (the other path is the oracle itself)")
+    q4 = [t for t in _reader(files["Q4_0"]).tensors if t.tensor_type == gguf.GGMLQuantizationType.Q4_0]
+    assert len(q4) > 5
+    fast = [_q4_0(t) for t in q4]
+    monkeypatch.setattr(cpu_gemv, "available", lambda: False)
+    for t, a in zip(q4, fast):
+        b = _q4_0(t)
+        assert torch.equal(a.q, b.q) and torch.equal(a.scale, b.scale) and a.zero is b.zero is None, t.name

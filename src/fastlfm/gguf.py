@@ -231,10 +231,27 @@ def _blocks(t, block_bytes: int) -> np.ndarray:
     return np.ascontiguousarray(t.data).reshape(rows, -1, block_bytes)
 
 
+def _block_rows(t, block_bytes: int) -> torch.Tensor:
+    """A quantized tensor's raw blocks as a (rows, bytes) uint8 tensor over the file's mapping (no
+    copy: fastlfm's ops only read it)."""
+    import warnings
+
+    b = _blocks(t, block_bytes)
+    with warnings.catch_warnings():  # (torch warns that the array is read-only)
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(b.reshape(b.shape[0], -1))
+
+
 def _q4_0(t) -> Int4Weight:
     import numpy as np  # comes with the gguf package
 
-    b = _blocks(t, 18)  # fp16 scale d, then 16 bytes: value j in the low nibble, j + 16 in the high one
+    from . import cpu_gemv
+
+    # fp16 scale d, then 16 bytes: value j in the low nibble, j + 16 in the high one
+    if cpu_gemv.available():  # (one pass)
+        q, d = torch.ops.fastlfm_cpu.q4_0_codes(_block_rows(t, 18))
+        return Int4Weight(q, d, None, 32)
+    b = _blocks(t, 18)
     d = torch.from_numpy(b[..., :2].copy().view(np.float16)[..., 0].astype(np.float32))
     qs = torch.from_numpy(b[..., 2:].copy())
     q = torch.cat([qs & 15, qs >> 4], dim=-1).reshape(b.shape[0], -1)
@@ -243,15 +260,16 @@ def _q4_0(t) -> Int4Weight:
 
 def _as_int8(t) -> Int8Weight:
     """A quantized tensor as int8 with one scale per row: its values de-quantized, then quantized
-    again (`quantize_int8`); Q8_0 rows in one pass where fastlfm's CPU kernels run."""
+    again (`quantize_int8`); Q8_0 and Q6_K (llama-quantize's token embedding) rows in one pass where
+    fastlfm's CPU kernels run."""
     import gguf
 
     from . import cpu_gemv
 
-    if t.tensor_type == gguf.GGMLQuantizationType.Q8_0 and cpu_gemv.available():
-        b = _blocks(t, 34)
-        blocks = torch.from_numpy(b.reshape(b.shape[0], -1).copy())
-        return Int8Weight(*torch.ops.fastlfm_cpu.q8_0_to_int8_rows(blocks))
+    kind = gguf.GGMLQuantizationType
+    if t.tensor_type in (kind.Q8_0, kind.Q6_K) and cpu_gemv.available():
+        blocks = _block_rows(t, 34 if t.tensor_type == kind.Q8_0 else 210)
+        return Int8Weight(*torch.ops.fastlfm_cpu.gguf_blocks_to_int8_rows(blocks, int(t.tensor_type)))
     return quantize_int8(_dequantized(t))
 
 

@@ -779,26 +779,78 @@ std::tuple<at::Tensor, at::Tensor> quantize_int8_rows(const at::Tensor& w) {
   return {q, scale};
 }
 
-// GGUF Q8_0 rows (blocks of 32: an fp16 scale d, then 32 int8 q) as int8 per output row: each row
-// de-quantized (d * q, fp32) and quantized again as quantize_int8_rows does, without the whole
-// fp32 weight in memory (350M: 1.2 GB of temporaries, ~2.5 s in numpy).
-std::tuple<at::Tensor, at::Tensor> q8_0_to_int8_rows(const at::Tensor& blocks) {
-  TORCH_CHECK(blocks.dim() == 2 && blocks.is_contiguous() && blocks.scalar_type() == at::kByte && blocks.size(1) % 34 == 0,
-              "q8_0_to_int8_rows: (rows, blocks x 34 bytes) uint8");
-  const int64_t N = blocks.size(0), nb = blocks.size(1) / 34, K = nb * 32;
+// GGUF block-quantized rows as int8 per output row: each row de-quantized to fp32 as the format
+// defines (the `gguf` package's dequantize gives the same values: the test's oracle), then
+// quantized again as quantize_int8_rows does, without the whole fp32 weight in memory (a 1.2B
+// model's Q6_K embedding: 2.4 s through numpy). `ggml_type`: 8 = Q8_0, 14 = Q6_K.
+inline float fp16_value(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);
+  return static_cast<float>(c10::bit_cast<at::Half>(bits));
+}
+
+// Q8_0, 34 bytes for 32 values: fp16 d, then 32 int8 q; value = d * q.
+void dequantize_q8_0_block(const uint8_t* b, float* y) {
+  const float d = fp16_value(b);
+  for (int i = 0; i < 32; ++i) y[i] = d * static_cast<float>(static_cast<int8_t>(b[2 + i]));
+}
+
+// Q6_K, 210 bytes for 256 values: ql[128] (low 4 bits), qh[64] (high 2 bits), int8 scales[16], fp16 d;
+// in each half of 128 values, value c * 32 + l (c = 0..3) takes the low (c < 2) or high nibble of
+// ql[c % 2 * 32 + l] and bits 2c..2c+1 of qh[l]; value = (d * scales[v / 16]) * (q - 32).
+void dequantize_q6_k_block(const uint8_t* b, float* y) {
+  const uint8_t *ql = b, *qh = b + 128;
+  const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+  const float d = fp16_value(b + 208);
+  for (int h = 0; h < 2; ++h, ql += 64, qh += 32, sc += 8, y += 128)
+    for (int c = 0; c < 4; ++c)
+      for (int l = 0; l < 32; ++l) {
+        const int low = c < 2 ? ql[(c % 2) * 32 + l] & 0xF : ql[(c % 2) * 32 + l] >> 4;
+        const int q = (low | (((qh[l] >> (2 * c)) & 3) << 4)) - 32;
+        y[c * 32 + l] = (d * static_cast<float>(sc[(c * 32 + l) / 16])) * static_cast<float>(q);
+      }
+}
+
+std::tuple<at::Tensor, at::Tensor> gguf_blocks_to_int8_rows(const at::Tensor& blocks, int64_t ggml_type) {
+  TORCH_CHECK(ggml_type == 8 || ggml_type == 14, "gguf_blocks_to_int8_rows: GGML type ", ggml_type,
+              " (Q8_0 = 8 and Q6_K = 14 only)");
+  const int64_t block_bytes = ggml_type == 8 ? 34 : 210, per_block = ggml_type == 8 ? 32 : 256;
+  TORCH_CHECK(blocks.dim() == 2 && blocks.is_contiguous() && blocks.scalar_type() == at::kByte &&
+              blocks.size(1) % block_bytes == 0, "gguf_blocks_to_int8_rows: (rows, blocks x ", block_bytes, " bytes) uint8");
+  const int64_t N = blocks.size(0), nb = blocks.size(1) / block_bytes, K = nb * per_block;
   at::Tensor q = at::empty({N, K}, blocks.options().dtype(at::kChar));
   at::Tensor scale = at::empty({N}, blocks.options().dtype(at::kFloat));
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     std::vector<float> row(K);
     for (int64_t n = n0; n < n1; ++n) {
-      const uint8_t* b = blocks.data_ptr<uint8_t>() + n * nb * 34;
-      for (int64_t j = 0; j < nb; ++j, b += 34) {
-        uint16_t half;
-        std::memcpy(&half, b, 2);
-        const float d = static_cast<float>(c10::bit_cast<at::Half>(half));
-        for (int64_t i = 0; i < 32; ++i) row[j * 32 + i] = d * static_cast<float>(static_cast<int8_t>(b[2 + i]));
+      const uint8_t* b = blocks.data_ptr<uint8_t>() + n * nb * block_bytes;
+      for (int64_t j = 0; j < nb; ++j) {
+        if (ggml_type == 8) dequantize_q8_0_block(b + j * block_bytes, row.data() + j * per_block);
+        else dequantize_q6_k_block(b + j * block_bytes, row.data() + j * per_block);
       }
       scale.data_ptr<float>()[n] = quantize_row_int8(row.data(), K, q.data_ptr<int8_t>() + n * K);
+    }
+  });
+  return {q, scale};
+}
+
+// GGUF Q4_0 rows (18 bytes for 32 values: fp16 d, then 16 bytes holding value j in the low nibble
+// and value j + 16 in the high one) as int4 codes 0..15 (N, K) and their scales d (N, K / 32): w =
+// (q - 8) * d, fastlfm's symmetric int4 exactly.
+std::tuple<at::Tensor, at::Tensor> q4_0_codes(const at::Tensor& blocks) {
+  TORCH_CHECK(blocks.dim() == 2 && blocks.is_contiguous() && blocks.scalar_type() == at::kByte &&
+              blocks.size(1) % 18 == 0, "q4_0_codes: (rows, blocks x 18 bytes) uint8");
+  const int64_t N = blocks.size(0), nb = blocks.size(1) / 18;
+  at::Tensor q = at::empty({N, nb * 32}, blocks.options());
+  at::Tensor scale = at::empty({N, nb}, blocks.options().dtype(at::kFloat));
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* b = blocks.data_ptr<uint8_t>() + n * nb * 18;
+      uint8_t* qn = q.data_ptr<uint8_t>() + n * nb * 32;
+      for (int64_t j = 0; j < nb; ++j, b += 18, qn += 32) {
+        scale.data_ptr<float>()[n * nb + j] = fp16_value(b);
+        for (int i = 0; i < 16; ++i) qn[i] = b[2 + i] & 0xF, qn[16 + i] = b[2 + i] >> 4;
+      }
     }
   });
   return {q, scale};
@@ -862,7 +914,8 @@ TORCH_LIBRARY(fastlfm_cpu, lib) {
           "Tensor table, int n, int slot) -> Tensor");
   lib.def("quantize_int4_symmetric(Tensor w, int group) -> (Tensor, Tensor)");
   lib.def("quantize_int8_rows(Tensor w) -> (Tensor, Tensor)");
-  lib.def("q8_0_to_int8_rows(Tensor blocks) -> (Tensor, Tensor)");
+  lib.def("gguf_blocks_to_int8_rows(Tensor blocks, int ggml_type) -> (Tensor, Tensor)");
+  lib.def("q4_0_codes(Tensor blocks) -> (Tensor, Tensor)");
   lib.def("pack_q4_into(Tensor q, Tensor(a!) out) -> ()");
   lib.def("pack_q8_into(Tensor q, Tensor(a!) out) -> ()");
 }
@@ -877,7 +930,8 @@ TORCH_LIBRARY_IMPL(fastlfm_cpu, CPU, lib) {
   lib.impl("paged_decode_attention", &paged_decode_attention);
   lib.impl("quantize_int4_symmetric", &quantize_int4_symmetric);
   lib.impl("quantize_int8_rows", &quantize_int8_rows);
-  lib.impl("q8_0_to_int8_rows", &q8_0_to_int8_rows);
+  lib.impl("gguf_blocks_to_int8_rows", &gguf_blocks_to_int8_rows);
+  lib.impl("q4_0_codes", &q4_0_codes);
   lib.impl("pack_q4_into", &pack_q4_into);
   lib.impl("pack_q8_into", &pack_q8_into);
 }
