@@ -890,7 +890,7 @@ def _quantized_tensors(name: str, w: QuantizedWeight) -> dict[str, torch.Tensor]
 @torch.no_grad()
 def save_quantized(model: nn.Module, folder: str | Path, scheme: str, group_size: int = 32) -> None:
     """Write a quantized checkpoint of a float model (not yet prepared): the HF folder layout with
-    every projection as `<name>.qweight` + `.scales` (+ `.zeros` for int4) and
+    every projection as `<name>.qweight` + `.scales` (+ `.zeros` for min/max int4) and
     `quantization_config` in config.json. `load_model` reads it back without the float weights."""
     from safetensors.torch import save_file
 
