@@ -448,3 +448,27 @@ def test_plain_linear_one_row_and_many_rows_equal_the_product(dtype, torch_kerne
         want = (x.double() @ w.double().T).to(dtype)
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(lin(x), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("one_pass", [True, False])
+def test_a_non_finite_weight_is_refused_by_name(fp32_model, monkeypatch, one_pass):
+    """NaN or inf in a weight would quantize to finite codes (garbage that looks fine): quantizing
+    refuses it, naming the row, and loading names the tensor; on the kernel library's one-pass
+    quantizers (where they run) and on the torch code alike."""
+    if one_pass and not cpu_linear.cpu_gemv.available():
+        pytest.skip("the kernel library does not run here (the torch code is the other case)")
+    if not one_pass:
+        monkeypatch.setattr(cpu_linear, "_quantizes_in_one_pass", lambda w: False)
+    w = _weight()
+    w[37, 5] = float("nan")
+    for quantize_fn in (quantize_int8, quantize_int4):
+        with pytest.raises(cpu_linear.NonFiniteWeight, match="row 37 holds a non-finite value"):
+            quantize_fn(w)
+    w[37, 5] = float("inf")
+    with pytest.raises(cpu_linear.NonFiniteWeight, match="row 37"):
+        quantize_int4(w.bfloat16())
+    model = copy.deepcopy(fp32_model)
+    with torch.no_grad():
+        model.model.layers[1].feed_forward.w2.weight[3, 0] = float("nan")
+    with pytest.raises(cpu_linear.NonFiniteWeight, match=r"tensor model\.layers\.1\.feed_forward\.w2\.weight: row 3"):
+        prepare_for_cpu(model, "int4")

@@ -35,6 +35,7 @@ float weights (`quantize_int8` / `quantize_int4`), read from a saved quantized c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -112,11 +113,30 @@ _QUANT_CHUNK_BYTES = 1 << 20
 
 
 def _row_chunks(w: torch.Tensor):
-    """(start, stop, fp32 copy of rows start:stop) over `w`, about _QUANT_CHUNK_BYTES of fp32 each."""
+    """(start, stop, fp32 copy of rows start:stop) over `w`, about _QUANT_CHUNK_BYTES of fp32 each;
+    a NaN or inf raises (`NonFiniteWeight`): quantized, it would become finite garbage."""
     step = max(1, _QUANT_CHUNK_BYTES // (4 * w.shape[1]))
     for start in range(0, w.shape[0], step):
         stop = min(start + step, w.shape[0])
-        yield start, stop, w[start:stop].detach().to(torch.float32, copy=True)
+        rows = w[start:stop].detach().to(torch.float32, copy=True)
+        finite = torch.isfinite(rows).all(dim=1)
+        if not bool(finite.all()):
+            raise NonFiniteWeight(f"row {start + int((~finite).nonzero()[0])} holds a non-finite value (NaN or inf)")
+        yield start, stop, rows
+
+
+class NonFiniteWeight(ValueError):
+    """A weight to quantize holds NaN or inf."""
+
+
+def run_quantizer(op, *args):
+    """One of the kernel library's quantizers; its refusal of a non-finite row as NonFiniteWeight."""
+    try:
+        return op(*args)
+    except RuntimeError as e:
+        if "non-finite" not in str(e):
+            raise
+        raise NonFiniteWeight(str(e).split(": ", 1)[-1].splitlines()[0]) from None
 
 
 def _quantizes_in_one_pass(w: torch.Tensor) -> bool:
@@ -127,7 +147,7 @@ def _quantizes_in_one_pass(w: torch.Tensor) -> bool:
 
 def quantize_int8(w: torch.Tensor) -> Int8Weight:
     if _quantizes_in_one_pass(w):
-        return Int8Weight(*torch.ops.fastlfm_cpu.quantize_int8_rows(w.detach().contiguous()))
+        return Int8Weight(*run_quantizer(torch.ops.fastlfm_cpu.quantize_int8_rows, w.detach().contiguous()))
     q = torch.empty(w.shape, dtype=torch.int8)
     scale = torch.empty(w.shape[0])
     for start, stop, rows in _row_chunks(w):
@@ -145,8 +165,8 @@ def quantize_int4(w: torch.Tensor, group_size: int = 32, symmetric: bool = True)
     if K % group_size:
         raise ValueError(f"int4 group size {group_size} does not divide the input size {K}")
     if symmetric and _quantizes_in_one_pass(w):
-        return Int4Weight(*torch.ops.fastlfm_cpu.quantize_int4_symmetric(w.detach().contiguous(), group_size),
-                          None, group_size)
+        return Int4Weight(*run_quantizer(torch.ops.fastlfm_cpu.quantize_int4_symmetric, w.detach().contiguous(),
+                                     group_size), None, group_size)
     q = torch.empty(N, K, dtype=torch.uint8)
     scale = torch.empty(N, K // group_size)
     zero = None if symmetric else torch.empty(N, K // group_size)
@@ -495,8 +515,20 @@ WeightSource = Callable[[str, nn.Linear], Weight]
 
 def _float_source(scheme: str | None, group_size: int) -> WeightSource:
     def source(name: str, linear: nn.Linear) -> Weight:
-        return linear.weight.detach() if scheme is None else quantize(linear.weight, scheme, group_size)
+        if scheme is None:
+            return linear.weight.detach()
+        with naming(f"{name}.weight"):
+            return quantize(linear.weight, scheme, group_size)
     return source
+
+
+@contextlib.contextmanager
+def naming(tensor: str):
+    """A NonFiniteWeight raised inside names `tensor`."""
+    try:
+        yield
+    except NonFiniteWeight as e:
+        raise NonFiniteWeight(f"tensor {tensor}: {e}") from None
 
 
 @torch.no_grad()
@@ -818,7 +850,8 @@ def prepare_for_cpu(model: nn.Module, quantization: str | None = None, group_siz
     if quantization is not None:
         lm_head = getattr(model, "lm_head", None)
         if lm_head is not None and _plain(lm_head):
-            head = quantize_int8(lm_head.weight)  # int8 for the head (and the tied embedding) in both schemes
+            with naming("lm_head.weight"):  # int8 for the head (and the tied embedding) in both schemes
+                head = quantize_int8(lm_head.weight)
     packs = None  # quantized: the float fallbacks stay packed, as before
     if quantization is None:
         pack = resolve_pack(pack)
@@ -905,7 +938,8 @@ def save_quantized(model: nn.Module, folder: str | Path, scheme: str, group_size
     projections = _lfm2_projections(model)
     for name, module in model.named_modules():
         if _plain(module) and (module in projections or module is head):
-            w = quantize_int8(module.weight) if module is head else quantize(module.weight, scheme, group_size)
+            with naming(f"{name}.weight"):
+                w = quantize_int8(module.weight) if module is head else quantize(module.weight, scheme, group_size)
             tensors.update(_quantized_tensors(name, w))
             quantized.add(f"{name}.weight")
     tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .cpu_linear import Int4Weight, Int8Weight, QuantizedWeight, quantize_int8
+from .cpu_linear import Int4Weight, Int8Weight, QuantizedWeight, naming, quantize_int8, run_quantizer
 from .loading import CheckpointError, skipped_init
 from .tokenizer import LFM2_SPLIT_PATTERN  # GGUF pre-type "lfm2"
 
@@ -269,7 +269,7 @@ def _as_int8(t) -> Int8Weight:
     kind = gguf.GGMLQuantizationType
     if t.tensor_type in (kind.Q8_0, kind.Q6_K) and cpu_gemv.available():
         blocks = _block_rows(t, 34 if t.tensor_type == kind.Q8_0 else 210)
-        return Int8Weight(*torch.ops.fastlfm_cpu.gguf_blocks_to_int8_rows(blocks, int(t.tensor_type)))
+        return Int8Weight(*run_quantizer(torch.ops.fastlfm_cpu.gguf_blocks_to_int8_rows, blocks, int(t.tensor_type)))
     return quantize_int8(_dequantized(t))
 
 
@@ -368,7 +368,8 @@ def load_gguf(path: str | os.PathLike, dtype: str | torch.dtype | None = "auto",
             qweights[name.removesuffix(".weight")] = _q4_0(t)
             kinds.add("int4")
         else:  # Q8_0 and other block types: int8 per output channel
-            qweights[name.removesuffix(".weight")] = _as_int8(t)
+            with naming(f"{path}: {t.name}"):
+                qweights[name.removesuffix(".weight")] = _as_int8(t)
             kinds.add("int8")
     if quantized_file:
         head = qweights.pop("lm_head", None) or qweights.pop("model.embed_tokens", None)

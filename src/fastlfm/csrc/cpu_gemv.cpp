@@ -20,6 +20,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -704,6 +705,18 @@ void check_float_weight(const at::Tensor& w, const char* name) {
 
 inline float to_bf16_value(float v) { return static_cast<float>(static_cast<at::BFloat16>(v)); }
 
+// A weight with NaN or inf would quantize to finite garbage (the clamps turn NaN into a code):
+// the quantizers refuse it, naming the first row they saw with one.
+inline bool all_finite(const float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    if (!std::isfinite(x[i])) return false;
+  return true;
+}
+
+inline void check_finite_rows(const std::atomic<int64_t>& bad, const char* op) {
+  TORCH_CHECK(bad.load() < 0, op, ": row ", bad.load(), " holds a non-finite value (NaN or inf)");
+}
+
 // Symmetric int4, GGUF Q4_0's scheme: per group, m = the first value of largest magnitude, scale =
 // bf16(m / -8) (1e-12 for an all-zero group), code = clamp(round-half-even(w / scale + 8), 0, 15).
 std::tuple<at::Tensor, at::Tensor> quantize_int4_symmetric(const at::Tensor& w, int64_t group) {
@@ -712,10 +725,12 @@ std::tuple<at::Tensor, at::Tensor> quantize_int4_symmetric(const at::Tensor& w, 
   TORCH_CHECK(group > 0 && K % group == 0, "quantize_int4_symmetric: group ", group, " does not divide ", K);
   at::Tensor q = at::empty({N, K}, w.options().dtype(at::kByte));
   at::Tensor scale = at::empty({N, K / group}, w.options().dtype(at::kFloat));
+  std::atomic<int64_t> bad{-1};
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     std::vector<float> row(K);
     for (int64_t n = n0; n < n1; ++n) {
       row_as_float(w, n, row.data());
+      if (!all_finite(row.data(), K)) bad = n;
       uint8_t* qn = q.data_ptr<uint8_t>() + n * K;
       for (int64_t g = 0; g < K / group; ++g) {
         const float* x = row.data() + g * group;
@@ -752,6 +767,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_int4_symmetric(const at::Tensor& w, 
       }
     }
   });
+  check_finite_rows(bad, "quantize_int4_symmetric");
   return {q, scale};
 }
 
@@ -769,13 +785,16 @@ std::tuple<at::Tensor, at::Tensor> quantize_int8_rows(const at::Tensor& w) {
   const int64_t N = w.size(0), K = w.size(1);
   at::Tensor q = at::empty({N, K}, w.options().dtype(at::kChar));
   at::Tensor scale = at::empty({N}, w.options().dtype(at::kFloat));
+  std::atomic<int64_t> bad{-1};
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     std::vector<float> row(K);
     for (int64_t n = n0; n < n1; ++n) {
       row_as_float(w, n, row.data());
+      if (!all_finite(row.data(), K)) bad = n;
       scale.data_ptr<float>()[n] = quantize_row_int8(row.data(), K, q.data_ptr<int8_t>() + n * K);
     }
   });
+  check_finite_rows(bad, "quantize_int8_rows");
   return {q, scale};
 }
 
@@ -820,6 +839,7 @@ std::tuple<at::Tensor, at::Tensor> gguf_blocks_to_int8_rows(const at::Tensor& bl
   const int64_t N = blocks.size(0), nb = blocks.size(1) / block_bytes, K = nb * per_block;
   at::Tensor q = at::empty({N, K}, blocks.options().dtype(at::kChar));
   at::Tensor scale = at::empty({N}, blocks.options().dtype(at::kFloat));
+  std::atomic<int64_t> bad{-1};
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     std::vector<float> row(K);
     for (int64_t n = n0; n < n1; ++n) {
@@ -828,9 +848,11 @@ std::tuple<at::Tensor, at::Tensor> gguf_blocks_to_int8_rows(const at::Tensor& bl
         if (ggml_type == 8) dequantize_q8_0_block(b + j * block_bytes, row.data() + j * per_block);
         else dequantize_q6_k_block(b + j * block_bytes, row.data() + j * per_block);
       }
+      if (!all_finite(row.data(), K)) bad = n;
       scale.data_ptr<float>()[n] = quantize_row_int8(row.data(), K, q.data_ptr<int8_t>() + n * K);
     }
   });
+  check_finite_rows(bad, "gguf_blocks_to_int8_rows");
   return {q, scale};
 }
 
