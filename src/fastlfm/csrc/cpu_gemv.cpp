@@ -780,22 +780,30 @@ inline float quantize_row_int8(const float* row, int64_t K, int8_t* q) {
   return s;
 }
 
-std::tuple<at::Tensor, at::Tensor> quantize_int8_rows(const at::Tensor& w) {
-  check_float_weight(w, "quantize_int8_rows");
-  const int64_t N = w.size(0), K = w.size(1);
-  at::Tensor q = at::empty({N, K}, w.options().dtype(at::kChar));
-  at::Tensor scale = at::empty({N}, w.options().dtype(at::kFloat));
+// Rows quantized to int8 (quantize_row_int8) from the fp32 rows `fill(n, row)` writes; a row with a
+// non-finite value is refused.
+template <typename Fill>
+std::tuple<at::Tensor, at::Tensor> int8_rows(int64_t N, int64_t K, const at::TensorOptions& options, const char* op,
+                                             Fill&& fill) {
+  at::Tensor q = at::empty({N, K}, options.dtype(at::kChar));
+  at::Tensor scale = at::empty({N}, options.dtype(at::kFloat));
   std::atomic<int64_t> bad{-1};
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     std::vector<float> row(K);
     for (int64_t n = n0; n < n1; ++n) {
-      row_as_float(w, n, row.data());
+      fill(n, row.data());
       if (!all_finite(row.data(), K)) bad = n;
       scale.data_ptr<float>()[n] = quantize_row_int8(row.data(), K, q.data_ptr<int8_t>() + n * K);
     }
   });
-  check_finite_rows(bad, "quantize_int8_rows");
+  check_finite_rows(bad, op);
   return {q, scale};
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_int8_rows(const at::Tensor& w) {
+  check_float_weight(w, "quantize_int8_rows");
+  return int8_rows(w.size(0), w.size(1), w.options(), "quantize_int8_rows",
+                   [&](int64_t n, float* row) { row_as_float(w, n, row); });
 }
 
 // GGUF block-quantized rows as int8 per output row: each row de-quantized to fp32 as the format
@@ -836,24 +844,15 @@ std::tuple<at::Tensor, at::Tensor> gguf_blocks_to_int8_rows(const at::Tensor& bl
   const int64_t block_bytes = ggml_type == 8 ? 34 : 210, per_block = ggml_type == 8 ? 32 : 256;
   TORCH_CHECK(blocks.dim() == 2 && blocks.is_contiguous() && blocks.scalar_type() == at::kByte &&
               blocks.size(1) % block_bytes == 0, "gguf_blocks_to_int8_rows: (rows, blocks x ", block_bytes, " bytes) uint8");
-  const int64_t N = blocks.size(0), nb = blocks.size(1) / block_bytes, K = nb * per_block;
-  at::Tensor q = at::empty({N, K}, blocks.options().dtype(at::kChar));
-  at::Tensor scale = at::empty({N}, blocks.options().dtype(at::kFloat));
-  std::atomic<int64_t> bad{-1};
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    std::vector<float> row(K);
-    for (int64_t n = n0; n < n1; ++n) {
-      const uint8_t* b = blocks.data_ptr<uint8_t>() + n * nb * block_bytes;
-      for (int64_t j = 0; j < nb; ++j) {
-        if (ggml_type == 8) dequantize_q8_0_block(b + j * block_bytes, row.data() + j * per_block);
-        else dequantize_q6_k_block(b + j * block_bytes, row.data() + j * per_block);
-      }
-      if (!all_finite(row.data(), K)) bad = n;
-      scale.data_ptr<float>()[n] = quantize_row_int8(row.data(), K, q.data_ptr<int8_t>() + n * K);
-    }
-  });
-  check_finite_rows(bad, "gguf_blocks_to_int8_rows");
-  return {q, scale};
+  const int64_t nb = blocks.size(1) / block_bytes;
+  return int8_rows(blocks.size(0), nb * per_block, blocks.options(), "gguf_blocks_to_int8_rows",
+                   [&](int64_t n, float* row) {
+                     const uint8_t* b = blocks.data_ptr<uint8_t>() + n * nb * block_bytes;
+                     for (int64_t j = 0; j < nb; ++j, b += block_bytes, row += per_block) {
+                       if (ggml_type == 8) dequantize_q8_0_block(b, row);
+                       else dequantize_q6_k_block(b, row);
+                     }
+                   });
 }
 
 // GGUF Q4_0 rows (18 bytes for 32 values: fp16 d, then 16 bytes holding value j in the low nibble
