@@ -1004,10 +1004,9 @@ def build_quantized_model(cls, config, floats: dict[str, torch.Tensor], qweights
     """A model of class `cls` built on the meta device and filled with quantized projections
     (`qweights`, by module name), `head` for the LM head (the tied embedding too, when int8) and
     float tensors for the rest (`floats`, by state-dict name; cast to `dtype`), on the CPU."""
-    from .loading import CheckpointError, skipped_init
+    from .loading import CheckpointError, model_on_meta
 
-    with torch.device("meta"), skipped_init():  # (weights come next: no random init)
-        model = cls(config)
+    model = model_on_meta(cls, config)
 
     def source(name: str, linear: nn.Linear) -> Weight:
         if name in qweights:

@@ -8,15 +8,16 @@ this module maps it onto fastlfm (spec §5.2 for the names):
 - tokenizer: `tokenizer.ggml.*` (byte-level BPE, "gpt2" model; pre-tokenizer "lfm2" = the
   Llama-3 split regex, whole words in the vocabulary kept as they are, as llama.cpp does),
   special-token ids and the chat template.
-- weights: F32 / F16 / BF16 tensors as float; Q4_0 blocks map exactly onto the int4 group-32
-  kernel ((q - 8) * d, symmetric: no zeros stored); Q8_0 blocks (int8 with a scale per 32 values) become int8 per
-  output channel, re-rounded to one scale per row (the int8 kernel has no group scales), with no
-  float copy of the model kept; other block types (e.g. the Q6_K token embedding llama-quantize
-  writes into Q4_0 files) are de-quantized by `gguf` and stored as int8.
+- weights: F32 / F16 / BF16 tensors as float; Q4_0 blocks map exactly onto the symmetric int4
+  group-32 kernel ((q - 8) * d, no zeros); Q8_0 blocks (int8 with a scale per 32 values) and the
+  Q6_K token embedding llama-quantize writes into Q4_0 files become int8 per output channel,
+  re-rounded to one scale per row (the int8 kernel has no group scales) a row at a time, with no
+  float copy of the model kept; other block types are de-quantized by `gguf` and stored as int8.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 
 from .cpu_linear import Int4Weight, Int8Weight, QuantizedWeight, naming, quantize_int8, run_quantizer
-from .loading import CheckpointError, skipped_init
+from .loading import CheckpointError, model_on_meta
 from .tokenizer import LFM2_SPLIT_PATTERN  # GGUF pre-type "lfm2"
 
 _LLAMA3_PRE_TYPES = {"lfm2", "llama3", "llama-bpe", "llama-v3", "default"}
@@ -60,6 +61,7 @@ def _reader(path: Path):
         raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
 
 
+@functools.lru_cache(maxsize=None)
 def _fast_reader_class(gguf) -> type:
     """gguf.GGUFReader, reading its fields through a plain ndarray view of the file instead of the
     np.memmap (every slice of a memmap runs memmap.__array_finalize__ in Python, and the reader
@@ -378,8 +380,7 @@ def load_gguf(path: str | os.PathLike, dtype: str | torch.dtype | None = "auto",
         scheme = "int4" if "int4" in kinds else "int8"
         model = build_quantized_model(cls, config, floats, qweights, head, torch_dtype, scheme)
     else:
-        with torch.device("meta"), skipped_init():  # (weights come next: no random init)
-            model = cls(config)
+        model = model_on_meta(cls, config)
         expected = model.state_dict()
         missing = [k for k in expected if k not in floats and k != "lm_head.weight"]
         if missing:

@@ -46,6 +46,12 @@ def skipped_init():
             setattr(torch.nn.init, name, fn)
 
 
+def model_on_meta(cls, config):
+    """`cls(config)` on the meta device without random init: the shell a loader fills with weights."""
+    with torch.device("meta"), skipped_init():
+        return cls(config)
+
+
 @contextlib.contextmanager
 def collection_paused():
     """No cyclic garbage collection while a model and its tokenizer load (restored after, if it was
@@ -277,8 +283,7 @@ class PretrainedMixin:
             raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
         torch_dtype = resolve_dtype(dtype, raw.get("torch_dtype") or raw.get("dtype"))
         device = resolve_device(device)
-        with torch.device("meta"), skipped_init():
-            model = cls(config)
+        model = model_on_meta(cls, config)
         load_state_dict_into(model, folder, torch_dtype, device, rename=getattr(model, "sanitize", None),
                              export=getattr(model, "checkpoint_tensors", None))
         for module in model.modules():

@@ -35,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import DataError, Example, PackedBatch, load_examples, pack_examples, plan_batches
-from .loading import CheckpointError, resolve_device, resolve_model_dir, skipped_init
+from .loading import CheckpointError, model_on_meta, resolve_device, resolve_model_dir
 from .lora import DEFAULT_TARGETS, LoRAError, apply_lora, load_adapters, lora_modules, merged_state_dict, save_adapters
 from .models import Lfm2Config, Lfm2ForCausalLM
 from .models.config import ConfigError
@@ -90,8 +90,7 @@ def save_model(model: Lfm2ForCausalLM, folder: Path, dtype: torch.dtype, tokeniz
     the model being trained."""
     name = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]
     config = dataclasses.replace(model.config, torch_dtype=name)
-    with torch.device("meta"), skipped_init():  # (weights come next: no random init)
-        out = Lfm2ForCausalLM(config)
+    out = model_on_meta(Lfm2ForCausalLM, config)
     state = merged_state_dict(model) if lora_modules(model) else model.state_dict()
     out.load_state_dict({k: v.detach().to(dtype) for k, v in state.items()}, assign=True)
     out.tie_weights()
