@@ -231,11 +231,14 @@ def test_argmax_rows_equals_torch_argmax(dtype):
 @pytest.mark.parametrize("reset", [False, True])
 def test_conv_step_equals_the_torch_ops(dtype, reset):
     """C * conv(B * x) over the slot's state and the state shift, with the roundings of the eager ops
-    (each product and sum in the activations' dtype): bit-equal. D = 1030: vector and scalar tails."""
-    D, K = 1030, 3
+    (each product and sum in the activations' dtype): bit-equal; the pool's other slots untouched.
+    D = 1030: vector and scalar tails. A new sequence (past 0) starts from zeros."""
+    D, K, slot = 1030, 3, 2
     bcx = torch.randn(3 * D, generator=_gen(30)).to(dtype)
     w = torch.randn(D, 1, K, generator=_gen(31)).to(dtype)
-    state = torch.randn(K - 1, D, generator=_gen(32)).to(dtype)
+    states = torch.randn(4, K - 1, D, generator=_gen(32)).to(dtype)
+    others = states.clone()
+    state = states[slot]
     expected_state = torch.zeros_like(state) if reset else state.clone()
     b, c, x = bcx.chunk(3)
     bx = b * x
@@ -246,8 +249,31 @@ def test_conv_step_equals_the_torch_ops(dtype, reset):
     expected = c * out
     expected_state = torch.stack([expected_state[1], bx])
     assert cpu_gemv.available()
-    got = cpu_gemv.conv_step(bcx, w, None, state, reset)
+    got = cpu_gemv.conv_step(bcx, w, None, states, torch.tensor([slot]), torch.tensor([0 if reset else 5]))
     assert torch.equal(got, expected) and torch.equal(state, expected_state)
+    assert all(torch.equal(states[i], others[i]) for i in range(4) if i != slot)
+
+
+@needs_kernels
+def test_batch1_ops_refuse_slots_and_blocks_outside_their_pools():
+    """A slot, length or block id outside the cache is an error naming it, not a read or write
+    outside the tensor."""
+    D, K = 64, 3
+    states = torch.zeros(2, K - 1, D)
+    bcx, w = torch.randn(3 * D), torch.randn(D, 1, K)
+    with pytest.raises(RuntimeError, match="slot 2 outside the pool"):
+        cpu_gemv.conv_step(bcx, w, None, states, torch.tensor([2]), torch.tensor([1]))
+    with pytest.raises(RuntimeError, match="one-element"):
+        cpu_gemv.conv_step(bcx, w, None, states, torch.tensor([0, 1]), torch.tensor([1]))
+    caches = [torch.zeros(3, 16, 2, 32) for _ in range(2)]
+    q, k = torch.randn(4, 32), torch.randn(2, 32)
+    table = torch.tensor([0, 7], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="block 7 outside the cache"):
+        cpu_gemv.paged_decode_attention(q, k, k, *caches, table, torch.tensor([20], dtype=torch.int32),
+                                        torch.tensor([3]))
+    with pytest.raises(RuntimeError, match="context length 40"):
+        cpu_gemv.paged_decode_attention(q, k, k, *caches, table, torch.tensor([40], dtype=torch.int32),
+                                        torch.tensor([3]))
 
 
 @needs_kernels
@@ -277,7 +303,8 @@ def test_paged_decode_attention_equals_sdpa_over_the_gathered_history(dtype, n, 
     blocks = -(-n // bs)
     k_cache = torch.randn(blocks + 5, bs, Hkv, d, generator=_gen(37)).to(dtype)
     v_cache = torch.randn(blocks + 5, bs, Hkv, d, generator=_gen(38)).to(dtype)
-    table = torch.randperm(blocks + 5, generator=_gen(39))[:blocks].to(torch.int32)  # scattered blocks
+    # scattered blocks; the row is wider than the history (as a block-table row is)
+    table = torch.randperm(blocks + 5, generator=_gen(39))[:blocks + 2].to(torch.int32)
     slot = int(table[(n - 1) // bs]) * bs + (n - 1) % bs  # the new token's position
     q, k, v = (torch.randn(h, d, generator=_gen(40 + h)).to(dtype) for h in (H, Hkv, Hkv))
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
@@ -286,7 +313,8 @@ def test_paged_decode_attention_equals_sdpa_over_the_gathered_history(dtype, n, 
     vh = v_ref[table.long()].flatten(0, 1)[:n].transpose(0, 1)[None]
     ref = F.scaled_dot_product_attention(q[None, :, None].float(), kh.float(), vh.float(), enable_gqa=True)[0, :, 0]
     assert cpu_gemv.available()
-    got = cpu_gemv.paged_decode_attention(q, k, v, k_cache, v_cache, table, n, slot)
+    got = cpu_gemv.paged_decode_attention(q, k, v, k_cache, v_cache, table, torch.tensor([n], dtype=torch.int32),
+                                          torch.tensor([slot]))
     assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)  # the token's K/V written at its slot
     torch.testing.assert_close(got.float(), ref, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)
 

@@ -234,11 +234,14 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 # The small ops of a batch-1 decode step (engine/context.py), one call each; see csrc/cpu_gemv.cpp.
-def conv_step(bcx: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: torch.Tensor,
-              reset: bool) -> torch.Tensor:
-    """LFM2's conv block after in_proj for one token: bcx = [B | C | x] (3D,), weight (D, 1, K), the
-    slot's state (K-1, D) updated in place (zeroed first if `reset`); returns C * conv(B * x) (D,)."""
-    return torch.ops.fastlfm_cpu.conv_step(bcx.contiguous(), weight.contiguous(), bias, state, reset)
+# Slots and lengths are one-element tensors that the ops read themselves, so that a recorded step
+# (engine/cpu_graph.py) sees the current ones at every replay.
+def conv_step(bcx: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, states: torch.Tensor,
+              slot: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
+    """LFM2's conv block after in_proj for one token: bcx = [B | C | x] (3D,), weight (D, 1, K), and
+    one conv layer's states (slots, K-1, D), of which the row's `slot` is updated in place (zeroed
+    first for a new sequence: `past` 0 cached tokens); returns C * conv(B * x) (D,)."""
+    return torch.ops.fastlfm_cpu.conv_step(bcx.contiguous(), weight.contiguous(), bias, states, slot, past)
 
 
 def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
@@ -248,7 +251,8 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_wei
 
 
 def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                           v_cache: torch.Tensor, table: torch.Tensor, n: int, slot: int) -> torch.Tensor:
+                           v_cache: torch.Tensor, table: torch.Tensor, context_len: torch.Tensor,
+                           slot: torch.Tensor) -> torch.Tensor:
     """Write one token's k / v (Hkv, d) at `slot` of the paged caches, then its attention output
-    (H, d) over the n positions of its blocks (`table`)."""
-    return torch.ops.fastlfm_cpu.paged_decode_attention(q, k, v, k_cache, v_cache, table, n, slot)
+    (H, d) over the `context_len` positions of its blocks (`table`, a row of block ids)."""
+    return torch.ops.fastlfm_cpu.paged_decode_attention(q, k, v, k_cache, v_cache, table, context_len, slot)

@@ -511,12 +511,25 @@ void conv_step_impl(const T* bcx, const T* w, const T* bias, S* state, T* y, int
   for (; i < D; ++i) one(i);
 }
 
+// The value of a one-element integer tensor (a slot, a length): read inside the op, not on the
+// caller's side, so that a recorded step (engine/cpu_graph.py) reads the current one at each replay.
+int64_t index_value(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.numel() == 1 && t.device().is_cpu() && (t.scalar_type() == at::kLong || t.scalar_type() == at::kInt),
+              op, ": ", name, " must be a one-element int32 / int64 CPU tensor");
+  return t.scalar_type() == at::kLong ? *t.data_ptr<int64_t>() : *t.data_ptr<int32_t>();
+}
+
+// states: one conv layer's pool (slots, K-1, D); the row's slot and its cached tokens `past` (a new
+// sequence, past 0, starts from zeros) as one-element tensors.
 at::Tensor conv_step(const at::Tensor& bcx, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                     at::Tensor& state, bool reset) {
-  const int64_t D = state.size(-1), K = weight.size(-1);
+                     at::Tensor& states, const at::Tensor& slot_t, const at::Tensor& past_t) {
+  TORCH_CHECK(states.dim() == 3 && states.is_contiguous(), "conv_step: states (slots, K-1, D), contiguous");
+  const int64_t D = states.size(-1), K = weight.size(-1);
+  const int64_t slot = index_value(slot_t, "conv_step", "slot"), past = index_value(past_t, "conv_step", "past");
+  TORCH_CHECK(slot >= 0 && slot < states.size(0), "conv_step: slot ", slot, " outside the pool of ", states.size(0));
   TORCH_CHECK(bcx.numel() == 3 * D && bcx.is_contiguous() && weight.numel() == D * K && weight.is_contiguous() &&
-              state.dim() == 2 && state.size(0) == K - 1 && state.is_contiguous() && K >= 2,
-              "conv_step: shapes do not fit (bcx 3D, weight (D, 1, K), state (K-1, D))");
+              states.size(1) == K - 1 && K >= 2,
+              "conv_step: shapes do not fit (bcx 3D, weight (D, 1, K), states (slots, K-1, D))");
   TORCH_CHECK(weight.scalar_type() == bcx.scalar_type() && (!bias || (bias->scalar_type() == bcx.scalar_type() &&
               bias->numel() == D && bias->is_contiguous())), "conv_step: weight and bias in the input's dtype");
   at::Tensor y = at::empty({D}, bcx.options());
@@ -524,10 +537,10 @@ at::Tensor conv_step(const at::Tensor& bcx, const at::Tensor& weight, const c10:
     using T = decltype(t_tag);
     using S = decltype(s_tag);
     conv_step_impl<T, S>(bcx.data_ptr<T>(), weight.data_ptr<T>(), bias ? bias->data_ptr<T>() : nullptr,
-                         state.data_ptr<S>(), y.data_ptr<T>(), D, K, reset);
+                         states.data_ptr<S>() + slot * (K - 1) * D, y.data_ptr<T>(), D, K, past == 0);
   };
-  const bool tb = bcx.scalar_type() == at::kBFloat16, sb = state.scalar_type() == at::kBFloat16;
-  TORCH_CHECK((tb || bcx.scalar_type() == at::kFloat) && (sb || state.scalar_type() == at::kFloat),
+  const bool tb = bcx.scalar_type() == at::kBFloat16, sb = states.scalar_type() == at::kBFloat16;
+  TORCH_CHECK((tb || bcx.scalar_type() == at::kFloat) && (sb || states.scalar_type() == at::kFloat),
               "conv_step: fp32 or bf16 tensors");
   if (tb && sb) run(at::BFloat16(), at::BFloat16());
   else if (tb) run(at::BFloat16(), 0.f);
@@ -583,7 +596,8 @@ std::tuple<at::Tensor, at::Tensor> qk_norm_rope(const at::Tensor& q, const at::T
 }
 
 // One token's attention over its sequence in the paged cache: k / v (Hkv, d) are written at `slot`,
-// then out = softmax(q K^T / sqrt(d)) V over the n cached positions (blocks from `table`), each
+// then out = softmax(q K^T / sqrt(d)) V over the n cached positions (blocks from `table`; n and the
+// slot are one-element tensors, read here), each
 // group of H / Hkv query heads on its kv head; fp32 inside, the output rounded once. The threads
 // split the kv heads; each walks the cache position by position (its heads' K, then V, rows are
 // adjacent in memory), so the cache is read once, as a stream the prefetcher follows, whatever
@@ -656,7 +670,8 @@ void paged_decode_one(const T* q, const T* k, const T* v, T* kc, T* vc, const in
 }
 
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
-                                  at::Tensor& v_cache, const at::Tensor& table, int64_t n, int64_t slot) {
+                                  at::Tensor& v_cache, const at::Tensor& table, const at::Tensor& context_len,
+                                  const at::Tensor& slot_t) {
   TORCH_CHECK(q.dim() == 2 && k.dim() == 2 && v.sizes() == k.sizes() && k_cache.dim() == 4 &&
               k_cache.sizes() == v_cache.sizes() && k_cache.size(2) == k.size(0) && k_cache.size(3) == k.size(1) &&
               q.size(1) == k.size(1) && q.size(0) % k.size(0) == 0,
@@ -665,14 +680,26 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k, cons
               q.scalar_type() == k_cache.scalar_type() && k.scalar_type() == q.scalar_type() &&
               v.scalar_type() == q.scalar_type(), "paged_decode_attention: contiguous caches, one dtype");
   const int64_t block_size = k_cache.size(1);
-  TORCH_CHECK(n >= 1 && table.numel() * block_size >= n && slot >= 0 && slot < k_cache.size(0) * block_size,
-              "paged_decode_attention: length / slot outside the table");
-  const at::Tensor qc = q.contiguous(), kk = k.contiguous(), vv = v.contiguous(), tc = table.to(at::kLong).contiguous();
+  const int64_t n = index_value(context_len, "paged_decode_attention", "context_len"),
+                slot = index_value(slot_t, "paged_decode_attention", "slot");
+  TORCH_CHECK(n >= 1 && table.dim() == 1 && table.size(0) * block_size >= n && slot >= 0 &&
+              slot < k_cache.size(0) * block_size,
+              "paged_decode_attention: context length ", n, " / slot ", slot, " outside the table or cache");
+  const at::Tensor qc = q.contiguous(), kk = k.contiguous(), vv = v.contiguous();
+  TORCH_CHECK(table.scalar_type() == at::kInt || table.scalar_type() == at::kLong,
+              "paged_decode_attention: an int32 / int64 block table");
+  std::vector<int64_t> blocks((n + block_size - 1) / block_size);
+  for (int64_t b = 0; b < static_cast<int64_t>(blocks.size()); ++b) {
+    const int64_t at = b * table.stride(0);
+    blocks[b] = table.scalar_type() == at::kInt ? table.data_ptr<int32_t>()[at] : table.data_ptr<int64_t>()[at];
+    TORCH_CHECK(blocks[b] >= 0 && blocks[b] < k_cache.size(0), "paged_decode_attention: block ", blocks[b],
+                " outside the cache");
+  }
   at::Tensor out = at::empty_like(qc);
   auto run = [&](auto tag) {
     using T = decltype(tag);
     paged_decode_one<T>(qc.data_ptr<T>(), kk.data_ptr<T>(), vv.data_ptr<T>(), k_cache.data_ptr<T>(),
-                        v_cache.data_ptr<T>(), tc.data_ptr<int64_t>(), n, slot, q.size(0), k.size(0), q.size(1),
+                        v_cache.data_ptr<T>(), blocks.data(), n, slot, q.size(0), k.size(0), q.size(1),
                         block_size, out.data_ptr<T>());
   };
   if (q.scalar_type() == at::kBFloat16) run(at::BFloat16());
@@ -928,11 +955,11 @@ TORCH_LIBRARY(fastlfm_cpu, lib) {
   lib.def("gemv_dense(Tensor x, Tensor w, Tensor(a!) out, Tensor? residual, Tensor? norm_weight, float eps, "
           "bool silu_gate) -> ()");
   lib.def("argmax_rows(Tensor x) -> Tensor");
-  lib.def("conv_step(Tensor bcx, Tensor weight, Tensor? bias, Tensor(a!) state, bool reset) -> Tensor");
+  lib.def("conv_step(Tensor bcx, Tensor weight, Tensor? bias, Tensor(a!) states, Tensor slot, Tensor past) -> Tensor");
   lib.def("qk_norm_rope(Tensor q, Tensor k, Tensor q_weight, Tensor k_weight, float eps, Tensor cos, Tensor sin) "
           "-> (Tensor, Tensor)");
   lib.def("paged_decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, "
-          "Tensor table, int n, int slot) -> Tensor");
+          "Tensor table, Tensor context_len, Tensor slot) -> Tensor");
   lib.def("quantize_int4_symmetric(Tensor w, int group) -> (Tensor, Tensor)");
   lib.def("quantize_int8_rows(Tensor w) -> (Tensor, Tensor)");
   lib.def("gguf_blocks_to_int8_rows(Tensor blocks, int ggml_type) -> (Tensor, Tensor)");

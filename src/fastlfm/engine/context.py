@@ -10,7 +10,6 @@ tensor is fixed by the model runner; this class only mixes tokens.
 
 from __future__ import annotations
 
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -174,9 +173,8 @@ class PagedContext(MixingContext):
         Hkv, d = k.shape[1:]
         if nd == 1 and self._cpu_decode_one(q) and k_cache.dtype == q.dtype:
             # Batch-1 decode on the CPU: the K/V write and the attention over the sequence's blocks, one call
-            _, _, n, slot = self._cpu_row
-            return cpu_gemv.paged_decode_attention(q[0], k[0], v[0], k_cache, v_cache,
-                                                   tables[0, :-(-n // self.block_size)], n, slot)[None]
+            return cpu_gemv.paged_decode_attention(q[0], k[0], v[0], k_cache, v_cache, tables[0], lens[:1],
+                                                   slots[:1])[None]
         k_cache.view(-1, Hkv, d)[slots] = k
         v_cache.view(-1, Hkv, d)[slots] = v
         if nd == 1 and q.device.type == "cpu":
@@ -194,12 +192,6 @@ class PagedContext(MixingContext):
         small ops (qk-norm + RoPE, attention, the conv step) then run as one call each."""
         return self.decode_only and self.num_decode == 1 and x.device.type == "cpu" \
             and x.dtype in (torch.float32, torch.bfloat16) and cpu_gemv.available()
-
-    @functools.cached_property
-    def _cpu_row(self) -> tuple[int, int, int, int]:
-        """(cached tokens, conv slot, context length, KV slot) of a CPU step's one decode row: read
-        from the host tensors once per step, not once per layer."""
-        return int(self.past[0]), int(self.conv_slots[0]), int(self.context_lens[0]), int(self.slot_mapping[0])
 
     def qk_norm_rope(self, q, k, q_norm, k_norm, cos, sin):
         if self._cpu_decode_one(q) and type(q_norm) is RMSNorm and type(k_norm) is RMSNorm \
@@ -276,9 +268,8 @@ class PagedContext(MixingContext):
     def gated_short_conv(self, layer_idx, bcx, weight, bias):
         if self._cpu_decode_one(bcx) and weight.dtype == bcx.dtype and (bias is None or bias.dtype == bcx.dtype):
             # B*x -> K-tap FIR over the slot's state -> *C, and the state shift, in one call
-            past, conv_slot, _, _ = self._cpu_row
-            state = self.conv_states[self.conv_index[layer_idx]][conv_slot]
-            y = cpu_gemv.conv_step(bcx.reshape(-1), weight, bias, state, past == 0)
+            y = cpu_gemv.conv_step(bcx.reshape(-1), weight, bias, self.conv_states[self.conv_index[layer_idx]],
+                                   self.conv_slots[:1], self.past[:1])
             return y.view(1, 1, -1)
         if self.decode_only and self.use_triton and weight.shape[-1] == 3:
             # B*x -> 3-tap FIR over the slot's state -> *C, and the state shift, in one kernel.

@@ -17,6 +17,7 @@ from typing import Any, Sequence as Seq
 
 import torch
 
+from .. import cpu_gemv
 from ..cpu_linear import prepare_for_cpu, prepared_for_cpu
 from ..sampling import SamplingParams, eos_token_ids
 from ..structured import (PAR_MIN_ROWS, GrammarCache, PoolChoice, advance_all as grammar_advance_all,
@@ -152,6 +153,9 @@ class LLMEngine:
     `prefill_graph_tokens` (CUDA): a step that prefills (a prompt chunk, or chunks beside decodes)
     with up to this many tokens replays a CUDA graph (model_runner.py) instead of launching every
     kernel from the host; 0 turns them off. With `lazy_graphs` False all of them are captured at start.
+    `enforce_eager` (CUDA: no torch.compile, no CUDA graphs; CPU: batch-1 decode steps run the
+    forward each time instead of replaying the step recorded once, engine/cpu_graph.py, which needs
+    fastlfm's CPU kernels).
     `pack_cpu_weights` (CPU, float models): "auto" (default) swaps the projections for CPU kernel
     modules and, per (dtype, weight shape), pre-packs them for oneDNN where a batch-1 product timed
     at load (once per process) is faster than torch's plain F.linear on this host; True packs
@@ -246,7 +250,8 @@ class LLMEngine:
                                   use_cuda_graphs=on_cuda and not enforce_eager, use_triton=on_cuda,
                                   compile=self.compiled, max_vision_views=max_vision_views, lazy_graphs=lazy_graphs,
                                   num_conv_snapshots=num_conv_snapshots,
-                                  prefill_graph_tokens=min(prefill_graph_tokens, self.max_num_batched_tokens))
+                                  prefill_graph_tokens=min(prefill_graph_tokens, self.max_num_batched_tokens),
+                                  cpu_graphs=not on_cuda and not enforce_eager and cpu_gemv.available())
         self.eos_token_ids = eos_token_ids(self.generation_config, self.config.eos_token_id,
                                            tokenizer.eos_token_id if tokenizer is not None else None)
         self.async_scheduling = on_cuda if async_scheduling is None else bool(async_scheduling)
@@ -487,6 +492,7 @@ class LLMEngine:
         self._apply_deferred()
         if self.packs_for_cpu and not prepared_for_cpu(self.model):
             prepare_for_cpu(self.model, pack=self.cpu_pack)
+            self.runner.drop_graphs()  # recorded with the weights that were swapped out
         self._busy = True
         try:
             return self._step()

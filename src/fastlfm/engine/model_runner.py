@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import mmap
 import warnings
@@ -11,10 +12,14 @@ import torch
 
 from ..models.lfm2 import fuse_projections
 from ..ops import host_tensor, host_to_device
+from ..sampling import argmax_rows
 from .context import PagedContext, keep_eager_paths_out_of_compile
+from .cpu_graph import NotReplayable, StepGraph
 from .multimodal import has_image_rows, prefill_embeds
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
+
+log = logging.getLogger(__name__)
 
 
 def graph_batch_sizes(max_bs: int) -> list[int]:
@@ -34,8 +39,9 @@ def prefill_graph_sizes(max_tokens: int) -> list[int]:
 
 
 class EagerReplay:
-    """CPU stand-in for a captured decode graph (tests): `replay()` reruns the forward on the
-    same static input buffers into the same output buffer, as a CUDA graph replay does."""
+    """CPU stand-in for a captured step whose ops cannot be recorded (cpu_graph.NotReplayable):
+    `replay()` reruns the forward on the same static input buffers into the same output buffer,
+    as a CUDA graph replay does."""
 
     def __init__(self, run, out: torch.Tensor):
         self.run, self.out = run, out
@@ -48,7 +54,8 @@ class ModelRunner:
     def __init__(self, model, *, block_size: int, num_blocks: int, num_conv_slots: int,
                  max_model_len: int, max_num_seqs: int, use_cuda_graphs: bool, use_triton: bool,
                  max_graph_batch_size: int = 256, compile: bool = False, max_vision_views: int = 32,
-                 lazy_graphs: bool = False, num_conv_snapshots: int = 0, prefill_graph_tokens: int = 0):
+                 lazy_graphs: bool = False, num_conv_snapshots: int = 0, prefill_graph_tokens: int = 0,
+                 cpu_graphs: bool = False):
         self.model = model
         fuse_projections(model)  # q/k/v and w1/w3 as one GEMM each
         cfg = model.config
@@ -106,6 +113,10 @@ class ModelRunner:
             self.decode_forward = torch.compile(self._decode_forward, dynamic=True)
         if use_cuda_graphs:
             self.capture_graphs(min(max_num_seqs, max_graph_batch_size, num_conv_slots), lazy=lazy_graphs)
+        elif cpu_graphs and self.device.type == "cpu":
+            # Batch-1 decode steps replay a recorded step (cpu_graph.py): without the Python around its
+            # ~90 kernel calls. Larger batches stay eager: their products, not Python, take the time.
+            self.capture_graphs(1, lazy=True)
             if prefill_graph_tokens:
                 self.enable_prefill_graphs(min(prefill_graph_tokens, max_model_len), lazy=lazy_graphs)
 
@@ -244,8 +255,9 @@ class ModelRunner:
         self.g_inputs: dict[int, torch.Tensor] = {}
         self.g_lens = torch.ones(max_bs, dtype=torch.long, device=dev)
         # Every graph leaves its rows' greedy ids here, where the next graph step finds the tokens
-        # still in flight (ids sampled any other way are copied in first).
-        self.g_greedy = torch.zeros(max_bs, dtype=torch.long, device=dev)
+        # still in flight (ids sampled any other way are copied in first): room for the ids of any
+        # step, also one of more rows than the largest graph (CPU graphs are batch 1 only).
+        self.g_greedy = torch.zeros(max(max_bs, self.padding_slot), dtype=torch.long, device=dev)
         # Block tables live on the device, one row per conv slot (a sequence holds one slot
         # while it holds blocks); a step uploads only the blocks added since the last one
         # (`_table_uploaded`: per slot, the block list last seen there and how much of it is
@@ -276,11 +288,17 @@ class ModelRunner:
             tables = self.slot_tables.index_select(0, slots)
             return self.decode_forward(ids, past, self.g_lens[:bs], tables, slots, in_flight_rows, self.g_greedy)
 
-        if dev.type != "cuda":  # tests: the same static buffers, replayed eagerly
+        if dev.type != "cuda":  # the step's ops recorded once, replayed on the same static buffers
             in_flight = self.g_greedy.clone()
-            self.g_logits[bs] = run()
+            try:
+                graph = StepGraph(run)
+                self.g_logits[bs] = graph.output
+            except NotReplayable as e:  # an op of the step reads tensors on the host: rerun it instead
+                log.info("the batch-%d decode step is not recorded (%s): it reruns the forward", bs, e)
+                self.g_logits[bs] = run()
+                graph = EagerReplay(run, self.g_logits[bs])
             self.g_greedy.copy_(in_flight)
-            graph = self.graphs[bs] = EagerReplay(run, self.g_logits[bs])
+            self.graphs[bs] = graph
             return graph
         torch.cuda.synchronize()  # the step in flight has written its ids
         in_flight = self.g_greedy.clone()
@@ -312,8 +330,13 @@ class ModelRunner:
         ctx = self._context(past, lens, tables, slots, ids.shape[0], ids.shape[0])
         logits = self.model(input_ids=ids[None], context=ctx).logits[0]
         if greedy_ids is not None:
-            greedy_ids[:ids.shape[0]].copy_(logits.argmax(-1))
+            greedy_ids[:ids.shape[0]].copy_(argmax_rows(logits))
         return logits
+
+    def drop_graphs(self) -> None:
+        """Forget the captured steps (they hold the weights they were recorded with): the model's
+        weights were swapped, and each step is captured again when next needed."""
+        self.graphs, self.prefill_graphs = {}, {}
 
     def _run_graph(self, seqs, sample_rows: list[int], in_flight) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(seqs)
