@@ -1,12 +1,12 @@
-"""What a replayed batch-1 CPU decode step could take (a diagnostic for issue 19, not a product number).
+"""Where a batch-1 CPU decode step's time goes beyond the kernel library (a diagnostic for issue 19, not a
+product number).
 
-A decode step of `LLM.generate` on the CPU is ~90 calls into fastlfm's kernel library (products, attention,
-conv step, QK-norm + RoPE, argmax) with Python around them: the model's modules, the forward context,
-the engine. This records the library calls of one decode step (op and argument tensors), then times
-(a) the engine's steps of a 64-token generation (median) and (b) the recorded calls alone, replayed in a
-loop on the same tensors (their outputs are overwritten: the numbers, not the text, are the point).
-(a) - (b) bounds what a CPU analogue of a CUDA graph (the step's op sequence recorded once on fixed
-buffers, replayed with only the token / position / slot changing) would save.
+A decode step of `LLM.generate` on the CPU replays the step recorded once (engine/cpu_graph.py): ~90
+calls into fastlfm's kernel library (products, attention, conv step, QK-norm + RoPE, argmax) and ~40
+small torch ops, with the engine's scheduling and sampling around the replay. This times, on the same
+tensors: (a) the engine's steps of a 64-token generation (median), (b) the recorded step's replay alone,
+(c) only its kernel-library calls (the other ops skipped: the numbers, not the text, are the point).
+(a) - (b) is the engine around the step, (b) - (c) the small ops and the replay's Python.
 
     python bench/cpu_replay_bound.py FOLDER [--quantization int4|int8] [--dtype bfloat16|float32] [--rounds 3]
 """
@@ -18,7 +18,14 @@ import time
 
 import torch
 
-OPS = ("gemv_q8", "gemv_q4", "gemv_dense", "argmax_rows", "conv_step", "qk_norm_rope", "paged_decode_attention")
+
+def median_ms(run, n: int = 64) -> float:
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[n // 2] * 1e3
 
 
 def main() -> None:
@@ -31,32 +38,17 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from fastlfm import LLM, cpu_gemv
+    from fastlfm.engine.cpu_graph import StepGraph
 
     if not cpu_gemv.available():
         raise SystemExit(f"fastlfm's CPU kernels do not run here: {cpu_gemv.unavailable_reason()}")
     llm = LLM(args.folder, dtype=args.dtype, quantization=args.quantization)
     engine, ids = llm.engine, list(range(1000, 1128))
     llm.generate(ids, max_new_tokens=4, ignore_eos=True)
-
-    library = torch.ops.fastlfm_cpu
-    calls: list[tuple] = []
-
-    class Recording:  # stands in for torch.ops.fastlfm_cpu while one step runs
-        def __getattr__(self, name):
-            op = getattr(library, name)
-            if name not in OPS:
-                return op
-
-            def record(*a):
-                calls.append((op.default, a))
-                return op.default(*a)
-
-            record.default = record  # (the kernel modules call the `.default` overload)
-            return record
-
-    def unbind():  # the kernel modules bind their op once: make them look it up again
-        for m in llm.model.modules():
-            m.__dict__.pop("_bound", None)
+    graph = engine.runner.graphs.get(1)
+    if not isinstance(graph, StepGraph):
+        raise SystemExit(f"the batch-1 decode step was not recorded here ({type(graph).__name__})")
+    library = [c for c in graph.program if str(getattr(c, "func", "")).startswith("fastlfm_cpu.")]
 
     steps: list[float] = []
     inner = engine.step
@@ -67,33 +59,24 @@ def main() -> None:
         steps.append(time.perf_counter() - t)
         return out
 
-    def record_third(*a, **k):
-        if len(steps) == 2:  # the third step: a decode step
-            torch.ops.fastlfm_cpu, _ = Recording(), unbind()
-            try:
-                return timed(*a, **k)
-            finally:
-                torch.ops.fastlfm_cpu, _ = library, unbind()
-        return timed(*a, **k)
-
-    engine.step = record_third
-    llm.generate(ids, max_new_tokens=6, ignore_eos=True)
     engine.step = timed
-    print(f"{args.folder} {args.dtype} {args.quantization or ''}: {len(calls)} library calls in one decode step")
-    print("| round | engine step, ms (median of 64) | its library calls replayed alone, ms | share that is not the calls |")
+    print(f"{args.folder} {args.dtype} {args.quantization or ''}: {graph.num_recorded} ops recorded, "
+          f"{len(graph.program)} replayed, {len(library)} of them kernel-library calls")
+    print("| round | engine step, ms (median of 64) | the recorded step's replay, ms | its library calls alone, ms |")
     print("|---|---|---|---|")
-    for r in range(args.rounds):
-        steps.clear()
-        llm.generate(ids, max_new_tokens=65, ignore_eos=True)
-        step = sorted(steps[1:])[len(steps) // 2]
-        replay = []
-        for _ in range(64):
-            t = time.perf_counter()
-            for op, a in calls:
-                op(*a)
-            replay.append(time.perf_counter() - t)
-        alone = sorted(replay)[32]
-        print(f"| {r + 1} | {step * 1e3:.2f} | {alone * 1e3:.2f} | {1 - alone / step:.0%} |", flush=True)
+    with torch.inference_mode():
+        for r in range(args.rounds):
+            steps.clear()
+            llm.generate(ids, max_new_tokens=65, ignore_eos=True)
+            step = sorted(steps[1:])[len(steps) // 2] * 1e3
+            replay = median_ms(graph.replay)
+
+            def calls_alone():
+                for call in library:
+                    call()
+
+            alone = median_ms(calls_alone)
+            print(f"| {r + 1} | {step:.2f} | {replay:.2f} | {alone:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -125,14 +125,19 @@ def _replay_call(func, args: tuple, kwargs: dict, out) -> Callable[[], object] |
     if found is not None:
         overload, names = found
         return functools.partial(overload, *args, **kwargs, **dict(zip(names, outs)))
-    targets = [(i, outs[i]) for i in fresh]
+    return _RunAndCopy(func, args, kwargs, [(i, outs[i]) for i in fresh])
 
-    def run_and_copy():
-        result = _tensors(func(*args, **kwargs))
-        for i, dst in targets:
+
+class _RunAndCopy:
+    """Repeats an op without an `out=` form and copies its fresh outputs into the recorded ones."""
+
+    def __init__(self, func, args: tuple, kwargs: dict, targets: list[tuple[int, torch.Tensor]]):
+        self.func, self.args, self.kwargs, self.targets = func, args, kwargs, targets
+
+    def __call__(self) -> None:
+        result = _tensors(self.func(*self.args, **self.kwargs))
+        for i, dst in self.targets:
             dst.copy_(result[i])
-
-    return run_and_copy
 
 
 class StepGraph:
