@@ -205,6 +205,12 @@ def test_int8_embedding_and_tied_head_share_one_table(kernels):
     ids = torch.tensor([[0, 5, 17, 63]])
     deq = quantize_int8(w).dequantize()
     torch.testing.assert_close(emb(ids), deq[ids], rtol=0, atol=0)  # q * scale, exact in fp32
+    # bf16 rows: q and the scale in bf16, their product rounded to bf16 (as torch's ops on bf16 do)
+    qw = quantize_int8(w)
+    expected = qw.q[ids].to(torch.bfloat16) * qw.scale[ids, None].to(torch.bfloat16)
+    assert torch.equal(Int8Embedding(qw, torch.bfloat16)(ids), expected)
+    with pytest.raises((IndexError, RuntimeError), match="out|outside"):
+        emb(torch.tensor([64]))
     x = torch.randn(2, 32, generator=_gen(22))
     ref = int8_oracle(x, quantize_int8(w)) if head.gemv else x.bfloat16().double() @ deq.double().t()
     torch.testing.assert_close(head(x).double(), ref, rtol=1e-2, atol=1e-2)
@@ -269,11 +275,9 @@ def test_batch1_ops_refuse_slots_and_blocks_outside_their_pools():
     q, k = torch.randn(4, 32), torch.randn(2, 32)
     table = torch.tensor([0, 7], dtype=torch.int32)
     with pytest.raises(RuntimeError, match="block 7 outside the cache"):
-        cpu_gemv.paged_decode_attention(q, k, k, *caches, table, torch.tensor([20], dtype=torch.int32),
-                                        torch.tensor([3]))
-    with pytest.raises(RuntimeError, match="context length 40"):
-        cpu_gemv.paged_decode_attention(q, k, k, *caches, table, torch.tensor([40], dtype=torch.int32),
-                                        torch.tensor([3]))
+        cpu_gemv.paged_decode_attention(q, k, k, *caches, table, torch.tensor([19]))
+    with pytest.raises(RuntimeError, match="position 39 outside the block table"):
+        cpu_gemv.paged_decode_attention(q, k, k, *caches, table, torch.tensor([39], dtype=torch.int32))
 
 
 @needs_kernels
@@ -313,8 +317,7 @@ def test_paged_decode_attention_equals_sdpa_over_the_gathered_history(dtype, n, 
     vh = v_ref[table.long()].flatten(0, 1)[:n].transpose(0, 1)[None]
     ref = F.scaled_dot_product_attention(q[None, :, None].float(), kh.float(), vh.float(), enable_gqa=True)[0, :, 0]
     assert cpu_gemv.available()
-    got = cpu_gemv.paged_decode_attention(q, k, v, k_cache, v_cache, table, torch.tensor([n], dtype=torch.int32),
-                                          torch.tensor([slot]))
+    got = cpu_gemv.paged_decode_attention(q, k, v, k_cache, v_cache, table, torch.tensor([n - 1]))
     assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)  # the token's K/V written at its slot
     torch.testing.assert_close(got.float(), ref, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)
 

@@ -251,8 +251,8 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_wei
 
 
 def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                           v_cache: torch.Tensor, table: torch.Tensor, context_len: torch.Tensor,
-                           slot: torch.Tensor) -> torch.Tensor:
-    """Write one token's k / v (Hkv, d) at `slot` of the paged caches, then its attention output
-    (H, d) over the `context_len` positions of its blocks (`table`, a row of block ids)."""
-    return torch.ops.fastlfm_cpu.paged_decode_attention(q, k, v, k_cache, v_cache, table, context_len, slot)
+                           v_cache: torch.Tensor, table: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
+    """One new token after `past` cached ones, its blocks `table` (a row of block ids): write its
+    k / v (Hkv, d) at position `past` of the paged caches, then return its attention output (H, d)
+    over the past + 1 positions."""
+    return torch.ops.fastlfm_cpu.paged_decode_attention(q, k, v, k_cache, v_cache, table, past)

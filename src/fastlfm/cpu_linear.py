@@ -443,12 +443,9 @@ class Int8Embedding(nn.Module):
         self.register_buffer("scale", table.scale)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.gemv:  # rows from the (N/16, K/4, 16, 4) layout of q + 128
-            rows = self.packed[ids // cpu_gemv.ROWS, :, ids % cpu_gemv.ROWS, :]
-            q = rows.reshape(*ids.shape, self.embedding_dim).to(torch.int16) - 128
-        else:
-            q = self.q[ids]
-        return q.to(self.dtype) * self.scale[ids, None].to(self.dtype)
+        if self.gemv:  # rows from the (N/16, K/4, 16, 4) layout of q + 128, in one kernel call
+            return torch.ops.fastlfm_cpu.embedding_q8(self.packed, self.scale, ids, self.num_embeddings, self.dtype)
+        return self.q[ids].to(self.dtype) * self.scale[ids, None].to(self.dtype)
 
     def head(self) -> Int8Linear:
         head = Int8Linear.__new__(Int8Linear)

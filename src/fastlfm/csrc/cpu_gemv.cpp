@@ -468,6 +468,41 @@ at::Tensor argmax_rows(const at::Tensor& x) {
   return out;
 }
 
+// Rows of an int8 embedding table kept in the q8 product layout (N/16, K/4, 16, 4) of q + 128 with one
+// fp32 scale a row (the tied LM head's table): out = T(q) * T(scale), rounded as torch's ops on the
+// dtype T round it (q exact in T). One call for the lookup instead of ~8 torch ops.
+at::Tensor embedding_q8(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& ids, int64_t n,
+                        at::ScalarType dtype) {
+  TORCH_CHECK(packed.dim() == 4 && packed.size(2) == 16 && packed.size(3) == 4 && packed.is_contiguous() &&
+              packed.scalar_type() == at::kByte && scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
+              n <= packed.size(0) * 16 && scale.numel() >= n, "embedding_q8: a q8 table and its row scales");
+  TORCH_CHECK(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt, "embedding_q8: int64 / int32 ids");
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "embedding_q8: fp32 or bf16 rows");
+  const int64_t K = packed.size(1) * 4, T = ids.numel();
+  const at::Tensor flat = ids.to(at::kLong).contiguous();
+  std::vector<int64_t> shape(ids.sizes().begin(), ids.sizes().end());
+  shape.push_back(K);
+  at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
+  const uint8_t* table = packed.data_ptr<uint8_t>();
+  auto run = [&](auto tag) {
+    using OT = decltype(tag);
+    OT* o = out.data_ptr<OT>();
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t id = flat.data_ptr<int64_t>()[t];
+      TORCH_CHECK(id >= 0 && id < n, "embedding_q8: token id ", id, " outside the vocabulary of ", n);
+      const float s = static_cast<float>(static_cast<OT>(scale.data_ptr<float>()[id]));
+      const uint8_t* group = table + (id / 16) * K * 16 + (id % 16) * 4;  // column c of row id at c / 4 * 64
+      for (int64_t c = 0; c < K; ++c) {
+        const float q = static_cast<float>(static_cast<int>(group[c / 4 * 64 + c % 4]) - 128);
+        o[t * K + c] = static_cast<OT>(q * s);
+      }
+    }
+  };
+  if (dtype == at::kBFloat16) run(at::BFloat16());
+  else run(0.f);
+  return out;
+}
+
 // ----------------------------------------------------------------------------- batch-1 decode, the rest
 // The small ops around the products of one decoded token, as single calls: each replaces 10-40
 // torch ops whose dispatch costs more than their arithmetic (0.2-0.45 ms per layer). They round
@@ -596,8 +631,7 @@ std::tuple<at::Tensor, at::Tensor> qk_norm_rope(const at::Tensor& q, const at::T
 }
 
 // One token's attention over its sequence in the paged cache: k / v (Hkv, d) are written at `slot`,
-// then out = softmax(q K^T / sqrt(d)) V over the n cached positions (blocks from `table`; n and the
-// slot are one-element tensors, read here), each
+// then out = softmax(q K^T / sqrt(d)) V over the n cached positions (blocks from `table`), each
 // group of H / Hkv query heads on its kv head; fp32 inside, the output rounded once. The threads
 // split the kv heads; each walks the cache position by position (its heads' K, then V, rows are
 // adjacent in memory), so the cache is read once, as a stream the prefetcher follows, whatever
@@ -670,8 +704,7 @@ void paged_decode_one(const T* q, const T* k, const T* v, T* kc, T* vc, const in
 }
 
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
-                                  at::Tensor& v_cache, const at::Tensor& table, const at::Tensor& context_len,
-                                  const at::Tensor& slot_t) {
+                                  at::Tensor& v_cache, const at::Tensor& table, const at::Tensor& past_t) {
   TORCH_CHECK(q.dim() == 2 && k.dim() == 2 && v.sizes() == k.sizes() && k_cache.dim() == 4 &&
               k_cache.sizes() == v_cache.sizes() && k_cache.size(2) == k.size(0) && k_cache.size(3) == k.size(1) &&
               q.size(1) == k.size(1) && q.size(0) % k.size(0) == 0,
@@ -680,14 +713,13 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k, cons
               q.scalar_type() == k_cache.scalar_type() && k.scalar_type() == q.scalar_type() &&
               v.scalar_type() == q.scalar_type(), "paged_decode_attention: contiguous caches, one dtype");
   const int64_t block_size = k_cache.size(1);
-  const int64_t n = index_value(context_len, "paged_decode_attention", "context_len"),
-                slot = index_value(slot_t, "paged_decode_attention", "slot");
-  TORCH_CHECK(n >= 1 && table.dim() == 1 && table.size(0) * block_size >= n && slot >= 0 &&
-              slot < k_cache.size(0) * block_size,
-              "paged_decode_attention: context length ", n, " / slot ", slot, " outside the table or cache");
-  const at::Tensor qc = q.contiguous(), kk = k.contiguous(), vv = v.contiguous();
+  // The token is number past + 1 of its sequence, at position `past` (its block: table[past / block_size]).
+  const int64_t past = index_value(past_t, "paged_decode_attention", "past"), n = past + 1;
+  TORCH_CHECK(past >= 0 && table.dim() == 1 && table.size(0) * block_size >= n,
+              "paged_decode_attention: position ", past, " outside the block table");
   TORCH_CHECK(table.scalar_type() == at::kInt || table.scalar_type() == at::kLong,
               "paged_decode_attention: an int32 / int64 block table");
+  const at::Tensor qc = q.contiguous(), kk = k.contiguous(), vv = v.contiguous();
   std::vector<int64_t> blocks((n + block_size - 1) / block_size);
   for (int64_t b = 0; b < static_cast<int64_t>(blocks.size()); ++b) {
     const int64_t at = b * table.stride(0);
@@ -695,6 +727,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k, cons
     TORCH_CHECK(blocks[b] >= 0 && blocks[b] < k_cache.size(0), "paged_decode_attention: block ", blocks[b],
                 " outside the cache");
   }
+  const int64_t slot = blocks[past / block_size] * block_size + past % block_size;
   at::Tensor out = at::empty_like(qc);
   auto run = [&](auto tag) {
     using T = decltype(tag);
@@ -955,11 +988,12 @@ TORCH_LIBRARY(fastlfm_cpu, lib) {
   lib.def("gemv_dense(Tensor x, Tensor w, Tensor(a!) out, Tensor? residual, Tensor? norm_weight, float eps, "
           "bool silu_gate) -> ()");
   lib.def("argmax_rows(Tensor x) -> Tensor");
+  lib.def("embedding_q8(Tensor packed, Tensor scale, Tensor ids, int n, ScalarType dtype) -> Tensor");
   lib.def("conv_step(Tensor bcx, Tensor weight, Tensor? bias, Tensor(a!) states, Tensor slot, Tensor past) -> Tensor");
   lib.def("qk_norm_rope(Tensor q, Tensor k, Tensor q_weight, Tensor k_weight, float eps, Tensor cos, Tensor sin) "
           "-> (Tensor, Tensor)");
   lib.def("paged_decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, "
-          "Tensor table, Tensor context_len, Tensor slot) -> Tensor");
+          "Tensor table, Tensor past) -> Tensor");
   lib.def("quantize_int4_symmetric(Tensor w, int group) -> (Tensor, Tensor)");
   lib.def("quantize_int8_rows(Tensor w) -> (Tensor, Tensor)");
   lib.def("gguf_blocks_to_int8_rows(Tensor blocks, int ggml_type) -> (Tensor, Tensor)");
@@ -973,6 +1007,7 @@ TORCH_LIBRARY_IMPL(fastlfm_cpu, CPU, lib) {
   lib.impl("gemv_q4", &gemv_q4);
   lib.impl("gemv_dense", &gemv_dense);
   lib.impl("argmax_rows", &argmax_rows);
+  lib.impl("embedding_q8", &embedding_q8);
   lib.impl("conv_step", &conv_step);
   lib.impl("qk_norm_rope", &qk_norm_rope);
   lib.impl("paged_decode_attention", &paged_decode_attention);

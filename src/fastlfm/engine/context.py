@@ -118,20 +118,37 @@ class PagedContext(MixingContext):
         device = past.device
         S = past.shape[0]
         if self.decode_only:  # one token per row: the common, graph-captured case
-            self.seq_of_token = torch.arange(S, device=device)
             positions = past
         else:
             self.cu_seqlens = F.pad(lens.cumsum(0), (1, 0))
             self.seq_of_token = torch.repeat_interleave(torch.arange(S, device=device), lens, output_size=num_tokens)
             self.pos_in_chunk = torch.arange(num_tokens, device=device) - self.cu_seqlens[self.seq_of_token]
             positions = past[self.seq_of_token] + self.pos_in_chunk
+        self.positions = positions
         self.position_ids = positions[None]
-        bs = self.block_size
-        block_of_token = block_tables[self.seq_of_token, positions // bs].long()
-        self.slot_mapping = block_of_token * bs + positions % bs
-        self.context_lens = (past + lens).to(torch.int32)
         self.past, self.lens = past, lens
-        self.fresh = past == 0  # conv state starts from zeros
+        self._slot_mapping = self._context_lens = None
+        # A batch-1 decode step on the CPU, where fastlfm's CPU kernels run (`cpu_gemv`): its small ops
+        # (QK-norm + RoPE, attention, the conv step) run as one call each, the final norm in the head's.
+        self.cpu_batch1 = self.decode_only and num_decode == 1 and device.type == "cpu" and cpu_gemv.available()
+        self.head_takes_final_norm = self.cpu_batch1
+
+    # The per-token cache slots and per-row context lengths, computed when a path first reads them: a
+    # CPU batch-1 decode step reads neither (its kernels take `past` and the block table), and each op
+    # saved there is 10-15 us (the caches cold after the products' weights).
+    @property
+    def slot_mapping(self) -> torch.Tensor:
+        if self._slot_mapping is None:
+            bs, positions = self.block_size, self.positions
+            rows = torch.arange(self.past.shape[0], device=positions.device) if self.decode_only else self.seq_of_token
+            self._slot_mapping = self.block_tables[rows, positions // bs].long() * bs + positions % bs
+        return self._slot_mapping
+
+    @property
+    def context_lens(self) -> torch.Tensor:
+        if self._context_lens is None:
+            self._context_lens = (self.past + self.lens).to(torch.int32)
+        return self._context_lens
 
     # -- attention --------------------------------------------------------------------
     def attention(self, layer_idx, q, k, v):
@@ -169,12 +186,12 @@ class PagedContext(MixingContext):
             from .kernels import ops as kernel_ops
             return kernel_ops.paged_decode_attention_op(q, k, v, k_cache, v_cache, self.block_tables[:nd],
                                                         self.past[:nd])
-        tables, lens, slots = self.block_tables[:nd], self.context_lens[:nd], self.slot_mapping[:nd]
-        Hkv, d = k.shape[1:]
         if nd == 1 and self._cpu_decode_one(q) and k_cache.dtype == q.dtype:
             # Batch-1 decode on the CPU: the K/V write and the attention over the sequence's blocks, one call
-            return cpu_gemv.paged_decode_attention(q[0], k[0], v[0], k_cache, v_cache, tables[0], lens[:1],
-                                                   slots[:1])[None]
+            return cpu_gemv.paged_decode_attention(q[0], k[0], v[0], k_cache, v_cache, self.block_tables[0],
+                                                   self.past[:1])[None]
+        tables, lens, slots = self.block_tables[:nd], self.context_lens[:nd], self.slot_mapping[:nd]
+        Hkv, d = k.shape[1:]
         k_cache.view(-1, Hkv, d)[slots] = k
         v_cache.view(-1, Hkv, d)[slots] = v
         if nd == 1 and q.device.type == "cpu":
@@ -188,10 +205,8 @@ class PagedContext(MixingContext):
         return paged_decode_attention_ref(q, k_cache, v_cache, tables, lens)
 
     def _cpu_decode_one(self, x: torch.Tensor) -> bool:
-        """A batch-1 decode step on the CPU, where fastlfm's CPU kernels run (`cpu_gemv`): the step's
-        small ops (qk-norm + RoPE, attention, the conv step) then run as one call each."""
-        return self.decode_only and self.num_decode == 1 and x.device.type == "cpu" \
-            and x.dtype in (torch.float32, torch.bfloat16) and cpu_gemv.available()
+        """`cpu_batch1`, with activations `x` in a dtype of the kernels."""
+        return self.cpu_batch1 and x.dtype in (torch.float32, torch.bfloat16)
 
     def qk_norm_rope(self, q, k, q_norm, k_norm, cos, sin):
         if self._cpu_decode_one(q) and type(q_norm) is RMSNorm and type(k_norm) is RMSNorm \
@@ -299,7 +314,7 @@ class PagedContext(MixingContext):
 
     def _states_before(self, pool):
         """(S, K-1, D): each row's conv state before this step (zeros for a fresh sequence)."""
-        return pool[self.conv_slots].masked_fill_(self.fresh[:, None, None], 0)
+        return pool[self.conv_slots].masked_fill_((self.past == 0)[:, None, None], 0)  # a new row starts from zeros
 
     def _save_conv_snapshots(self, layer_idx, conv_inputs, states_before):
         """Conv states at the block ends inside this step's chunks into their snapshots (prefix caching):

@@ -245,16 +245,17 @@ class LLMEngine:
         self.cpu_pack: bool | str = pack_cpu_weights
         if self.packs_for_cpu:
             prepare_for_cpu(model, pack=self.cpu_pack)
+        self.async_scheduling = on_cuda if async_scheduling is None else bool(async_scheduling)
         self.runner = ModelRunner(model, block_size=block_size, num_blocks=num_kv_blocks, num_conv_slots=max_num_seqs,
                                   max_model_len=self.max_model_len, max_num_seqs=max_num_seqs,
                                   use_cuda_graphs=on_cuda and not enforce_eager, use_triton=on_cuda,
                                   compile=self.compiled, max_vision_views=max_vision_views, lazy_graphs=lazy_graphs,
                                   num_conv_snapshots=num_conv_snapshots,
                                   prefill_graph_tokens=min(prefill_graph_tokens, self.max_num_batched_tokens),
-                                  cpu_graphs=not on_cuda and not enforce_eager and cpu_gemv.available())
+                                  cpu_graphs=not on_cuda and not enforce_eager and cpu_gemv.available(),
+                                  in_flight_ids=self.async_scheduling)
         self.eos_token_ids = eos_token_ids(self.generation_config, self.config.eos_token_id,
                                            tokenizer.eos_token_id if tokenizer is not None else None)
-        self.async_scheduling = on_cuda if async_scheduling is None else bool(async_scheduling)
         self.in_flight: StepInFlight | None = None
         self.num_history_requests = 0  # live requests whose sampling needs their token history
         self.num_grammar_requests = 0  # live requests under a grammar (structured output)

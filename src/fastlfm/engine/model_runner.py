@@ -55,7 +55,7 @@ class ModelRunner:
                  max_model_len: int, max_num_seqs: int, use_cuda_graphs: bool, use_triton: bool,
                  max_graph_batch_size: int = 256, compile: bool = False, max_vision_views: int = 32,
                  lazy_graphs: bool = False, num_conv_snapshots: int = 0, prefill_graph_tokens: int = 0,
-                 cpu_graphs: bool = False):
+                 cpu_graphs: bool = False, in_flight_ids: bool = True):
         self.model = model
         fuse_projections(model)  # q/k/v and w1/w3 as one GEMM each
         cfg = model.config
@@ -63,6 +63,9 @@ class ModelRunner:
         self.block_size, self.num_blocks = block_size, num_blocks
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.use_triton = use_triton
+        # Whether a step may take ids of the step still in flight (asynchronous scheduling): a decode graph
+        # of a synchronous engine leaves out their selection (4 ops; ~60 us of a CPU step).
+        self.in_flight_ids = in_flight_ids
         # MoE experts with the Triton path: "triton" (kernels/moe.py, every step) or "grouped_mm" (torch's
         # grouped GEMM, the model's own path; bench/gpu.py compares them on prefill).
         self.moe_backend = "triton"
@@ -286,7 +289,8 @@ class ModelRunner:
         def run():
             ids, past, slots, in_flight_rows = inputs.unbind(0)
             tables = self.slot_tables.index_select(0, slots)
-            return self.decode_forward(ids, past, self.g_lens[:bs], tables, slots, in_flight_rows, self.g_greedy)
+            return self.decode_forward(ids, past, self.g_lens[:bs], tables, slots,
+                                       in_flight_rows if self.in_flight_ids else None, self.g_greedy)
 
         if dev.type != "cuda":  # the step's ops recorded once, replayed on the same static buffers
             in_flight = self.g_greedy.clone()
@@ -325,7 +329,7 @@ class ModelRunner:
         last graph step: a row whose `in_flight_rows` entry is >= 0 takes its token from there, and
         this step's greedy ids go there. (Compiled, inductor splits the vocabulary-long argmax over
         many programs; torch's own argmax of one row is a single 17 us kernel on an H200.)"""
-        if greedy_ids is not None:
+        if greedy_ids is not None and in_flight_rows is not None:
             ids = torch.where(in_flight_rows >= 0, greedy_ids[in_flight_rows.clamp(min=0)], ids)
         ctx = self._context(past, lens, tables, slots, ids.shape[0], ids.shape[0])
         logits = self.model(input_ids=ids[None], context=ctx).logits[0]
@@ -354,6 +358,8 @@ class ModelRunner:
             rows[pos] = row
         on_cuda = self.device.type == "cuda"
         self.g_inputs[bs].copy_(host_tensor(meta + rows, torch.long, pin=on_cuda).view(4, bs), non_blocking=on_cuda)
+        if max(rows) >= 0 and not self.in_flight_ids:
+            raise RuntimeError("a step takes an id still in flight, but the runner was made for synchronous steps")
         if in_flight is not None and max(rows) >= 0 and not _is_prefix_of(in_flight, self.g_greedy):
             self.g_greedy[:in_flight.shape[0]].copy_(in_flight)  # sampled, or from an eager step
         self._upload_new_table_cells(seqs)

@@ -27,6 +27,7 @@ class ForwardContext(Protocol):
     """How one forward mixes tokens: attention over the cache, conv over the conv state."""
 
     position_ids: torch.Tensor  # (B, T)
+    head_takes_final_norm: bool  # the causal LM hands the final norm to `linear` with the head
 
     def mask_padding(self, x: torch.Tensor) -> torch.Tensor: ...
     def linear(self, x: torch.Tensor, proj: nn.Module | torch.Tensor, *, norm: nn.Module | None = None,
@@ -48,7 +49,10 @@ class ForwardContext(Protocol):
 class MixingContext:
     """Shared defaults: no padding to mask, projections, QK-norm + RoPE and MoE routing and experts as plain ops,
     and the conv block's gates around `short_conv`. A backend with fused kernels overrides `linear`,
-    `qk_norm_rope`, `gated_short_conv`, `in_proj_gated_conv`, `moe_route` or `moe_experts`."""
+    `qk_norm_rope`, `gated_short_conv`, `in_proj_gated_conv`, `moe_route` or `moe_experts`; one that
+    runs the final norm and the head as one kernel sets `head_takes_final_norm`."""
+
+    head_takes_final_norm = False
 
     def mask_padding(self, x):
         return x
@@ -398,7 +402,10 @@ class Lfm2Model(nn.Module):
         cache_position: torch.Tensor | None = None,
         output_hidden_states: bool = False,
         context: ForwardContext | None = None,
+        apply_final_norm: bool = True,
     ) -> BaseModelOutput:
+        """`apply_final_norm` False: the last hidden state before the final norm (`embedding_norm`), for a
+        caller that folds the norm into its next product."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -428,7 +435,8 @@ class Lfm2Model(nn.Module):
                 all_hidden.append(h)
         if isinstance(context, BatchContext) and context.cache is not None:
             context.cache.seq_len += T
-        h = self.embedding_norm(h)
+        if apply_final_norm:
+            h = self.embedding_norm(h)
         if all_hidden is not None:
             all_hidden[-1] = h  # transformers reports the normed final state last
         return BaseModelOutput(h, past_key_values, tuple(all_hidden) if all_hidden else None)
@@ -500,11 +508,14 @@ class Lfm2ForCausalLM(PretrainedMixin, nn.Module):
         num_items_in_batch: int | None = None,
         context: ForwardContext | None = None,
     ) -> CausalLMOutput:
+        # An engine's batch-1 CPU step runs the final norm inside the head's product (one kernel, not ~8 ops).
+        fold_norm = context is not None and context.head_takes_final_norm and not output_hidden_states
         out = self.model(
             input_ids, attention_mask, position_ids, past_key_values, inputs_embeds,
-            use_cache, cache_position, output_hidden_states, context,
+            use_cache, cache_position, output_hidden_states, context, apply_final_norm=not fold_norm,
         )
-        logits = self.lm_head(select_logit_positions(out.last_hidden_state, logits_to_keep))
+        h = select_logit_positions(out.last_hidden_state, logits_to_keep)
+        logits = context.linear(h, self.lm_head, norm=self.model.embedding_norm) if fold_norm else self.lm_head(h)
         loss = causal_lm_loss(logits, labels, num_items_in_batch) if labels is not None else None
         return CausalLMOutput(logits, loss, out.past_key_values, out.hidden_states)
 
