@@ -269,7 +269,7 @@ class ModelRunner:
                                       dtype=torch.int32, device=dev)
         self._table_uploaded: list[tuple[list[int], int] | None] = [None] * self.padding_slot
         self.g_logits: dict[int, torch.Tensor] = {}
-        self.graphs = {}
+        self.drop_graphs()  # (prefill graphs too: they read the block tables just made anew)
         if not lazy:
             for bs in reversed(self.graph_sizes):  # largest first: the smaller ones fit in its pool
                 self._capture(bs)
@@ -338,9 +338,11 @@ class ModelRunner:
         return logits
 
     def drop_graphs(self) -> None:
-        """Forget the captured steps (they hold the weights they were recorded with): the model's
-        weights were swapped, and each step is captured again when next needed."""
+        """Forget the captured steps, each captured again when next needed (they hold the weights and
+        buffers they were captured with: after the model's weights were swapped, or new block tables).
+        Their CUDA memory pool goes with them: a capture into a pool whose graphs are all gone fails."""
         self.graphs, self.prefill_graphs = {}, {}
+        self._graph_pool = None
 
     def _run_graph(self, seqs, sample_rows: list[int], in_flight) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(seqs)
