@@ -322,6 +322,26 @@ def test_paged_decode_attention_equals_sdpa_over_the_gathered_history(dtype, n, 
     torch.testing.assert_close(got.float(), ref, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)
 
 
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_with_qk_norm_rope_equals_the_two_calls(dtype):
+    """The attention op given the QK norms, cos and sin: the values of qk_norm_rope then the attention,
+    bit for bit, the cache written alike."""
+    H, Hkv, d, bs, past = 16, 8, 64, 16, 40
+    g = _gen(60)
+    caches = [torch.randn(6, bs, Hkv, d, generator=g).to(dtype) for _ in range(2)]
+    table = torch.tensor([4, 1, 3, 0], dtype=torch.int32)
+    q, k, v = (torch.randn(h, d, generator=g).to(dtype) for h in (H, Hkv, Hkv))
+    qw, kw = (1 + 0.1 * torch.randn(2, d, generator=g)).to(dtype)
+    angles = torch.randn(d // 2, generator=g) * 10
+    cos, sin = torch.cat([angles, angles]).cos().to(dtype), torch.cat([angles, angles]).sin().to(dtype)
+    two = [c.clone() for c in caches]
+    qn, kn = cpu_gemv.qk_norm_rope(q, k, qw, kw, 1e-5, cos, sin)
+    expected = cpu_gemv.paged_decode_attention(qn, kn, v, *two, table, torch.tensor([past]))
+    got = cpu_gemv.paged_decode_attention(q, k, v, *caches, table, torch.tensor([past]), (qw, kw, 1e-5, cos, sin))
+    assert torch.equal(got, expected) and all(torch.equal(a, b) for a, b in zip(caches, two))
+
+
 def test_a_shape_only_fastlfm_takes_stays_quantized(kernels):
     """int4 with 40 output rows: torch's int4 kernel needs N % 16 (the weight then runs de-quantized
     in bf16); fastlfm's pads the rows and keeps it int4. Either way the product is the weight's."""

@@ -251,8 +251,12 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_wei
 
 
 def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                           v_cache: torch.Tensor, table: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
+                           v_cache: torch.Tensor, table: torch.Tensor, past: torch.Tensor,
+                           qk_norm_rope: tuple[torch.Tensor, torch.Tensor, float, torch.Tensor, torch.Tensor] | None = None
+                           ) -> torch.Tensor:
     """One new token after `past` cached ones, its blocks `table` (a row of block ids): write its
     k / v (Hkv, d) at position `past` of the paged caches, then return its attention output (H, d)
-    over the past + 1 positions."""
-    return torch.ops.fastlfm_cpu.paged_decode_attention(q, k, v, k_cache, v_cache, table, past)
+    over the past + 1 positions. `qk_norm_rope` = (q norm weight, k norm weight, eps, cos, sin):
+    q and k go through `qk_norm_rope` first, in the same call."""
+    extra = qk_norm_rope if qk_norm_rope is not None else (None, None, 0.0, None, None)
+    return torch.ops.fastlfm_cpu.paged_decode_attention(q, k, v, k_cache, v_cache, table, past, *extra)

@@ -703,8 +703,13 @@ void paged_decode_one(const T* q, const T* k, const T* v, T* kc, T* vc, const in
   });
 }
 
+// With `q_weight` (and k_weight, eps, cos, sin): q and k are first per-head RMSNorm-ed and RoPE-d as
+// qk_norm_rope does (the same function: the same values), in one call with the attention.
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
-                                  at::Tensor& v_cache, const at::Tensor& table, const at::Tensor& past_t) {
+                                  at::Tensor& v_cache, const at::Tensor& table, const at::Tensor& past_t,
+                                  const c10::optional<at::Tensor>& q_weight, const c10::optional<at::Tensor>& k_weight,
+                                  double eps, const c10::optional<at::Tensor>& cos,
+                                  const c10::optional<at::Tensor>& sin) {
   TORCH_CHECK(q.dim() == 2 && k.dim() == 2 && v.sizes() == k.sizes() && k_cache.dim() == 4 &&
               k_cache.sizes() == v_cache.sizes() && k_cache.size(2) == k.size(0) && k_cache.size(3) == k.size(1) &&
               q.size(1) == k.size(1) && q.size(0) % k.size(0) == 0,
@@ -728,12 +733,31 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k, cons
                 " outside the cache");
   }
   const int64_t slot = blocks[past / block_size] * block_size + past % block_size;
+  const bool norm_rope = q_weight.has_value();
+  if (norm_rope) {
+    for (const c10::optional<at::Tensor>* t : {&q_weight, &k_weight, &cos, &sin}) {
+      TORCH_CHECK(t->has_value() && (*t)->numel() == q.size(1) && (*t)->is_contiguous() &&
+                  (*t)->scalar_type() == q.scalar_type(),
+                  "paged_decode_attention: q / k norm weights, cos and sin of d values in q's dtype, or none");
+    }
+  }
   at::Tensor out = at::empty_like(qc);
   auto run = [&](auto tag) {
     using T = decltype(tag);
-    paged_decode_one<T>(qc.data_ptr<T>(), kk.data_ptr<T>(), vv.data_ptr<T>(), k_cache.data_ptr<T>(),
-                        v_cache.data_ptr<T>(), blocks.data(), n, slot, q.size(0), k.size(0), q.size(1),
-                        block_size, out.data_ptr<T>());
+    const T* qp = qc.data_ptr<T>();
+    const T* kp = kk.data_ptr<T>();
+    std::vector<T> qn, kn;
+    if (norm_rope) {
+      const int64_t d = q.size(1);
+      qn.resize(qc.numel()), kn.resize(kk.numel());
+      norm_rope_heads<T>(qp, q_weight->data_ptr<T>(), cos->data_ptr<T>(), sin->data_ptr<T>(), qn.data(), q.size(0), d,
+                         static_cast<float>(eps));
+      norm_rope_heads<T>(kp, k_weight->data_ptr<T>(), cos->data_ptr<T>(), sin->data_ptr<T>(), kn.data(), k.size(0), d,
+                         static_cast<float>(eps));
+      qp = qn.data(), kp = kn.data();
+    }
+    paged_decode_one<T>(qp, kp, vv.data_ptr<T>(), k_cache.data_ptr<T>(), v_cache.data_ptr<T>(), blocks.data(), n, slot,
+                        q.size(0), k.size(0), q.size(1), block_size, out.data_ptr<T>());
   };
   if (q.scalar_type() == at::kBFloat16) run(at::BFloat16());
   else if (q.scalar_type() == at::kFloat) run(0.f);
@@ -993,7 +1017,8 @@ TORCH_LIBRARY(fastlfm_cpu, lib) {
   lib.def("qk_norm_rope(Tensor q, Tensor k, Tensor q_weight, Tensor k_weight, float eps, Tensor cos, Tensor sin) "
           "-> (Tensor, Tensor)");
   lib.def("paged_decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, "
-          "Tensor table, Tensor past) -> Tensor");
+          "Tensor table, Tensor past, Tensor? q_weight=None, Tensor? k_weight=None, float eps=0., Tensor? cos=None, "
+          "Tensor? sin=None) -> Tensor");
   lib.def("quantize_int4_symmetric(Tensor w, int group) -> (Tensor, Tensor)");
   lib.def("quantize_int8_rows(Tensor w) -> (Tensor, Tensor)");
   lib.def("gguf_blocks_to_int8_rows(Tensor blocks, int ggml_type) -> (Tensor, Tensor)");

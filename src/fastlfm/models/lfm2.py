@@ -35,6 +35,9 @@ class ForwardContext(Protocol):
     def qk_norm_rope(self, q: torch.Tensor, k: torch.Tensor, q_norm: nn.Module, k_norm: nn.Module,
                      cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
     def attention(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
+    def qk_norm_rope_attention(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               q_norm: nn.Module, k_norm: nn.Module, cos: torch.Tensor,
+                               sin: torch.Tensor) -> torch.Tensor: ...
     def short_conv(self, layer_idx: int, v: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
     def gated_short_conv(self, layer_idx: int, bcx: torch.Tensor, weight: torch.Tensor,
                          bias: torch.Tensor | None) -> torch.Tensor: ...
@@ -74,6 +77,14 @@ class MixingContext:
                      cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head norm, then RoPE, of q and k (B, T, H, d)."""
         return apply_rope(q_norm(q), cos, sin), apply_rope(k_norm(k), cos, sin)
+
+    def qk_norm_rope_attention(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               q_norm: nn.Module, k_norm: nn.Module, cos: torch.Tensor,
+                               sin: torch.Tensor) -> torch.Tensor:
+        """`attention` of `qk_norm_rope`'s q and k. One call, so that an engine can run a batch-1 decode
+        step of it as one kernel."""
+        q, k = self.qk_norm_rope(q, k, q_norm, k_norm, cos, sin)
+        return self.attention(layer_idx, q, k, v)
 
     def gated_short_conv(self, layer_idx, bcx, weight, bias):
         """bcx: the in_proj output [B gate | C gate | x] (..., 3D); returns C * conv(B * x)."""
@@ -271,9 +282,9 @@ class Lfm2Attention(nn.Module):
         """out_proj(attention(norm(x))) (+ residual)."""
         B, T, _ = x.shape
         q, k, v = self.project_qkv(x, ctx, norm)
-        q, k = ctx.qk_norm_rope(q.view(B, T, self.n_heads, self.head_dim), k.view(B, T, self.n_kv, self.head_dim),
-                                self.q_layernorm, self.k_layernorm, cos, sin)
-        out = ctx.attention(self.layer_idx, q, k, v.view(B, T, self.n_kv, self.head_dim))
+        out = ctx.qk_norm_rope_attention(
+            self.layer_idx, q.view(B, T, self.n_heads, self.head_dim), k.view(B, T, self.n_kv, self.head_dim),
+            v.view(B, T, self.n_kv, self.head_dim), self.q_layernorm, self.k_layernorm, cos, sin)
         return ctx.linear(out.reshape(B, T, -1), self.out_proj, residual=residual)
 
 
