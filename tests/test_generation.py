@@ -428,3 +428,18 @@ def test_a_generation_config_overrides_only_what_it_sets_on_every_api(tmp_path, 
     want = llm.generate([prompt], generation_config={"max_new_tokens": 7}, seed=11)[0].token_ids
     got = llm.model.generate(torch.tensor([prompt]), generation_config={"max_new_tokens": 7}, seed=11)
     assert got[0, len(prompt):].tolist() == want
+
+
+def test_a_model_converted_after_generating_generates_as_a_fresh_one(wandering_ckpt):
+    """`.to(dtype)` after generate(): the next generate() builds a new engine for the new dtype (the
+    old one's cache pool and recorded steps were made for the old weights), and the projections an
+    engine packed for the CPU convert with the rest: the tokens of a model converted before any engine."""
+    used, fresh = Lfm2ForCausalLM.from_pretrained(wandering_ckpt), Lfm2ForCausalLM.from_pretrained(wandering_ckpt)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    used.generate(ids, max_new_tokens=6, do_sample=False)
+    first = used.get_engine()
+    used.to(torch.bfloat16)
+    fresh.to(torch.bfloat16)
+    got = used.generate(ids, max_new_tokens=16, do_sample=False)
+    assert used.get_engine() is not first and used.get_engine().dtype == torch.bfloat16
+    assert got.tolist() == fresh.generate(ids, max_new_tokens=16, do_sample=False).tolist()

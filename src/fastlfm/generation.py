@@ -63,7 +63,7 @@ class GenerationMixin:
         engine = self._engine
         wanted = {**DEFAULT_ENGINE_OPTIONS, **options}
         if engine is None or (options and wanted != self._engine_options) or engine.device != self.device \
-                or engine.model.dtype != self.dtype:
+                or engine.dtype != self.dtype:
             if engine is not None:
                 if engine.has_unfinished():
                     raise RuntimeError("the model's engine still runs requests; finish them before changing it")

@@ -296,6 +296,17 @@ class PretrainedMixin:
         model.name_or_path = str(name_or_path)
         return model.eval()
 
+    def _apply(self, fn, recurse=True):
+        """nn.Module._apply (`.to()`, `.float()`, ...); a float model whose projections an engine packed
+        for the CPU kernels gets its nn.Linear layers back first, so that they convert with the rest (a
+        weight packed for oneDNN would not) and the next engine packs them in the new dtype."""
+        if getattr(self, "cpu_linears", None) is not None:
+            from .cpu_linear import QUANTIZATION_SCHEMES, restore_float_linears
+
+            if self.cpu_linears not in QUANTIZATION_SCHEMES:
+                restore_float_linears(self)
+        return super()._apply(fn, recurse)
+
     def train(self, mode: bool = True):
         """nn.Module.train; a model whose projections an engine packed for the CPU kernels gets its
         plain nn.Linear layers back first (trainable, exact weights)."""

@@ -210,7 +210,7 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.processor = processor
         self.generation_config = getattr(model, "generation_config", None)
-        self.device = model.device
+        self.device, self.dtype = model.device, model.dtype  # what the cache pool and any captured steps were made for
         on_cuda = self.device.type == "cuda"
         self.max_model_len = int(max_model_len or min(self.config.max_position_embeddings, 32768 if on_cuda else 4096))
         self.max_num_seqs = max_num_seqs
