@@ -87,12 +87,14 @@ def _run(engine, prompt):
 
 
 @needs_kernels
-@pytest.mark.parametrize("quantization", [None, "int8", "int4"])
-def test_batch1_decode_replays_a_recorded_step_with_the_eager_tokens(wandering_ckpt, quantization):
+@pytest.mark.parametrize("dtype, quantization", [(torch.float32, None), (torch.bfloat16, None),
+                                                 (torch.float32, "int8"), (torch.float32, "int4")])
+def test_batch1_decode_replays_a_recorded_step_with_the_eager_tokens(wandering_ckpt, dtype, quantization):
     """One request after another in one slot (each new sequence must start from a zero conv state),
     past several KV blocks, and one that resumes a cached prefix (its conv state restored): the
-    recorded step gives the eager engine's tokens, and for a float model the reference's."""
-    model = Lfm2ForCausalLM.from_pretrained(wandering_ckpt)
+    recorded step gives the eager engine's tokens (bit-equal steps: prompts run eagerly in both), and
+    for an fp32 model the reference's."""
+    model = Lfm2ForCausalLM.from_pretrained(wandering_ckpt, dtype=dtype)
     if quantization is not None:
         prepare_for_cpu(model, quantization)
     forwards = []
@@ -109,11 +111,11 @@ def test_batch1_decode_replays_a_recorded_step_with_the_eager_tokens(wandering_c
         # and so is the step of a one-token prompt (a decode row whose sequence starts there)
         assert len(forwards) == (len(prompt) > 1) + (i == 0)
         assert got.token_ids == _run(eager, prompt).token_ids
-        if quantization is None:
+        if quantization is None and dtype == torch.float32:
             assert got.token_ids == greedy_reference(model, prompt, GREEDY.max_new_tokens)
         if i == 2:
             assert got.num_cached_tokens == 12  # three blocks of the first prompt
-    assert isinstance(recorded.runner.graphs[1], StepGraph)
+    assert isinstance(recorded.runner.graphs[1], StepGraph) and not recorded.runner.prefill_sizes
     recorded.check_no_leaks()
 
 
@@ -133,3 +135,18 @@ def test_changed_weights_are_recorded_again(wandering_ckpt):
     expected = greedy_reference(model, prompt, GREEDY.max_new_tokens)
     assert _run(engine, prompt).token_ids == expected
     assert engine.runner.graphs[1] is not before
+
+
+@needs_kernels
+def test_a_recording_whose_replay_differs_is_not_used(wandering_ckpt, monkeypatch, caplog):
+    """The runner replays a new recording once on the inputs it was recorded with: a replay that does not
+    give the recorded logits (here: one that does nothing) is refused, and the step runs eagerly."""
+    from fastlfm.engine import model_runner
+
+    monkeypatch.setattr(model_runner.StepGraph, "replay", lambda self: self.output.zero_())
+    model = Lfm2ForCausalLM.from_pretrained(wandering_ckpt)
+    engine = LLMEngine(model, max_num_seqs=1, max_model_len=64)
+    prompt = list(range(40, 52))
+    assert _run(engine, prompt).token_ids == greedy_reference(model, prompt, GREEDY.max_new_tokens)
+    assert isinstance(engine.runner.graphs[1], model_runner.EagerReplay)
+    assert "did not give the recorded logits" in caplog.text

@@ -116,12 +116,12 @@ class ModelRunner:
             self.decode_forward = torch.compile(self._decode_forward, dynamic=True)
         if use_cuda_graphs:
             self.capture_graphs(min(max_num_seqs, max_graph_batch_size, num_conv_slots), lazy=lazy_graphs)
-        elif cpu_graphs and self.device.type == "cpu":
-            # Batch-1 decode steps replay a recorded step (cpu_graph.py): without the Python around its
-            # ~90 kernel calls. Larger batches stay eager: their products, not Python, take the time.
-            self.capture_graphs(1, lazy=True)
             if prefill_graph_tokens:
                 self.enable_prefill_graphs(min(prefill_graph_tokens, max_model_len), lazy=lazy_graphs)
+        elif cpu_graphs and self.device.type == "cpu":
+            # Batch-1 decode steps replay a recorded step (cpu_graph.py): without the Python around its
+            # ~90 kernel calls. Larger batches and prefills stay eager: their products, not Python, take the time.
+            self.capture_graphs(1, lazy=True)
 
     # -- metadata ---------------------------------------------------------------------
     def _context(self, past, lens, block_tables, conv_slots, num_tokens, num_decode, max_chunk_len=None,
@@ -295,10 +295,10 @@ class ModelRunner:
         if dev.type != "cuda":  # the step's ops recorded once, replayed on the same static buffers
             in_flight = self.g_greedy.clone()
             try:
-                graph = StepGraph(run)
+                graph = self._recorded_step(run)
                 self.g_logits[bs] = graph.output
-            except NotReplayable as e:  # an op of the step reads tensors on the host: rerun it instead
-                log.info("the batch-%d decode step is not recorded (%s): it reruns the forward", bs, e)
+            except NotReplayable as e:  # e.g. an op of the step reads tensors on the host: rerun it instead
+                log.warning("the batch-%d decode step is not recorded (%s): it runs the forward each time", bs, e)
                 self.g_logits[bs] = run()
                 graph = EagerReplay(run, self.g_logits[bs])
             self.g_greedy.copy_(in_flight)
@@ -310,6 +310,19 @@ class ModelRunner:
         self.g_greedy.copy_(in_flight)
         torch.cuda.synchronize()
         self.graphs[bs] = graph
+        return graph
+
+    def _recorded_step(self, run) -> StepGraph:
+        """`run` recorded (cpu_graph.StepGraph), then replayed once on the same inputs as a check: it must
+        give the recorded logits bit for bit (the padding slot's conv state, which the run shifted, is put
+        back first), else NotReplayable. Both runs write only the padding block and slot."""
+        pad = self.conv_states[:, self.padding_slot].clone()
+        graph = StepGraph(run)
+        recorded = graph.output.clone()
+        self.conv_states[:, self.padding_slot] = pad
+        graph.replay()
+        if not torch.equal(graph.output, recorded):
+            raise NotReplayable("its replay did not give the recorded logits")
         return graph
 
     def _record_graph(self, run) -> tuple[torch.cuda.CUDAGraph, Any]:
