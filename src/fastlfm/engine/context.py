@@ -10,7 +10,6 @@ tensor is fixed by the model runner; this class only mixes tokens.
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 
@@ -208,14 +207,11 @@ class PagedContext(MixingContext):
         """`cpu_batch1`, with activations `x` in a dtype of the kernels."""
         return self.cpu_batch1 and x.dtype in (torch.float32, torch.bfloat16)
 
-    def _cpu_qk_norm(self, q, q_norm, k_norm, cos) -> bool:
-        """A batch-1 CPU step whose QK norms the kernels compute (LFM2's RMSNorm, one dtype)."""
-        return self._cpu_decode_one(q) and type(q_norm) is RMSNorm and type(k_norm) is RMSNorm \
-            and q_norm.eps == k_norm.eps and q_norm.weight.dtype == q.dtype == k_norm.weight.dtype == cos.dtype
-
     def qk_norm_rope_attention(self, layer_idx, q, k, v, q_norm, k_norm, cos, sin):
         k_cache, v_cache = self.kv_caches[self.attn_index[layer_idx]]
-        if self._cpu_qk_norm(q, q_norm, k_norm, cos) and k_cache.dtype == q.dtype:
+        if self._cpu_decode_one(q) and type(q_norm) is RMSNorm and type(k_norm) is RMSNorm \
+                and q_norm.eps == k_norm.eps and q_norm.weight.dtype == q.dtype == k_norm.weight.dtype == cos.dtype \
+                and k_cache.dtype == q.dtype:
             # Batch-1 decode on the CPU: QK-norm + RoPE, the K/V write and the attention, one call
             norms = (q_norm.weight, k_norm.weight, q_norm.eps, cos[0, 0], sin[0, 0])
             return cpu_gemv.paged_decode_attention(q[0, 0], k[0, 0], v[0, 0], k_cache, v_cache, self.block_tables[0],
@@ -223,10 +219,6 @@ class PagedContext(MixingContext):
         return super().qk_norm_rope_attention(layer_idx, q, k, v, q_norm, k_norm, cos, sin)
 
     def qk_norm_rope(self, q, k, q_norm, k_norm, cos, sin):
-        if self._cpu_qk_norm(q, q_norm, k_norm, cos):
-            q1, k1 = cpu_gemv.qk_norm_rope(q[0, 0], k[0, 0], q_norm.weight, k_norm.weight, q_norm.eps, cos[0, 0],
-                                           sin[0, 0])
-            return q1.view(q.shape), k1.view(k.shape)
         if self.use_triton and type(q_norm) is RMSNorm and type(k_norm) is RMSNorm and q_norm.eps == k_norm.eps:
             from .kernels import ops as kernel_ops
             q, k = kernel_ops.qk_norm_rope_op(q[0], k[0], q_norm.weight, k_norm.weight, q_norm.eps, cos[0], sin[0])

@@ -134,8 +134,9 @@ class _RunAndCopy:
     def __init__(self, func, args: tuple, kwargs: dict, targets: list[tuple[int, torch.Tensor]]):
         self.func, self.args, self.kwargs, self.targets = func, args, kwargs, targets
 
-    def __call__(self) -> None:
-        result = _tensors(self.func(*self.args, **self.kwargs))
+    def __call__(self) -> None:  # (per replayed step: no pytree walk, the ops return a tensor or a tuple)
+        result = self.func(*self.args, **self.kwargs)
+        result = result if isinstance(result, (tuple, list)) else (result,)
         for i, dst in self.targets:
             dst.copy_(result[i])
 

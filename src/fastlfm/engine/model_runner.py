@@ -39,9 +39,9 @@ def prefill_graph_sizes(max_tokens: int) -> list[int]:
 
 
 class EagerReplay:
-    """CPU stand-in for a captured step whose ops cannot be recorded (cpu_graph.NotReplayable):
-    `replay()` reruns the forward on the same static input buffers into the same output buffer,
-    as a CUDA graph replay does."""
+    """CPU stand-in for a captured step that is not recorded (a decode step cpu_graph.NotReplayable
+    refused; prefill graphs, which only tests make on the CPU): `replay()` reruns the forward on the
+    same static input buffers into the same output buffer, as a CUDA graph replay does."""
 
     def __init__(self, run, out: torch.Tensor):
         self.run, self.out = run, out
@@ -373,9 +373,10 @@ class ModelRunner:
             rows[pos] = row
         on_cuda = self.device.type == "cuda"
         self.g_inputs[bs].copy_(host_tensor(meta + rows, torch.long, pin=on_cuda).view(4, bs), non_blocking=on_cuda)
-        if max(rows) >= 0 and not self.in_flight_ids:
+        waits = max(rows) >= 0
+        if waits and not self.in_flight_ids:
             raise RuntimeError("a step takes an id still in flight, but the runner was made for synchronous steps")
-        if in_flight is not None and max(rows) >= 0 and not _is_prefix_of(in_flight, self.g_greedy):
+        if in_flight is not None and waits and not _is_prefix_of(in_flight, self.g_greedy):
             self.g_greedy[:in_flight.shape[0]].copy_(in_flight)  # sampled, or from an eager step
         self._upload_new_table_cells(seqs)
         graph.replay()
