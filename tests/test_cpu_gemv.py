@@ -373,6 +373,59 @@ def test_weights_on_huge_pages_are_2mb_aligned_tensors_that_outlive_their_mappin
     assert plain.untyped_storage().nbytes() == 4 * 1024 * 1024  # torch's own allocation, not a sliced mapping
 
 
+def _anon_huge_kb(t: torch.Tensor) -> int:
+    """AnonHugePages (kB) of the mapping that holds t's first byte, from /proc/self/smaps."""
+    addr, inside = t.data_ptr(), False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and head == "AnonHugePages:":
+                return int(line.split()[1])
+    raise AssertionError("no mapping holds the tensor")
+
+
+def _thp_enabled() -> bool:
+    try:
+        return "[never]" not in open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _thp_enabled(), reason="no transparent huge pages on this OS")
+def test_collapsing_moves_a_tensor_onto_huge_pages_in_place(monkeypatch):
+    """MADV_COLLAPSE through collapse_onto_huge_pages: the same address and bytes, now on 2 MB pages
+    (as the kernel reports them in smaps); FASTLFM_HUGE_PAGES=0 and a writable file mapping (how a
+    bf16 checkpoint's tensors are read in place) are left as they were."""
+    t = torch.randn(2 * 1024 * 1024)  # 8 MB of fp32 in torch's allocation: at least 3 whole 2 MB pages
+    before, ptr = t.clone(), t.data_ptr()
+    whole = ((ptr + t.nbytes) // cpu_gemv.HUGE_PAGE - -(-ptr // cpu_gemv.HUGE_PAGE)) * cpu_gemv.HUGE_PAGE
+    # (smaps counts per mapping, and the kernel merges neighbouring anonymous ones: compare before / after)
+    advised_only = "[madvise]" in open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    huge_before = _anon_huge_kb(t) * 1024
+    monkeypatch.setenv(cpu_gemv.HUGE_PAGES_ENV, "0")
+    assert cpu_gemv.collapse_onto_huge_pages([t]) == 0 and _anon_huge_kb(t) * 1024 == huge_before
+    monkeypatch.delenv(cpu_gemv.HUGE_PAGES_ENV)
+    assert whole >= 3 * cpu_gemv.HUGE_PAGE and cpu_gemv.collapse_onto_huge_pages([t]) == whole
+    # THP "madvise": torch's memory was on 4 KB pages and now is on 2 MB ones ("always": it may have been)
+    assert _anon_huge_kb(t) * 1024 >= huge_before + (whole if advised_only else 0) and _anon_huge_kb(t) * 1024 >= whole
+    assert t.data_ptr() == ptr and torch.equal(t, before)
+
+
+def test_a_writable_file_mapping_is_not_collapsed(tmp_path):
+    import mmap
+
+    path = tmp_path / "w.bin"
+    path.write_bytes(bytes(range(256)) * (3 * 2**21 // 256))
+    with open(path, "r+b") as f:
+        area = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE)
+    t = torch.frombuffer(area, dtype=torch.uint8)
+    assert cpu_gemv.collapse_onto_huge_pages([t]) == 0
+    assert torch.equal(t[:256], torch.arange(256, dtype=torch.uint8))
+
+
 @pytest.mark.parametrize("huge", ["1", "0"])
 def test_packed_layouts_do_not_depend_on_the_pages(monkeypatch, huge):
     """pack_int8 / pack_int4 give the same bytes in huge-page memory as in torch's (the layout written

@@ -150,3 +150,83 @@ def test_a_recording_whose_replay_differs_is_not_used(wandering_ckpt, monkeypatc
     assert _run(engine, prompt).token_ids == greedy_reference(model, prompt, GREEDY.max_new_tokens)
     assert isinstance(engine.runner.graphs[1], model_runner.EagerReplay)
     assert "did not give the recorded logits" in caplog.text
+
+
+
+def _anon_huge_bytes(t: torch.Tensor) -> int:
+    """AnonHugePages of the mapping that holds t's first byte (/proc/self/smaps), in bytes."""
+    addr, inside = t.data_ptr(), False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and head == "AnonHugePages:":
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no mapping holds the tensor")
+
+
+@needs_kernels
+@pytest.mark.skipif(not cpu_gemv.huge_pages_usable(), reason="no transparent huge pages here")
+def test_float_weights_move_onto_huge_pages_once_decoding_begins(tmp_path):
+    """An engine moves its float weights onto huge pages from the first decode step on, not on the first
+    token's path: fp32 weights (converted at load: anonymous memory) in place, the bf16 table of a bf16
+    checkpoint (read in place from the file) as a copy that the head and the tied embedding both read
+    between steps; the values do not change and the tokens are the eager engine's."""
+    from fastlfm.cpu_linear import PlainLinear
+    from fastlfm.testing import tiny_config, write_checkpoint
+
+    ckpt = write_checkpoint(tmp_path / "ckpt", tiny_config("LFM2-350M", hidden=256, vocab_size=8192,
+                                                           initializer_range=0.2), dtype=torch.bfloat16)
+    prompt = list(range(60, 75))
+    for dtype in (torch.float32, torch.bfloat16):
+        eager = _run(LLMEngine(Lfm2ForCausalLM.from_pretrained(ckpt, dtype=dtype), max_num_seqs=1, max_model_len=64,
+                               enforce_eager=True), prompt).token_ids
+        model = Lfm2ForCausalLM.from_pretrained(ckpt, dtype=dtype)
+        engine = LLMEngine(model, max_num_seqs=1, max_model_len=64)
+        heads = lambda: [m.weight for m in model.modules() if isinstance(m, PlainLinear) and m.weight.numel() == 8192 * 256]
+        [head] = heads()
+        before, table = head.clone(), model.model.embed_tokens.weight
+        assert cpu_gemv.file_backed([head]) == [dtype == torch.bfloat16] and head.data_ptr() == table.data_ptr()
+        engine.add_request(prompt, GREEDY)
+        engine.step()  # the prompt: its first token
+        assert engine.huge_page_move is None
+        engine.step()  # the first decode step
+        engine.huge_page_move.thread.join()
+        while engine.has_unfinished():
+            engine.step()
+        assert _run(engine, prompt).token_ids == eager  # (its steps swap in the copies: replays recorded again)
+        [head] = heads()
+        assert cpu_gemv.file_backed([head]) == [False] and _anon_huge_bytes(head) >= 2 * cpu_gemv.HUGE_PAGE
+        assert torch.equal(head, before) and model.model.embed_tokens.weight.data_ptr() == head.data_ptr()
+        assert not engine.huge_page_move.copies
+
+
+@needs_kernels
+@pytest.mark.skipif(not cpu_gemv.huge_pages_usable(), reason="no transparent huge pages here")
+def test_weights_changed_while_a_move_waits_are_not_replaced_by_its_copies(tmp_path):
+    """A move's copies are of the weights it started from: weights changed (train(), in place) before
+    the engine took the copies are prepared again and the copies dropped, so the tokens are the
+    changed model's (as an eager engine gives them: bf16 steps, bit-equal)."""
+    from fastlfm.testing import tiny_config, write_checkpoint
+
+    ckpt = write_checkpoint(tmp_path / "ckpt", tiny_config("LFM2-350M", hidden=256, vocab_size=8192,
+                                                           initializer_range=0.2), dtype=torch.bfloat16)
+    model = Lfm2ForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16)
+    engine = LLMEngine(model, max_num_seqs=1, max_model_len=64)
+    prompt = list(range(80, 95))
+    engine.add_request(prompt, SamplingParams(max_new_tokens=2, temperature=0.0, ignore_eos=True))
+    engine.step(), engine.step()  # the first token, then the first decode step starts the move
+    engine.huge_page_move.thread.join()
+    assert engine.huge_page_move.copies  # the tied table's copy, not taken yet
+    model.train()
+    changed = Lfm2ForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for m in (model, changed):
+            m.model.embed_tokens.weight[:, :64].mul_(-2.0)
+    model.eval()
+    expected = _run(LLMEngine(changed, max_num_seqs=1, max_model_len=64, enforce_eager=True), prompt).token_ids
+    while engine.has_unfinished():
+        engine.step()
+    assert _run(engine, prompt).token_ids == expected

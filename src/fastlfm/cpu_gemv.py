@@ -20,6 +20,7 @@ import logging
 import math
 import mmap
 import os
+import sys
 import threading
 from pathlib import Path
 from typing import Optional
@@ -141,6 +142,76 @@ def empty_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Ten
     raw = torch.frombuffer(area, dtype=torch.uint8)  # the tensor keeps the mapping alive
     start = -raw.data_ptr() % HUGE_PAGE  # THP backs 2 MB-aligned ranges only
     return raw[start:start + nbytes].view(dtype).view(shape)
+
+
+MADV_COLLAPSE = 25  # Linux 6.1+: move a range onto huge pages in place (the same addresses and bytes)
+
+
+def collapse_onto_huge_pages(tensors: list[torch.Tensor]) -> int:
+    """Ask the kernel to move the whole 2 MB pages inside these CPU tensors' memory onto transparent
+    huge pages in place (madvise MADV_COLLAPSE: addresses and contents stay as they are, so recorded
+    steps keep their pointers; readers meanwhile wait at most for a page's copy). For the float
+    weights, which load on ordinary pages because faulting fresh huge pages at load cost the cold
+    start 0.15-0.6 s (a step reads them all: ~5-10% faster decode on huge pages, BENCHMARKS.md
+    issue 19). Blocks for up to ~1 s a GB (the engine runs it on a thread: cpu_linear.HugePageMove);
+    ctypes releases the GIL meanwhile. Returns the bytes the kernel took; 0 where it does not do this (not Linux,
+    an older kernel, THP off, FASTLFM_HUGE_PAGES=0)."""
+    if not huge_pages_usable():
+        return 0
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    done = 0
+    for t in tensors:
+        start = -(-t.data_ptr() // HUGE_PAGE) * HUGE_PAGE
+        end = (t.data_ptr() + t.numel() * t.element_size()) // HUGE_PAGE * HUGE_PAGE
+        if end <= start:
+            continue
+        # A refusal leaves the pages as they were: EINVAL where the kernel has no MADV_COLLAPSE or THP
+        # is off, and for a writable file mapping (a bf16 checkpoint's tensors read in place);
+        # EAGAIN / ENOMEM when no huge page is free.
+        if libc.madvise(start, end - start, MADV_COLLAPSE) == 0:
+            done += end - start
+    return done
+
+
+def huge_pages_usable() -> bool:
+    """Whether weights may go on transparent huge pages here (Linux with THP not "never", and not
+    FASTLFM_HUGE_PAGES=0)."""
+    if os.environ.get(HUGE_PAGES_ENV, "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[never]" not in f.read()
+    except OSError:
+        return False
+
+
+def file_backed(tensors: list[torch.Tensor]) -> list[bool]:
+    """For each CPU tensor, whether its first byte lies in a mapping of a file (/proc/self/maps)."""
+    spans = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 6 and fields[4] != "0" and fields[5].startswith("/"):  # inode, path
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                spans.append((lo, hi))
+    return [any(lo <= t.data_ptr() < hi for lo, hi in spans) for t in tensors]
+
+
+def release_file_pages(tensors: list[torch.Tensor]) -> None:
+    """Drop the whole pages inside these tensors' file-backed memory from the process (MADV_DONTNEED):
+    for an unwritten private file mapping a later read maps the file's bytes again."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    page = mmap.PAGESIZE
+    for t, in_file in zip(tensors, file_backed(tensors)):
+        start, end = -(-t.data_ptr() // page) * page, (t.data_ptr() + t.nbytes) // page * page
+        if in_file and end > start:  # (anonymous memory would read back as zeros)
+            libc.madvise(start, end - start, mmap.MADV_DONTNEED)
 
 
 def _pad_rows(t: torch.Tensor) -> torch.Tensor:

@@ -36,10 +36,12 @@ float weights (`quantize_int8` / `quantize_int4`), read from a saved quantized c
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import platform
 import statistics
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -360,6 +362,64 @@ class PlainLinear(GemvLinear):
         if x.shape[0] == 1:
             return F.linear(x, self.weight)
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.weight, None, "none", [None], "")
+
+
+def streamed_float_weights(model: nn.Module) -> list[torch.Tensor]:
+    """The fp32 / bf16 weights that a prepared model's decode step reads in full (`PlainLinear`s; a
+    tied head shares the embedding's table), each once."""
+    seen, out = set(), []
+    for m in model.modules():
+        if isinstance(m, PlainLinear) and m.weight.data_ptr() not in seen:
+            seen.add(m.weight.data_ptr())
+            out.append(m.weight)
+    return out
+
+
+class HugePageMove:
+    """Moves a prepared model's streamed float weights onto 2 MB pages without holding up a step
+    (`cpu_gemv.collapse_onto_huge_pages` says why). A thread started here collapses those in anonymous
+    memory in place, and copies into huge-page memory those read in place from a checkpoint file
+    (a bf16 checkpoint loaded as bf16), which the kernel does not collapse. The engine calls
+    `finish()` between steps: once the thread is done, the modules that read a file-backed weight
+    read its copy, and the file's pages leave the process (a reader left elsewhere reads the file
+    again). Off with FASTLFM_HUGE_PAGES=0 or without transparent huge pages."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.copies: dict[int, torch.Tensor] = {}  # data_ptr of a file-backed weight -> its copy
+        self.thread = threading.Thread(target=self._run, args=(streamed_float_weights(model),),
+                                       name="fastlfm-huge-pages", daemon=True)
+        self.thread.start()
+
+    def _run(self, weights: list[torch.Tensor]) -> None:
+        if not cpu_gemv.huge_pages_usable():
+            return
+        files = cpu_gemv.file_backed(weights)
+        cpu_gemv.collapse_onto_huge_pages([w for w, f in zip(weights, files) if not f])
+        for w, f in zip(weights, files):
+            if f and w.nbytes >= cpu_gemv.HUGE_PAGE:
+                copy = cpu_gemv.empty_on_huge_pages(tuple(w.shape), w.dtype)
+                ctypes.memmove(copy.data_ptr(), w.data_ptr(), w.nbytes)  # one thread, the GIL released
+                self.copies[w.data_ptr()] = copy
+
+    def finish(self) -> bool:
+        """Between steps: if the thread is done, point the model at the copies; True if any tensor of
+        the model changed (its recorded steps read the old ones)."""
+        if self.thread.is_alive() or not self.copies:
+            return False
+        old = {}
+        for m in self.model.modules():
+            if isinstance(m, PlainLinear) and m.weight.data_ptr() in self.copies:
+                old[m.weight.data_ptr()] = m.weight
+                m.weight = self.copies[m.weight.data_ptr()]
+            for p in m.parameters(recurse=False):  # the tied embedding's table
+                copy = self.copies.get(p.data_ptr())
+                if copy is not None and p.shape == copy.shape and p.dtype == copy.dtype:
+                    old[p.data_ptr()] = p.data
+                    p.data = copy
+        cpu_gemv.release_file_pages(list(old.values()))
+        self.copies = {}
+        return bool(old)
 
 
 # Rows up to which a float product runs through fastlfm's kernel (decode of a few sequences); more

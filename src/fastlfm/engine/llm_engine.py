@@ -18,7 +18,7 @@ from typing import Any, Sequence as Seq
 import torch
 
 from .. import cpu_gemv
-from ..cpu_linear import prepare_for_cpu, prepared_for_cpu
+from ..cpu_linear import HugePageMove, prepare_for_cpu, prepared_for_cpu
 from ..sampling import SamplingParams, eos_token_ids
 from ..structured import (PAR_MIN_ROWS, GrammarCache, PoolChoice, advance_all as grammar_advance_all,
                           fill_bitmask, unpack_bitmask)
@@ -245,6 +245,9 @@ class LLMEngine:
         self.cpu_pack: bool | str = pack_cpu_weights
         if self.packs_for_cpu:
             prepare_for_cpu(model, pack=self.cpu_pack)
+        # The float weights move onto huge pages once decoding begins (off the first token's path).
+        self._move_weights = self.packs_for_cpu
+        self.huge_page_move: HugePageMove | None = None
         self.async_scheduling = on_cuda if async_scheduling is None else bool(async_scheduling)
         self.runner = ModelRunner(model, block_size=block_size, num_blocks=num_kv_blocks, num_conv_slots=max_num_seqs,
                                   max_model_len=self.max_model_len, max_num_seqs=max_num_seqs,
@@ -494,6 +497,9 @@ class LLMEngine:
         if self.packs_for_cpu and not prepared_for_cpu(self.model):
             prepare_for_cpu(self.model, pack=self.cpu_pack)
             self.runner.drop_graphs()  # recorded with the weights that were swapped out
+            self._move_weights, self.huge_page_move = True, None  # (a pending move copied the old weights)
+        elif self.huge_page_move is not None and self.huge_page_move.finish():
+            self.runner.drop_graphs()  # (same)
         self._busy = True
         try:
             return self._step()
@@ -508,6 +514,9 @@ class LLMEngine:
         if self.in_flight is not None and (not self.async_scheduling or self.num_history_requests):
             outputs += self._process(self._take_in_flight())
         batch = self.scheduler.schedule()
+        if self._move_weights and batch.num_decode:
+            self._move_weights = False
+            self.huge_page_move = HugePageMove(self.model)
         launched = None
         if not batch.is_empty:
             rows, logits, greedy_ids = self._forward(batch)
