@@ -394,6 +394,10 @@ class HugePageMove:
     def _run(self, weights: list[torch.Tensor]) -> None:
         if not cpu_gemv.huge_pages_usable():
             return
+        try:  # the lowest priority (Linux: this thread alone): the move takes the cores the steps leave idle
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except (AttributeError, OSError):
+            pass
         files = cpu_gemv.file_backed(weights)
         cpu_gemv.collapse_onto_huge_pages([w for w, f in zip(weights, files) if not f])
         for w, f in zip(weights, files):
