@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fastlfm import CheckpointError, Lfm2Config, Lfm2ForCausalLM, load_model
+from fastlfm.models.config import ConfigError
 from fastlfm.testing import real_config, tiny_config, write_checkpoint
 
 
@@ -43,6 +44,22 @@ def test_legacy_keys_and_layer_types():
     cfg = Lfm2Config.from_dict({"num_hidden_layers": 2, "layer_types": ["conv", "full_attention"],
                                 "full_attn_idxs": [0], "rope_parameters": {"rope_theta": 10.0}})
     assert cfg.layer_types == ["conv", "full_attention"] and cfg.rope_theta == 10.0
+
+
+@pytest.mark.parametrize("rope", [{"rope_scaling": {"type": "linear", "factor": 2.0}},
+                                  {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
+                                  {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
+                                   "rope_scaling": {"type": "dynamic", "factor": 2.0}}])
+def test_scaled_rope_is_refused_not_ignored(rope):
+    with pytest.raises(ConfigError, match="unsupported RoPE scaling"):
+        Lfm2Config.from_dict({"num_hidden_layers": 2, **rope})
+
+
+def test_default_rope_in_either_place_gives_its_theta():
+    assert Lfm2Config.from_dict({"rope_scaling": {"rope_type": "default", "rope_theta": 5.0}}).rope_theta == 5.0
+    assert Lfm2Config.from_dict({"rope_parameters": {"rope_type": "default", "rope_theta": 7.0},
+                                 "rope_scaling": None, "rope_theta": 9.0}).rope_theta == 7.0
+    assert Lfm2Config.from_dict({"rope_theta": 9.0}).rope_theta == 9.0
 
 
 def test_bad_config_values_name_the_field():

@@ -118,10 +118,16 @@ class Lfm2Config:
             if legacy in raw and current not in raw:
                 raw[current] = raw[legacy]
         # RoPE theta: `rope_parameters` (5.x) > top-level `rope_theta`; legacy `theta` as last resort.
-        rope = raw.pop("rope_parameters", None) or raw.pop("rope_scaling", None) or {}
-        if rope.get("rope_type", "default") not in ("default", None):
-            raise ConfigError(f"unsupported rope_type {rope.get('rope_type')!r}: LFM2 uses the default RoPE")
-        theta = rope.get("rope_theta", raw.pop("rope_theta", raw.get("theta", DEFAULT_ROPE_THETA)))
+        # Either dict (or 4.x's `rope_scaling`, whose key is "type" in older files) may ask for scaled
+        # positions, which LFM2 does not use: refused rather than run as plain RoPE.
+        ropes = [r for r in (raw.pop("rope_parameters", None), raw.pop("rope_scaling", None)) if r]
+        for r in ropes:
+            kind = r.get("rope_type", r.get("type", "default")) if isinstance(r, dict) else r
+            if kind not in ("default", None):
+                raise ConfigError(f"unsupported RoPE scaling {kind!r} (config.json rope_parameters / rope_scaling): "
+                                  "LFM2 uses the default RoPE")
+        top_theta = raw.pop("rope_theta", raw.get("theta", DEFAULT_ROPE_THETA))
+        theta = next((r["rope_theta"] for r in ropes if "rope_theta" in r), top_theta)
         raw["rope_theta"] = float(theta)
         if raw.get("layer_types") is None:
             cls._check_layer_types_derivable(raw)
