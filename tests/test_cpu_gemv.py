@@ -17,6 +17,7 @@ from fastlfm import cpu_gemv
 from fastlfm.cpu_linear import (GEMV_ROWS, Int4Linear, Int8Embedding, Int8Linear, PlainLinear, quantize_int4,
                                 quantize_int8)
 from fastlfm.ops import rms_norm
+from fastlfm.testing import anon_huge_page_bytes
 
 HAS_INSTRUCTIONS = all(f in cpu_gemv.cpu_flags() for f in cpu_gemv.REQUIRED_FLAGS)
 needs_kernels = pytest.mark.skipif(not HAS_INSTRUCTIONS, reason="this CPU lacks AVX-512 VNNI / BF16")
@@ -373,48 +374,29 @@ def test_weights_on_huge_pages_are_2mb_aligned_tensors_that_outlive_their_mappin
     assert plain.untyped_storage().nbytes() == 4 * 1024 * 1024  # torch's own allocation, not a sliced mapping
 
 
-def _anon_huge_kb(t: torch.Tensor) -> int:
-    """AnonHugePages (kB) of the mapping that holds t's first byte, from /proc/self/smaps."""
-    addr, inside = t.data_ptr(), False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split()[0]
-            if "-" in head and not head.endswith(":"):
-                lo, hi = (int(x, 16) for x in head.split("-"))
-                inside = lo <= addr < hi
-            elif inside and head == "AnonHugePages:":
-                return int(line.split()[1])
-    raise AssertionError("no mapping holds the tensor")
-
-
-def _thp_enabled() -> bool:
-    try:
-        return "[never]" not in open("/sys/kernel/mm/transparent_hugepage/enabled").read()
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _thp_enabled(), reason="no transparent huge pages on this OS")
+@pytest.mark.skipif(not cpu_gemv.huge_pages_usable(), reason="no transparent huge pages here")
 def test_collapsing_moves_a_tensor_onto_huge_pages_in_place(monkeypatch):
     """MADV_COLLAPSE through collapse_onto_huge_pages: the same address and bytes, now on 2 MB pages
-    (as the kernel reports them in smaps); FASTLFM_HUGE_PAGES=0 and a writable file mapping (how a
-    bf16 checkpoint's tensors are read in place) are left as they were."""
+    (as the kernel reports them in smaps); with FASTLFM_HUGE_PAGES=0 left as they were."""
     t = torch.randn(2 * 1024 * 1024)  # 8 MB of fp32 in torch's allocation: at least 3 whole 2 MB pages
     before, ptr = t.clone(), t.data_ptr()
     whole = ((ptr + t.nbytes) // cpu_gemv.HUGE_PAGE - -(-ptr // cpu_gemv.HUGE_PAGE)) * cpu_gemv.HUGE_PAGE
     # (smaps counts per mapping, and the kernel merges neighbouring anonymous ones: compare before / after)
     advised_only = "[madvise]" in open("/sys/kernel/mm/transparent_hugepage/enabled").read()
-    huge_before = _anon_huge_kb(t) * 1024
+    huge_before = anon_huge_page_bytes(t)
     monkeypatch.setenv(cpu_gemv.HUGE_PAGES_ENV, "0")
-    assert cpu_gemv.collapse_onto_huge_pages([t]) == 0 and _anon_huge_kb(t) * 1024 == huge_before
+    assert cpu_gemv.collapse_onto_huge_pages([t]) == 0 and anon_huge_page_bytes(t) == huge_before
     monkeypatch.delenv(cpu_gemv.HUGE_PAGES_ENV)
     assert whole >= 3 * cpu_gemv.HUGE_PAGE and cpu_gemv.collapse_onto_huge_pages([t]) == whole
     # THP "madvise": torch's memory was on 4 KB pages and now is on 2 MB ones ("always": it may have been)
-    assert _anon_huge_kb(t) * 1024 >= huge_before + (whole if advised_only else 0) and _anon_huge_kb(t) * 1024 >= whole
+    assert anon_huge_page_bytes(t) >= huge_before + (whole if advised_only else 0) and anon_huge_page_bytes(t) >= whole
     assert t.data_ptr() == ptr and torch.equal(t, before)
 
 
+@pytest.mark.skipif(not cpu_gemv.huge_pages_usable(), reason="no transparent huge pages here")
 def test_a_writable_file_mapping_is_not_collapsed(tmp_path):
+    """How a bf16 checkpoint's tensors are read in place: the kernel refuses, the bytes stay (the engine
+    copies such weights instead: test_cpu_graph)."""
     import mmap
 
     path = tmp_path / "w.bin"

@@ -12,7 +12,7 @@ from fastlfm.engine import LLMEngine
 from fastlfm.engine.cpu_graph import NotReplayable, StepGraph
 from fastlfm.models import Lfm2ForCausalLM
 from fastlfm.sampling import SamplingParams
-from fastlfm.testing import greedy_reference
+from fastlfm.testing import anon_huge_page_bytes, greedy_reference
 
 needs_kernels = pytest.mark.skipif(not cpu_gemv.available(), reason="fastlfm's CPU kernels do not run here")
 
@@ -153,20 +153,6 @@ def test_a_recording_whose_replay_differs_is_not_used(wandering_ckpt, monkeypatc
 
 
 
-def _anon_huge_bytes(t: torch.Tensor) -> int:
-    """AnonHugePages of the mapping that holds t's first byte (/proc/self/smaps), in bytes."""
-    addr, inside = t.data_ptr(), False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split()[0]
-            if "-" in head and not head.endswith(":"):
-                lo, hi = (int(x, 16) for x in head.split("-"))
-                inside = lo <= addr < hi
-            elif inside and head == "AnonHugePages:":
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no mapping holds the tensor")
-
-
 @needs_kernels
 @pytest.mark.skipif(not cpu_gemv.huge_pages_usable(), reason="no transparent huge pages here")
 def test_float_weights_move_onto_huge_pages_once_decoding_begins(tmp_path):
@@ -198,7 +184,7 @@ def test_float_weights_move_onto_huge_pages_once_decoding_begins(tmp_path):
             engine.step()
         assert _run(engine, prompt).token_ids == eager  # (its steps swap in the copies: replays recorded again)
         [head] = heads()
-        assert cpu_gemv.file_backed([head]) == [False] and _anon_huge_bytes(head) >= 2 * cpu_gemv.HUGE_PAGE
+        assert cpu_gemv.file_backed([head]) == [False] and anon_huge_page_bytes(head) >= 2 * cpu_gemv.HUGE_PAGE
         assert torch.equal(head, before) and model.model.embed_tokens.weight.data_ptr() == head.data_ptr()
         assert not engine.huge_page_move.copies
 

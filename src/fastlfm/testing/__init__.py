@@ -262,3 +262,18 @@ def greedy_reference(model, prompt: list[int], n: int) -> list[int]:
             out.append(t)
             ids = torch.tensor([[t]], device=model.device)
     return out
+
+
+def anon_huge_page_bytes(t: torch.Tensor) -> int:
+    """AnonHugePages of the memory mapping that holds t's first byte (/proc/self/smaps, Linux), in
+    bytes. The kernel merges neighbouring anonymous mappings, so this may count more than t."""
+    addr, inside = t.data_ptr(), False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and head == "AnonHugePages:":
+                return int(line.split()[1]) * 1024
+    raise ValueError("no mapping holds the tensor")
