@@ -94,6 +94,10 @@ def main() -> None:
     ap.add_argument("--mask-threads", type=int, nargs="*", default=[],
                     help="also time the masks alone at the largest batch, per schema, with these pool sizes "
                          "(0: one matcher after the other), on the states of the constrained run's own tokens")
+    ap.add_argument("--argmax-first-ab", action="store_true",
+                    help="also run each schema at the largest batch with every mask filled (engine.grammar_argmax_first "
+                         "False) and with masks skipped where the grammar accepts the argmax (True), alternately; "
+                         "tokens must be equal")
     args = ap.parse_args()
     device = args.device
     batches = args.batches or ([1, 8] if args.tiny else [1, 64])
@@ -125,7 +129,7 @@ def main() -> None:
         "engine": lambda ps, p: engine.generate(ps, p),
         "LLM.generate": lambda ps, p: llm.generate(ps, p),
     }
-    rows, notes = [], []
+    rows, notes, best_unconstrained = [], [], {}
     for batch in batches:
         g = torch.Generator().manual_seed(batch)
         ps = torch.randint(500, engine.config.vocab_size, (batch, 32), generator=g).tolist()  # past special ids
@@ -138,6 +142,8 @@ def main() -> None:
                     tps, results = decode_tps(lambda: run(ps, params(schema, new)), batch, new, device)
                     best[schema] = max(best.get(schema, 0.0), tps)
             base = best[None]
+            if path == "engine":
+                best_unconstrained[batch] = base
             for schema in args.schemas:
                 tps = best[schema]
                 rows.append((path, batch, schema, base, tps))
@@ -145,6 +151,20 @@ def main() -> None:
             if path == "engine" and batch == max(batches):
                 sample = llm.tokenizer.decode(results[0].token_ids[:40])
                 notes.append(f"batch {batch} {args.schemas[-1]}, output of request 0 begins: {sample!r}")
+        if batch == max(batches) and args.argmax_first_ab:
+            for schema in args.schemas:
+                best, tokens = {}, {}
+                for _ in range(args.repeats):
+                    for first in (False, True):
+                        engine.grammar_argmax_first = first
+                        tps, results = decode_tps(lambda: engine.generate(ps, params(schema, new)), batch, new, device)
+                        best[first], tokens[first] = max(best.get(first, 0.0), tps), [r.token_ids for r in results]
+                engine.grammar_argmax_first = True
+                notes.append(f"engine batch {batch} {schema}: every mask {best[False]:,.0f} tok/s, masks skipped where "
+                             f"the grammar accepts the argmax {best[True]:,.0f} tok/s ({best[True] / best[False]:.2f}x; "
+                             f"of unconstrained {best[True] / best_unconstrained[batch]:.0%}); tokens equal: "
+                             f"{tokens[False] == tokens[True]}")
+                log(notes[-1])
         if batch == max(batches) and args.mask_threads:
             for schema in args.schemas:
                 outs = engine.generate(ps, params(schema, min(new, 128)))

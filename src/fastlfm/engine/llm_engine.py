@@ -268,6 +268,8 @@ class LLMEngine:
         if grammar_threads is None:
             grammar_threads = min(16, (os.cpu_count() or 1) // 2) if on_cuda else 0
         self.grammar_threads = int(grammar_threads)
+        # Greedy steps: a row whose grammar accepts its argmax needs no mask (_grammar_mask); False: every mask.
+        self.grammar_argmax_first = True
         self._grammar_lanes = itertools.count()  # requests under a grammar, dealt round-robin over lanes
         self._grammar_pool = None  # its executor, made at the first step that may use it (_on_pool_or_not)
         # pool or loop, by the time each took lately: for the masks, for the advances
@@ -592,11 +594,13 @@ class LLMEngine:
         logprobs] when a row asks for logprobs. `greedy_ids`: the argmax, if the step computed it."""
         from ..sampling import SamplingTensors, argmax_rows, sample
 
-        allowed = self._grammar_mask(seqs, logits) if self.num_grammar_requests else None
         if all(s.plain_greedy for s in seqs):
+            ids = greedy_ids if greedy_ids is not None else argmax_rows(logits)
+            allowed = self._grammar_mask(seqs, logits, ids) if self.num_grammar_requests else None
             if allowed is None:
-                return (greedy_ids if greedy_ids is not None else argmax_rows(logits)), []
+                return ids, []
             return argmax_rows(torch.where(allowed, logits, float("-inf"))), []  # greedy under grammars
+        allowed = self._grammar_mask(seqs, logits) if self.num_grammar_requests else None
         params = [s.params for s in seqs]
         needs_history = any(_needs_history(p) for p in params)
         tensors = SamplingTensors.from_requests(
@@ -613,9 +617,16 @@ class LLMEngine:
             extra += [out.top_token_ids, out.top_logprobs]
         return out.token_ids, extra
 
-    def _grammar_mask(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor | None:
+    def _grammar_mask(self, seqs: list[Sequence], logits: torch.Tensor, greedy_ids: torch.Tensor | None = None
+                      ) -> torch.Tensor | None:
         """(rows, V) bool on the device: what each row's grammar allows next (all for rows without
-        one), from bits filled on the CPU while the forward runs; None if no row has a grammar."""
+        one), from bits filled on the CPU while the forward runs; None if no row has a grammar.
+
+        `greedy_ids` (all rows greedy; `grammar_argmax_first`): the rows' argmax, still being computed on
+        a GPU. Masks are filled while it is; then a row whose grammar accepts its argmax needs none
+        (the masked argmax is that token), and only the other rows' masks are filled. Inside a JSON
+        string nearly every token is allowed and a mask costs the most (fastlfm.structured), while a
+        trained model's argmax mostly follows the grammar."""
         # A grammar that is complete or failed gets no mask: its request ends with the step in flight.
         # ordered by lane: the pool's threads then mostly work within one lane (fastlfm.structured)
         rows = [(s.grammar, j) for j, s in sorted(enumerate(seqs), key=lambda js: js[1].grammar_lane)
@@ -623,8 +634,26 @@ class LLMEngine:
         if not rows:
             return None
         on_cuda = logits.device.type == "cuda"
-        bits = self._on_pool_or_not("masks", len(rows), lambda executor: fill_bitmask(
-            rows, len(seqs), self.config.vocab_size, pin=on_cuda, executor=executor))
+        vocab, n = self.config.vocab_size, len(seqs)
+        if greedy_ids is None or not self.grammar_argmax_first:
+            bits = self._on_pool_or_not("masks", len(rows), lambda executor: fill_bitmask(
+                rows, n, vocab, pin=on_cuda, executor=executor))
+        else:
+            bits = fill_bitmask([], n, vocab, pin=on_cuda)  # all allowed
+            fill = lambda part: self._on_pool_or_not("masks", len(part), lambda executor: fill_bitmask(  # noqa: E731
+                part, n, vocab, on_cuda, executor=executor, into=bits))
+            if on_cuda:  # masks while the device computes the argmax, as many as fit
+                ready, chunk, done = torch.cuda.Event(), (PAR_MIN_ROWS if self.grammar_threads >= 2 else 4), 0
+                ready.record()
+                while done < len(rows) and not ready.query():
+                    fill(rows[done:done + chunk])
+                    done += chunk
+                rows = rows[done:]
+            if rows:
+                ids = greedy_ids.tolist()  # (the device has finished: no wait)
+                rows = [(m, j) for m, j in rows if m.validate_tokens([ids[j]]) != 1]
+            if rows:
+                fill(rows)
         return unpack_bitmask(bits.to(logits.device, non_blocking=on_cuda), logits.shape[-1])
 
     def _on_pool_or_not(self, work: str, rows: int, run):
