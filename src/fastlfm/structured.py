@@ -254,10 +254,9 @@ def advance_all(pairs: list[tuple[Any, int]], executor: Any = None) -> list[bool
 
 
 def fill_bitmask(rows: list[tuple[Any, int]], batch_size: int, vocab_size: int, pin: bool,
-                 executor: Any = None, into: torch.Tensor | None = None) -> torch.Tensor:
+                 executor: Any = None) -> torch.Tensor:
     """(batch_size, ceil(V/32)) int32 allowed-token bits on the CPU: row i of each (matcher, i)
-    pair from its grammar (distinct rows), every other row all ones (unconstrained). `into`: a
-    mask made before (its other rows kept as they are), filled and returned.
+    pair from its grammar (distinct rows), every other row all ones (unconstrained).
 
     With `executor` (an LLExecutor) and at least PAR_MIN_ROWS rows, the masks are computed on its
     threads (the GIL released); else one matcher after the other. (An earlier measurement of the
@@ -265,12 +264,11 @@ def fill_bitmask(rows: list[tuple[Any, int]], batch_size: int, vocab_size: int, 
     on a 2-core machine whose cores the CPU forward's threads were also using; alone it is ~1.4x
     faster there with 2 threads, see PAR_MIN_ROWS.)"""
     words = (vocab_size + 31) // 32
-    mask = into
-    if mask is None:  # llguidance writes every byte of a row it fills: only the other rows are set (all allowed)
-        mask = torch.empty((batch_size, words), dtype=torch.int32, pin_memory=pin)
-        if len(rows) < batch_size:
-            filled = {i for _, i in rows}
-            mask[[i for i in range(batch_size) if i not in filled]] = -1
+    # llguidance writes every byte of a row it fills: only the other rows are set (all allowed).
+    mask = torch.empty((batch_size, words), dtype=torch.int32, pin_memory=pin)
+    if len(rows) < batch_size:
+        filled = {i for _, i in rows}
+        mask[[i for i in range(batch_size) if i not in filled]] = -1
     base, row_bytes = mask.data_ptr(), words * 4
     if executor is not None and len(rows) >= PAR_MIN_ROWS:
         executor.unsafe_compute_mask_ptr(rows, base, row_bytes, batch_size)

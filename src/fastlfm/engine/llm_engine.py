@@ -268,8 +268,8 @@ class LLMEngine:
         if grammar_threads is None:
             grammar_threads = min(16, (os.cpu_count() or 1) // 2) if on_cuda else 0
         self.grammar_threads = int(grammar_threads)
-        # Greedy steps: a row whose grammar accepts its argmax needs no mask (_grammar_mask); False: every mask.
-        self.grammar_argmax_first = True
+        # Greedy steps: a row whose grammar accepts its argmax gets no mask (_grammar_mask); CPU engines only.
+        self.grammar_argmax_first = not on_cuda
         self._grammar_lanes = itertools.count()  # requests under a grammar, dealt round-robin over lanes
         self._grammar_pool = None  # its executor, made at the first step that may use it (_on_pool_or_not)
         # pool or loop, by the time each took lately: for the masks, for the advances
@@ -622,11 +622,12 @@ class LLMEngine:
         """(rows, V) bool on the device: what each row's grammar allows next (all for rows without
         one), from bits filled on the CPU while the forward runs; None if no row has a grammar.
 
-        `greedy_ids` (all rows greedy; `grammar_argmax_first`): the rows' argmax, still being computed on
-        a GPU. Masks are filled while it is; then a row whose grammar accepts its argmax needs none
-        (the masked argmax is that token), and only the other rows' masks are filled. Inside a JSON
-        string nearly every token is allowed and a mask costs the most (fastlfm.structured), while a
-        trained model's argmax mostly follows the grammar."""
+        `greedy_ids` (all rows greedy; `grammar_argmax_first`): the rows' argmax. A row whose grammar
+        accepts it needs no mask (the masked argmax is that token; a check costs ~5 us, a mask up to
+        ~1 ms inside a bounded JSON string, and a trained model's argmax mostly follows the grammar),
+        so only the other rows' masks are filled. Off on CUDA: the argmax must reach the host first,
+        and waiting for it in the step serialises the host's work with the device's (BENCHMARKS.md,
+        issue 18: 0.74x at batch 64, even with masks filled while the device computed it)."""
         # A grammar that is complete or failed gets no mask: its request ends with the step in flight.
         # ordered by lane: the pool's threads then mostly work within one lane (fastlfm.structured)
         rows = [(s.grammar, j) for j, s in sorted(enumerate(seqs), key=lambda js: js[1].grammar_lane)
@@ -639,21 +640,10 @@ class LLMEngine:
             bits = self._on_pool_or_not("masks", len(rows), lambda executor: fill_bitmask(
                 rows, n, vocab, pin=on_cuda, executor=executor))
         else:
-            bits = fill_bitmask([], n, vocab, pin=on_cuda)  # all allowed
-            fill = lambda part: self._on_pool_or_not("masks", len(part), lambda executor: fill_bitmask(  # noqa: E731
-                part, n, vocab, on_cuda, executor=executor, into=bits))
-            if on_cuda:  # masks while the device computes the argmax, as many as fit
-                ready, chunk, done = torch.cuda.Event(), (PAR_MIN_ROWS if self.grammar_threads >= 2 else 4), 0
-                ready.record()
-                while done < len(rows) and not ready.query():
-                    fill(rows[done:done + chunk])
-                    done += chunk
-                rows = rows[done:]
-            if rows:
-                ids = greedy_ids.tolist()  # (the device has finished: no wait)
-                rows = [(m, j) for m, j in rows if m.validate_tokens([ids[j]]) != 1]
-            if rows:
-                fill(rows)
+            ids = greedy_ids.tolist()
+            rows = [(m, j) for m, j in rows if m.validate_tokens([ids[j]]) != 1]
+            bits = self._on_pool_or_not("masks", len(rows), lambda executor: fill_bitmask(
+                rows, n, vocab, pin=on_cuda, executor=executor))  # the others: all allowed
         return unpack_bitmask(bits.to(logits.device, non_blocking=on_cuda), logits.shape[-1])
 
     def _on_pool_or_not(self, work: str, rows: int, run):
