@@ -405,14 +405,17 @@ def main() -> int:
     print(f"load average {load0:.2f} before, {load1:.2f} after; median of {args.repeats} interleaved repeats "
           f"(min-max in brackets); each pair started once other processes left the CPU < {args.quiet_limit:.0%} busy "
           f"(or after {args.max_wait:.0f} s; the busy shares seen are in the log)\n")
+    # "paired": the ratio within each repeat's pair (run back to back), median (min-max): the host's drift
+    # between repeats cancels there, where the ratio of the medians mixes repeats.
     print("| model | fastlfm | peer | prefill tok/s fastlfm | prefill tok/s peer | ratio | decode tok/s fastlfm "
-          "| decode tok/s peer | ratio |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| decode tok/s peer | ratio | decode ratio, paired |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         pf = statistics.median(r["prefill"]) / statistics.median(r["peer_prefill"])
         dec = statistics.median(r["decode"]) / statistics.median(r["peer_decode"])
+        paired = [a / b for a, b in zip(r["decode"], r["peer_decode"])]
         print(f"| {r['model']} | {r['case']} | {r['peer']} | {spread(r['prefill'])} | {spread(r['peer_prefill'])} | "
-              f"{pf:.2f}x | {spread(r['decode'])} | {spread(r['peer_decode'])} | {dec:.2f}x |")
+              f"{pf:.2f}x | {spread(r['decode'])} | {spread(r['peer_decode'])} | {dec:.2f}x | {spread(paired, 2)}x |")
     for r in rows:
         if r["case"] == "fastlfm bf16":  # against the llama.cpp BF16 runs interleaved with it
             print(f"\n{r['model']}: fastlfm bf16 prefill / llama.cpp BF16 prefill = "
