@@ -195,7 +195,8 @@ class LLMEngine:
     their token masks when a step has at least `structured.PAR_MIN_ROWS` constrained rows and the
     pool has lately been the faster way (`structured.PoolChoice`), the requests dealt over as many
     lanes (see fastlfm.structured); 0 or 1: one row after the other.
-    Default: half the CPUs (at most 16) on CUDA, 0 on the CPU (whose cores run the forward).
+    Default: half the CPUs (at most 16) on CUDA, 0 on the CPU (whose cores run the forward). On the
+    CPU, greedy steps fill no mask for a row whose grammar accepts its argmax (`grammar_argmax_first`).
     """
 
     def __init__(self, model, tokenizer=None, *, max_num_seqs: int = 256, max_model_len: int | None = None,
@@ -635,15 +636,11 @@ class LLMEngine:
         if not rows:
             return None
         on_cuda = logits.device.type == "cuda"
-        vocab, n = self.config.vocab_size, len(seqs)
-        if greedy_ids is None or not self.grammar_argmax_first:
-            bits = self._on_pool_or_not("masks", len(rows), lambda executor: fill_bitmask(
-                rows, n, vocab, pin=on_cuda, executor=executor))
-        else:
+        if greedy_ids is not None and self.grammar_argmax_first:  # the rows left out: all allowed
             ids = greedy_ids.tolist()
             rows = [(m, j) for m, j in rows if m.validate_tokens([ids[j]]) != 1]
-            bits = self._on_pool_or_not("masks", len(rows), lambda executor: fill_bitmask(
-                rows, n, vocab, pin=on_cuda, executor=executor))  # the others: all allowed
+        bits = self._on_pool_or_not("masks", len(rows), lambda executor: fill_bitmask(
+            rows, len(seqs), self.config.vocab_size, pin=on_cuda, executor=executor))
         return unpack_bitmask(bits.to(logits.device, non_blocking=on_cuda), logits.shape[-1])
 
     def _on_pool_or_not(self, work: str, rows: int, run):
