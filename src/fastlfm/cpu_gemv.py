@@ -15,6 +15,7 @@ processes load the built library directly (~10 ms). Elsewhere, or with `FASTLFM_
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -158,22 +159,30 @@ def collapse_onto_huge_pages(tensors: list[torch.Tensor]) -> int:
     an older kernel, THP off, FASTLFM_HUGE_PAGES=0)."""
     if not huge_pages_usable():
         return 0
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     done = 0
     for t in tensors:
-        start = -(-t.data_ptr() // HUGE_PAGE) * HUGE_PAGE
-        end = (t.data_ptr() + t.numel() * t.element_size()) // HUGE_PAGE * HUGE_PAGE
-        if end <= start:
-            continue
+        start, end = _whole_pages(t, HUGE_PAGE)
         # A refusal leaves the pages as they were: EINVAL where the kernel has no MADV_COLLAPSE or THP
         # is off, and for a writable file mapping (a bf16 checkpoint's tensors read in place);
         # EAGAIN / ENOMEM when no huge page is free.
-        if libc.madvise(start, end - start, MADV_COLLAPSE) == 0:
+        if end > start and _madvise()(start, end - start, MADV_COLLAPSE) == 0:
             done += end - start
     return done
+
+
+def _whole_pages(t: torch.Tensor, page: int) -> tuple[int, int]:
+    """[start, end) of the whole pages of `page` bytes inside t's memory (end <= start: none)."""
+    return -(-t.data_ptr() // page) * page, (t.data_ptr() + t.nbytes) // page * page
+
+
+@functools.lru_cache(maxsize=None)
+def _madvise():
+    """libc's madvise(addr, length, advice) through ctypes (which releases the GIL during the call)."""
+    import ctypes
+
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return madvise
 
 
 def huge_pages_usable() -> bool:
@@ -203,15 +212,10 @@ def file_backed(tensors: list[torch.Tensor]) -> list[bool]:
 def release_file_pages(tensors: list[torch.Tensor]) -> None:
     """Drop the whole pages inside these tensors' file-backed memory from the process (MADV_DONTNEED):
     for an unwritten private file mapping a later read maps the file's bytes again."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    page = mmap.PAGESIZE
     for t, in_file in zip(tensors, file_backed(tensors)):
-        start, end = -(-t.data_ptr() // page) * page, (t.data_ptr() + t.nbytes) // page * page
+        start, end = _whole_pages(t, mmap.PAGESIZE)
         if in_file and end > start:  # (anonymous memory would read back as zeros)
-            libc.madvise(start, end - start, mmap.MADV_DONTNEED)
+            _madvise()(start, end - start, mmap.MADV_DONTNEED)
 
 
 def _pad_rows(t: torch.Tensor) -> torch.Tensor:

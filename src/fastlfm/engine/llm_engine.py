@@ -246,8 +246,8 @@ class LLMEngine:
         self.cpu_pack: bool | str = pack_cpu_weights
         if self.packs_for_cpu:
             prepare_for_cpu(model, pack=self.cpu_pack)
-        # The float weights move onto huge pages once decoding begins (off the first token's path).
-        self._move_weights = self.packs_for_cpu
+        # The float weights move onto huge pages once decoding begins (off the first token's path);
+        # None: not begun for the weights as prepared now.
         self.huge_page_move: HugePageMove | None = None
         self.async_scheduling = on_cuda if async_scheduling is None else bool(async_scheduling)
         self.runner = ModelRunner(model, block_size=block_size, num_blocks=num_kv_blocks, num_conv_slots=max_num_seqs,
@@ -500,7 +500,7 @@ class LLMEngine:
         if self.packs_for_cpu and not prepared_for_cpu(self.model):
             prepare_for_cpu(self.model, pack=self.cpu_pack)
             self.runner.drop_graphs()  # recorded with the weights that were swapped out
-            self._move_weights, self.huge_page_move = True, None  # (a pending move copied the old weights)
+            self.huge_page_move = None  # (a pending move copied the old weights)
         elif self.huge_page_move is not None and self.huge_page_move.finish():
             self.runner.drop_graphs()  # (same)
         self._busy = True
@@ -517,8 +517,7 @@ class LLMEngine:
         if self.in_flight is not None and (not self.async_scheduling or self.num_history_requests):
             outputs += self._process(self._take_in_flight())
         batch = self.scheduler.schedule()
-        if self._move_weights and batch.num_decode:
-            self._move_weights = False
+        if self.packs_for_cpu and self.huge_page_move is None and batch.num_decode:
             self.huge_page_move = HugePageMove(self.model)
         launched = None
         if not batch.is_empty:
