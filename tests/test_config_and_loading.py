@@ -55,6 +55,11 @@ def test_scaled_rope_is_refused_not_ignored(rope):
         Lfm2Config.from_dict({"num_hidden_layers": 2, **rope})
 
 
+def test_a_rope_entry_that_is_not_an_object_is_named():
+    with pytest.raises(ConfigError, match="rope_scaling must be an object"):
+        Lfm2Config.from_dict({"rope_scaling": "linear"})
+
+
 def test_default_rope_in_either_place_gives_its_theta():
     assert Lfm2Config.from_dict({"rope_scaling": {"rope_type": "default", "rope_theta": 5.0}}).rope_theta == 5.0
     assert Lfm2Config.from_dict({"rope_parameters": {"rope_type": "default", "rope_theta": 7.0},

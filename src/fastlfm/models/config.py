@@ -120,12 +120,17 @@ class Lfm2Config:
         # RoPE theta: `rope_parameters` (5.x) > top-level `rope_theta`; legacy `theta` as last resort.
         # Either dict (or 4.x's `rope_scaling`, whose key is "type" in older files) may ask for scaled
         # positions, which LFM2 does not use: refused rather than run as plain RoPE.
-        ropes = [r for r in (raw.pop("rope_parameters", None), raw.pop("rope_scaling", None)) if r]
-        for r in ropes:
-            kind = r.get("rope_type", r.get("type", "default")) if isinstance(r, dict) else r
+        ropes = []
+        for key in ("rope_parameters", "rope_scaling"):
+            r = raw.pop(key, None)
+            if not r:
+                continue
+            if not isinstance(r, dict):
+                raise ConfigError(f"config.json {key} must be an object (rope_type, rope_theta), got {r!r}")
+            ropes.append(r)
+            kind = r.get("rope_type", r.get("type", "default"))
             if kind not in ("default", None):
-                raise ConfigError(f"unsupported RoPE scaling {kind!r} (config.json rope_parameters / rope_scaling): "
-                                  "LFM2 uses the default RoPE")
+                raise ConfigError(f"unsupported RoPE scaling {kind!r} (config.json {key}): LFM2 uses the default RoPE")
         top_theta = raw.pop("rope_theta", raw.get("theta", DEFAULT_ROPE_THETA))
         theta = next((r["rope_theta"] for r in ropes if "rope_theta" in r), top_theta)
         raw["rope_theta"] = float(theta)
